@@ -1,0 +1,660 @@
+"""``IgvmFile``: parse + validate with the reference parser's verdicts, canonical serialization.
+
+Parsing follows ``IgvmFile::new_from_binary`` of the reference crate (microsoft/igvm
+e6c3ff1, ``shared/spec/IGVM_FORMAT.md`` §2-§14): every file it rejects is rejected here
+with an :class:`~igvm_builder.errors.IgvmFormatError` naming the header index and byte
+offset; files on which it panics are rejected cleanly; files it accepts although they
+bend the spec are accepted with a warning in :attr:`IgvmFile.warnings`.
+
+Serialization reproduces the crate's canonical bytes (§13): headers in model order, file
+data appended in header order, blobs padded (pages to 4 KiB, parameter data to the area
+size) and identical blobs stored once.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from igvm_builder.errors import IgvmError, IgvmFormatError
+from igvm_builder.format import headers as H
+from igvm_builder.format.blob import FileSlice, as_view
+from igvm_builder.format.defs import (
+    FIXED_HEADER_SIZE_V1,
+    FIXED_HEADER_SIZE_V2,
+    IGVM_MAGIC_VALUE,
+    NATIVE_CONTEXT_PLATFORMS,
+    PAGE_SIZE_4K,
+    SNP_VMSA_SIZE_0_4_0,
+    VMSA_PLATFORMS,
+    Architecture,
+    HeaderType,
+    PageDataType,
+    PlatformType,
+    Section,
+    section_of,
+)
+
+_FIXED_V1 = struct.Struct("<6I")
+_FIXED_V2 = struct.Struct("<8I")
+_TLV = struct.Struct("<II")
+_PAGE_TLV = struct.Struct("<IIQIIIHH")  # TLV header + IGVM_VHS_PAGE_DATA, 32 bytes
+
+X64_VBS_REGISTERS = frozenset(
+    [0x70001, 0x70000, *range(0x60000, 0x60006), 0x60007, 0x40000, 0x40002, 0x40003, 0x80001, 0x80004,
+     0x20004, 0x20005, 0x20006, *range(0x20008, 0x2000D), 0x20010, 0x20011, 0x8000E, *range(0x80010, 0x80015),
+     *range(0x80040, 0x80045), 0x80070, 0x80071, 0x80077, 0x80078, 0x80079, 0x8007A]
+)
+AARCH64_VBS_REGISTERS = frozenset(
+    [*range(0x20000, 0x20008), 0x20022, 0x20023, 0x40002, 0x40005, 0x40006, 0x40007, 0x4000B, 0x4000C]
+)
+
+_X64_PLATFORMS = frozenset(PlatformType) - {PlatformType.CCA}
+_AARCH64_PLATFORMS = frozenset({PlatformType.VSM_ISOLATION, PlatformType.CCA})
+
+
+def _pad8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IgvmFile:
+    """A whole IGVM file: platform, initialization and directive headers (with their data)."""
+
+    revision: int = 1
+    architecture: Architecture = Architecture.X64
+    platforms: tuple[H.SupportedPlatform, ...]
+    initializations: tuple[H.Header, ...] = ()
+    directives: tuple[H.Header, ...] = ()
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    # ------------------------------------------------------------------ access
+
+    @property
+    def headers(self) -> tuple[H.Header, ...]:
+        return (*self.platforms, *self.initializations, *self.directives)
+
+    def platform(self, ptype: PlatformType) -> H.SupportedPlatform | None:
+        for p in self.platforms:
+            if p.platform_type == ptype:
+                return p
+        return None
+
+    def platform_for_mask(self, mask: int) -> H.SupportedPlatform | None:
+        for p in self.platforms:
+            if p.compatibility_mask == mask:
+                return p
+        return None
+
+    def headers_for(self, mask: int) -> Iterator[H.Header]:
+        """Init + directive headers that apply to the platform bit ``mask`` (mask-less ones too)."""
+        for h in (*self.initializations, *self.directives):
+            m = h.mask
+            if m is None or m & mask == mask:
+                yield h
+
+    # ------------------------------------------------------------------ parsing
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview | mmap.mmap, *,
+                   platform: PlatformType | None = None, source: str | None = None) -> IgvmFile:
+        """Parse and validate ``data``. Page data stays a zero-copy view into ``data``."""
+        try:
+            return _Parser(memoryview(data).toreadonly(), platform).parse()
+        except IgvmError as exc:
+            raise exc.with_source(source) if source else exc
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, platform: PlatformType | None = None) -> IgvmFile:
+        """mmap ``path`` read-only and parse it; page data is not copied."""
+        name = os.fspath(path)
+        try:
+            with open(name, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                buf: bytes | mmap.mmap = (
+                    mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+                )
+        except OSError as exc:
+            raise IgvmFormatError(f"cannot read: {exc.strerror}", source=name) from None
+        return cls.from_bytes(buf, platform=platform, source=name)
+
+    # ------------------------------------------------------------------ serializing
+
+    def validate(self) -> IgvmFile:
+        """Run every whole-file rule; return a copy with :attr:`warnings` filled in."""
+        warnings = _validate(self)
+        return _replace_warnings(self, warnings)
+
+    def _layout(self) -> tuple[bytes, list[H.BlobLike]]:
+        """Return (fixed header + variable headers, blobs to append in order)."""
+        _validate(self)
+        hdrs = self.headers
+        fixed_size = FIXED_HEADER_SIZE_V1 if self.revision == 1 else FIXED_HEADER_SIZE_V2
+        var_size = sum(8 + _pad8(h.SIZE) for h in hdrs)
+        data_start = fixed_size + var_size
+        cursor = data_start
+        dedup: dict[tuple[int, int], list[tuple[int, H.BlobLike]]] = {}
+        blobs: list[H.BlobLike] = []
+        out = bytearray(fixed_size)
+        for h in hdrs:
+            blob = h.blob()
+            offset = 0
+            if blob is not None:
+                view = as_view(blob)
+                key = (len(view), _content_hash(view))
+                for cand_off, cand in dedup.get(key, ()):
+                    if as_view(cand) == view:
+                        offset = cand_off
+                        break
+                else:
+                    offset = cursor
+                    dedup.setdefault(key, []).append((offset, blob))
+                    blobs.append(blob)
+                    cursor += len(view)
+                if cursor > 0xFFFF_FFFF:
+                    raise IgvmFormatError("file data exceeds 4 GiB (file offsets are 32-bit)")
+            body = h.pack_body(offset)
+            out += _TLV.pack(int(h.TYPE), len(body))
+            out += body
+            out += bytes(_pad8(len(body)) - len(body))
+        if cursor == data_start:
+            # The reference parser needs at least one byte after the variable headers
+            # (IGVM_FORMAT.md §2 item 5); the crate's own writer forgets this.
+            blobs.append(b"\x00")
+            cursor += 1
+        if self.revision == 1:
+            fixed = _FIXED_V1.pack(IGVM_MAGIC_VALUE, 1, fixed_size, var_size, cursor, 0)
+        else:
+            fixed = _FIXED_V2.pack(IGVM_MAGIC_VALUE, 2, fixed_size, var_size, cursor, 0,
+                                   int(self.architecture), PAGE_SIZE_4K)
+        out[:fixed_size] = fixed
+        crc = zlib.crc32(out)
+        out[20:24] = struct.pack("<I", crc)
+        return bytes(out), blobs
+
+    def to_bytes(self) -> bytes:
+        head, blobs = self._layout()
+        return head + b"".join(as_view(b) for b in blobs)
+
+    def write(self, fileobj: BinaryIO) -> int:
+        """Stream the canonical bytes to ``fileobj``; returns the number of bytes written."""
+        head, blobs = self._layout()
+        fileobj.write(head)
+        total = len(head)
+        for b in blobs:
+            view = as_view(b)
+            fileobj.write(view)
+            total += len(view)
+        return total
+
+    def iter_chunks(self) -> Iterable[bytes | memoryview]:
+        head, blobs = self._layout()
+        yield head
+        for b in blobs:
+            yield as_view(b)
+
+
+def _content_hash(view: memoryview) -> int:
+    try:
+        return hash(view)
+    except (TypeError, ValueError):
+        return hash(view.tobytes())
+
+
+def _replace_warnings(f: IgvmFile, warnings: tuple[str, ...]) -> IgvmFile:
+    object.__setattr__(f, "warnings", warnings)  # warnings are not part of equality
+    return f
+
+
+# =========================================================================== parser
+
+
+class _Parser:
+    def __init__(self, buf: memoryview, platform: PlatformType | None) -> None:
+        self.buf = buf
+        self.filter = platform
+        self.warnings: list[str] = []
+
+    def fail(self, msg: str, index: int | None = None, offset: int | None = None) -> IgvmFormatError:
+        return IgvmFormatError(msg, header_index=index, offset=offset)
+
+    def parse(self) -> IgvmFile:
+        buf = self.buf
+        n = len(buf)
+        if n < FIXED_HEADER_SIZE_V1:
+            raise self.fail(f"file is {n} bytes, shorter than the 24-byte IGVM fixed header", offset=0)
+        magic, version, voff, vsize, total, checksum = _FIXED_V1.unpack_from(buf, 0)
+        if magic != IGVM_MAGIC_VALUE:
+            raise self.fail(f"bad magic {magic:#010x} (not an IGVM file; expected 'IGVM')", offset=0)
+        arch = Architecture.X64
+        if version == 1:
+            fixed_size = FIXED_HEADER_SIZE_V1
+        elif version == 2:
+            fixed_size = FIXED_HEADER_SIZE_V2
+            if n < fixed_size:
+                raise self.fail("file too short for the 32-byte v2 fixed header", offset=0)
+            arch_raw, page_size = struct.unpack_from("<II", buf, 24)
+            if arch_raw not in (0, 1):
+                raise self.fail(f"invalid architecture {arch_raw} in the v2 fixed header", offset=24)
+            if page_size != PAGE_SIZE_4K:
+                raise self.fail(f"page size of {page_size:#x} unsupported (only 0x1000)", offset=28)
+            arch = Architecture(arch_raw)
+        else:
+            raise self.fail(f"unsupported format_version {version} (expected 1 or 2)", offset=4)
+        if total != n:
+            raise self.fail(f"total_file_size {total} does not match the file length {n}", offset=16)
+        if voff >= n:
+            raise self.fail(f"variable_header_offset {voff:#x} is beyond the end of the file", offset=8)
+        if voff + vsize >= n:
+            raise self.fail(
+                f"variable headers end at {voff + vsize:#x}, at or past the end of the file ({n:#x}); "
+                "a file needs at least one byte of file data", offset=12)
+        fixed = bytearray(buf[:fixed_size])
+        fixed[20:24] = bytes(4)
+        crc = zlib.crc32(buf[voff : voff + vsize], zlib.crc32(fixed))
+        if crc != checksum:
+            raise self.fail(f"invalid checksum in fixed header: computed {crc:#010x}, header says "
+                            f"{checksum:#010x}", offset=20)
+        if voff != fixed_size:
+            self.warnings.append(f"variable_header_offset {voff:#x} is not the fixed header size "
+                                 f"{fixed_size} (accepted by the reference parser)")
+        self.data_start = voff + vsize
+        return self._parse_headers(version, arch, voff, vsize)
+
+    def _data(self, file_offset: int, size: int, what: str, index: int, offset: int) -> FileSlice:
+        if file_offset < self.data_start or file_offset + size > len(self.buf):
+            raise self.fail(f"{what}: file_offset {file_offset:#x} + {size:#x} bytes is outside the file data "
+                            f"({self.data_start:#x}..{len(self.buf):#x})", index, offset)
+        return FileSlice(self.buf, file_offset, size)
+
+    def _parse_headers(self, version: int, arch: Architecture, voff: int, vsize: int) -> IgvmFile:
+        buf = self.buf
+        end = voff + vsize
+        pos = voff
+        section = Section.PLATFORM
+        platforms: list[H.SupportedPlatform] = []
+        inits: list[tuple[int, H.Header]] = []
+        directives: list[tuple[int, H.Header]] = []
+        mask_to_platform: dict[int, H.SupportedPlatform] = {}
+        index = 0
+        page_tlv = _PAGE_TLV
+        page_type = int(HeaderType.PAGE_DATA)
+        data_start = self.data_start
+        nbuf = len(buf)
+        PageData = H.PageData  # noqa: N806
+        while pos < end:
+            if end - pos >= 32:
+                typ, length, gpa, mask, foff, flags, dtype, reserved = page_tlv.unpack_from(buf, pos)
+                if typ == page_type and length == 24 and section == Section.DIRECTIVE:
+                    # Fast path for the overwhelmingly common header.
+                    if gpa & 0xFFF:
+                        raise self.fail(f"PAGE_DATA gpa {gpa:#x} is not 4 KiB aligned", index, pos)
+                    if dtype > 3:
+                        raise self.fail(f"PAGE_DATA data_type {dtype} is invalid", index, pos)
+                    if reserved:
+                        raise self.fail("PAGE_DATA reserved field must be zero", index, pos)
+                    if foff:
+                        if foff < data_start or foff + 4096 > nbuf:
+                            raise self.fail(f"PAGE_DATA at GPA {gpa:#x}: file_offset {foff:#x} leaves no full "
+                                            f"4 KiB page inside the file data", index, pos)
+                        data = FileSlice(buf, foff, 4096)
+                    else:
+                        data = b""
+                    if flags & ~7 or flags & 1:
+                        self._page_flag_warning(index, gpa, flags)
+                    directives.append((index, PageData(gpa=gpa, compatibility_mask=mask, flags=flags,
+                                                       data_type=dtype, data=data)))
+                    pos += 32
+                    index += 1
+                    continue
+            if end - pos < 8:
+                raise self.fail("truncated variable header (fewer than 8 bytes left)", index, pos)
+            typ, length = _TLV.unpack_from(buf, pos)
+            sect = section_of(typ)
+            if sect is None:
+                raise self.fail(f"header type {typ:#x} is in no known section (platform 0x1-0x100, "
+                                "initialization 0x101-0x200, directive 0x301-0x400)", index, pos)
+            if sect < section:
+                raise self.fail(f"{_type_name(typ)} header after a {section.name.lower()} header: sections must be "
+                                "ordered platform, initialization, directive", index, pos)
+            section = sect
+            body_start = pos + 8
+            if body_start + length > end:
+                raise self.fail(f"{_type_name(typ)} header body ({length} bytes) runs past the end of the "
+                                "variable header area", index, pos)
+            expected = H.BODY_SIZES.get(typ)
+            if expected is None:
+                raise self.fail(f"unknown variable header type {typ:#x}", index, pos)
+            if length != expected:
+                raise self.fail(f"{_type_name(typ)} header length {length} is invalid (must be {expected})",
+                                index, pos)
+            body = buf[body_start : body_start + length]
+            try:
+                hdr = self._decode(typ, body, index, pos, arch, mask_to_platform, buf)
+            except IgvmFormatError as exc:
+                if exc.header_index is None:
+                    exc.header_index, exc.offset = index, pos
+                    name = _type_name(typ)
+                    if not exc.message.startswith(name.split("_")[0]):
+                        exc.message = f"{name}: {exc.message}"
+                        exc.args = (exc.message,)
+                raise
+            if sect == Section.PLATFORM:
+                assert isinstance(hdr, H.SupportedPlatform)
+                for other_index, other in enumerate(platforms):
+                    if other.platform_type == hdr.platform_type:
+                        raise self.fail(f"multiple platform headers with the same isolation type "
+                                        f"{hdr.platform_type.name} (headers {other_index} and {index})", index, pos)
+                    if other.compatibility_mask == hdr.compatibility_mask:
+                        raise self.fail(f"platform headers {other_index} and {index} both use compatibility_mask "
+                                        f"{hdr.compatibility_mask:#x}", index, pos)
+                platforms.append(hdr)
+                mask_to_platform[hdr.compatibility_mask] = hdr
+            elif sect == Section.INITIALIZATION:
+                inits.append((index, hdr))
+            else:
+                directives.append((index, hdr))
+            pos = body_start + _pad8(length)
+            index += 1
+
+        if not platforms:
+            raise self.fail("no valid platform headers")
+        if self.filter is not None:
+            fmask = None
+            for p in platforms:
+                if p.platform_type == self.filter:
+                    fmask = p.compatibility_mask
+            if fmask is not None:
+                inits = [(i, h) for i, h in inits if h.mask is None or h.mask & fmask]
+                directives = [(i, h) for i, h in directives if h.mask is None or h.mask & fmask]
+        f = IgvmFile(revision=version, architecture=arch, platforms=tuple(platforms),
+                     initializations=tuple(h for _, h in inits), directives=tuple(h for _, h in directives))
+        warnings = _validate(f, [i for i, _ in inits] + [i for i, _ in directives], len(platforms))
+        return _replace_warnings(f, (*self.warnings, *warnings))
+
+    def _page_flag_warning(self, index: int, gpa: int, flags: int) -> None:
+        if flags & 1:
+            self.warnings.append(f"header {index}: PAGE_DATA at GPA {gpa:#x} sets is_2mb_page, which the reference "
+                                 "parser ignores (the page is read as 4 KiB)")
+        if flags & ~7:
+            self.warnings.append(f"header {index}: PAGE_DATA at GPA {gpa:#x} sets reserved flag bits "
+                                 f"{flags & ~7:#x}")
+
+    def _decode(self, typ: int, body: memoryview, index: int, pos: int, arch: Architecture,
+                platforms: dict[int, H.SupportedPlatform], buf: memoryview) -> H.Header:
+        cls = H.SIMPLE_HEADERS.get(typ)
+        if cls is not None:
+            return cls.unpack_body(body)
+        if typ == HeaderType.PAGE_DATA:
+            gpa, mask, foff, flags, dtype, reserved = H.PageData.STRUCT.unpack(body)
+            if gpa & 0xFFF:
+                raise self.fail(f"PAGE_DATA gpa {gpa:#x} is not 4 KiB aligned")
+            if reserved:
+                raise self.fail("PAGE_DATA reserved field must be zero")
+            if dtype > 3:
+                raise self.fail(f"PAGE_DATA data_type {dtype} is invalid")
+            if flags & ~7 or flags & 1:
+                self._page_flag_warning(index, gpa, flags)
+            data = self._data(foff, 4096, "PAGE_DATA", index, pos) if foff else b""
+            return H.PageData(gpa=gpa, compatibility_mask=mask, flags=flags, data_type=PageDataType(dtype), data=data)
+        if typ == HeaderType.PARAMETER_AREA:
+            size, pindex, foff = H.ParameterArea.STRUCT.unpack(body)
+            if size % PAGE_SIZE_4K:
+                raise self.fail(f"PARAMETER_AREA number_of_bytes {size:#x} is not a multiple of 4 KiB")
+            data = self._data(foff, size, "PARAMETER_AREA", index, pos) if foff else b""
+            return H.ParameterArea(number_of_bytes=size, parameter_area_index=pindex, initial_data=data)
+        if typ in (HeaderType.CORIM_DOCUMENT, HeaderType.CORIM_SIGNATURE):
+            mask, foff, size, reserved = H.CorimDocument.STRUCT.unpack(body)
+            if reserved:
+                raise self.fail("CORIM reserved field must be zero")
+            if foff == 0 and size:
+                raise self.fail(f"file_offset is 0 (no data) but size_bytes is {size}")
+            data = self._data(foff, size, "CORIM payload", index, pos) if foff else b""
+            ccls = H.CorimDocument if typ == HeaderType.CORIM_DOCUMENT else H.CorimSignature
+            return ccls(compatibility_mask=mask, data=data)
+        if typ == HeaderType.VP_CONTEXT:
+            return self._decode_vp_context(body, index, pos, arch, platforms, buf)
+        raise self.fail(f"unknown variable header type {typ:#x}")
+
+    def _decode_vp_context(self, body: memoryview, index: int, pos: int, arch: Architecture,
+                           platforms: dict[int, H.SupportedPlatform], buf: memoryview) -> H.Header:
+        gpa, mask, foff, vp_index, _reserved = H.VP_CONTEXT_STRUCT.unpack(body)
+        if any(buf[pos + 28 : pos + 32]):
+            self.warnings.append(f"header {index}: non-zero padding after the 20-byte VP_CONTEXT "
+                                 "(the reference parser does not read it)")
+        platform = platforms.get(mask)
+        if platform is None or platform.platform_type == PlatformType.TDX:
+            what = "a TDX platform (TDX has no VP context)" if platform else "no single platform"
+            raise self.fail(f"VP_CONTEXT compatibility_mask {mask:#x} names {what}")
+        ptype = platform.platform_type
+        if ptype in VMSA_PLATFORMS:
+            if gpa & 0xFFF:
+                raise self.fail(f"SNP VP_CONTEXT gpa {gpa:#x} is not 4 KiB aligned")
+            if foff == 0:
+                raise self.fail("SNP VP_CONTEXT has no VMSA data (file_offset 0)")
+            vmsa = self._data(foff, 4096, "VMSA", index, pos)
+            if any(vmsa.view()[SNP_VMSA_SIZE_0_4_0:]):
+                self.warnings.append(f"header {index}: VMSA has non-zero bytes at or beyond offset 1648; the "
+                                     "0.4.0 igvm crate (older loaders) rejects such a file")
+            return H.SnpVpContext(gpa=gpa, compatibility_mask=mask, vp_index=vp_index, vmsa=vmsa)
+        if ptype in NATIVE_CONTEXT_PLATFORMS or ptype == PlatformType.CCA:
+            size = 232 if ptype != PlatformType.CCA else 80
+            if foff == 0:
+                raise self.fail(f"{ptype.name} VP_CONTEXT has no data (file_offset 0)")
+            page = self._data(foff, 4096, "VP context", index, pos).view()
+            if any(page[size:]):
+                raise self.fail(f"invalid VP context: bytes {size}..4095 after the {size}-byte context must be zero")
+            if gpa and ptype != PlatformType.CCA:
+                self.warnings.append(f"header {index}: native VP_CONTEXT gpa is {gpa:#x}; the spec says 0")
+            cls = H.CcaVpContext if ptype == PlatformType.CCA else H.NativeVpContext
+            return cls(gpa=gpa, compatibility_mask=mask, vp_index=vp_index, context=bytes(page[:size]))
+        # VSM_ISOLATION: u32 count + 32-byte register records
+        if foff == 0:
+            raise self.fail("VBS VP_CONTEXT has no data (file_offset 0; the reference crate panics)")
+        count = struct.unpack_from("<I", self._data(foff, 4, "VBS VP context", index, pos).view())[0]
+        if count == 0:
+            raise self.fail("VBS vp context has no registers")
+        view = self._data(foff, 4 + 32 * count, "VBS register list", index, pos).view()
+        regs = []
+        vtl = None
+        for i in range(count):
+            rvtl, name, mbz, value = H.VBS_REGISTER_STRUCT.unpack_from(view, 4 + 32 * i)
+            if vtl is None:
+                vtl = rvtl
+            elif rvtl != vtl:
+                raise self.fail(f"VBS register {i} has vtl {rvtl} but register 0 has vtl {vtl} (one VTL per "
+                                "context; the reference crate panics)")
+            if any(mbz):
+                self.warnings.append(f"header {index}: VBS register {i} has non-zero reserved bytes")
+            regs.append(H.VbsRegister(name=name, value=value))
+        if vp_index != 0:
+            raise self.fail(f"VBS VP_CONTEXT vp_index is {vp_index}; only the BSP (0) is allowed "
+                            "(the reference crate panics)")
+        return H.VbsVpContext(gpa=gpa, compatibility_mask=mask, vp_index=vp_index, vtl=vtl or 0,
+                              registers=tuple(regs))
+
+
+def _type_name(typ: int) -> str:
+    try:
+        return HeaderType(typ).name
+    except ValueError:
+        return f"type {typ:#x}"
+
+
+# =========================================================================== whole-file rules
+
+
+def _validate(f: IgvmFile, indices: list[int] | None = None, n_platforms: int | None = None) -> tuple[str, ...]:
+    """Apply the reference crate's whole-file rules; return warnings, raise on errors."""
+    warnings: list[str] = []
+    n_plat = len(f.platforms) if n_platforms is None else n_platforms
+    body = (*f.initializations, *f.directives)
+    if indices is None:
+        indices = list(range(n_plat, n_plat + len(body)))
+
+    def fail(msg: str, pos: int | None = None) -> IgvmFormatError:
+        return IgvmFormatError(msg, header_index=indices[pos] if pos is not None else None)
+
+    if f.revision not in (1, 2):
+        raise IgvmFormatError(f"revision {f.revision} is not 1 or 2")
+    if f.revision == 1 and f.architecture != Architecture.X64:
+        raise IgvmFormatError("format version 1 files are x64 only; use revision 2 for AArch64")
+    if not f.platforms:
+        raise IgvmFormatError("no valid platform headers")
+    allowed = _X64_PLATFORMS if f.architecture == Architecture.X64 else _AARCH64_PLATFORMS
+    types: dict[PlatformType, int] = {}
+    masks: dict[int, H.SupportedPlatform] = {}
+    for i, p in enumerate(f.platforms):
+        if not isinstance(p, H.SupportedPlatform):
+            raise IgvmFormatError(f"{type(p).__name__} is not a platform header", header_index=i)
+        m = p.compatibility_mask
+        if m == 0 or m & (m - 1):
+            raise IgvmFormatError(f"platform compatibility_mask {m:#x} must have exactly one bit", header_index=i)
+        if p.platform_type in types:
+            raise IgvmFormatError(f"multiple platform headers with the same isolation type {p.platform_type.name}",
+                                  header_index=i)
+        if m in masks:
+            raise IgvmFormatError(f"platform headers share compatibility_mask {m:#x}", header_index=i)
+        if p.platform_type not in allowed:
+            raise IgvmFormatError(f"platform {p.platform_type.name} not supported on architecture "
+                                  f"{f.architecture.name}", header_index=i)
+        types[p.platform_type] = i
+        masks[m] = p
+    all_bits = 0
+    for m in masks:
+        all_bits |= m
+
+    for pos, h in enumerate(f.initializations):
+        if h.SECTION != Section.INITIALIZATION:
+            raise fail(f"{type(h).__name__} is not an initialization header", pos)
+    nd = len(f.initializations)
+    for pos, h in enumerate(f.directives):
+        if h.SECTION != Section.DIRECTIVE:
+            raise fail(f"{type(h).__name__} is not a directive header", nd + pos)
+
+    for pos, h in enumerate(body):
+        m = h.mask
+        if m is not None and m & ~all_bits:
+            warnings.append(f"header {indices[pos]}: {h.TYPE.name} compatibility_mask {m:#x} names bits of no "
+                            "declared platform (accepted by the reference parser)")
+
+    # ---- initialization rules
+    relocs: dict[int, list[tuple[int, int]]] = {}
+    pt_bits: set[int] = set()
+    needs_vp: list[tuple[int, int, int, int]] = []  # (pos, mask, vp_index, vtl)
+    corim_docs: set[int] = set()
+    corim_sigs: set[int] = set()
+    for pos, h in enumerate(f.initializations):
+        if isinstance(h, H.CcaPolicy):
+            if f.architecture != Architecture.AARCH64:
+                raise fail("CCA_POLICY is only valid in AArch64 files", pos)
+            for bit in _bits(h.compatibility_mask):
+                p = masks.get(bit)
+                if p is None or p.platform_type != PlatformType.CCA:
+                    raise fail(f"CCA policy compatibility mask {bit:#x} does not reference a CCA platform", pos)
+        elif isinstance(h, H.RelocatableRegion | H.PageTableRelocation):
+            if isinstance(h, H.RelocatableRegion):
+                start, size = h.relocation_region_gpa, h.relocation_region_size
+            else:
+                start, size = h.gpa, h.size
+                for bit in _bits(h.compatibility_mask):
+                    if bit in pt_bits:
+                        raise fail("page table relocation header specified twice for compatibility mask "
+                                   f"{bit:#x}", pos)
+                    pt_bits.add(bit)
+            for bit in _bits(h.compatibility_mask):
+                for ostart, osize in relocs.get(bit, ()):
+                    if start < ostart + osize and ostart < start + size:
+                        raise fail(f"relocation regions overlap at GPA {max(start, ostart):#x}", pos)
+                relocs.setdefault(bit, []).append((start, size))
+            needs_vp.append((pos, h.compatibility_mask, h.vp_index, h.vtl))
+        elif isinstance(h, H.CorimDocument | H.CorimSignature):
+            for bit in _bits(h.compatibility_mask):
+                if isinstance(h, H.CorimDocument):
+                    if bit in corim_docs:
+                        raise fail(f"multiple CoRIM documents for compatibility mask {bit:#x}", pos)
+                    corim_docs.add(bit)
+                else:
+                    if bit not in corim_docs:
+                        raise fail(f"CoRIM signature for mask {bit:#x} has no earlier CoRIM document", pos)
+                    if bit in corim_sigs:
+                        raise fail(f"multiple CoRIM signatures for compatibility mask {bit:#x}", pos)
+                    corim_sigs.add(bit)
+
+    # ---- directive rules
+    area_state: dict[int, int] = {}  # 1 allocated, 2 inserted
+    area_size: dict[int, int] = {}
+    pt_regions = [(h.compatibility_mask, h.gpa, h.size) for h in f.initializations
+                  if isinstance(h, H.PageTableRelocation)]
+    vbs_contexts: list[tuple[int, int, int]] = []
+    for dpos, h in enumerate(f.directives):
+        pos = nd + dpos
+        if isinstance(h, H.ParameterArea):
+            if h.parameter_area_index in area_state:
+                raise fail(f"invalid parameter area index {h.parameter_area_index}: declared twice", pos)
+            area_state[h.parameter_area_index] = 1
+            area_size[h.parameter_area_index] = h.number_of_bytes
+        elif isinstance(h, H.ParameterUsage):
+            state = area_state.get(h.parameter_area_index)
+            if state != 1:
+                why = "already inserted" if state == 2 else "not declared"
+                raise fail(f"invalid parameter area index {h.parameter_area_index} in {h.TYPE.name}: "
+                           f"the area is {why}", pos)
+        elif isinstance(h, H.ParameterInsert):
+            state = area_state.get(h.parameter_area_index)
+            if state != 1:
+                why = "already inserted" if state == 2 else "not declared"
+                raise fail(f"invalid parameter area index {h.parameter_area_index} in PARAMETER_INSERT: "
+                           f"the area is {why}", pos)
+            area_state[h.parameter_area_index] = 2
+            for pmask, pgpa, psize in pt_regions:
+                if pmask & h.compatibility_mask and pgpa <= h.gpa < pgpa + psize:
+                    raise fail(f"parameter insert at GPA {h.gpa:#x} inside the page table region", pos)
+        elif isinstance(h, H.VpContextBase):
+            p = masks.get(h.compatibility_mask)
+            if p is None:
+                raise fail(f"VP_CONTEXT compatibility_mask {h.compatibility_mask:#x} is not exactly one "
+                           "platform's mask", pos)
+            ok = {
+                H.SnpVpContext: VMSA_PLATFORMS,
+                H.NativeVpContext: NATIVE_CONTEXT_PLATFORMS,
+                H.CcaVpContext: {PlatformType.CCA},
+                H.VbsVpContext: {PlatformType.VSM_ISOLATION},
+            }.get(type(h), set())
+            if p.platform_type not in ok:
+                raise fail(f"{type(h).__name__} does not fit platform {p.platform_type.name}", pos)
+            if isinstance(h, H.NativeVpContext) and f.architecture != Architecture.X64:
+                raise fail("x64 native VP context in an AArch64 file", pos)
+            if isinstance(h, H.CcaVpContext) and f.architecture != Architecture.AARCH64:
+                raise fail("CCA VP context in an x64 file", pos)
+            if isinstance(h, H.VbsVpContext):
+                if not h.registers:
+                    raise fail("VBS vp context has no registers", pos)
+                if h.vp_index != 0:
+                    raise fail(f"VBS VP_CONTEXT vp_index is {h.vp_index}; only 0 is allowed", pos)
+                allowed_regs = X64_VBS_REGISTERS if f.architecture == Architecture.X64 else AARCH64_VBS_REGISTERS
+                for r in h.registers:
+                    if r.name not in allowed_regs:
+                        raise fail(f"unsupported {f.architecture.name} register {r.name:#x} in VBS VP context", pos)
+                    if len(r.value) != 16:
+                        raise fail("VBS register value must be 16 bytes", pos)
+                vbs_contexts.append((h.compatibility_mask, h.vp_index, h.vtl))
+        elif isinstance(h, H.PageData) and h.data_type not in (0, 1, 2, 3):
+            raise fail(f"PAGE_DATA data_type {h.data_type} is invalid", pos)
+
+    for pos, mask, vp_index, vtl in needs_vp:
+        if not any(cm & mask and cvp == vp_index and cvtl == vtl for cm, cvp, cvtl in vbs_contexts):
+            raise fail(f"no matching vp context for vp index {vp_index} and vtl {vtl}", pos)
+    return tuple(warnings)
+
+
+def _bits(mask: int) -> Iterator[int]:
+    while mask:
+        low = mask & -mask
+        yield low
+        mask ^= low
