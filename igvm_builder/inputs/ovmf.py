@@ -40,6 +40,7 @@ __all__ = [
     "FOOTER_GUID_NAMES",
     "FOUR_GIB",
     "IGVM_METADATA_GUID",
+    "KERNEL_HASHES_TABLE_LENGTH",
     "KERNEL_HASHES_TABLE_SIZE",
     "OVMF_TABLE_FOOTER_GUID",
     "PAGE_SIZE",
@@ -469,7 +470,9 @@ def parse_ovmf(data: bytes | bytearray | memoryview, name: str = "OVMF") -> Ovmf
     sev_sections: tuple[SevSection, ...] = ()
     sev_meta = _entry_u32s(table, SEV_METADATA_GUID, 1, name)
     if sev_meta is not None:
-        sev_offset, rows = _read_meta_table(view, name, sev_meta[0], b"ASEV", "SEV metadata (ASEV)", _SEV_SECTION)
+        sev_offset, rows = _read_meta_table(
+            view, name, sev_meta[0], b"ASEV", "SEV metadata (ASEV)", _SEV_SECTION
+        )
         sev_sections = tuple(SevSection(b, s, _enum_or_int(SevSectionType, t)) for b, s, t in rows)
 
     tdx_offset: int | None = None
@@ -477,7 +480,13 @@ def parse_ovmf(data: bytes | bytearray | memoryview, name: str = "OVMF") -> Ovmf
     tdx_meta = _entry_u32s(table, TDX_METADATA_GUID, 1, name)
     if tdx_meta is not None:
         tdx_offset, rows = _read_meta_table(
-            view, name, tdx_meta[0], b"TDVF", "TDX metadata (TDVF)", _TDVF_SECTION, guid_before=_TDX_TABLE_GUID_LE
+            view,
+            name,
+            tdx_meta[0],
+            b"TDVF",
+            "TDX metadata (TDVF)",
+            _TDVF_SECTION,
+            guid_before=_TDX_TABLE_GUID_LE,
         )
         tdx_sections = tuple(
             TdvfSection(d, r, mb, ms, _enum_or_int(TdvfSectionType, t), a) for d, r, mb, ms, t, a in rows
@@ -538,8 +547,7 @@ def require_sev(img: OvmfImage) -> OvmfImage:
         if s.size and (s.base % PAGE_SIZE or s.size % PAGE_SIZE):
             raise _err(
                 img.name,
-                f"SEV metadata section {i} ({s.type_name}) at {s.base:#x}+{s.size:#x} is not "
-                "4 KiB aligned",
+                f"SEV metadata section {i} ({s.type_name}) at {s.base:#x}+{s.size:#x} is not 4 KiB aligned",
             )
         if s.end > FOUR_GIB:
             raise _err(
@@ -559,11 +567,12 @@ def require_tdx(img: OvmfImage) -> OvmfImage:
     if not img.has_tdx_metadata:
         raise _err(
             img.name,
-            "no TDX metadata (TDVF table) in the OVMF footer table; "
-            "this firmware cannot launch a TDX guest",
+            "no TDX metadata (TDVF table) in the OVMF footer table; this firmware cannot launch a TDX guest",
         )
     if not any(s.type == TdvfSectionType.BFV for s in img.tdx_sections):
-        raise _err(img.name, "TDX metadata (TDVF) has no BFV section; this firmware cannot launch a TDX guest")
+        raise _err(
+            img.name, "TDX metadata (TDVF) has no BFV section; this firmware cannot launch a TDX guest"
+        )
     for i, s in enumerate(img.tdx_sections):
         if s.mem_base % PAGE_SIZE or s.mem_size % PAGE_SIZE:
             raise _err(
@@ -621,7 +630,9 @@ def kernel_hashes_table(
     out = bytearray(KERNEL_HASHES_TABLE_SIZE)
     _HASH_HEADER.pack_into(out, 0, _guid_bytes(SEV_HASH_TABLE_HEADER_GUID), KERNEL_HASHES_TABLE_LENGTH)
     for i, (guid, digest) in enumerate(entries):
-        _HASH_ENTRY.pack_into(out, _HASH_HEADER.size + i * _HASH_ENTRY.size, _guid_bytes(guid), _HASH_ENTRY.size, digest)
+        _HASH_ENTRY.pack_into(
+            out, _HASH_HEADER.size + i * _HASH_ENTRY.size, _guid_bytes(guid), _HASH_ENTRY.size, digest
+        )
     return bytes(out)
 
 

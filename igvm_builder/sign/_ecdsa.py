@@ -34,9 +34,11 @@ __all__ = [
     "load_public_key",
     "public_key_from_point",
     "public_key_from_xy",
+    "public_key_pem",
     "public_key_xy",
     "require_p384_private",
     "require_p384_public",
+    "same_public_key",
     "sha384",
     "sign_deterministic",
     "verify_digest",
@@ -253,3 +255,15 @@ def public_key_from_point(point: bytes, *, source: str) -> ec.EllipticCurvePubli
         return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP384R1(), point)
     except ValueError as exc:
         raise SigningError("the token's EC_POINT is not a valid P-384 point", source=source) from exc
+
+
+def public_key_pem(public_key: ec.EllipticCurvePublicKey) -> str:
+    """PEM SubjectPublicKeyInfo of a public key."""
+    return public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode("ascii")
+
+
+def same_public_key(a: ec.EllipticCurvePublicKey, b: ec.EllipticCurvePublicKey) -> bool:
+    """True if two EC public keys are the same point on the same curve."""
+    return a.curve.name == b.curve.name and a.public_numbers() == b.public_numbers()

@@ -1,0 +1,355 @@
+"""One pass over an IGVM file's directives feeding every platform's launch measurement.
+
+Algorithms (``shared/spec/MEASUREMENT.md``):
+
+* SEV-SNP (§1): ``LD = SHA-384(LD ‖ PAGE_INFO)`` per page, PAGE_INFO = contents digest,
+  length 0x70, page type, GPA; loader rules from :mod:`~igvm_builder.measure.profiles`.
+* TDX MRTD (§8): one running SHA-384 over 128-byte ``MEM.PAGE.ADD`` records and
+  ``MR.EXTEND`` records followed by 256 data bytes; single pass (page add then its 16
+  extends) or two pass (per region: all adds, then all extends).
+* VBS (§9): chained SHA-256 over 0x1020-byte page chunks, then 48-byte register chunks.
+* SEV / SEV-ES: SHA-256 over the measured pages with data (and the VMSA pages for SEV-ES),
+  the digest sev-snp-measure prints for such launches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from igvm_builder.errors import MeasurementError
+from igvm_builder.format import headers as H
+from igvm_builder.format.blob import as_view
+from igvm_builder.format.defs import PAGE_SIZE_4K, PageDataFlags, PageDataType, PlatformType
+from igvm_builder.format.file import IgvmFile
+from igvm_builder.measure.profiles import KVM_VMSA_GPA, LoaderProfile, get_profile
+
+ZERO_PAGE = bytes(PAGE_SIZE_4K)
+_SHA384_ZERO_PAGE = hashlib.sha384(ZERO_PAGE).digest()
+_ZERO48 = bytes(48)
+
+SNP_NORMAL, SNP_VMSA, SNP_ZERO, SNP_UNMEASURED, SNP_SECRETS, SNP_CPUID = 1, 2, 3, 4, 5, 6
+SNP_PAGE_TYPE_NAMES = {1: "NORMAL", 2: "VMSA", 3: "ZERO", 4: "UNMEASURED", 5: "SECRETS", 6: "CPUID"}
+_PAGE_INFO_TAIL = struct.Struct("<HBBIQ")  # length, page_type, imi_page, vmpl perms (4 x u8), gpa
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """One platform's launch measurement of a file."""
+
+    platform: PlatformType
+    compatibility_mask: int
+    algorithm: str | None
+    digest: bytes | None
+    loader: str | None = None
+    variant: str | None = None
+    steps: int = 0
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def hex(self) -> str | None:
+        return self.digest.hex() if self.digest is not None else None
+
+
+# --------------------------------------------------------------------------- per-platform state
+
+
+class _Snp:
+    def __init__(self, profile: LoaderProfile, mask: int) -> None:
+        self.p = profile
+        self.mask = mask
+        self.ld = _ZERO48
+        self.steps = 0
+        self.deferred_vmsa: list[tuple[int, bytes]] = []
+        self.sorted_steps: list[tuple[int, int, int, bytes]] = []  # (gpa, seq, type, contents)
+        self.notes: list[str] = []
+
+    def step(self, gpa: int, page_type: int, contents: bytes) -> None:
+        if self.p.sort_by_gpa:
+            self.sorted_steps.append((gpa, len(self.sorted_steps), page_type, contents))
+            return
+        self.ld = hashlib.sha384(self.ld + contents + _PAGE_INFO_TAIL.pack(0x70, page_type, 0, 0, gpa)).digest()
+        self.steps += 1
+
+    def page(self, h: H.PageData) -> None:
+        if h.flags & PageDataFlags.SHARED and self.p.skip_shared:
+            return
+        if h.data_type == PageDataType.SECRETS:
+            self.step(h.gpa, SNP_SECRETS, _ZERO48)
+        elif h.data_type in (PageDataType.CPUID_DATA, PageDataType.CPUID_XF):
+            self.step(h.gpa, SNP_CPUID, _ZERO48)
+        elif h.flags & PageDataFlags.UNMEASURED:
+            self.step(h.gpa, SNP_UNMEASURED, _ZERO48)
+        elif not len(h.data):
+            if self.p.dataless_page_type == SNP_ZERO:
+                self.step(h.gpa, SNP_ZERO, _ZERO48)
+            else:
+                self.step(h.gpa, SNP_NORMAL, _SHA384_ZERO_PAGE)
+        else:
+            self.step(h.gpa, SNP_NORMAL, hashlib.sha384(as_view(h.data)).digest())
+
+    def insert(self, gpa: int, pages: int) -> None:
+        for i in range(pages if self.p.insert_all_pages else 1):
+            self.step(gpa + i * PAGE_SIZE_4K, SNP_UNMEASURED, _ZERO48)
+
+    def vmsa(self, h: H.SnpVpContext) -> None:
+        digest = hashlib.sha384(as_view(h.blob())).digest()
+        if self.p.vmsa_last_at_kvm_gpa:
+            if h.gpa != KVM_VMSA_GPA:
+                raise MeasurementError(
+                    f"loader '{self.p.name}' rejects the VMSA of vp {h.vp_index} at GPA {h.gpa:#x}: KVM measures "
+                    f"VMSAs at {KVM_VMSA_GPA:#x} only", gpa=h.gpa)
+            self.deferred_vmsa.append((KVM_VMSA_GPA, digest))
+        else:
+            self.step(h.gpa, SNP_VMSA, digest)
+
+    def finish(self) -> bytes:
+        if self.p.sort_by_gpa:
+            steps, self.sorted_steps = sorted(self.sorted_steps), []
+            self.p = _unsorted(self.p)
+            for gpa, _seq, ptype, contents in steps:
+                self.step(gpa, ptype, contents)
+        for gpa, digest in self.deferred_vmsa:
+            self.step(gpa, SNP_VMSA, digest)
+        return self.ld
+
+
+def _unsorted(p: LoaderProfile) -> LoaderProfile:
+    from dataclasses import replace
+
+    return replace(p, sort_by_gpa=False)
+
+
+_TDX_ADD = b"MEM.PAGE.ADD".ljust(16, b"\0")
+_TDX_EXT = b"MR.EXTEND".ljust(16, b"\0")
+_Z104 = bytes(104)
+_TDX_EXT_HDRS = struct.Struct("<" + "16sQ104s256s" * 16)
+
+
+class _Tdx:
+    def __init__(self, two_pass: bool) -> None:
+        self.h = hashlib.sha384()
+        self.two_pass = two_pass
+        self.steps = 0
+        # two-pass: a region of consecutive pages -> adds first, then extends
+        self.region: list[tuple[int, H.BlobLike | None]] = []
+        self.region_key: tuple[int, bool] | None = None
+
+    def _add(self, gpa: int) -> None:
+        self.h.update(_TDX_ADD + gpa.to_bytes(8, "little") + _Z104)
+        self.steps += 1
+
+    def _extend(self, gpa: int, data: H.BlobLike | None) -> None:
+        page = bytes(as_view(data)) if data is not None and len(data) else ZERO_PAGE
+        args: list[object] = []
+        for off in range(0, PAGE_SIZE_4K, 256):
+            args += (_TDX_EXT, gpa + off, _Z104, page[off : off + 256])
+        self.h.update(_TDX_EXT_HDRS.pack(*args))
+        self.steps += 16
+
+    def page(self, gpa: int, measured: bool, data: H.BlobLike | None) -> None:
+        if not self.two_pass:
+            self._add(gpa)
+            if measured:
+                self._extend(gpa, data)
+            return
+        key = (gpa, measured)
+        if self.region and (self.region_key is None or key != (self.region_key[0] + PAGE_SIZE_4K, self.region_key[1])):
+            self.flush()
+        self.region.append((gpa, data if measured else None))
+        self.region_key = key
+        self._measured_region = measured
+
+    def flush(self) -> None:
+        if not self.region:
+            return
+        for gpa, _ in self.region:
+            self._add(gpa)
+        if self._measured_region:
+            for gpa, data in self.region:
+                self._extend(gpa, data)
+        self.region = []
+        self.region_key = None
+
+    def finish(self) -> bytes:
+        self.flush()
+        return self.h.digest()
+
+
+_VBS_PAGE_HDR = struct.Struct("<IIQQQ")
+_VBS_REG = struct.Struct("<IIQIBBHII16s")
+
+
+class _Vbs:
+    def __init__(self) -> None:
+        self.d = bytes(32)
+        self.steps = 0
+        self.registers: list[tuple[int, int, bytes]] = []
+
+    def page(self, gpa: int, data: H.BlobLike | None, unmeasured: bool, acceptance: int = 0) -> None:
+        metadata = acceptance | (4 if unmeasured else 0)
+        body = ZERO_PAGE if unmeasured or data is None or not len(data) else as_view(data)
+        h = hashlib.sha256(self.d)
+        h.update(_VBS_PAGE_HDR.pack(0x1020, 2, 0, metadata, gpa // PAGE_SIZE_4K))
+        h.update(body)
+        self.d = h.digest()
+        self.steps += 1
+
+    def finish(self) -> bytes:
+        for vtl, name, value in self.registers:
+            self.d = hashlib.sha256(self.d + _VBS_REG.pack(48, 0, 0, 0, vtl, 0, 0, 0, name, value)).digest()
+            self.steps += 1
+        return self.d
+
+
+class _Sev:
+    def __init__(self, es: bool) -> None:
+        self.h = hashlib.sha256()
+        self.es = es
+        self.steps = 0
+
+    def page(self, h: H.PageData) -> None:
+        if h.flags & (PageDataFlags.UNMEASURED | PageDataFlags.SHARED) or h.data_type != PageDataType.NORMAL:
+            return
+        if len(h.data):
+            self.h.update(as_view(h.blob()))
+            self.steps += 1
+
+    def finish(self) -> bytes:
+        return self.h.digest()
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _area_pages(f: IgvmFile) -> dict[int, int]:
+    return {h.parameter_area_index: h.number_of_bytes // PAGE_SIZE_4K
+            for h in f.directives if isinstance(h, H.ParameterArea)}
+
+
+def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, two_pass: bool) -> Measurement:
+    areas = _area_pages(f)
+    if ptype == PlatformType.SEV_SNP:
+        if not any(isinstance(h, H.GuestPolicy) and h.compatibility_mask & mask == mask for h in f.initializations):
+            raise MeasurementError(f"no GUEST_POLICY for the SEV_SNP platform (mask {mask:#x}); the loader "
+                                   "cannot launch it")
+        acc = _Snp(profile, mask)
+        for h in f.directives:
+            m = h.mask
+            if m is not None and m & mask != mask:
+                continue
+            if isinstance(h, H.PageData):
+                acc.page(h)
+            elif isinstance(h, H.ParameterInsert):
+                acc.insert(h.gpa, areas.get(h.parameter_area_index, 0))
+            elif isinstance(h, H.SnpVpContext):
+                acc.vmsa(h)
+        digest = acc.finish()
+        return Measurement(ptype, mask, "sha384", digest, loader=profile.name, steps=acc.steps)
+    if ptype == PlatformType.TDX:
+        tdx = _Tdx(two_pass)
+        for h in f.directives:
+            m = h.mask
+            if m is not None and m & mask != mask:
+                continue
+            if isinstance(h, H.PageData):
+                if h.flags & PageDataFlags.SHARED:
+                    continue
+                tdx.page(h.gpa, not h.flags & PageDataFlags.UNMEASURED, h.data)
+            elif isinstance(h, H.ParameterInsert):
+                for i in range(areas.get(h.parameter_area_index, 0)):
+                    tdx.page(h.gpa + i * PAGE_SIZE_4K, False, None)
+        digest = tdx.finish()
+        return Measurement(ptype, mask, "sha384", digest, variant="two-pass" if two_pass else "single-pass",
+                           steps=tdx.steps)
+    if ptype == PlatformType.VSM_ISOLATION:
+        vbs = _Vbs()
+        for h in f.directives:
+            m = h.mask
+            if m is not None and m & mask != mask:
+                continue
+            if isinstance(h, H.PageData):
+                if h.flags & PageDataFlags.SHARED:
+                    continue
+                if h.data_type != PageDataType.NORMAL:
+                    raise MeasurementError(f"VBS cannot measure a {PageDataType(h.data_type).name} page",
+                                           gpa=h.gpa)
+                vbs.page(h.gpa, h.data, bool(h.flags & PageDataFlags.UNMEASURED))
+            elif isinstance(h, H.ParameterInsert):
+                for i in range(areas.get(h.parameter_area_index, 0)):
+                    vbs.page(h.gpa + i * PAGE_SIZE_4K, None, True)
+            elif isinstance(h, H.ErrorRange):
+                for i in range(-(-h.size_bytes // PAGE_SIZE_4K)):
+                    vbs.page(h.gpa + i * PAGE_SIZE_4K, None, True, acceptance=3)
+            elif isinstance(h, H.VbsVpContext):
+                vbs.registers += [(h.vtl, r.name, bytes(r.value)) for r in h.registers]
+        return Measurement(ptype, mask, "sha256", vbs.finish(), steps=vbs.steps)
+    if ptype in (PlatformType.SEV, PlatformType.SEV_ES):
+        sev = _Sev(ptype == PlatformType.SEV_ES)
+        vmsas: list[H.SnpVpContext] = []
+        for h in f.directives:
+            m = h.mask
+            if m is not None and m & mask != mask:
+                continue
+            if isinstance(h, H.PageData):
+                sev.page(h)
+            elif isinstance(h, H.SnpVpContext):
+                vmsas.append(h)
+        for v in vmsas:
+            sev.h.update(as_view(v.blob()))
+            sev.steps += 1
+        return Measurement(ptype, mask, "sha256", sev.finish(), steps=sev.steps)
+    return Measurement(ptype, mask, None, None, notes=(f"{ptype.name} launches have no measurement",))
+
+
+def measure_platform(f: IgvmFile, platform: PlatformType, *, loader: str | None = None,
+                     tdx_two_pass: bool = False) -> Measurement:
+    """Measure one platform of ``f``; :class:`MeasurementError` if the file lacks it."""
+    p = f.platform(platform)
+    if p is None:
+        have = ", ".join(x.platform_type.name for x in f.platforms)
+        raise MeasurementError(f"the file has no {platform.name} platform (it has: {have})")
+    return _run(f, platform, p.compatibility_mask, get_profile(loader), tdx_two_pass)
+
+
+def measure_file(f: IgvmFile, *, platforms: Sequence[PlatformType] | None = None, loader: str | None = None,
+                 tdx_two_pass: bool = False, parallel: bool = True) -> tuple[Measurement, ...]:
+    """Measure every (or the given) platform; platforms are hashed in parallel threads.
+
+    hashlib releases the GIL while it hashes, so an SNP+TDX file measures in roughly the
+    time of its slower platform on a machine with two cores.
+    """
+    targets = list(platforms) if platforms is not None else [p.platform_type for p in f.platforms]
+    if not parallel or len(targets) < 2:
+        return tuple(measure_platform(f, t, loader=loader, tdx_two_pass=tdx_two_pass) for t in targets)
+    results: list[Measurement | BaseException | None] = [None] * len(targets)
+
+    def work(i: int, t: PlatformType) -> None:
+        try:
+            results[i] = measure_platform(f, t, loader=loader, tdx_two_pass=tdx_two_pass)
+        except BaseException as exc:  # re-raised in the caller's thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i, t)) for i, t in enumerate(targets)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return tuple(r for r in results if isinstance(r, Measurement))
+
+
+def all_loader_digests(f: IgvmFile, loaders: Iterable[str]) -> dict[str, bytes | MeasurementError]:
+    """SNP digest under each loader profile (or the error that loader would give)."""
+    out: dict[str, bytes | MeasurementError] = {}
+    for name in loaders:
+        try:
+            out[name] = measure_platform(f, PlatformType.SEV_SNP, loader=name).digest or b""
+        except MeasurementError as exc:
+            out[name] = exc
+    return out

@@ -1,0 +1,66 @@
+"""Loader profiles: how each IGVM loader turns directives into SEV-SNP launch steps.
+
+The same IGVM file can legitimately give different SNP launch digests on different
+loaders (``shared/spec/MEASUREMENT.md`` §3).  Each profile records the rules one loader
+follows.  ``hyperv`` is the default: it is the reference crate's model
+(microsoft/igvm ``generate_snp_measurement``), which Hyper-V and OpenVMM implement and
+against which the reference vectors were computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from igvm_builder.errors import MeasurementError
+
+KVM_VMSA_GPA = 0xFFFF_FFFF_F000
+
+
+@dataclass(frozen=True, slots=True)
+class LoaderProfile:
+    name: str
+    description: str
+    #: SNP page type of a measured PAGE_DATA without data: 1 NORMAL (zeros) or 3 ZERO.
+    dataless_page_type: int
+    #: Whether PAGE_DATA with the ``shared`` flag is skipped (True) or measured like any page.
+    skip_shared: bool
+    #: UNMEASURED steps per PARAMETER_INSERT: every page of the area, or only one.
+    insert_all_pages: bool
+    #: VMSAs measured by KVM after every page at 0xFFFFFFFFF000 (True) or in file order (False).
+    vmsa_last_at_kvm_gpa: bool
+    #: Pages imported in ascending GPA order rather than file order.
+    sort_by_gpa: bool = False
+
+
+PROFILES: dict[str, LoaderProfile] = {
+    p.name: p
+    for p in (
+        LoaderProfile("hyperv", "Hyper-V / OpenVMM (microsoft/igvm measurement model; the default)",
+                      dataless_page_type=1, skip_shared=True, insert_all_pages=True, vmsa_last_at_kvm_gpa=False),
+        LoaderProfile("qemu", "QEMU >= 10.1 IGVM loader on KVM", dataless_page_type=1, skip_shared=False,
+                      insert_all_pages=True, vmsa_last_at_kvm_gpa=True),
+        LoaderProfile("cloud-hypervisor", "Cloud Hypervisor on KVM", dataless_page_type=3, skip_shared=False,
+                      insert_all_pages=True, vmsa_last_at_kvm_gpa=True),
+        LoaderProfile("cloud-hypervisor-mshv", "Cloud Hypervisor on MSHV (read from source only)",
+                      dataless_page_type=1, skip_shared=False, insert_all_pages=False,
+                      vmsa_last_at_kvm_gpa=False, sort_by_gpa=True),
+        LoaderProfile("igvmmeasure", "COCONUT igvmmeasure (default mode)", dataless_page_type=1,
+                      skip_shared=False, insert_all_pages=False, vmsa_last_at_kvm_gpa=False),
+        LoaderProfile("igvmmeasure-native-zero", "COCONUT igvmmeasure --native-zero (Vanadium-like)",
+                      dataless_page_type=3, skip_shared=False, insert_all_pages=False,
+                      vmsa_last_at_kvm_gpa=False),
+    )
+}
+
+DEFAULT_LOADER = "hyperv"
+#: The loaders a build can target (`build --loader`, config `image.loader`).
+BUILD_LOADERS = ("qemu", "hyperv", "cloud-hypervisor")
+
+
+def get_profile(name: str | None) -> LoaderProfile:
+    if name is None:
+        return PROFILES[DEFAULT_LOADER]
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise MeasurementError(f"unknown loader '{name}' (known: {', '.join(PROFILES)})") from None
