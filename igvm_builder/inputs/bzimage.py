@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from igvm_builder.errors import InputError, LayoutError
@@ -208,7 +208,7 @@ class BzImage:
     setup_size: int
     setup: memoryview
     kernel: memoryview
-    header: bytes
+    header: bytes = field(repr=False)
     efi_stub: bool
     root_flags: int
     syssize: int
@@ -301,6 +301,10 @@ class BzImage:
                               source=self.name, gpa=load_address)
 
 
+def _proto(version: int) -> str:
+    return f"{version >> 8}.{version & 0xFF:02d}"
+
+
 def _u(buf: memoryview, offset: int, fmt: str) -> int:
     return struct.unpack_from("<" + fmt, buf, offset)[0]
 
@@ -334,7 +338,7 @@ def parse_bzimage(
     version = _u(view, 0x206, "H")
     if version < MIN_PROTOCOL:
         raise InputError(
-            f"boot protocol {version >> 8}.{version & 0xFF} is too old (need 2.06 or later)",
+            f"boot protocol {_proto(version)} is too old (need 2.06 or later)",
             source=name, offset=0x206)
     # boot.rst: the header ends at 0x202 + the short jump's displacement at 0x201
     if view[0x200] == 0xEB:
@@ -366,7 +370,7 @@ def parse_bzimage(
 
     if require_64bit and not fields["xloadflags"] & XLF_KERNEL_64:
         raise InputError(
-            f"kernel has no 64-bit entry point (protocol {version >> 8}.{version & 0xFF}, "
+            f"kernel has no 64-bit entry point (protocol {_proto(version)}, "
             f"xloadflags {fields['xloadflags']:#x} lacks XLF_KERNEL_64)", source=name, offset=0x236)
     if require_relocatable and not fields["relocatable_kernel"]:
         raise InputError("kernel is not relocatable (relocatable_kernel is 0)", source=name,

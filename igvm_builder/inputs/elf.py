@@ -342,16 +342,16 @@ def load_elf(
         if filesz > memsz:
             raise InputError(
                 f"PT_LOAD segment {index}: p_filesz {filesz:#x} > p_memsz {memsz:#x}",
-                source=name, header_index=index)
+                source=name)
         if offset + filesz > len(view):
             raise InputError(
                 f"PT_LOAD segment {index} (file offset {offset:#x}, {filesz:#x} bytes) extends "
                 f"beyond the end of the file ({len(view):#x} bytes)",
-                source=name, header_index=index, offset=offset)
+                source=name, offset=offset)
         if paddr + memsz > addr_limit:
             raise InputError(
                 f"PT_LOAD segment {index} at {paddr:#x} ({memsz:#x} bytes) runs past the top of the "
-                f"{raw.elf_class}-bit address space", source=name, header_index=index, gpa=paddr)
+                f"{raw.elf_class}-bit address space", source=name, gpa=paddr)
         segments.append(Segment(
             index=index,
             gpa=paddr,

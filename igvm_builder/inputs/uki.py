@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from igvm_builder.errors import InputError
 
@@ -63,12 +63,12 @@ class Uki:
     """
 
     name: str
-    linux: bytes
-    initrd: bytes | None
+    linux: bytes = field(repr=False)
+    initrd: bytes | None = field(repr=False)
     cmdline: str | None
     osrel: str | None
     uname: str | None
-    ucode: bytes | None
+    ucode: bytes | None = field(repr=False)
     sbat: str | None
     profiles: int
     section_names: tuple[str, ...]
@@ -143,6 +143,11 @@ def parse_uki(data: bytes | bytearray | memoryview, name: str, *, profile: int =
             beyond the end of the file, a text section is not UTF-8, no such profile.
     """
     view = memoryview(data).cast("B").toreadonly()
+    if len(view) >= 0x40 and bytes(view[:2]) == b"MZ":
+        (pe_off,) = struct.unpack_from("<I", view, 0x3C)
+        if pe_off + 24 > len(view):
+            raise InputError(f"truncated PE file: the PE header at {pe_off:#x} is beyond the end "
+                             f"({len(view):#x} bytes)", source=name)
     if not _pe_header_ok(view):
         raise InputError("not a UKI: no PE/COFF header ('MZ' and 'PE\\0\\0')", source=name)
     sections = _parse_pe(view, name)

@@ -89,7 +89,8 @@ class _Snp:
             else:
                 self.step(h.gpa, SNP_NORMAL, _SHA384_ZERO_PAGE)
         else:
-            self.step(h.gpa, SNP_NORMAL, hashlib.sha384(as_view(h.data)).digest())
+            # blob() zero-pads data shorter than 4 KiB (a parsed file already holds 4 KiB).
+            self.step(h.gpa, SNP_NORMAL, hashlib.sha384(as_view(h.blob())).digest())
 
     def insert(self, gpa: int, pages: int) -> None:
         for i in range(pages if self.p.insert_all_pages else 1):
@@ -195,6 +196,8 @@ class _Vbs:
         h = hashlib.sha256(self.d)
         h.update(_VBS_PAGE_HDR.pack(0x1020, 2, 0, metadata, gpa // PAGE_SIZE_4K))
         h.update(body)
+        if len(body) < PAGE_SIZE_4K:  # data shorter than a page is measured zero-padded
+            h.update(ZERO_PAGE[len(body) :])
         self.d = h.digest()
         self.steps += 1
 

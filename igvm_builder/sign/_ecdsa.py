@@ -13,6 +13,8 @@ SEV-SNP uses ECDSA over NIST P-384 with SHA-384 (SNP firmware ABI, ``ID_KEY_ALGO
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 
 from cryptography import x509
@@ -28,6 +30,7 @@ __all__ = [
     "PublicKey",
     "check_signature_range",
     "decode_der_signature",
+    "decode_signature",
     "describe_key",
     "encode_der_signature",
     "load_private_key",
@@ -267,3 +270,58 @@ def public_key_pem(public_key: ec.EllipticCurvePublicKey) -> str:
 def same_public_key(a: ec.EllipticCurvePublicKey, b: ec.EllipticCurvePublicKey) -> bool:
     """True if two EC public keys are the same point on the same curve."""
     return a.curve.name == b.curve.name and a.public_numbers() == b.public_numbers()
+
+
+_B64_STD = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+_B64_URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=")
+
+
+def _text_candidates(text: str) -> list[bytes]:
+    """Byte strings ``text`` may encode: hex, standard base64, URL-safe base64."""
+    compact = "".join(text.split())
+    out: list[bytes] = []
+    hex_text = compact[2:] if compact[:2].lower() == "0x" else compact
+    try:
+        out.append(bytes.fromhex(hex_text))
+    except ValueError:
+        pass
+    padded = compact.rstrip("=") + "=" * (-len(compact.rstrip("=")) % 4)
+    chars = set(padded)
+    try:
+        if chars <= _B64_STD:
+            out.append(base64.b64decode(padded, validate=True))
+        elif chars <= _B64_URL:
+            out.append(base64.urlsafe_b64decode(padded))
+    except (binascii.Error, ValueError):
+        pass
+    return out
+
+
+def decode_signature(data: bytes | str) -> tuple[int, int]:
+    """(r, s) from an ECDSA P-384 signature in any common encoding.
+
+    Accepted: DER ``ECDSA-Sig-Value`` or raw ``r || s`` (96 bytes, big-endian, as
+    PKCS#11 and JOSE/Azure return it), each as binary, hex, or base64 (standard or
+    URL-safe, padding optional).  Raises SigningError otherwise (the data itself is
+    not echoed).
+    """
+    raw = data.encode("ascii", "replace") if isinstance(data, str) else bytes(data)
+    candidates: list[bytes] = []
+    try:
+        text: str | None = raw.decode("ascii")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c.isspace() for c in text):
+        # Printable input is text (a binary DER or r||s is never all printable ASCII).
+        candidates.extend(_text_candidates(text))
+    else:
+        candidates.append(raw)
+    for blob in candidates:
+        der = decode_der_signature(blob)
+        if der is not None:
+            return der
+        if len(blob) == 96:
+            return int.from_bytes(blob[:48], "big"), int.from_bytes(blob[48:], "big")
+    raise SigningError(
+        f"signature is neither DER nor a 96-byte r||s (binary, hex or base64); got {len(raw)} bytes of input"
+    )

@@ -153,7 +153,12 @@ class IdBlock:
     def pack(self) -> bytes:
         """The 96-byte little-endian ``ID_BLOCK``."""
         return self.STRUCT.pack(
-            bytes(self.ld), bytes(self.family_id), bytes(self.image_id), self.version, self.guest_svn, self.policy
+            bytes(self.ld),
+            bytes(self.family_id),
+            bytes(self.image_id),
+            self.version,
+            self.guest_svn,
+            self.policy,
         )
 
     @classmethod
@@ -535,7 +540,9 @@ class IgvmSnpIdBlock:
             id_key_signature=id_auth.id_block_sig,
             id_public_key=id_auth.id_key.to_igvm(),
             author_key_signature=id_auth.id_key_sig if author_key_enabled else SnpSignature(),
-            author_public_key=id_auth.author_key.to_igvm() if author_key_enabled else IgvmSnpIdBlockPublicKey(),
+            author_public_key=id_auth.author_key.to_igvm()
+            if author_key_enabled
+            else IgvmSnpIdBlockPublicKey(),
         )
 
     def id_block(self, policy: int) -> IdBlock:
@@ -712,7 +719,9 @@ def verify_igvm_id_block_body(
             f"{ID_BLOCK_VERSION}, so the signature cannot match"
         )
     if parsed.author_key_enabled not in (0, 1):
-        raise VerificationError(f"IGVM SNP_ID_BLOCK author_key_enabled is {parsed.author_key_enabled}, not 0 or 1")
+        raise VerificationError(
+            f"IGVM SNP_ID_BLOCK author_key_enabled is {parsed.author_key_enabled}, not 0 or 1"
+        )
     if any(parsed.reserved):
         raise VerificationError("IGVM SNP_ID_BLOCK reserved bytes are not zero")
     if parsed.id_public_key.reserved:

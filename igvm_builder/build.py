@@ -1,0 +1,644 @@
+"""Build an IGVM file from a :class:`~igvm_builder.config.BuildConfig`.
+
+The flow is config -> inputs -> one launch plan per platform -> merge -> IgvmFile:
+
+1. Each platform gets its own ordered list of directives (what that platform's loader must
+   import, in order), built from the inputs by :class:`_PlatformPlan`.
+2. The lists are merged into one directive sequence in which a header identical on several
+   platforms is stored once with a multi-bit compatibility mask, and every platform's
+   projection is exactly its own list.  Each platform's launch digest is therefore the
+   same as that of a single-platform build.
+3. The result is measured (reference values) and serialized canonically.
+
+OVMF launches follow ``shared/spec/MEASUREMENT.md`` §7.1 (SNP) and §8.3 (TDX) so that the
+SNP digest equals sev-snp-measure's on ZERO-type loaders and the TDX MRTD equals td-shim's.
+Kernel launches (ELF with or without a PVH note, bzImage, UKI) boot without firmware:
+boot structures live in low memory, and TDX gets a reset-vector trampoline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from igvm_builder.config import BuildConfig
+from igvm_builder.errors import InputError, LayoutError
+from igvm_builder.format import headers as H
+from igvm_builder.format.blob import FileSlice, as_view
+from igvm_builder.format.defs import (
+    PLATFORM_NAMES,
+    PageDataFlags,
+    PageDataType,
+    PlatformType,
+)
+from igvm_builder.format.file import IgvmFile
+from igvm_builder.platforms.cpu import CpuState, gdt_bytes, identity_page_tables, tdx_reset_trampoline
+
+PAGE = 0x1000
+ZERO_PAGE = bytes(PAGE)
+KVM_VMSA_GPA = 0xFFFF_FFFF_F000
+FOUR_GIB = 1 << 32
+
+# Low-memory layout of kernel launches (no firmware).
+GDT_GPA = 0x1000
+BOOT_INFO_GPA = 0x2000  # Linux boot_params or PVH hvm_start_info (+ memmap, module list)
+CMDLINE_GPA = 0x3000
+PAGE_TABLES_GPA = 0x4000  # 6 pages: PML4, PDPT, 4 PDs
+SNP_SECRETS_GPA = 0xA000
+SNP_CPUID_GPA = 0xB000
+STACK_TOP = 0x9F000
+LOW_RAM_END = 0xA0000
+
+#: Highest GPA (exclusive) each platform can describe.
+GPA_LIMITS = {
+    PlatformType.NATIVE: 1 << 52,
+    PlatformType.SEV_SNP: 1 << 51,  # below the C-bit
+    PlatformType.TDX: 1 << 47,  # GPAW 48: bit 47 is the shared bit
+    PlatformType.VSM_ISOLATION: 1 << 52,
+    PlatformType.SEV: 1 << 47,
+    PlatformType.SEV_ES: 1 << 47,
+}
+SNP_C_BIT = 51
+
+E820_RAM, E820_RESERVED = 1, 2
+PVH_MAGIC = 0x336EC578
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """The built file, its canonical bytes (as chunks) and its reference values."""
+
+    file: IgvmFile
+    reference_values: dict[str, Any]
+    _chunks: tuple[bytes | memoryview, ...] = field(repr=False)
+    size: int
+    sha256: str
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self._chunks)
+
+    def chunks(self) -> Iterator[bytes | memoryview]:
+        return iter(self._chunks)
+
+
+# --------------------------------------------------------------------------- input reading
+
+
+class _Inputs:
+    """Maps each input file once (read-only mmap: no copy of large inputs)."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, memoryview] = {}
+
+    def get(self, path: str, role: str) -> memoryview:
+        view = self._maps.get(path)
+        if view is None:
+            try:
+                with open(path, "rb") as fh:
+                    size = os.fstat(fh.fileno()).st_size
+                    buf: bytes | mmap.mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            except OSError as exc:
+                raise InputError(f"cannot read {role}: {exc.strerror}", source=path) from None
+            view = memoryview(buf).toreadonly()
+            self._maps[path] = view
+        return view
+
+    def sha256(self) -> dict[str, str]:
+        return {p: hashlib.sha256(v).hexdigest() for p, v in self._maps.items()}
+
+
+# --------------------------------------------------------------------------- per-platform plan
+
+
+@dataclass
+class _Region:
+    start: int
+    end: int
+    what: str
+
+
+class _PlatformPlan:
+    """The ordered directives one platform needs, with overlap and GPA-limit checks."""
+
+    def __init__(self, ptype: PlatformType, name: str) -> None:
+        self.ptype = ptype
+        self.name = name
+        self.limit = GPA_LIMITS[ptype]
+        self.directives: list[H.Header] = []
+        self.tail: list[H.Header] = []  # VP contexts: after every page directive
+        self.regions: list[_Region] = []
+        self.policy: int | None = None
+
+    def claim(self, start: int, size: int, what: str) -> None:
+        end = start + size
+        if end > self.limit:
+            raise LayoutError(f"{what}: GPA range {start:#x}-{end - 1:#x} is beyond the {self.ptype.name} limit "
+                              f"{self.limit:#x}", gpa=max(start, self.limit))
+        for r in self.regions:
+            if start < r.end and r.start < end:
+                raise LayoutError(f"{what} overlaps {r.what} at GPA {max(start, r.start):#x} "
+                                  f"({self.ptype.name} layout)", gpa=max(start, r.start))
+        self.regions.append(_Region(start, end, what))
+
+    def page(self, gpa: int, data: bytes | FileSlice = b"", *, flags: int = 0,
+             data_type: int = PageDataType.NORMAL) -> None:
+        self.directives.append(H.PageData(gpa=gpa, compatibility_mask=0, flags=flags, data_type=data_type,
+                                          data=data))
+
+    def pages_from(self, gpa: int, view: memoryview, mem_size: int | None = None, *, flags: int = 0,
+                   zero_fill: bool = True) -> None:
+        """Pages for ``view`` at ``gpa`` (4 KiB aligned), zero-filled up to ``mem_size``.
+
+        Full pages are zero-copy windows into the input; only a partial last page is copied.
+        Zero-filled pages carry explicit zero data (``zero_fill``) so every loader measures
+        them the same way; otherwise they are data-less.
+        """
+        if gpa % PAGE:
+            raise LayoutError(f"GPA {gpa:#x} is not 4 KiB aligned", gpa=gpa)
+        n = len(view)
+        total = max(n, mem_size or 0)
+        for off in range(0, total, PAGE):
+            if off + PAGE <= n:
+                data: bytes | FileSlice = FileSlice(view, off, PAGE)
+            elif off < n:
+                data = bytes(view[off:n]) + bytes(PAGE - (n - off))
+            else:
+                data = ZERO_PAGE if zero_fill else b""
+            self.page(gpa + off, data, flags=flags)
+
+
+# --------------------------------------------------------------------------- the builder
+
+
+class _Builder:
+    def __init__(self, cfg: BuildConfig) -> None:
+        self.cfg = cfg
+        self.inputs = _Inputs()
+        self.platforms = [PLATFORM_NAMES[p] for p in cfg.platforms]
+        self.plans = {p: _PlatformPlan(p, name) for p, name in zip(self.platforms, cfg.platforms, strict=True)}
+        self.notes: list[str] = []
+
+    # ---- orchestration
+
+    def run(self) -> IgvmFile:
+        cfg = self.cfg
+        if cfg.firmware:
+            self._firmware()
+        elif cfg.kernel:
+            self._kernel()
+        for blob in cfg.blobs:
+            view = self.inputs.get(blob.path, "blob")
+            for plan in self.plans.values():
+                plan.claim(blob.gpa, -(-len(view) // PAGE) * PAGE, f"blob {blob.path}")
+                plan.pages_from(blob.gpa, view, flags=0 if blob.measured else PageDataFlags.UNMEASURED)
+        if not cfg.firmware and not cfg.kernel:
+            self._blob_only_contexts()
+        return self._merge()
+
+    def _masks(self) -> dict[PlatformType, int]:
+        return {p: 1 << i for i, p in enumerate(self.platforms)}
+
+    def _merge(self) -> IgvmFile:
+        masks = self._masks()
+        platforms = []
+        inits: list[H.Header] = []
+        for p in self.platforms:
+            boundary = 0
+            if p == PlatformType.TDX:
+                boundary = 1 << 47
+            platforms.append(H.SupportedPlatform(compatibility_mask=masks[p], platform_type=p,
+                                                 shared_gpa_boundary=boundary))
+        for p in self.platforms:
+            plan = self.plans[p]
+            if plan.policy is not None:
+                inits.append(H.GuestPolicy(policy=plan.policy, compatibility_mask=masks[p]))
+        lists = [(masks[p], [*self.plans[p].directives, *self.plans[p].tail]) for p in self.platforms]
+        directives = merge_directives(lists)
+        f = IgvmFile(revision=self.cfg.revision, platforms=tuple(platforms), initializations=tuple(inits),
+                     directives=tuple(directives))
+        if PlatformType.VSM_ISOLATION in masks:
+            f = _with_vbs_measurement(f, masks[PlatformType.VSM_ISOLATION])
+        return f
+
+    # ---- firmware (OVMF) launches
+
+    def _firmware(self) -> None:
+        from igvm_builder.inputs.ovmf import kernel_hashes_page, parse_ovmf, require_sev, require_tdx
+
+        cfg = self.cfg
+        path = cfg.firmware or ""
+        view = self.inputs.get(path, "firmware")
+        img = parse_ovmf(view, path)
+        hashes_page = None
+        for p, plan in self.plans.items():
+            if p in (PlatformType.SEV_SNP, PlatformType.SEV_ES, PlatformType.SEV):
+                require_sev(img)
+            if p == PlatformType.TDX:
+                require_tdx(img)
+            if p == PlatformType.VSM_ISOLATION:
+                raise LayoutError("VBS cannot boot OVMF from the reset vector (VBS starts in a VP context "
+                                  "given by registers); use a kernel for VBS", source=path)
+        if cfg.kernel and any(p in self.plans for p in (PlatformType.SEV_SNP, PlatformType.SEV_ES, PlatformType.SEV)):
+            kernel = self.inputs.get(cfg.kernel.path, "kernel")
+            initrd = self.inputs.get(cfg.kernel.initrd, "initrd") if cfg.kernel.initrd else None
+            hashes_page = kernel_hashes_page(img, kernel, initrd, cfg.kernel.cmdline or None)
+            self.notes.append("measured direct boot: the VMM must be given exactly this kernel, initrd and "
+                              "command line (their hashes are in the kernel-hashes page)")
+        base = img.gpa_base
+        for p, plan in self.plans.items():
+            if p == PlatformType.TDX:
+                self._ovmf_tdx(plan, img, view)
+                continue
+            plan.claim(base, img.size, f"firmware {path}")
+            plan.pages_from(base, view)  # every page with data, even all-zero ones (§7.1 step 2)
+            if p in (PlatformType.SEV_SNP, PlatformType.SEV_ES, PlatformType.SEV):
+                self._ovmf_sev_sections(plan, img, hashes_page)
+            self._ovmf_contexts(p, plan, img)
+
+    def _ovmf_sev_sections(self, plan: _PlatformPlan, img: Any, hashes_page: bytes | None) -> None:
+        snp = plan.ptype == PlatformType.SEV_SNP
+        for sec in img.sev_sections:
+            if sec.size == 0:
+                continue
+            what = f"SEV metadata section {sec.type_name} at {sec.base:#x}"
+            if sec.type == 2:  # SECRETS
+                plan.claim(sec.base, PAGE, what)
+                if snp:
+                    plan.page(sec.base, data_type=PageDataType.SECRETS)
+            elif sec.type == 3:  # CPUID
+                plan.claim(sec.base, PAGE, what)
+                if snp:
+                    plan.page(sec.base, data_type=PageDataType.CPUID_DATA)
+            elif sec.type == 0x10 and hashes_page is not None:
+                plan.claim(sec.base, PAGE, what)
+                plan.page(sec.base, hashes_page)
+            else:  # SEC_MEM, SVSM_CAA, KERNEL_HASHES without a kernel: pre-validated zero memory
+                size = -(-sec.size // PAGE) * PAGE
+                plan.claim(sec.base, size, what)
+                if snp:
+                    for off in range(0, size, PAGE):
+                        plan.page(sec.base + off)
+
+    def _ovmf_contexts(self, p: PlatformType, plan: _PlatformPlan, img: Any) -> None:
+        from igvm_builder.sev_vmsa import BSP_RESET_EIP, build_reset_vmsa, vcpu_signature
+
+        snp = self.cfg.snp
+        if p == PlatformType.SEV_SNP:
+            plan.policy = snp.policy
+        if p in (PlatformType.SEV_SNP, PlatformType.SEV_ES):
+            sig = vcpu_signature(snp.vcpu_type)
+            features = snp.guest_features if p == PlatformType.SEV_SNP else 0
+            for vp in range(snp.vcpus):
+                eip = BSP_RESET_EIP if vp == 0 else img.sev_es_reset_eip
+                vmsa = build_reset_vmsa(eip, vcpu_signature=sig, sev_features=features, vmm_type=snp.vmm_type,
+                                        cr0=snp.cr0)
+                plan.tail.append(H.SnpVpContext(gpa=KVM_VMSA_GPA, compatibility_mask=0, vp_index=vp, vmsa=vmsa))
+        elif p in (PlatformType.NATIVE, PlatformType.SEV):
+            # Architectural reset state: real mode, CS base 0xffff0000, IP 0xfff0.
+            state = CpuState(rip=0xFFF0, cr0=0x10, gdtr_limit=0xFFFF, code_selector=0xF000, code_attributes=0x9B,
+                             data_selector=0, data_attributes=0x93)
+            ctx = bytearray(state.native_context())
+            struct.pack_into("<I", ctx, 172, 0xFFFF0000)  # code_base
+            struct.pack_into("<I", ctx, 176, 0xFFFF)  # code_limit
+            struct.pack_into("<I", ctx, 188, 0xFFFF)  # data_limit
+            plan.tail.append(H.NativeVpContext(compatibility_mask=0, vp_index=0, context=bytes(ctx)))
+
+    def _ovmf_tdx(self, plan: _PlatformPlan, img: Any, view: memoryview) -> None:
+        plan.policy = self.cfg.tdx.policy
+        for sec in img.tdx_sections:
+            if sec.page_aug or sec.mem_size == 0:
+                continue
+            plan.claim(sec.mem_base, sec.mem_size, f"TDVF section {sec.type_name} at {sec.mem_base:#x}")
+            if sec.raw_size:
+                data = view[sec.data_offset : sec.data_offset + sec.raw_size]
+                flags = 0 if sec.mr_extend else PageDataFlags.UNMEASURED
+                plan.pages_from(sec.mem_base, data, sec.mem_size, flags=flags, zero_fill=False)
+            else:
+                for off in range(0, sec.mem_size, PAGE):
+                    plan.page(sec.mem_base + off, flags=PageDataFlags.UNMEASURED)
+
+    # ---- kernel launches
+
+    def _kernel(self) -> None:
+        from igvm_builder.inputs.blob import detect_kernel_format
+
+        k = self.cfg.kernel
+        assert k is not None
+        view = self.inputs.get(k.path, "kernel")
+        fmt = k.format if k.format != "auto" else str(detect_kernel_format(view, k.path))
+        cmdline = k.cmdline
+        initrd: memoryview | None = self.inputs.get(k.initrd, "initrd") if k.initrd else None
+        initrd_name = k.initrd or ""
+        if fmt == "uki":
+            from igvm_builder.inputs.uki import parse_uki
+
+            uki = parse_uki(view, k.path)
+            view = memoryview(uki.linux)
+            if uki.initrd and initrd is None:
+                initrd, initrd_name = memoryview(uki.initrd), f"{k.path} (.initrd)"
+            if uki.cmdline and not cmdline:
+                cmdline = uki.cmdline
+            fmt = "bzimage"
+        cmd = cmdline.encode() + b"\0"
+        if len(cmd) > PAGE:
+            raise LayoutError(f"command line is {len(cmd)} bytes; at most 4095 are supported",
+                              source=self.cfg.source, key="kernel.cmdline")
+        if fmt == "elf":
+            self._elf(view, k.path, cmd, initrd, initrd_name)
+        else:
+            self._bzimage(view, k.path, cmd, initrd, initrd_name)
+
+    def _common_low(self, plan: _PlatformPlan, cmd: bytes) -> None:
+        plan.claim(GDT_GPA, PAGE, "GDT")
+        plan.page(GDT_GPA, gdt_bytes())
+        plan.claim(CMDLINE_GPA, PAGE, "command line")
+        plan.page(CMDLINE_GPA, cmd)
+        if plan.ptype == PlatformType.SEV_SNP:
+            plan.claim(SNP_SECRETS_GPA, PAGE, "SNP secrets page")
+            plan.page(SNP_SECRETS_GPA, data_type=PageDataType.SECRETS)
+            plan.claim(SNP_CPUID_GPA, PAGE, "SNP CPUID page")
+            plan.page(SNP_CPUID_GPA, data_type=PageDataType.CPUID_DATA)
+            plan.policy = self.cfg.snp.policy
+        elif plan.ptype == PlatformType.TDX:
+            plan.policy = self.cfg.tdx.policy
+
+    def _memory_map(self) -> list[tuple[int, int, int]]:
+        mem = self.cfg.memory_size
+        low_top = min(mem, 0xC000_0000)
+        out = [(0, LOW_RAM_END, E820_RAM), (0x100000, low_top - 0x100000, E820_RAM)]
+        if mem > low_top:
+            out.append((FOUR_GIB, mem - low_top, E820_RAM))
+        return out
+
+    def _place_initrd(self, size: int, lowest: int, highest: int) -> int:
+        top = min(self.cfg.memory_size, 0xC000_0000, highest)
+        addr = (top - size) & ~0x1FFFFF
+        if addr < lowest:
+            raise LayoutError(f"initrd of {size:#x} bytes does not fit in guest memory of "
+                              f"{self.cfg.memory_size:#x} bytes above {lowest:#x}; raise memory.size",
+                              source=self.cfg.source, key="memory.size")
+        return addr
+
+    def _elf(self, view: memoryview, name: str, cmd: bytes, initrd: memoryview | None, initrd_name: str) -> None:
+        from igvm_builder.inputs.elf import load_elf
+
+        elf = load_elf(view, name, machines=("x86_64", "i386"))
+        high = max(seg.end for seg in elf.segments)
+        initrd_gpa = self._place_initrd(len(initrd), -(-high // PAGE) * PAGE, 1 << 32) if initrd is not None else 0
+        info = self._pvh_start_info(cmd, initrd_gpa, len(initrd) if initrd is not None else 0)
+        for p, plan in self.plans.items():
+            self._common_low(plan, cmd)
+            for seg in elf.segments:
+                plan.claim(seg.gpa & ~0xFFF, -(-(seg.end - (seg.gpa & ~0xFFF)) // PAGE) * PAGE,
+                           f"{name} segment {seg.index}")
+                head = seg.gpa & 0xFFF
+                data = memoryview(bytes(head) + bytes(seg.data)) if head else seg.data
+                plan.pages_from(seg.gpa - head, data, seg.mem_size + head)
+            if initrd is not None:
+                plan.claim(initrd_gpa, -(-len(initrd) // PAGE) * PAGE, f"initrd {initrd_name}")
+                plan.pages_from(initrd_gpa, initrd)
+            if elf.pvh_entry is not None:
+                plan.claim(BOOT_INFO_GPA, PAGE, "PVH start_info")
+                plan.page(BOOT_INFO_GPA, info)
+                state = CpuState.protected32(rip=elf.pvh_entry, gdt=GDT_GPA, rbx=BOOT_INFO_GPA)
+            elif elf.elf_class == 64:
+                state = self._long_mode(plan, elf.entry_gpa if elf.entry_gpa is not None else elf.entry, 0)
+            else:
+                state = CpuState.protected32(rip=elf.entry_gpa if elf.entry_gpa is not None else elf.entry,
+                                             gdt=GDT_GPA)
+            self._start(p, plan, state)
+
+    def _pvh_start_info(self, cmd: bytes, initrd_gpa: int, initrd_size: int) -> bytes:
+        mm = self._memory_map()
+        memmap_off, modlist_off = 0x100, 0x80
+        info = struct.pack("<IIIIQQQQII", PVH_MAGIC, 1, 0, 1 if initrd_size else 0,
+                           BOOT_INFO_GPA + modlist_off if initrd_size else 0, CMDLINE_GPA, 0,
+                           BOOT_INFO_GPA + memmap_off, len(mm), 0)
+        page = bytearray(PAGE)
+        page[: len(info)] = info
+        if initrd_size:
+            page[modlist_off : modlist_off + 32] = struct.pack("<QQQQ", initrd_gpa, initrd_size, 0, 0)
+        for i, (addr, size, typ) in enumerate(mm):
+            page[memmap_off + 24 * i : memmap_off + 24 * (i + 1)] = struct.pack("<QQII", addr, size, typ, 0)
+        return bytes(page)
+
+    def _long_mode(self, plan: _PlatformPlan, rip: int, rsi: int) -> CpuState:
+        c_bit = SNP_C_BIT if plan.ptype == PlatformType.SEV_SNP else None
+        tables = identity_page_tables(PAGE_TABLES_GPA, c_bit=c_bit)
+        plan.claim(PAGE_TABLES_GPA, len(tables) * PAGE, "identity page tables")
+        for gpa, data in tables:
+            plan.page(gpa, data)
+        return CpuState.long64(rip=rip, gdt=GDT_GPA, cr3=PAGE_TABLES_GPA, rsi=rsi)
+
+    def _bzimage(self, view: memoryview, name: str, cmd: bytes, initrd: memoryview | None, initrd_name: str) -> None:
+        from igvm_builder.inputs.bzimage import E820Entry, build_boot_params, parse_bzimage
+
+        bz = parse_bzimage(view, name)
+        load = bz.pref_address if bz.pref_address else 0x100000
+        if load % PAGE:
+            raise InputError(f"bzImage preferred load address {load:#x} is not page aligned", source=name)
+        reserve = max(bz.init_size, len(bz.kernel))
+        kernel_end = -(-(load + reserve) // PAGE) * PAGE
+        if kernel_end > self.cfg.memory_size:
+            raise LayoutError(f"kernel needs memory up to {kernel_end:#x} but memory.size is "
+                              f"{self.cfg.memory_size:#x}", source=self.cfg.source, key="memory.size")
+        initrd_gpa = 0
+        if initrd is not None:
+            initrd_gpa = self._place_initrd(len(initrd), kernel_end, (bz.initrd_addr_max or 0x37FFFFFF) + 1)
+        e820 = [E820Entry(a, s, t) for a, s, t in self._memory_map()]
+        boot_params = build_boot_params(bz, cmdline_ptr=CMDLINE_GPA, cmdline_size=len(cmd) - 1,
+                                        initrd_addr=initrd_gpa, initrd_size=len(initrd) if initrd is not None else 0,
+                                        e820=e820)
+        for p, plan in self.plans.items():
+            self._common_low(plan, cmd)
+            plan.claim(BOOT_INFO_GPA, PAGE, "boot_params (zero page)")
+            plan.page(BOOT_INFO_GPA, boot_params)
+            plan.claim(load, kernel_end - load, f"kernel {name} (protected-mode part and init_size)")
+            plan.pages_from(load, bz.kernel)
+            if initrd is not None:
+                plan.claim(initrd_gpa, -(-len(initrd) // PAGE) * PAGE, f"initrd {initrd_name}")
+                plan.pages_from(initrd_gpa, initrd)
+            if p == PlatformType.TDX:
+                state = CpuState.protected32(rip=load, gdt=GDT_GPA, rsi=BOOT_INFO_GPA)  # 32-bit entry
+            else:
+                if not bz.supports_64bit_entry:
+                    raise InputError("bzImage has no 64-bit entry point (XLF_KERNEL_64 not set)", source=name)
+                state = self._long_mode(plan, load + 0x200, BOOT_INFO_GPA)
+            self._start(p, plan, state)
+
+    def _start(self, p: PlatformType, plan: _PlatformPlan, state: CpuState) -> None:
+        """Add the platform's way of starting the BSP with ``state``."""
+        state = CpuState(**{**_state_dict(state), "rsp": STACK_TOP})
+        if p in (PlatformType.NATIVE, PlatformType.SEV):
+            plan.tail.append(H.NativeVpContext(compatibility_mask=0, vp_index=0, context=state.native_context()))
+        elif p in (PlatformType.SEV_SNP, PlatformType.SEV_ES):
+            features = self.cfg.snp.guest_features if p == PlatformType.SEV_SNP else 0
+            plan.tail.append(H.SnpVpContext(gpa=KVM_VMSA_GPA, compatibility_mask=0, vp_index=0,
+                                            vmsa=state.vmsa(sev_features=features)))
+        elif p == PlatformType.VSM_ISOLATION:
+            plan.tail.append(H.VbsVpContext(compatibility_mask=0, vp_index=0, vtl=self.cfg.vbs.vtl,
+                                            registers=state.vbs_registers()))
+        elif p == PlatformType.TDX:
+            if state.cr0 & 0x80000000:
+                raise LayoutError("TDX starts in 32-bit mode at the reset vector; this kernel needs a 64-bit entry")
+            plan.claim(0xFFFFF000, PAGE, "TDX reset-vector trampoline")
+            plan.page(0xFFFFF000, tdx_reset_trampoline(entry=state.rip, rbx=state.rbx, rsi=state.rsi))
+
+    def _blob_only_contexts(self) -> None:
+        for plan in self.plans.values():
+            if plan.ptype == PlatformType.SEV_SNP:
+                plan.policy = self.cfg.snp.policy
+            elif plan.ptype == PlatformType.TDX:
+                plan.policy = self.cfg.tdx.policy
+
+
+def _state_dict(state: CpuState) -> dict[str, Any]:
+    return {k: getattr(state, k) for k in CpuState.__dataclass_fields__}
+
+
+def _with_vbs_measurement(f: IgvmFile, mask: int) -> IgvmFile:
+    """Append a VBS_MEASUREMENT directive carrying the computed boot digest (signature left empty)."""
+    from igvm_builder.measure import measure_platform
+
+    digest = measure_platform(f, PlatformType.VSM_ISOLATION).digest or b""
+    hdr = H.VbsMeasurement(compatibility_mask=mask, boot_measurement_digest=digest.ljust(64, b"\0"))
+    return IgvmFile(revision=f.revision, architecture=f.architecture, platforms=f.platforms,
+                    initializations=f.initializations, directives=(*f.directives, hdr))
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def _key(h: H.Header) -> tuple[Any, ...]:
+    """Identity of a directive apart from its compatibility mask."""
+    if isinstance(h, H.PageData):
+        d = h.data
+        if isinstance(d, FileSlice):
+            dk: tuple[Any, ...] = ("s", id(d._buf.obj), d.start, d.length)  # noqa: SLF001
+        else:
+            dk = ("b", len(d), hash(bytes(d)))
+        return (H.PageData, h.gpa, h.flags, int(h.data_type), dk)
+    if isinstance(h, H.SnpVpContext):
+        return (H.SnpVpContext, h.gpa, h.vp_index, hashlib.sha256(as_view(h.vmsa)).digest())
+    if h.HAS_MASK:
+        return (type(h), h.pack_body(0), repr(h))
+    return (type(h), repr(h))
+
+
+def _with_mask(h: H.Header, mask: int) -> H.Header:
+    if not h.HAS_MASK:
+        return h
+    from dataclasses import replace
+
+    return replace(h, compatibility_mask=mask)
+
+
+def merge_directives(lists: Sequence[tuple[int, Sequence[H.Header]]]) -> list[H.Header]:
+    """Merge per-platform directive lists into one; equal headers share one multi-bit mask.
+
+    Guarantees: for every (mask, list) input, the headers whose mask contains ``mask`` are
+    exactly ``list``, in order.  Sharing is greedy: when two lists disagree, the header
+    that the other list does not need next is emitted alone.
+    """
+    merged: list[tuple[tuple[Any, ...], H.Header, int]] = []
+    for mask, items in lists:
+        merged = _merge_two(merged, [(_key(h), h, mask) for h in items])
+    out = []
+    for _key_, h, mask in merged:
+        out.append(_with_mask(h, mask))
+    return out
+
+
+def _merge_two(a: list[tuple[Any, H.Header, int]], b: list[tuple[Any, H.Header, int]]
+               ) -> list[tuple[Any, H.Header, int]]:
+    if not a:
+        return b
+    pos_b: dict[Any, list[int]] = {}
+    for j, (k, _, _) in enumerate(b):
+        pos_b.setdefault(k, []).append(j)
+    pos_a: dict[Any, list[int]] = {}
+    for i, (k, _, _) in enumerate(a):
+        pos_a.setdefault(k, []).append(i)
+
+    def next_at(positions: dict[Any, list[int]], key: Any, start: int) -> int | None:
+        lst = positions.get(key)
+        if not lst:
+            return None
+        while lst and lst[0] < start:
+            lst.pop(0)
+        return lst[0] if lst else None
+
+    out: list[tuple[Any, H.Header, int]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        ka, ha, ma = a[i]
+        kb, _hb, mb = b[j]
+        if ka == kb:
+            out.append((ka, ha, ma | mb))
+            i += 1
+            j += 1
+            continue
+        nb = next_at(pos_b, ka, j)
+        na = next_at(pos_a, kb, i)
+        if nb is None or (na is not None and na - i <= nb - j):
+            out.append(a[i])
+            i += 1
+        else:
+            out.append(b[j])
+            j += 1
+    out += a[i:]
+    out += b[j:]
+    return out
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def build_file(cfg: BuildConfig) -> tuple[IgvmFile, dict[str, str], list[str]]:
+    """Build the :class:`IgvmFile` for ``cfg``; also return input SHA-256s and notes."""
+    b = _Builder(cfg)
+    f = b.run().validate()
+    return f, b.inputs.sha256(), b.notes
+
+
+def build(cfg: BuildConfig, *, platforms: Sequence[str] | None = None, loader: str | None = None) -> BuildResult:
+    """Build, serialize and measure ``cfg`` (optionally overriding platforms/loader)."""
+    cfg = cfg.with_overrides(platforms=tuple(platforms) if platforms else None, loader=loader)
+    f, input_hashes, notes = build_file(cfg)
+    head, blobs = f._layout()  # noqa: SLF001 - one layout pass serves hashing and writing
+    chunks = (head, *(as_view(b) for b in blobs))
+    h = hashlib.sha256()
+    size = 0
+    for c in chunks:
+        h.update(c)
+        size += len(c)
+    refs = reference_values_for(cfg, f, h.hexdigest(), size, input_hashes, notes)
+    return BuildResult(file=f, reference_values=refs, _chunks=chunks, size=size, sha256=h.hexdigest())
+
+
+def reference_values_for(cfg: BuildConfig, f: IgvmFile, sha256: str, size: int, input_hashes: dict[str, str],
+                         notes: Iterable[str]) -> dict[str, Any]:
+    from igvm_builder.measure.report import reference_values
+
+    refs = reference_values(f, sha256, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass)
+    refs["file"] = {**refs.get("file", {}), "sha256": sha256, "size": size}
+    base = os.path.dirname(cfg.source)
+    with open(cfg.source, "rb") as fh:
+        config_sha = hashlib.sha256(fh.read()).hexdigest()
+    refs["inputs"] = {
+        "config": {"path": os.path.basename(cfg.source), "sha256": config_sha},
+        **{_rel(p, base): {"path": _rel(p, base), "sha256": d} for p, d in sorted(input_hashes.items())},
+    }
+    refs["build"] = {"platforms": list(cfg.platforms), "loader": cfg.loader, "notes": list(notes)}
+    return refs
+
+
+def _rel(path: str, base: str) -> str:
+    rel = os.path.relpath(path, base)
+    return rel.replace(os.sep, "/")

@@ -1,0 +1,49 @@
+"""``igvm-builder dump FILE [--platform P] [--json]``: show every header of an IGVM file.
+
+Text output is for people (``igvm_builder.format.dump.dump_text``); ``--json`` prints the
+documented, stable schema of ``docs/DUMP_SCHEMA.md`` (keys sorted).  The file is parsed and
+validated first, so an invalid file exits 1 with a one-line reason, like ``check``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import sys
+
+from igvm_builder.commands._common import add_platform_option, print_json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="IGVM file to dump")
+    add_platform_option(parser, "dump only the headers of this platform (reference filter semantics)")
+    parser.add_argument("--json", action="store_true", help="print the JSON schema of docs/DUMP_SCHEMA.md")
+
+
+def _map(path: str) -> bytes | mmap.mmap:
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+
+
+def run(args: argparse.Namespace) -> int:
+    from igvm_builder.format import IgvmFile
+    from igvm_builder.format.dump import dump_json, dump_text
+
+    buf = _map(args.file)
+    f = IgvmFile.from_bytes(buf, platform=args.platform, source=args.file)
+    if args.platform is not None and f.platform(args.platform) is None:
+        have = ", ".join(p.platform_type.name for p in f.platforms)
+        print(f"igvm-builder dump: error: {args.file}: no {args.platform.name} platform (it has: {have})",
+              file=sys.stderr)
+        return 1
+    try:
+        if args.json:
+            print_json(dump_json(f, source_bytes=buf, platform=args.platform))
+        else:
+            sys.stdout.write(dump_text(f, source_bytes=buf, platform=args.platform))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `igvm-builder dump x.igvm | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0

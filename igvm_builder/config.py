@@ -1,0 +1,432 @@
+"""The declarative build configuration: TOML -> validated, frozen :class:`BuildConfig`.
+
+Schema (every key optional unless noted; sizes are integers or strings such as ``"64M"``)::
+
+    include = ["common.toml"]          # merged first; this file's keys win
+
+    [image]
+    platforms = ["native", "snp", "tdx", "vbs", "sev", "sev-es"]   # required, any subset
+    loader = "qemu"                    # qemu | hyperv | cloud-hypervisor (target loader)
+    revision = 1                       # IGVM format version (1 or 2)
+
+    [firmware]                         # an OVMF image mapped to end at 4 GiB
+    path = "OVMF.fd"
+
+    [kernel]                           # a kernel booted directly (or hashed, with [firmware])
+    path = "vmlinuz"                   # required in this table
+    format = "auto"                    # auto | elf | bzimage | uki
+    cmdline = "console=ttyS0"
+    initrd = "initrd.img"
+
+    [[blob]]                           # raw bytes at a GPA
+    path = "data.bin"
+    gpa = 0x200000
+    measured = true
+
+    [memory]
+    size = "512M"                      # guest RAM described to the kernel (e820 / PVH memmap)
+
+    [snp]
+    policy = 0x30000
+    vcpus = 1
+    vcpu_type = "EPYC-v4"              # a name or a CPUID(1).EAX signature
+    guest_features = 0x1               # SEV_FEATURES of every VMSA
+    vmm_type = "qemu"                  # qemu | ec2 | gce (reset-state conventions)
+    cr0 = 0x10                         # VMSA CR0 of OVMF launches (MEASUREMENT.md §7.3)
+
+    [tdx]
+    policy = 0x0
+    two_pass = false                   # MRTD page order of the reference values
+
+    [vbs]
+    vtl = 0
+
+    [sign]                             # used by `igvm-builder sign` and the SCons IGVMSign builder
+    id_key = "keys/id.pem"             # a key source spec (file path, env:VAR, pkcs11:..., cmd:...)
+    author_key = "keys/author.pem"
+    family_id = "00112233445566778899aabbccddeeff"
+    image_id = "..."
+    guest_svn = 0
+
+Errors name the config file, the key and (where it can be found) the line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from igvm_builder.errors import ConfigError
+from igvm_builder.format.defs import PLATFORM_NAMES
+
+BUILD_LOADERS = ("qemu", "hyperv", "cloud-hypervisor")
+KERNEL_FORMATS = ("auto", "elf", "bzimage", "uki")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class BlobSpec:
+    path: str
+    gpa: int
+    measured: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class KernelSpec:
+    path: str
+    format: str = "auto"
+    cmdline: str = ""
+    initrd: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SnpSpec:
+    policy: int = 0x30000
+    vcpus: int = 1
+    vcpu_type: str | int = "EPYC-v4"
+    guest_features: int = 0x1
+    vmm_type: str = "qemu"
+    cr0: int = 0x10
+
+
+@dataclass(frozen=True, slots=True)
+class TdxSpec:
+    policy: int = 0
+    two_pass: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VbsSpec:
+    vtl: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SignSpec:
+    id_key: str | None = None
+    author_key: str | None = None
+    family_id: bytes = bytes(16)
+    image_id: bytes = bytes(16)
+    guest_svn: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BuildConfig:
+    """A validated configuration; paths are absolute (resolved against the config's directory)."""
+
+    source: str
+    platforms: tuple[str, ...]
+    loader: str = "qemu"
+    revision: int = 1
+    firmware: str | None = None
+    kernel: KernelSpec | None = None
+    blobs: tuple[BlobSpec, ...] = ()
+    memory_size: int = 512 << 20
+    snp: SnpSpec = field(default_factory=SnpSpec)
+    tdx: TdxSpec = field(default_factory=TdxSpec)
+    vbs: VbsSpec = field(default_factory=VbsSpec)
+    sign: SignSpec = field(default_factory=SignSpec)
+    includes: tuple[str, ...] = ()
+
+    @property
+    def input_files(self) -> tuple[str, ...]:
+        """Every file this config reads: firmware, kernel, initrd, blobs, included configs."""
+        files: list[str] = list(self.includes)
+        if self.firmware:
+            files.append(self.firmware)
+        if self.kernel:
+            files.append(self.kernel.path)
+            if self.kernel.initrd:
+                files.append(self.kernel.initrd)
+        files += [b.path for b in self.blobs]
+        return tuple(dict.fromkeys(files))
+
+    def with_overrides(self, *, platforms: tuple[str, ...] | None = None, loader: str | None = None) -> BuildConfig:
+        from dataclasses import replace
+
+        cfg = self
+        if platforms is not None:
+            cfg = replace(cfg, platforms=_check_platforms(list(platforms), cfg.source, None))
+        if loader is not None:
+            if loader not in BUILD_LOADERS:
+                raise ConfigError(f"unknown loader '{loader}' (choose from {', '.join(BUILD_LOADERS)})",
+                                  source=cfg.source, key="image.loader")
+            cfg = replace(cfg, loader=loader)
+        return cfg
+
+
+# --------------------------------------------------------------------------- value checkers
+
+
+class _Ctx:
+    def __init__(self, source: str, text: str, base_dir: str) -> None:
+        self.source = source
+        self.lines = text.splitlines()
+        self.base_dir = base_dir
+
+    def line_of(self, key: str) -> int | None:
+        """Best-effort line number of ``section.key`` (or ``[section]``)."""
+        parts = key.split(".")
+        section, leaf = (parts[0], parts[-1]) if len(parts) > 1 else (None, parts[0])
+        in_section = section is None
+        for no, line in enumerate(self.lines, 1):
+            s = line.strip()
+            if s.startswith("["):
+                name = s.strip("[]").strip()
+                in_section = section is None or name == section
+                if len(parts) == 1 and name == leaf:
+                    return no
+                continue
+            if in_section and re.match(rf"^{re.escape(leaf)}\s*=", s):
+                return no
+        return None
+
+    def err(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(msg, source=self.source, key=key, line=self.line_of(key))
+
+    def path(self, key: str, value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.err(key, f"expected a file path (string), got {type(value).__name__}")
+        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value)))
+
+    def int_(self, key: str, value: Any, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str):
+                try:
+                    value = int(value, 0)
+                except ValueError:
+                    raise self.err(key, f"expected an integer, got '{value}'") from None
+            else:
+                raise self.err(key, f"expected an integer, got {type(value).__name__}")
+        if not lo <= value <= hi:
+            raise self.err(key, f"value {value:#x} is out of range ({lo:#x}..{hi:#x})")
+        return value
+
+    def size(self, key: str, value: Any) -> int:
+        if isinstance(value, str):
+            m = _SIZE_RE.match(value)
+            if not m:
+                raise self.err(key, f"'{value}' is not a size (e.g. 512M, 2G, 0x100000)")
+            value = int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+        return self.int_(key, value, 1)
+
+    def bool_(self, key: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.err(key, f"expected true or false, got {value!r}")
+        return value
+
+    def str_(self, key: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise self.err(key, f"expected a string, got {type(value).__name__}")
+        return value
+
+    def choice(self, key: str, value: Any, choices: tuple[str, ...]) -> str:
+        v = self.str_(key, value)
+        if v not in choices:
+            raise self.err(key, f"'{v}' is not one of {', '.join(choices)}")
+        return v
+
+    def hex16(self, key: str, value: Any) -> bytes:
+        v = self.str_(key, value).replace("-", "")
+        try:
+            b = bytes.fromhex(v)
+        except ValueError:
+            raise self.err(key, "expected 32 hexadecimal digits (16 bytes)") from None
+        if len(b) != 16:
+            raise self.err(key, f"expected 16 bytes, got {len(b)}")
+        return b
+
+
+def _check_platforms(value: Any, source: str, ctx: _Ctx | None) -> tuple[str, ...]:
+    def err(msg: str) -> ConfigError:
+        if ctx:
+            return ctx.err("image.platforms", msg)
+        return ConfigError(msg, source=source, key="image.platforms")
+
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise err("expected a non-empty list of platform names")
+    out = []
+    for v in value:
+        name = v.lower()
+        if name not in PLATFORM_NAMES or name == "cca":
+            raise err(f"unknown platform '{v}' (choose from native, snp, tdx, vbs, sev, sev-es)")
+        if name in out:
+            raise err(f"platform '{v}' listed twice")
+        out.append(name)
+    order = ["native", "snp", "tdx", "vbs", "sev", "sev-es"]
+    return tuple(sorted(out, key=order.index))
+
+
+_Schema = Mapping[str, Callable[[_Ctx, str, Any], Any]]
+
+_SECTIONS: dict[str, _Schema] = {
+    "image": {
+        "platforms": lambda c, k, v: _check_platforms(v, c.source, c),
+        "loader": lambda c, k, v: c.choice(k, v, BUILD_LOADERS),
+        "revision": lambda c, k, v: c.int_(k, v, 1, 2),
+    },
+    "firmware": {"path": lambda c, k, v: c.path(k, v)},
+    "kernel": {
+        "path": lambda c, k, v: c.path(k, v),
+        "format": lambda c, k, v: c.choice(k, v, KERNEL_FORMATS),
+        "cmdline": lambda c, k, v: c.str_(k, v),
+        "initrd": lambda c, k, v: c.path(k, v),
+    },
+    "memory": {"size": lambda c, k, v: c.size(k, v)},
+    "snp": {
+        "policy": lambda c, k, v: c.int_(k, v),
+        "vcpus": lambda c, k, v: c.int_(k, v, 1, 512),
+        "vcpu_type": lambda c, k, v: v if isinstance(v, int) and not isinstance(v, bool) else c.str_(k, v),
+        "guest_features": lambda c, k, v: c.int_(k, v),
+        "vmm_type": lambda c, k, v: c.choice(k, v, ("qemu", "ec2", "gce")),
+        "cr0": lambda c, k, v: c.int_(k, v),
+    },
+    "tdx": {"policy": lambda c, k, v: c.int_(k, v), "two_pass": lambda c, k, v: c.bool_(k, v)},
+    "vbs": {"vtl": lambda c, k, v: c.int_(k, v, 0, 2)},
+    "sign": {
+        "id_key": lambda c, k, v: c.str_(k, v),
+        "author_key": lambda c, k, v: c.str_(k, v),
+        "family_id": lambda c, k, v: c.hex16(k, v),
+        "image_id": lambda c, k, v: c.hex16(k, v),
+        "guest_svn": lambda c, k, v: c.int_(k, v, 0, 0xFFFFFFFF),
+    },
+}
+_BLOB_KEYS: _Schema = {
+    "path": lambda c, k, v: c.path(k, v),
+    "gpa": lambda c, k, v: c.int_(k, v),
+    "measured": lambda c, k, v: c.bool_(k, v),
+}
+_TOP_KEYS = ("include", "blob", *_SECTIONS)
+
+
+def _unknown(ctx: _Ctx, key: str, known: tuple[str, ...] | list[str], what: str) -> ConfigError:
+    leaf = key.split(".")[-1]
+    close = difflib.get_close_matches(leaf, list(known), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(known)})"
+    return ctx.err(key, f"unknown {what}{hint}")
+
+
+def _load_toml(path: str) -> tuple[str, dict[str, Any]]:
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror}", source=path) from None
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"line (\d+)", str(exc))
+        raise ConfigError(f"invalid TOML: {exc}", source=path, line=int(m.group(1)) if m else None) from None
+    return text, data
+
+
+def load_config(path: str | os.PathLike[str]) -> BuildConfig:
+    """Read, merge (``include``) and validate the config at ``path``."""
+    source = os.path.abspath(os.fspath(path))
+    text, data = _load_toml(source)
+    return parse_config(data, source=source, text=text)
+
+
+def parse_config(data: Mapping[str, Any], *, source: str, text: str = "", base_dir: str | None = None) -> BuildConfig:
+    """Validate an already-decoded TOML document (``source`` names it in errors)."""
+    ctx = _Ctx(source, text, base_dir or os.path.dirname(os.path.abspath(source)))
+    values, blobs, includes = _collect(data, ctx, (source,))
+    if "image.platforms" not in values:
+        raise ctx.err("image.platforms", "missing required key 'image.platforms' (e.g. platforms = [\"snp\"])")
+    if "firmware.path" not in values and "kernel.path" not in values and not blobs:
+        raise ctx.err("image", "nothing to boot: give a [firmware], a [kernel] or [[blob]] tables")
+    kernel = None
+    if "kernel.path" in values:
+        kernel = KernelSpec(path=values["kernel.path"], format=values.get("kernel.format", "auto"),
+                            cmdline=values.get("kernel.cmdline", ""), initrd=values.get("kernel.initrd"))
+    elif any(k.startswith("kernel.") for k in values):
+        raise ctx.err("kernel.path", "the [kernel] table needs a 'path'")
+    sub = _sub(values)
+    return BuildConfig(
+        source=source,
+        platforms=values["image.platforms"],
+        loader=values.get("image.loader", "qemu"),
+        revision=values.get("image.revision", 1),
+        firmware=values.get("firmware.path"),
+        kernel=kernel,
+        blobs=tuple(blobs),
+        memory_size=values.get("memory.size", 512 << 20),
+        snp=SnpSpec(**sub("snp")),
+        tdx=TdxSpec(**sub("tdx")),
+        vbs=VbsSpec(**sub("vbs")),
+        sign=SignSpec(**sub("sign")),
+        includes=tuple(dict.fromkeys(includes)),
+    )
+
+
+def _collect(data: Mapping[str, Any], ctx: _Ctx, stack: tuple[str, ...]
+             ) -> tuple[dict[str, Any], list[BlobSpec], list[str]]:
+    """Validated dotted-key values, blobs and included files of one document (includes first)."""
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise _unknown(ctx, key, _TOP_KEYS, "top-level key or table")
+    values: dict[str, Any] = {}
+    includes: list[str] = []
+    blobs: list[BlobSpec] = []
+    inc = data.get("include", [])
+    if isinstance(inc, str):
+        inc = [inc]
+    if not isinstance(inc, list):
+        raise ctx.err("include", "expected a list of config paths")
+    for i, item in enumerate(inc):
+        p = ctx.path("include", item)
+        if p in stack:
+            raise ctx.err("include", "include cycle: " + " -> ".join((*stack, p)))
+        text, sub_data = _load_toml(p)
+        sub_values, sub_blobs, sub_includes = _collect(sub_data, _Ctx(p, text, os.path.dirname(p)), (*stack, p))
+        values.update(sub_values)
+        blobs += sub_blobs
+        includes += [*sub_includes, p]
+        del i
+
+    for section, schema in _SECTIONS.items():
+        table = data.get(section)
+        if table is None:
+            continue
+        if not isinstance(table, dict):
+            raise ctx.err(section, f"'{section}' must be a table ([{section}])")
+        for key, value in table.items():
+            full = f"{section}.{key}"
+            check = schema.get(key)
+            if check is None:
+                raise _unknown(ctx, full, list(schema), f"key '{full}'")
+            values[full] = check(ctx, full, value)
+
+    if "blob" in data:
+        items = data["blob"]
+        if not isinstance(items, list):
+            raise ctx.err("blob", "use [[blob]] tables (an array of tables)")
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise ctx.err("blob", "each [[blob]] must be a table")
+            spec: dict[str, Any] = {}
+            for key, value in item.items():
+                check = _BLOB_KEYS.get(key)
+                if check is None:
+                    raise _unknown(ctx, f"blob.{key}", list(_BLOB_KEYS), f"key 'blob[{i}].{key}'")
+                spec[key] = check(ctx, f"blob.{key}", value)
+            for req in ("path", "gpa"):
+                if req not in spec:
+                    raise ctx.err("blob", f"[[blob]] number {i + 1} needs '{req}'")
+            if spec["gpa"] % 0x1000:
+                raise ctx.err("blob.gpa", f"blob GPA {spec['gpa']:#x} is not 4 KiB aligned")
+            blobs.append(BlobSpec(**spec))
+    return values, blobs, includes
+
+
+def _sub(values: Mapping[str, Any]) -> Callable[[str], dict[str, Any]]:
+    def pick(section: str) -> dict[str, Any]:
+        prefix = section + "."
+        return {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)}
+
+    return pick

@@ -1,0 +1,1 @@
+"""Per-platform initial CPU state and boot structures (x86 page tables, GDT, trampolines)."""
