@@ -392,14 +392,13 @@ class _Builder:
         high = max(seg.end for seg in elf.segments)
         initrd_gpa = self._place_initrd(len(initrd), -(-high // PAGE) * PAGE, 1 << 32) if initrd is not None else 0
         info = self._pvh_start_info(cmd, initrd_gpa, len(initrd) if initrd is not None else 0)
+        pages = _elf_pages(elf)
         for p, plan in self.plans.items():
             self._common_low(plan, cmd)
-            for seg in elf.segments:
-                plan.claim(seg.gpa & ~0xFFF, -(-(seg.end - (seg.gpa & ~0xFFF)) // PAGE) * PAGE,
-                           f"{name} segment {seg.index}")
-                head = seg.gpa & 0xFFF
-                data = memoryview(bytes(head) + bytes(seg.data)) if head else seg.data
-                plan.pages_from(seg.gpa - head, data, seg.mem_size + head)
+            for start, end in _page_runs(pages):
+                plan.claim(start, end - start, f"{name} (PT_LOAD segments)")
+            for gpa, data in pages:
+                plan.page(gpa, data)
             if initrd is not None:
                 plan.claim(initrd_gpa, -(-len(initrd) // PAGE) * PAGE, f"initrd {initrd_name}")
                 plan.pages_from(initrd_gpa, initrd)
@@ -496,6 +495,39 @@ class _Builder:
                 plan.policy = self.cfg.snp.policy
             elif plan.ptype == PlatformType.TDX:
                 plan.policy = self.cfg.tdx.policy
+
+
+def _elf_pages(elf: Any) -> list[tuple[int, bytes | FileSlice]]:
+    """Page contents of an ELF's PT_LOAD segments (pages shared by two segments are composed)."""
+    covers: dict[int, list[Any]] = {}
+    for seg in elf.segments:
+        for page in range(seg.gpa & ~0xFFF, seg.end, PAGE):
+            covers.setdefault(page, []).append(seg)
+    out: list[tuple[int, bytes | FileSlice]] = []
+    for page in sorted(covers):
+        segs = covers[page]
+        seg = segs[0]
+        off = page - seg.gpa
+        if len(segs) == 1 and off >= 0 and off + PAGE <= len(seg.data):
+            out.append((page, FileSlice(seg.data, off, PAGE)))
+            continue
+        buf = bytearray(PAGE)
+        for seg in segs:
+            lo, hi = max(page, seg.gpa), min(page + PAGE, seg.gpa + len(seg.data))
+            if hi > lo:
+                buf[lo - page : hi - page] = seg.data[lo - seg.gpa : hi - seg.gpa]
+        out.append((page, bytes(buf)))
+    return out
+
+
+def _page_runs(pages: list[tuple[int, Any]]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for gpa, _ in pages:
+        if runs and runs[-1][1] == gpa:
+            runs[-1] = (runs[-1][0], gpa + PAGE)
+        else:
+            runs.append((gpa, gpa + PAGE))
+    return runs
 
 
 def _state_dict(state: CpuState) -> dict[str, Any]:

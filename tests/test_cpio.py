@@ -62,9 +62,10 @@ def test_single_file_matches_the_format_byte_for_byte():
     data = write_newc([CpioEntry(name=b"a", kind=EntryKind.FILE, data=b"hi\n")])
     header = (b"070701" + b"00000001" + b"000081A4" + b"00000000" * 2 + b"00000001" + b"00000000"
               + b"00000003" + b"00000000" * 4 + b"00000002" + b"00000000")
-    assert data.startswith(header + b"a\0" + b"\0\0" + b"hi\n\0")
+    # 110-byte header + "a\0" is 4-aligned: no name padding; 3 data bytes + 1 padding byte
+    assert data.startswith(header + b"a\0" + b"hi\n\0")
     trailer = b"070701" + b"00000000" * 4 + b"00000001" + b"00000000" * 6 + b"0000000B" + b"00000000"
-    rest = data[len(header) + 4 + 4:]
+    rest = data[len(header) + 2 + 4:]
     assert rest.startswith(trailer + b"TRAILER!!!\0" + b"\0\0\0")
     assert len(data) == 512 and not rest[len(trailer) + 14:].strip(b"\0")
 

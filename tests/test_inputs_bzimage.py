@@ -256,7 +256,7 @@ def test_boot_params_old_protocol_keeps_image_bytes() -> None:
                            e820=E820[:1])
     assert zp[0x1F1:0x210] == data[0x1F1:0x210]
     assert zp[0x250:0x267] == data[0x250:0x267]  # protocol 2.07: no setup_data field to write
-    with pytest.raises(LayoutError, match="2.09"):
+    with pytest.raises(LayoutError, match=r"2\.09"):
         build_boot_params(bz, cmdline_ptr=0, cmdline_size=0, initrd_addr=0, initrd_size=0, e820=(),
                           setup_data=0x1000)
 

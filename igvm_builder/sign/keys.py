@@ -647,11 +647,13 @@ class Pkcs11Key(KeySource):
                 text = f"cannot load PKCS#11 module {self.module()}"
             raise SigningError(f"PKCS#11 error ({text})", source=self.description) from exc
 
-    def _find_token(self, lib: Any) -> Any | None:
+    def _find_token(self, pkcs11: Any, lib: Any) -> Any | None:
         uri = self.uri
         matches = []
         for slot in lib.get_slots(token_present=True):
             token = slot.get_token()
+            if not token.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED:
+                continue  # e.g. SoftHSM's spare uninitialized slot
             serial = (
                 token.serial.decode("ascii", "replace") if isinstance(token.serial, bytes) else token.serial
             )
@@ -675,11 +677,11 @@ class Pkcs11Key(KeySource):
     def _session(self, fn: Callable[[Any, Any], _T]) -> _T:
         with self._errors() as pkcs11:
             lib = pkcs11.lib(self.module())
-            token = self._find_token(lib)
+            token = self._find_token(pkcs11, lib)
             if token is None:
                 # Many modules snapshot their slot list at C_Initialize; look again once.
                 lib.reinitialize()
-                token = self._find_token(lib)
+                token = self._find_token(pkcs11, lib)
             if token is None:
                 raise SigningError("no token matches the URI", source=self.description)
             pin = self._pin()

@@ -1,0 +1,40 @@
+"""``igvm-builder build CONFIG -o OUT.igvm [--reference-values OUT.json]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="TOML build configuration (schema: docs/CONFIG.md)")
+    parser.add_argument("-o", "--output", required=True, help="IGVM file to write (atomically)")
+    parser.add_argument("--reference-values", metavar="OUT.json",
+                        help="also write the reference values a verifier needs (docs/MEASUREMENT.md)")
+    parser.add_argument("--platforms", help="override image.platforms, comma separated (e.g. snp,tdx)")
+    parser.add_argument("--loader", choices=("qemu", "hyperv", "cloud-hypervisor"), help="override image.loader")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+
+def run(args: argparse.Namespace) -> int:
+    from igvm_builder.build import build
+    from igvm_builder.config import load_config
+    from igvm_builder.io import atomic_write
+
+    cfg = load_config(args.config)
+    platforms = tuple(p.strip() for p in args.platforms.split(",")) if args.platforms else None
+    result = build(cfg, platforms=platforms, loader=args.loader)
+    refs_text = json.dumps(result.reference_values, indent=2, sort_keys=True) + "\n"
+    atomic_write(args.output, result.chunks())
+    if args.reference_values:
+        atomic_write(args.reference_values, refs_text.encode())
+    if not args.quiet:
+        print(f"{args.output}: {result.size} bytes, sha256 {result.sha256}")
+        for name, entry in sorted(result.reference_values.get("platforms", {}).items()):
+            digest = entry.get("digest") if isinstance(entry, dict) else None
+            if digest:
+                print(f"  {name}: {digest}")
+        for w in result.file.warnings:
+            print(f"igvm-builder build: warning: {w}", file=sys.stderr)
+    return 0

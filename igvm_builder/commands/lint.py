@@ -1,0 +1,32 @@
+"""``igvm-builder lint FILE --loader L``: what a loader will reject or ignore in a file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from igvm_builder.measure.profiles import PROFILES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="IGVM file")
+    parser.add_argument("--loader", choices=sorted(PROFILES), default="qemu", help="target loader (default qemu)")
+    parser.add_argument("--json", action="store_true", help="machine-readable findings")
+
+
+def run(args: argparse.Namespace) -> int:
+    from igvm_builder.format import IgvmFile
+    from igvm_builder.lint import lint
+
+    f = IgvmFile.load(args.file)
+    findings = lint(f, args.loader)
+    if args.json:
+        json.dump([fd.as_dict() for fd in findings], sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        for fd in findings:
+            print(f"{args.file}: {fd.severity}: {fd.message}")
+        if not findings:
+            print(f"{args.file}: no findings for loader {args.loader}")
+    return 1 if any(fd.severity == "error" for fd in findings) else 0

@@ -1,0 +1,83 @@
+"""Loader-specific checks: what each IGVM loader rejects or silently ignores.
+
+Facts from ``shared/spec/MEASUREMENT.md`` §3 and §7.3-7.4 (QEMU 10.2.2, Cloud Hypervisor,
+microsoft/igvm, COCONUT igvmmeasure) and ``IGVM_FORMAT.md`` §16 (0.4.0 compatibility).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from igvm_builder.format import headers as H
+from igvm_builder.format.defs import IGVM_VHT_OPTIONAL_BIT, PlatformType
+from igvm_builder.format.file import IgvmFile
+from igvm_builder.measure.profiles import KVM_VMSA_GPA, get_profile
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    severity: str  # "error" (the loader rejects the file) or "warning" (ignored / measured differently)
+    message: str
+    header_index: int | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"severity": self.severity, "message": self.message, "header_index": self.header_index}
+
+
+def lint(f: IgvmFile, loader: str) -> list[Finding]:
+    profile = get_profile(loader)
+    out: list[Finding] = [Finding("warning", w) for w in f.warnings]
+    base = len(f.platforms) + len(f.initializations)
+    kvm = profile.vmsa_last_at_kvm_gpa
+    supported = {PlatformType.NATIVE, PlatformType.SEV_SNP, PlatformType.SEV, PlatformType.SEV_ES}
+    if loader.startswith("cloud-hypervisor"):
+        supported = {PlatformType.NATIVE, PlatformType.SEV_SNP}
+    if loader == "hyperv":
+        supported = {PlatformType.NATIVE, PlatformType.SEV_SNP, PlatformType.TDX, PlatformType.VSM_ISOLATION}
+    for p in f.platforms:
+        if p.platform_type not in supported and not loader.startswith("igvmmeasure"):
+            out.append(Finding("warning", f"{loader} does not load the {p.platform_type.name} platform; it is "
+                                          "ignored there"))
+    last_page = -1
+    first_vmsa = None
+    vmsas: list[H.SnpVpContext] = []
+    features = set()
+    for i, h in enumerate(f.directives):
+        idx = base + i
+        if int(h.TYPE) & IGVM_VHT_OPTIONAL_BIT:
+            out.append(Finding("error", "optional-bit header types are not understood by crate-based loaders", idx))
+        if isinstance(h, H.PageData):
+            last_page = i
+            if h.shared and not profile.skip_shared:
+                out.append(Finding("warning", f"page at GPA {h.gpa:#x} is 'shared': {loader} ignores the flag and "
+                                              "measures it like any page", idx))
+            if h.is_2mb_page:
+                out.append(Finding("error" if loader == "hyperv" else "warning",
+                                   f"is_2mb_page at GPA {h.gpa:#x}: not supported by {loader}", idx))
+        elif isinstance(h, H.SnpVpContext):
+            vmsas.append(h)
+            first_vmsa = i if first_vmsa is None else first_vmsa
+            if kvm and h.gpa != KVM_VMSA_GPA:
+                out.append(Finding("error", f"VMSA of vp {h.vp_index} at GPA {h.gpa:#x}: {loader} (KVM) accepts only "
+                                            f"{KVM_VMSA_GPA:#x}", idx))
+            from igvm_builder.sev_vmsa import QEMU_IGVM_VMSA_FIELDS, parse_vmsa
+
+            regs = parse_vmsa(bytes(h.blob()), nonzero_only=True)
+            features.add(regs.get("sev_features", 0))
+            if loader == "qemu":
+                bad = sorted(k for k in regs if k not in QEMU_IGVM_VMSA_FIELDS)
+                if bad:
+                    out.append(Finding("error", f"VMSA of vp {h.vp_index} sets fields QEMU rejects: {', '.join(bad)}",
+                                       idx))
+            if any(bytes(h.blob())[1648:]):
+                out.append(Finding("warning", "VMSA bytes beyond 1648 are non-zero: the 0.4.0 igvm crate rejects "
+                                              "the file", idx))
+        elif isinstance(h, H.ParameterInsert) and not profile.insert_all_pages:
+            out.append(Finding("warning", f"{loader} measures one page per PARAMETER_INSERT, other loaders the "
+                                          "whole area", idx))
+    if kvm and first_vmsa is not None and first_vmsa < last_page:
+        out.append(Finding("warning", f"{loader} (KVM) measures VMSAs after every page, but the file has pages after "
+                                      "a VP context: digests differ from the reference model", base + first_vmsa))
+    if len(features) > 1:
+        out.append(Finding("warning", "VMSAs carry different sev_features; QEMU passes only the BSP's to KVM"))
+    return out
