@@ -439,10 +439,10 @@ class _Builder:
         from igvm_builder.inputs.bzimage import E820Entry, build_boot_params, parse_bzimage
 
         bz = parse_bzimage(view, name)
-        load = bz.pref_address if bz.pref_address else 0x100000
+        load = bz.default_load_address
         if load % PAGE:
             raise InputError(f"bzImage preferred load address {load:#x} is not page aligned", source=name)
-        reserve = max(bz.init_size, len(bz.kernel))
+        reserve = bz.memory_footprint
         kernel_end = -(-(load + reserve) // PAGE) * PAGE
         if kernel_end > self.cfg.memory_size:
             raise LayoutError(f"kernel needs memory up to {kernel_end:#x} but memory.size is "
@@ -463,11 +463,10 @@ class _Builder:
             if initrd is not None:
                 plan.claim(initrd_gpa, -(-len(initrd) // PAGE) * PAGE, f"initrd {initrd_name}")
                 plan.pages_from(initrd_gpa, initrd)
-            if p == PlatformType.TDX:
-                state = CpuState.protected32(rip=load, gdt=GDT_GPA, rsi=BOOT_INFO_GPA)  # 32-bit entry
+            if p == PlatformType.TDX or not bz.supports_64bit_entry:
+                # 32-bit boot protocol entry (TDX starts in 32-bit mode; old kernels have no 64-bit entry)
+                state = CpuState.protected32(rip=load, gdt=GDT_GPA, rsi=BOOT_INFO_GPA)
             else:
-                if not bz.supports_64bit_entry:
-                    raise InputError("bzImage has no 64-bit entry point (XLF_KERNEL_64 not set)", source=name)
                 state = self._long_mode(plan, load + 0x200, BOOT_INFO_GPA)
             self._start(p, plan, state)
 

@@ -174,7 +174,10 @@ def test_key_digests_and_sev_public_keys() -> None:
     sev = bytes.fromhex(KEYS["id_key_sev_pubkey_hex"])
     assert len(sev) == 0x404
     assert key_digest(SnpPublicKey.unpack(sev)) == hashlib.sha384(sev).digest()
-    assert {bytes.fromhex(KEYS["id_key_digest"]), bytes.fromhex(KEYS["author_key_digest"])} == TEST_ONLY_KEY_DIGESTS
+    assert {
+        bytes.fromhex(KEYS["id_key_digest"]),
+        bytes.fromhex(KEYS["author_key_digest"]),
+    } == TEST_ONLY_KEY_DIGESTS
 
 
 def test_igvm_public_key_has_reserved_word_after_curve() -> None:

@@ -58,7 +58,9 @@ def _id_private() -> ec.EllipticCurvePrivateKey:
 
 def _write_der(tmp_path: Path, fmt: serialization.PrivateFormat, name: str) -> Path:
     path = tmp_path / name
-    path.write_bytes(_id_private().private_bytes(serialization.Encoding.DER, fmt, serialization.NoEncryption()))
+    path.write_bytes(
+        _id_private().private_bytes(serialization.Encoding.DER, fmt, serialization.NoEncryption())
+    )
     return path
 
 
@@ -179,12 +181,16 @@ def _other_keys() -> dict[str, object]:
 
 
 @pytest.mark.parametrize("fmt", ["pkcs8", "sec1"])
-def test_wrong_curve_or_key_type_is_rejected(tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_curve_or_key_type_is_rejected(
+    tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name, key in _other_keys().items():
         if fmt == "sec1" and not isinstance(key, ec.EllipticCurvePrivateKey):
             continue  # SEC1 ("EC PRIVATE KEY") exists for EC keys only
         private_format = (
-            serialization.PrivateFormat.TraditionalOpenSSL if fmt == "sec1" else serialization.PrivateFormat.PKCS8
+            serialization.PrivateFormat.TraditionalOpenSSL
+            if fmt == "sec1"
+            else serialization.PrivateFormat.PKCS8
         )
         pem = key.private_bytes(  # type: ignore[attr-defined]
             serialization.Encoding.PEM, private_format, serialization.NoEncryption()
@@ -284,7 +290,9 @@ def test_command_key_matches_pem_file_key(signer: Path, fmt: str) -> None:
 def test_command_key_in_sign_id_block_is_byte_identical(signer: Path, tmp_path: Path) -> None:
     pub = tmp_path / "id.pub.pem"
     pub.write_bytes(_public_pem(_id_private().public_key()))
-    id_key = CommandKey([sys.executable, str(signer), str(ID_PEM), "der-b64"], public_key=pub, deterministic=True)
+    id_key = CommandKey(
+        [sys.executable, str(signer), str(ID_PEM), "der-b64"], public_key=pub, deterministic=True
+    )
     author = CommandKey([sys.executable, str(signer), str(AUTHOR_PEM), "raw-hex"])
     signed = _sign_vec1(id_key, author)
     assert signed.id_auth.hex() == VEC1["id_auth_hex"]
@@ -316,7 +324,9 @@ def test_command_key_failures(signer: Path, tmp_path: Path) -> None:
     with pytest.raises(SigningError, match="not found"):
         CommandKey([str(tmp_path / "no-such-signer")], public_key=pub).sign(ID_BLOCK0)
     with pytest.raises(SigningError, match="did not finish"):
-        CommandKey([sys.executable, "-c", "import time; time.sleep(30)"], public_key=pub, timeout=0.5).sign(b"x")
+        CommandKey([sys.executable, "-c", "import time; time.sleep(30)"], public_key=pub, timeout=0.5).sign(
+            b"x"
+        )
     with pytest.raises(SigningError, match="printed no public key"):
         CommandKey([sys.executable, "-c", "pass"]).public_key()
     with pytest.raises(SigningError, match="non-empty sequence"):
@@ -354,7 +364,9 @@ def test_parse_pkcs11_uri() -> None:
     assert uri.token == "My Token" and uri.object == "snp-id" and uri.id == b"\x01\xab"
     assert uri.serial == "1234" and uri.type == "private"
     assert uri.pin_source == "file:/run/pin" and uri.module_path == "/usr/lib/softhsm/libsofthsm2.so"
-    assert uri.redacted().startswith("pkcs11:token=My%20Token;serial=1234;object=snp-id;id=%01%AB;type=private?")
+    assert uri.redacted().startswith(
+        "pkcs11:token=My%20Token;serial=1234;object=snp-id;id=%01%AB;type=private?"
+    )
     for bad, message in [
         ("pkcs11:token=a;slot-id=3", "unsupported PKCS#11 URI path attribute 'slot-id'"),
         ("pkcs11:token=a;pin-value=1", "belongs in the query part"),
@@ -440,7 +452,9 @@ def test_two_step_flow_reproduces_the_vector() -> None:
     signed = import_signature(
         document,
         id_block_signature=utils.encode_dss_signature(*id_rs),
-        id_key_signature=base64.b64encode(author_rs[0].to_bytes(48, "big") + author_rs[1].to_bytes(48, "big")),
+        id_key_signature=base64.b64encode(
+            author_rs[0].to_bytes(48, "big") + author_rs[1].to_bytes(48, "big")
+        ),
         deterministic=True,
     )
     assert signed == _sign_vec1(id_key, author_key)
@@ -505,7 +519,9 @@ def _secrets(pem_path: Path, password: str | None = None) -> list[str]:
     key = serialization.load_pem_private_key(pem_path.read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     d = key.private_numbers().private_value
-    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    der = key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     body = [ln for ln in pem_path.read_text().splitlines() if ln and not ln.startswith("-----")]
     out = [*body, f"{d:096x}", f"{d:096X}", d.to_bytes(48, "little").hex(), str(d), der.hex()]
     out += [ln[i : i + 24] for ln in body for i in range(0, len(ln) - 23, 24)]  # fragments of the body
@@ -577,3 +593,34 @@ def test_no_secret_material_in_reprs_or_errors(
         for text in (str(err), repr(err), err.message, str(err.source), *map(str, err.args)):
             _assert_clean(text, secrets)
     assert os.environ["IGVM_TEST_SECRET_KEY"]  # (the environment itself is the caller's business)
+
+
+# ------------------------------------------------------------------------------------------------
+# RFC 6979 is required: no silent fallback to random nonces
+
+
+def test_missing_deterministic_ecdsa_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    from igvm_builder.sign import _ecdsa
+
+    class NoRfc6979Key:
+        """Stands in for a key whose OpenSSL build lacks deterministic ECDSA."""
+
+        def sign(self, data: bytes, algorithm: object) -> bytes:
+            raise UnsupportedAlgorithm("deterministic ECDSA not supported")
+
+    with pytest.raises(SigningError, match="refusing to fall back to random nonces"):
+        _ecdsa.sign_deterministic(NoRfc6979Key(), b"m", source="test")  # type: ignore[arg-type]
+
+    real_ecdsa = ec.ECDSA
+
+    def old_cryptography_ecdsa(algorithm: object, **kwargs: object) -> ec.ECDSA:
+        if kwargs:
+            raise TypeError("ECDSA() got an unexpected keyword argument 'deterministic_signing'")
+        return real_ecdsa(algorithm)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_ecdsa.ec, "ECDSA", old_cryptography_ecdsa)
+    with pytest.raises(SigningError, match="no deterministic ECDSA") as info:
+        PemFileKey(ID_PEM).sign(ID_BLOCK0)
+    assert info.value.source == f"file:{ID_PEM}"

@@ -24,13 +24,13 @@ from igvm_builder.sign import (
     IdAuthInfo,
     PemFileKey,
     Pkcs11Key,
+    _ecdsa,
     key_digest,
     key_source_from_spec,
     sign_id_block,
     verify_id_block,
     verify_igvm_id_block_body,
 )
-from igvm_builder.sign import _ecdsa
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 VECTORS = json.loads((SHARED / "vectors" / "measure" / "idblock.json").read_text())
@@ -120,7 +120,10 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
         (p256, "wrong-curve", "03", TOKEN),
         (ID_PKCS8, "snp-id", "01", NOPUB_TOKEN),
     ):
-        _run([util, "--import", str(path), "--token", token, "--label", label, "--id", key_id, "--pin", PIN], env)
+        _run(
+            [util, "--import", str(path), "--token", token, "--label", label, "--id", key_id, "--pin", PIN],
+            env,
+        )
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SOFTHSM2_CONF", str(conf))
@@ -182,7 +185,9 @@ def test_sign_id_block_with_token_keys(softhsm: SoftHsm, monkeypatch: pytest.Mon
     assert not signed.deterministic
     assert signed.id_block.hex() == VEC1["id_block_hex"]
     assert signed.id_key_digest.hex() == KEYS["id_key_digest"]
-    assert signed.author_key_digest is not None and signed.author_key_digest.hex() == KEYS["author_key_digest"]
+    assert (
+        signed.author_key_digest is not None and signed.author_key_digest.hex() == KEYS["author_key_digest"]
+    )
     expected = {
         "expected_id_key_digest": bytes.fromhex(KEYS["id_key_digest"]),
         "expected_author_key_digest": bytes.fromhex(KEYS["author_key_digest"]),

@@ -99,14 +99,14 @@ def describe_key(key: object) -> str:
     return type(key).__name__
 
 
-def require_p384_private(key: object, source: str) -> ec.EllipticCurvePrivateKey:
+def require_p384_private(key: object, source: str | None) -> ec.EllipticCurvePrivateKey:
     """Return ``key`` if it is an EC P-384 private key, else raise SigningError naming ``source``."""
     if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP384R1):
         return key
     raise SigningError(f"key is {describe_key(key)}; {_REQUIREMENT}", source=source)
 
 
-def require_p384_public(key: object, source: str) -> ec.EllipticCurvePublicKey:
+def require_p384_public(key: object, source: str | None) -> ec.EllipticCurvePublicKey:
     """Return ``key`` if it is an EC P-384 public key, else raise SigningError naming ``source``."""
     if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP384R1):
         return key

@@ -258,7 +258,7 @@ class SnpPublicKey:
     @classmethod
     def from_public_key(cls, public_key: _ecdsa.PublicKey, *, source: str | None = None) -> SnpPublicKey:
         """From a ``cryptography`` EC P-384 public key (SigningError for any other key)."""
-        key = _ecdsa.require_p384_public(public_key, source or "public key")
+        key = _ecdsa.require_p384_public(public_key, source)
         x, y = _ecdsa.public_key_xy(key)
         return cls(CURVE_P384, _le72(x, "QX"), _le72(y, "QY"))
 

@@ -1,0 +1,268 @@
+"""End to end: real ``scons`` runs on copies of the samples (issue #6 acceptance).
+
+Each test works in a temporary checkout: SConstruct, site_scons/, samples/ and
+igvm_builder/ copied from this repository, beside a ``shared`` link to the real
+../shared (the layout of a CI checkout).  One clean ``scons igvm`` build is
+shared (module fixture); tests that edit files work on copies of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+KEYS = SHARED / "keys"
+
+IMAGES = ("build/hello.igvm", "build/ovmf.igvm", "build/linux.igvm")
+SIDECARS = tuple(i + ".ref.json" for i in IMAGES)
+INTERMEDIATES = (
+    "samples/hello/build/entry.o",
+    "samples/hello/build/hello.o",
+    "samples/hello/build/hello.elf",
+    "samples/linux/build/vmlinuz",
+    "samples/linux/build/initrd.cpio",
+)
+OUTPUTS = IMAGES + SIDECARS + INTERMEDIATES
+HELLO = ("samples/hello/build/hello.o", "samples/hello/build/hello.elf", "build/hello.igvm",
+         "build/hello.igvm.ref.json")
+
+pytestmark = pytest.mark.skipif(not (SHARED / "inputs").is_dir(), reason="needs ../shared beside the checkout")
+
+
+def make_checkout(parent: Path) -> Path:
+    """A clean checkout at parent/main (with parent/shared -> the real ../shared)."""
+    main = parent / "main"
+    ignore = shutil.ignore_patterns("__pycache__", "build", ".sconsign*")
+    main.mkdir(parents=True)
+    shutil.copy2(REPO / "SConstruct", main / "SConstruct")
+    for tree in ("site_scons", "samples", "igvm_builder"):
+        shutil.copytree(REPO / tree, main / tree, ignore=ignore, symlinks=True)
+    (parent / "shared").symlink_to(SHARED, target_is_directory=True)
+    return main
+
+
+def copy_checkout(built: Path, parent: Path) -> Path:
+    """A copy of a built checkout (outputs and .sconsign included): up to date as it stands."""
+    shutil.copytree(built.parent, parent, symlinks=True)
+    return parent / "main"
+
+
+def scons(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    env.pop("SCONSFLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "SCons", "-Q", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    if check and proc.returncode != 0:
+        pytest.fail(f"scons {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def is_up_to_date(cwd: Path, *args: str) -> bool:
+    """``scons -q``: exit status 0 means nothing would be built."""
+    return scons(cwd, "-q", *args, check=False).returncode == 0
+
+
+def stamps(root: Path, names=OUTPUTS) -> dict[str, tuple[int, int]]:
+    """Inode and mtime of each output: atomic writes give a rebuilt file a new inode."""
+    return {n: ((st := (root / n).stat()).st_ino, st.st_mtime_ns) for n in names}
+
+
+def rebuilt(before: dict[str, tuple[int, int]], root: Path) -> set[str]:
+    after = stamps(root, before)
+    return {n for n in before if after[n] != before[n]}
+
+
+def leftover_files(root: Path) -> list[str]:
+    dirs = [root / "build", *(root / "samples").glob("*/build")]
+    return sorted(str(p.relative_to(root)) for d in dirs if d.exists() for p in d.rglob("*") if not p.is_dir())
+
+
+def error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("scons: ***")]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    root = make_checkout(tmp_path_factory.mktemp("built"))
+    scons(root, "igvm")
+    return root
+
+
+@pytest.fixture
+def work(built, tmp_path) -> Iterator[Path]:
+    yield copy_checkout(built, tmp_path / "copy")
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+def test_clean_build_builds_every_sample(built):
+    for name in OUTPUTS:
+        assert (built / name).is_file(), name
+    for image in IMAGES:
+        data = (built / image).read_bytes()
+        assert data[:4] == b"IGVM", image
+        refs = json.loads((built / (image + ".ref.json")).read_text())
+        assert isinstance(refs, dict) and refs, image
+    assert (built / "samples/linux/build/vmlinuz").read_bytes() == (
+        SHARED / "inputs/vmlinuz-6.1.0-56-cloud-amd64").read_bytes()
+    assert (built / "samples/linux/build/initrd.cpio").read_bytes().startswith(b"070701")
+
+
+def test_hello_kernel_is_a_pvh_elf_linked_at_1mib(built):
+    with open(built / "samples/hello/build/hello.elf", "rb") as fh:
+        elf = ELFFile(fh)
+        assert elf.elfclass == 64 and elf["e_machine"] == "EM_X86_64"
+        loads = [s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
+        assert min(s["p_paddr"] for s in loads) == 0x100000
+        notes = [n for s in elf.iter_segments() if s["p_type"] == "PT_NOTE" for n in s.iter_notes()]
+        pvh = [n for n in notes if n["n_name"] == "Xen" and n["n_type"] == 18]
+        assert len(pvh) == 1
+        entry = int.from_bytes(pvh[0]["n_descdata"][:4], "little")
+        assert entry == elf.get_section_by_name(".symtab").get_symbol_by_name("pvh_start")[0]["st_value"]
+        assert not elf.get_section_by_name(".interp") and not elf.get_section_by_name(".dynamic")
+        text = elf.get_section_by_name(".rodata").data()
+    assert b"Hello from an IGVM-launched kernel!" in text
+
+
+def test_second_run_does_nothing_in_under_a_second(built):
+    timings = []
+    for _ in range(2):
+        start = time.monotonic()
+        assert is_up_to_date(built, "igvm")
+        timings.append(time.monotonic() - start)
+    assert min(timings) < 1.0, timings
+    assert "is up to date" in scons(built, "igvm").stdout
+
+
+def test_editing_the_kernel_source_rebuilds_only_its_image(work):
+    before = stamps(work)
+    source = work / "samples/hello/hello.c"
+    source.write_text(source.read_text().replace("Hello from", "Greetings from"))
+    assert not is_up_to_date(work, "igvm")
+    scons(work, "igvm")
+    assert rebuilt(before, work) == set(HELLO)
+    assert is_up_to_date(work, "igvm")
+
+
+def test_unrelated_edits_rebuild_nothing(work):
+    (work / "samples/hello/README.md").write_text("edited\n")
+    (work / "samples/NOTES.txt").write_text("new file\n")
+    os.utime(work / "samples/hello/hello.c")  # a touch is not a change (content decider)
+    assert is_up_to_date(work, "igvm")
+
+
+def test_changing_platforms_rebuilds_the_images(work):
+    before = stamps(work)
+    assert not is_up_to_date(work, "igvm", "IGVM_PLATFORMS=snp")
+    out = scons(work, "igvm", "IGVM_PLATFORMS=snp", "--debug=explain").stdout
+    assert "the contents of the build action changed" in out
+    assert rebuilt(before, work) == set(IMAGES + SIDECARS)
+    assert is_up_to_date(work, "igvm", "IGVM_PLATFORMS=snp")
+    assert not is_up_to_date(work, "igvm")
+
+
+def test_changing_igvm_builder_code_rebuilds(work):
+    module = work / "igvm_builder/cpio.py"
+    module.write_text(module.read_text() + "\n# an edit to the library\n")
+    assert not is_up_to_date(work, "igvm")
+    out = scons(work, "igvm", "--debug=explain").stdout
+    assert "igvm_builder/cpio.py' changed" in out
+    assert is_up_to_date(work, "igvm")
+
+
+def test_clean_removes_outputs_and_sidecars(work):
+    scons(work, "-c", "igvm")
+    assert leftover_files(work) == []
+    assert not any((work / n).exists() for n in OUTPUTS)
+
+
+def test_parallel_and_cache_fed_builds_are_byte_identical(built, tmp_path):
+    cache = tmp_path / "cache"
+    first = make_checkout(tmp_path / "a")
+    scons(first, "-j", "2", "igvm", f"CACHE_DIR={cache}")
+    second = make_checkout(tmp_path / "b")
+    out = scons(second, "igvm", f"CACHE_DIR={cache}").stdout
+    for image in IMAGES + SIDECARS:
+        assert f"Retrieved `{image}' from cache" in out
+    for name in OUTPUTS:
+        reference = (built / name).read_bytes()
+        assert (first / name).read_bytes() == reference, f"-j 2 differs: {name}"
+        assert (second / name).read_bytes() == reference, f"cache-fed differs: {name}"
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    pytest.param("[kernel\n", "samples/hello/hello.toml:", id="toml-syntax"),
+    pytest.param("[snp]\nvcpus = 'x'\n", "samples/hello/hello.toml", id="bad-value"),
+])
+def test_broken_config_fails_in_one_line_without_output(work, edit, expected):
+    config = work / "samples/hello/hello.toml"
+    config.write_text(config.read_text().replace("[snp]\npolicy = 0x30000\nvcpus = 1\n", "") + edit)
+    proc = scons(work, "igvm", check=False)
+    assert proc.returncode == 2
+    errors = error_lines(proc)
+    assert len(errors) == 1 and expected in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (work / "build/hello.igvm").exists() and not (work / "build/hello.igvm.ref.json").exists()
+    assert not list((work / "build").glob(".igvm-*")), "temporary files left behind"
+
+
+def test_missing_input_fails_in_one_line_naming_it(work):
+    config = work / "samples/hello/hello.toml"
+    config.write_text(config.read_text().replace("build/hello.elf", "build/missing.elf"))
+    proc = scons(work, "igvm", check=False)
+    assert proc.returncode == 2
+    errors = error_lines(proc)
+    assert len(errors) == 1 and "samples/hello/build/missing.elf" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_ovmf_asks_to_install_it(work):
+    config = work / "samples/ovmf/ovmf.toml"
+    config.write_text(config.read_text().replace("/usr/share/ovmf/OVMF.fd", "/nonexistent/ovmf/OVMF.fd"))
+    before = stamps(work)
+    proc = scons(work, "igvm", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [proc.stderr.strip()], "one line"
+    assert "/nonexistent/ovmf/OVMF.fd" in proc.stderr and "apt-get install ovmf" in proc.stderr
+    assert rebuilt(before, work) == set()
+    scons(work, "-c", "igvm")  # cleaning still works without the firmware
+    assert leftover_files(work) == []
+
+
+# ------------------------------------------------------------------------------------ other stages
+
+
+def test_repro_check_writes_a_stamp(work):
+    scons(work, "build/hello.repro")
+    stamp = json.loads((work / "build/hello.repro").read_text())
+    assert stamp["result"] == "reproducible"
+    assert stamp["config"] == "samples/hello/hello.toml" and stamp["images"] == ["build/hello.igvm"]
+
+
+def test_signing_never_prints_key_material(work):
+    key = KEYS / "test-only-id-p384.pem"
+    spec = f"IGVM_SIGNING_KEY=file:{key}"
+    proc = scons(work, "igvm", spec, "VERBOSE=1")
+    signed = work / "build/hello.signed.igvm"
+    assert signed.is_file()
+    assert signed.read_bytes() != (work / "build/hello.igvm").read_bytes()
+    body = [line for line in key.read_text().splitlines() if line and not line.startswith("-----")]
+    for line in body:
+        assert line not in proc.stdout and line not in proc.stderr
+    assert is_up_to_date(work, "igvm", spec)
+    assert not is_up_to_date(work, "igvm", f"IGVM_SIGNING_KEY=file:{KEYS / 'test-only-author-p384.pem'}")
