@@ -177,8 +177,9 @@ def list_directory(root: str | os.PathLike[str]) -> list[TreeMember]:
                 link = os.fsencode(os.readlink(child.path))
                 members.append(TreeMember(name, EntryKind.SYMLINK, False, child.path, link))
             else:
-                raise InputError("cannot pack a socket, FIFO or device node into a cpio archive",
-                                 source=child.path)
+                raise InputError(
+                    "cannot pack a socket, FIFO or device node into a cpio archive", source=child.path
+                )
 
     walk(top, b"")
     return members

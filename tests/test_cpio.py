@@ -18,8 +18,21 @@ from igvm_builder.cpio import (
 )
 from igvm_builder.errors import InputError
 
-FIELDS = ("ino", "mode", "uid", "gid", "nlink", "mtime", "filesize",
-          "devmajor", "devminor", "rdevmajor", "rdevminor", "namesize", "check")
+FIELDS = (
+    "ino",
+    "mode",
+    "uid",
+    "gid",
+    "nlink",
+    "mtime",
+    "filesize",
+    "devmajor",
+    "devminor",
+    "rdevmajor",
+    "rdevminor",
+    "namesize",
+    "check",
+)
 
 
 def parse_newc(data: bytes) -> list[tuple[dict[str, int], bytes, bytes]]:
@@ -27,16 +40,16 @@ def parse_newc(data: bytes) -> list[tuple[dict[str, int], bytes, bytes]]:
     members = []
     pos = 0
     while True:
-        assert data[pos:pos + 6] == b"070701", f"bad magic at {pos:#x}"
+        assert data[pos : pos + 6] == b"070701", f"bad magic at {pos:#x}"
         assert pos % 4 == 0
-        values = [int(data[pos + 6 + 8 * i: pos + 14 + 8 * i], 16) for i in range(13)]
+        values = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
         fields = dict(zip(FIELDS, values, strict=True))
         name_start = pos + 110
-        name = data[name_start:name_start + fields["namesize"] - 1]
+        name = data[name_start : name_start + fields["namesize"] - 1]
         assert data[name_start + fields["namesize"] - 1] == 0
         data_start = name_start + fields["namesize"]
         data_start += -data_start % 4
-        body = data[data_start:data_start + fields["filesize"]]
+        body = data[data_start : data_start + fields["filesize"]]
         pos = data_start + fields["filesize"]
         pos += -pos % 4
         if name == b"TRAILER!!!":
@@ -60,14 +73,24 @@ def make_tree(root: Path) -> Path:
 
 def test_single_file_matches_the_format_byte_for_byte():
     data = write_newc([CpioEntry(name=b"a", kind=EntryKind.FILE, data=b"hi\n")])
-    header = (b"070701" + b"00000001" + b"000081A4" + b"00000000" * 2 + b"00000001" + b"00000000"
-              + b"00000003" + b"00000000" * 4 + b"00000002" + b"00000000")
+    header = (
+        b"070701"
+        + b"00000001"
+        + b"000081A4"
+        + b"00000000" * 2
+        + b"00000001"
+        + b"00000000"
+        + b"00000003"
+        + b"00000000" * 4
+        + b"00000002"
+        + b"00000000"
+    )
     # 110-byte header + "a\0" is 4-aligned: no name padding; 3 data bytes + 1 padding byte
     assert data.startswith(header + b"a\0" + b"hi\n\0")
     trailer = b"070701" + b"00000000" * 4 + b"00000001" + b"00000000" * 6 + b"0000000B" + b"00000000"
-    rest = data[len(header) + 2 + 4:]
+    rest = data[len(header) + 2 + 4 :]
     assert rest.startswith(trailer + b"TRAILER!!!\0" + b"\0\0\0")
-    assert len(data) == 512 and not rest[len(trailer) + 14:].strip(b"\0")
+    assert len(data) == 512 and not rest[len(trailer) + 14 :].strip(b"\0")
 
 
 def test_directory_archive_is_sorted_normalised_and_complete(tmp_path):

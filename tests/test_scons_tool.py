@@ -83,7 +83,9 @@ def test_generate_keeps_user_settings_and_rejects_unknown_options(fresh_scons):
     env = SCons.Environment.Environment(tools=[tool.generate], IGVM_LOADER="hyperv", IGVMCOMSTR="x $TARGET")
     assert env["IGVM_LOADER"] == "hyperv"
     assert env["IGVMCOMSTR"] == "x $TARGET"
-    env2 = SCons.Environment.Environment(tools=[("igvm", {"IGVM_PLATFORMS": ["snp"]})], toolpath=[str(SITE_TOOLS)])
+    env2 = SCons.Environment.Environment(
+        tools=[("igvm", {"IGVM_PLATFORMS": ["snp"]})], toolpath=[str(SITE_TOOLS)]
+    )
     assert env2["IGVM_PLATFORMS"] == ["snp"]
     with pytest.raises(SCons.Errors.UserError, match="IGVM_PLATFROMS"):
         tool.generate(SCons.Environment.Environment(tools=[]), IGVM_PLATFROMS=["snp"])
@@ -134,7 +136,10 @@ def test_config_scanner_returns_nothing_for_missing_or_broken_configs(env, fresh
 
 
 def test_firmware_outside_the_tree_is_a_dependency(env, fresh_scons):
-    write(fresh_scons / "fw.toml", '[image]\nplatforms = ["snp"]\n[firmware]\npath = "/usr/share/ovmf/OVMF.fd"\n')
+    write(
+        fresh_scons / "fw.toml",
+        '[image]\nplatforms = ["snp"]\n[firmware]\npath = "/usr/share/ovmf/OVMF.fd"\n',
+    )
     deps = env["BUILDERS"]["IGVM"].source_scanner(env.File("fw.toml"), env)
     assert [d.get_abspath() for d in deps] == ["/usr/share/ovmf/OVMF.fd"]
 
@@ -171,7 +176,10 @@ def test_cpio_scanner_tracks_files_and_tree_shape(env, fresh_scons):
     write(root / "etc" / "hostname", "guest\n")
     scanner = env["BUILDERS"]["Cpio"].source_scanner
     deps = scanner(env.Dir("initrd"), env)
-    assert paths(d for d in deps if not str(d).startswith("cpio-tree")) == ["initrd/etc/hostname", "initrd/init"]
+    assert paths(d for d in deps if not str(d).startswith("cpio-tree")) == [
+        "initrd/etc/hostname",
+        "initrd/init",
+    ]
     shape = [str(d) for d in deps if str(d).startswith("cpio-tree-sha256:")]
     assert len(shape) == 1
     (root / "init").chmod(0o755)
@@ -187,15 +195,19 @@ def action_contents(env, builder: str, **overrides) -> bytes:
     return env["BUILDERS"][builder].action.get_contents(target, source, env.Override(overrides))
 
 
-@pytest.mark.parametrize(("variable", "a", "b"), [
-    ("IGVM_PLATFORMS", ["snp"], ["snp", "tdx"]),
-    ("IGVM_LOADER", "qemu", "hyperv"),
-])
+@pytest.mark.parametrize(
+    ("variable", "a", "b"),
+    [
+        ("IGVM_PLATFORMS", ["snp"], ["snp", "tdx"]),
+        ("IGVM_LOADER", "qemu", "hyperv"),
+    ],
+)
 def test_build_variables_are_in_the_signature(env, variable, a, b):
     assert variable in tool.SIGNATURE_VARS
     assert action_contents(env, "IGVM", **{variable: a}) != action_contents(env, "IGVM", **{variable: b})
     assert action_contents(env, "IGVMReproCheck", **{variable: a}) != action_contents(
-        env, "IGVMReproCheck", **{variable: b})
+        env, "IGVMReproCheck", **{variable: b}
+    )
 
 
 def test_unrelated_variables_are_not_in_the_signature(env):
@@ -205,7 +217,9 @@ def test_unrelated_variables_are_not_in_the_signature(env):
 
 @pytest.mark.parametrize("variable", tool.SIGN_SIGNATURE_VARS)
 def test_signing_variables_are_in_the_sign_signature(env, variable):
-    assert action_contents(env, "IGVMSign", **{variable: "1"}) != action_contents(env, "IGVMSign", **{variable: "2"})
+    assert action_contents(env, "IGVMSign", **{variable: "1"}) != action_contents(
+        env, "IGVMSign", **{variable: "2"}
+    )
 
 
 def test_build_parameters_parse_lists_and_strings(env):
@@ -213,7 +227,9 @@ def test_build_parameters_parse_lists_and_strings(env):
     assert tool._build_params(env, t, s) == (None, None)
     assert tool._build_params(env.Override({"IGVM_PLATFORMS": "snp, tdx"}), t, s) == (["snp", "tdx"], None)
     assert tool._build_params(env.Override({"IGVM_PLATFORMS": ["native"], "IGVM_LOADER": "qemu"}), t, s) == (
-        ["native"], "qemu")
+        ["native"],
+        "qemu",
+    )
 
 
 def test_verbose_lines_name_files_but_never_keys(env):

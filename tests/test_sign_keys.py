@@ -471,8 +471,9 @@ def test_two_step_flow_reproduces_the_vector() -> None:
 
 def test_two_step_errors() -> None:
     id_key, author_key = PemFileKey(ID_PEM), PemFileKey(AUTHOR_PEM)
-    tbs = export_tbs(bytes(48), policy=0x30000, id_public_key=id_key, author_public_key=author_key,
-                     compatibility_mask=1)  # fmt: skip
+    tbs = export_tbs(
+        bytes(48), policy=0x30000, id_public_key=id_key, author_public_key=author_key, compatibility_mask=1
+    )
     doc = json.loads(tbs.to_json())
     id_sig = utils.encode_dss_signature(*id_key.sign(tbs.id_block_message))
     author_sig = utils.encode_dss_signature(*author_key.sign(tbs.id_key_sev.pack()))

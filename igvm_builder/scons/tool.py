@@ -117,7 +117,9 @@ def _subst(env: Any, text: str, target: Sequence[Any], source: Sequence[Any]) ->
     return env.subst(text, target=target, source=source).strip()
 
 
-def _build_params(env: Any, target: Sequence[Any], source: Sequence[Any]) -> tuple[list[str] | None, str | None]:
+def _build_params(
+    env: Any, target: Sequence[Any], source: Sequence[Any]
+) -> tuple[list[str] | None, str | None]:
     """``$IGVM_PLATFORMS`` (comma or space separated) and ``$IGVM_LOADER``; empty means "the config's"."""
     platforms = [p for p in re.split(r"[\s,]+", _subst(env, "$IGVM_PLATFORMS", target, source)) if p]
     loader = _subst(env, "$IGVM_LOADER", target, source)
@@ -333,7 +335,9 @@ def _key_dependencies(env: Any, spec: str) -> list[Any]:
 
 
 def _scan_tool_deps(node: Any, env: Any, path: Any = ()) -> list[Any]:
-    return [env.File(p) if SCons.Util.is_String(p) else p for p in env.Flatten([env.get("IGVM_TOOL_DEPS", [])])]
+    return [
+        env.File(p) if SCons.Util.is_String(p) else p for p in env.Flatten([env.get("IGVM_TOOL_DEPS", [])])
+    ]
 
 
 def _scan_sign_deps(node: Any, env: Any, path: Any = ()) -> list[Any]:
@@ -440,7 +444,9 @@ def _igvm_repro(target: list[Any], source: list[Any], env: Any) -> None:
                 from igvm_builder.build import build
                 from igvm_builder.config import load_config
 
-                fresh = bytes(build(load_config(_config_path(config)), platforms=platforms, loader=loader).data)
+                fresh = bytes(
+                    build(load_config(_config_path(config)), platforms=platforms, loader=loader).data
+                )
                 for image in images:
                     with open(image.get_abspath(), "rb") as fh:
                         built = fh.read()
@@ -529,7 +535,9 @@ def _builders() -> dict[str, SCons.Builder.BuilderBase]:
         "IGVMSign": SCons.Builder.Builder(
             action=SCons.Action.Action(_igvm_sign, "$IGVMSIGNCOMSTR", varlist=SIGN_SIGNATURE_VARS),
             emitter=_sign_emitter,
-            target_scanner=SCons.Scanner.Scanner(_scan_sign_deps, name="IGVMSignDeps", node_class=SCons.Node.Node),
+            target_scanner=SCons.Scanner.Scanner(
+                _scan_sign_deps, name="IGVMSignDeps", node_class=SCons.Node.Node
+            ),
             suffix="$IGVMSIGNSUFFIX",
             src_suffix="$IGVMSUFFIX",
         ),

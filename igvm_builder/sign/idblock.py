@@ -445,6 +445,21 @@ class IdAuthInfo:
 # IGVM_VHS_SNP_ID_BLOCK
 
 
+#: The scalar fields of IGVM_VHS_SNP_ID_BLOCK, in layout order (the four structs follow).
+_IGVM_ID_BLOCK_SCALARS = (
+    "compatibility_mask",
+    "author_key_enabled",
+    "reserved",
+    "ld",
+    "family_id",
+    "image_id",
+    "version",
+    "guest_svn",
+    "id_key_algorithm",
+    "author_key_algorithm",
+)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IgvmSnpIdBlock:
     """``IGVM_VHS_SNP_ID_BLOCK`` (696 bytes), the body of an IGVM 0x30B directive.
@@ -503,19 +518,11 @@ class IgvmSnpIdBlock:
     def unpack(cls, buf: bytes | memoryview, offset: int = 0) -> IgvmSnpIdBlock:
         if len(buf) - offset < cls.SIZE:
             raise _truncated("IGVM_VHS_SNP_ID_BLOCK", cls.SIZE, buf, offset)
-        (mask, enabled, reserved, ld, family_id, image_id, version, guest_svn, id_algo, author_algo,
-         id_sig, id_key, author_sig, author_key) = cls.STRUCT.unpack_from(buf, offset)  # fmt: skip
+        values = cls.STRUCT.unpack_from(buf, offset)
+        scalars = dict(zip(_IGVM_ID_BLOCK_SCALARS, values[:10], strict=True))
+        id_sig, id_key, author_sig, author_key = values[10:]
         return cls(
-            compatibility_mask=mask,
-            author_key_enabled=enabled,
-            reserved=reserved,
-            ld=ld,
-            family_id=family_id,
-            image_id=image_id,
-            version=version,
-            guest_svn=guest_svn,
-            id_key_algorithm=id_algo,
-            author_key_algorithm=author_algo,
+            **scalars,
             id_key_signature=SnpSignature.unpack_igvm(id_sig),
             id_public_key=IgvmSnpIdBlockPublicKey.unpack(id_key),
             author_key_signature=SnpSignature.unpack_igvm(author_sig),

@@ -4,14 +4,14 @@ Every source signs with ECDSA P-384 over SHA-384 of the message (what the SNP
 firmware verifies) and returns the integers ``(r, s)``.  :meth:`KeySource.sign`
 verifies every signature with the source's public key before returning it.
 
-=====================  ===================================================  =============
-spec string            source                                               deterministic
-=====================  ===================================================  =============
-``file:PATH``, ``PATH``  :class:`PemFileKey` (SEC1 / PKCS#8, PEM / DER)      yes (RFC 6979)
-``env:VAR``            :class:`EnvPemKey` (PEM text in an env variable)     yes (RFC 6979)
-``pkcs11:...``         :class:`Pkcs11Key` (RFC 7512 URI, python-pkcs11)     no (token RNG)
-``cmd:ARGV``           :class:`CommandKey` (external signer, see its doc)   no (unknown)
-=====================  ===================================================  =============
+=========================  ==================================================  ==============
+spec string                source                                              deterministic
+=========================  ==================================================  ==============
+``file:PATH`` or ``PATH``  :class:`PemFileKey` (SEC1 / PKCS#8, PEM / DER)      yes (RFC 6979)
+``env:VAR``                :class:`EnvPemKey` (PEM text in an env variable)    yes (RFC 6979)
+``pkcs11:...``             :class:`Pkcs11Key` (RFC 7512 URI, python-pkcs11)    no (token RNG)
+``cmd:ARGV``               :class:`CommandKey` (external signer, see its doc)  not assumed
+=========================  ==================================================  ==============
 
 The two-step flow (export what to sign, sign elsewhere, import the signatures) is
 in :mod:`igvm_builder.sign.twostep` and re-exported here.
@@ -808,9 +808,9 @@ def key_source_from_spec(
             raise SigningError("empty signer command", source="cmd:")
         return CommandKey(argv, public_key=public_key)
     if scheme == "file":
-        path = rest[2:] if rest.startswith("//") else rest
+        # file:PATH, or a file:// URI (percent-encoded, as RFC 8089 writes it).
+        path = urllib.parse.unquote(rest[2:]) if rest.startswith("//") else rest
         if not path:
             raise SigningError("empty key file path", source="file:")
-        return PemFileKey(urllib.parse.unquote(path) if rest.startswith("//") else path,
-                          password=password, public_key=public_key)  # fmt: skip
+        return PemFileKey(path, password=password, public_key=public_key)
     return PemFileKey(spec, password=password, public_key=public_key)

@@ -214,9 +214,13 @@ def export_tbs(
 ) -> ExportedTbs:
     """The to-be-signed messages for an ID block (see the module docstring for the JSON form)."""
     fields = IdBlock(
-        ld=bytes(ld), family_id=bytes(family_id), image_id=bytes(image_id),
-        version=version, guest_svn=guest_svn, policy=policy,
-    )  # fmt: skip
+        ld=bytes(ld),
+        family_id=bytes(family_id),
+        image_id=bytes(image_id),
+        version=version,
+        guest_svn=guest_svn,
+        policy=policy,
+    )
     return ExportedTbs(
         fields=fields,
         id_key=_public(id_public_key, "ID public key"),
