@@ -262,7 +262,11 @@ class _Builder:
             self._ovmf_contexts(p, plan, img)
 
     def _ovmf_sev_sections(self, plan: _PlatformPlan, img: Any, hashes_page: bytes | None) -> None:
+        # vmm_type conventions (MEASUREMENT.md §5, sev-snp-measure guest.py): ec2 measures the
+        # CPUID page after every other section; gce imports SNP_SEC_MEM as UNMEASURED pages.
         snp = plan.ptype == PlatformType.SEV_SNP
+        vmm = self.cfg.snp.vmm_type
+        cpuid_last: list[int] = []
         for sec in img.sev_sections:
             if sec.size == 0:
                 continue
@@ -273,7 +277,9 @@ class _Builder:
                     plan.page(sec.base, data_type=PageDataType.SECRETS)
             elif sec.type == 3:  # CPUID
                 plan.claim(sec.base, PAGE, what)
-                if snp:
+                if snp and vmm == "ec2":
+                    cpuid_last.append(sec.base)
+                elif snp:
                     plan.page(sec.base, data_type=PageDataType.CPUID_DATA)
             elif sec.type == 0x10 and hashes_page is not None:
                 plan.claim(sec.base, PAGE, what)
@@ -282,8 +288,11 @@ class _Builder:
                 size = -(-sec.size // PAGE) * PAGE
                 plan.claim(sec.base, size, what)
                 if snp:
+                    flags = PageDataFlags.UNMEASURED if sec.type == 1 and vmm == "gce" else 0
                     for off in range(0, size, PAGE):
-                        plan.page(sec.base + off)
+                        plan.page(sec.base + off, flags=flags)
+        for gpa in cpuid_last:
+            plan.page(gpa, data_type=PageDataType.CPUID_DATA)
 
     def _ovmf_contexts(self, p: PlatformType, plan: _PlatformPlan, img: Any) -> None:
         from igvm_builder.sev_vmsa import BSP_RESET_EIP, build_reset_vmsa, vcpu_signature
@@ -579,7 +588,10 @@ def merge_directives(lists: Sequence[tuple[int, Sequence[H.Header]]]) -> list[H.
     """
     merged: list[tuple[tuple[Any, ...], H.Header, int]] = []
     for mask, items in lists:
-        merged = _merge_two(merged, [(_key(h), h, mask) for h in items])
+        # A VP context must carry exactly one platform's mask (IGVM_FORMAT.md; the reference parser
+        # rejects anything else), so identical contexts of two platforms (NATIVE and SEV) stay apart.
+        merged = _merge_two(merged, [((_key(h), mask) if isinstance(h, H.VpContextBase) else _key(h), h, mask)
+                                     for h in items])
     out = []
     for _key_, h, mask in merged:
         out.append(_with_mask(h, mask))

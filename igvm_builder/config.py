@@ -209,9 +209,13 @@ class _Ctx:
     def size(self, key: str, value: Any) -> int:
         if isinstance(value, str):
             m = _SIZE_RE.match(value)
-            if not m:
-                raise self.err(key, f"'{value}' is not a size (e.g. 512M, 2G, 0x100000)")
-            value = int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+            if m:
+                value = int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+            else:
+                try:
+                    value = int(value.strip(), 0)  # "0x100000" (the example the message below gives)
+                except ValueError:
+                    raise self.err(key, f"'{value}' is not a size (e.g. 512M, 2G, 0x100000)") from None
         return self.int_(key, value, 1)
 
     def bool_(self, key: str, value: Any) -> bool:
@@ -261,6 +265,19 @@ def _check_platforms(value: Any, source: str, ctx: _Ctx | None) -> tuple[str, ..
     return tuple(sorted(out, key=order.index))
 
 
+def _vcpu_type(ctx: _Ctx, key: str, value: Any) -> str | int:
+    """A vCPU model name or CPUID(1).EAX signature, checked now so the error names the key and line."""
+    from igvm_builder.sev_vmsa import vcpu_signature
+
+    if not (isinstance(value, int) and not isinstance(value, bool)):
+        value = ctx.str_(key, value)
+    try:
+        vcpu_signature(value)
+    except ConfigError as exc:
+        raise ctx.err(key, exc.message) from None
+    return value
+
+
 _Schema = Mapping[str, Callable[[_Ctx, str, Any], Any]]
 
 _SECTIONS: dict[str, _Schema] = {
@@ -280,7 +297,7 @@ _SECTIONS: dict[str, _Schema] = {
     "snp": {
         "policy": lambda c, k, v: c.int_(k, v),
         "vcpus": lambda c, k, v: c.int_(k, v, 1, 512),
-        "vcpu_type": lambda c, k, v: v if isinstance(v, int) and not isinstance(v, bool) else c.str_(k, v),
+        "vcpu_type": lambda c, k, v: _vcpu_type(c, k, v),
         "guest_features": lambda c, k, v: c.int_(k, v),
         "vmm_type": lambda c, k, v: c.choice(k, v, ("qemu", "ec2", "gce")),
         "cr0": lambda c, k, v: c.int_(k, v),
@@ -321,7 +338,10 @@ def _load_toml(path: str) -> tuple[str, dict[str, Any]]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"line (\d+)", str(exc))
-        raise ConfigError(f"invalid TOML: {exc}", source=path, line=int(m.group(1)) if m else None) from None
+        line = int(m.group(1)) if m else None
+        if line is None and "end of document" in str(exc):
+            line = max(1, len(text.splitlines()))  # e.g. an unclosed array: report the last line
+        raise ConfigError(f"invalid TOML: {exc}", source=path, line=line) from None
     return text, data
 
 

@@ -6,9 +6,11 @@ End-to-end behaviour (real ``scons`` runs on the samples) is in test_scons_sampl
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import SCons.Action
 import SCons.Environment
 import SCons.Errors
 import SCons.Node.Alias
@@ -154,7 +156,7 @@ def test_target_scanner_lists_the_package_sources(env):
     assert env["BUILDERS"]["IGVM"].target_scanner(image, env.Override({"IGVM_TOOL_DEPS": []})) == []
 
 
-def test_signing_key_dependency_is_the_public_key(env):
+def test_signing_key_dependency_is_the_public_key(env, monkeypatch, tmp_path):
     scanner = env["BUILDERS"]["IGVMSign"].target_scanner
     node = env.IGVMSign("out/g.signed.igvm", "out/g.igvm")[0]
 
@@ -166,8 +168,16 @@ def test_signing_key_dependency_is_the_public_key(env):
     assert len(sec1) == 1 and sec1[0].startswith("igvm-public-key-sha256:")
     assert key_deps(str(KEYS / "test-only-id-p384.pkcs8.pem")) == sec1  # same key, other encoding
     assert key_deps(f"file:{KEYS / 'test-only-author-p384.pem'}") != sec1
-    assert key_deps("env:IGVM_TEST_KEY") == []  # tracked through the spec in the signature
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "id.pem").write_bytes((KEYS / "test-only-id-p384.pem").read_bytes())
+    assert key_deps("keys/id.pem") == sec1  # relative to the top directory
+    monkeypatch.setenv("IGVM_TEST_KEY", (KEYS / "test-only-id-p384.pem").read_text())
+    assert key_deps("env:IGVM_TEST_KEY") == sec1
+    assert key_deps("pkcs11:token=t;object=k") == []  # not asked at scan time: the spec is in the signature
+    (tmp_path / "keys" / "broken.pem").write_text("not a key\n")
+    assert key_deps("keys/broken.pem") == []  # signing reports it
     assert key_deps("") == []
+    assert all("PRIVATE" not in d for d in sec1)
 
 
 def test_cpio_scanner_tracks_files_and_tree_shape(env, fresh_scons):
@@ -242,3 +252,38 @@ def test_verbose_lines_name_files_but_never_keys(env):
     line = action.strfunction([node], node.sources, verbose)
     assert line == "igvm_sign([out/g.signed.igvm], [out/g.igvm])"
     assert "test-only" not in line
+
+
+# ------------------------------------------------------------------------------------ messages
+
+
+def test_library_errors_become_one_line_with_a_relative_file_name(env, fresh_scons, capsys):
+    from igvm_builder.errors import ConfigError, ReproducibilityError
+
+    config = env.File("cfg/guest.toml")
+    err = tool._fail(
+        env, ConfigError("bad value", source=str(fresh_scons / "cfg/guest.toml"), line=3), config
+    )
+    assert isinstance(err, SCons.Errors.UserError)
+    assert str(err) == "cfg/guest.toml:3: bad value"
+    assert str(tool._fail(env, ConfigError("no file named"), config)) == "cfg/guest.toml: no file named"
+    outside = tool._fail(env, ConfigError("x", source="/usr/share/ovmf/OVMF.fd"), config)
+    assert str(outside) == "/usr/share/ovmf/OVMF.fd: x"
+    diff = tool._fail(env, ReproducibilityError("builds differ\n- a\n+ b"), config)
+    assert str(diff) == "cfg/guest.toml: builds differ"
+    assert capsys.readouterr().err == "- a\n+ b\n"
+
+
+def test_long_stages_print_progress(env, capsys, monkeypatch):
+    monkeypatch.setattr(SCons.Action, "print_actions", True)
+    with tool._progress(env.Override({"IGVM_PROGRESS_INTERVAL": 0.05}), "build/x.igvm"):
+        time.sleep(0.18)
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("  ...     build/x.igvm: ") for line in lines)
+    assert lines[-1].startswith("  done    build/x.igvm in ")
+    with tool._progress(env.Override({"IGVM_PROGRESS_INTERVAL": 0}), "build/x.igvm"):
+        time.sleep(0.01)
+    monkeypatch.setattr(SCons.Action, "print_actions", False)  # scons -s
+    with tool._progress(env.Override({"IGVM_PROGRESS_INTERVAL": 0.01}), "build/x.igvm"):
+        time.sleep(0.05)
+    assert capsys.readouterr().out == ""

@@ -8,16 +8,12 @@ signatures are compared by verification, and keys by their SEV key digests.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from softhsm import AUTHOR_PKCS8, ID_PKCS8, KEYS, NOPUB_TOKEN, PIN, SHARED, TOKEN, SoftHsm, softhsm_token
 
 from igvm_builder.errors import SigningError
 from igvm_builder.sign import (
@@ -32,111 +28,14 @@ from igvm_builder.sign import (
     verify_igvm_id_block_body,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 VECTORS = json.loads((SHARED / "vectors" / "measure" / "idblock.json").read_text())
-KEYS = VECTORS["keys"]
 VEC1 = VECTORS["rfc6979_vectors"][1]
-ID_PKCS8 = SHARED / KEYS["id_key_pkcs8_pem"]
-AUTHOR_PKCS8 = SHARED / KEYS["author_key_pkcs8_pem"]
-
-SOFTHSM_MODULES = (
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib64/pkcs11/libsofthsm2.so",
-    "/usr/local/lib/softhsm/libsofthsm2.so",
-)
-TOKEN = "igvm-test"
-NOPUB_TOKEN = "igvm-nopub"
-PIN = "4711-test-pin"
-SO_PIN = "12345678"
-
-
-@dataclass(frozen=True)
-class SoftHsm:
-    module: str
-    conf: Path
-    tmp: Path
-
-    def uri(self, path: str, query: str = f"pin-value={PIN}", *, with_module: bool = True) -> str:
-        parts = [query] if query else []
-        if with_module:
-            parts.append(f"module-path={self.module}")
-        return f"pkcs11:{path}" + ("?" + "&".join(parts) if parts else "")
-
-
-def _softhsm_tools() -> tuple[str, str]:
-    util = shutil.which("softhsm2-util")
-    if util is None:
-        pytest.fail(
-            "softhsm2-util not found: .ci/run must install softhsm2 (apt-get install softhsm2) "
-            "so the PKCS#11 signing tests run; they do not skip",
-            pytrace=False,
-        )
-    module = os.environ.get("IGVM_TEST_SOFTHSM_MODULE") or next(
-        (m for m in SOFTHSM_MODULES if Path(m).is_file()), None
-    )
-    if module is None:
-        pytest.fail(
-            "libsofthsm2.so not found in " + ", ".join(SOFTHSM_MODULES) + ": .ci/run must install softhsm2 "
-            "(or set IGVM_TEST_SOFTHSM_MODULE)",
-            pytrace=False,
-        )
-    return util, module
-
-
-def _run(argv: list[str], env: dict[str, str]) -> None:
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False, timeout=60)
-    assert proc.returncode == 0, f"{argv[:2]} failed: {proc.stdout}{proc.stderr}"
 
 
 @pytest.fixture(scope="module")
 def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
-    """A fresh SoftHSM2 token directory with the TEST-ONLY ID and author keys and a P-256 key.
-
-    Token ``igvm-test``: ``snp-id`` (id 01), ``snp-author`` (id 02), ``wrong-curve`` (P-256, id 03).
-    Token ``igvm-nopub``: ``snp-id`` (id 01) whose public-key object was deleted.
-    """
-    util, module = _softhsm_tools()
-    tmp = tmp_path_factory.mktemp("softhsm")
-    tokens = tmp / "tokens"
-    tokens.mkdir()
-    conf = tmp / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n"
-    )
-    env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
-    p256 = tmp / "p256.pkcs8.pem"
-    p256.write_bytes(
-        ec.generate_private_key(ec.SECP256R1()).private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    for label in (TOKEN, NOPUB_TOKEN):
-        _run([util, "--init-token", "--free", "--label", label, "--so-pin", SO_PIN, "--pin", PIN], env)
-    for path, label, key_id, token in (
-        (ID_PKCS8, "snp-id", "01", TOKEN),
-        (AUTHOR_PKCS8, "snp-author", "02", TOKEN),
-        (p256, "wrong-curve", "03", TOKEN),
-        (ID_PKCS8, "snp-id", "01", NOPUB_TOKEN),
-    ):
-        _run(
-            [util, "--import", str(path), "--token", token, "--label", label, "--id", key_id, "--pin", PIN],
-            env,
-        )
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SOFTHSM2_CONF", str(conf))
-        mp.delenv("IGVM_PKCS11_MODULE", raising=False)
-        mp.delenv("IGVM_PKCS11_PIN", raising=False)
-        import pkcs11
-
-        lib = pkcs11.lib(module)
-        lib.reinitialize()  # re-read SOFTHSM2_CONF if the module was loaded before
-        with lib.get_token(token_label=NOPUB_TOKEN).open(rw=True, user_pin=PIN) as session:
-            for obj in list(session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PUBLIC_KEY})):
-                obj.destroy()
-        yield SoftHsm(module=module, conf=conf, tmp=tmp)
+    """The SoftHSM2 tokens of ``tests/softhsm.py`` (TEST-ONLY ID/author keys, a P-256 key, a token without public key)."""
+    yield from softhsm_token(tmp_path_factory)
 
 
 def _pem_public(path: Path) -> ec.EllipticCurvePublicKey:

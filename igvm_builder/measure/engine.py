@@ -205,11 +205,17 @@ _TDX_ZERO_CHUNKS = _TDX_CHUNKS.unpack(ZERO_PAGE)
 
 
 class _Tdx:
-    """Records are packed with one precompiled struct per page (argument list reused) and
-    hashed with one ``update`` per page, which releases the GIL for the 6 KiB."""
+    """Records are packed with one precompiled struct per page (argument list reused) into
+    a buffer of :data:`BATCH_BYTES`, hashed with one ``update`` per buffer: hashlib then
+    releases the GIL for long stretches, so another platform's thread is not slowed down by
+    a GIL hand-over per page."""
+
+    BATCH_BYTES = 32 * _TDX_PAGE_RECS.size
 
     def __init__(self, two_pass: bool) -> None:
         self.h = hashlib.sha384()
+        self.buf = bytearray(self.BATCH_BYTES)
+        self.used = 0
         self.two_pass = two_pass
         self.steps = 0
         self.releaser = _Releaser()
@@ -233,15 +239,27 @@ class _Tdx:
             self.last_slice = data
         return chunks
 
+    def _put(self, rec: struct.Struct, args: Sequence[object]) -> None:
+        if self.used + rec.size > self.BATCH_BYTES:
+            self._drain()
+        rec.pack_into(self.buf, self.used, *args)
+        self.used += rec.size
+
+    def _drain(self) -> None:
+        if self.used:
+            with memoryview(self.buf) as view:
+                self.h.update(view[: self.used])
+            self.used = 0
+
     def _add(self, gpa: int) -> None:
-        self.h.update(_TDX_ADD_REC.pack(_TDX_ADD, gpa))
+        self._put(_TDX_ADD_REC, (_TDX_ADD, gpa))
         self.steps += 1
 
     def _extend(self, gpa: int, data: H.BlobLike | None) -> None:
         args = self._ext_args
         args[1::3] = range(gpa, gpa + PAGE_SIZE_4K, 256)
         args[2::3] = self._chunks(data)
-        self.h.update(_TDX_EXT_RECS.pack(*args))
+        self._put(_TDX_EXT_RECS, args)
         self.steps += 16
 
     def page(self, gpa: int, measured: bool, data: H.BlobLike | None) -> None:
@@ -253,7 +271,7 @@ class _Tdx:
             args[1] = gpa
             args[3::3] = range(gpa, gpa + PAGE_SIZE_4K, 256)
             args[4::3] = self._chunks(data)
-            self.h.update(_TDX_PAGE_RECS.pack(*args))
+            self._put(_TDX_PAGE_RECS, args)
             self.steps += 17
             return
         if self.region and (gpa != self.region_start + len(self.region) * PAGE_SIZE_4K
@@ -277,6 +295,7 @@ class _Tdx:
 
     def finish(self) -> bytes:
         self.flush()
+        self._drain()
         self.releaser.release(self.last_slice)
         return self.h.digest()
 
@@ -341,7 +360,24 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
             raise MeasurementError(f"no GUEST_POLICY for the SEV_SNP platform (mask {mask:#x}); the loader "
                                    "cannot launch it")
         acc = _Snp(profile, mask)
+        page_data, file_slice, sha384, tail = H.PageData, FileSlice, hashlib.sha384, _PAGE_INFO_TAIL.pack
+        fast = not profile.sort_by_gpa
+        note = acc.releaser.note
         for h in f.directives:
+            if type(h) is page_data:
+                if h.compatibility_mask & mask != mask:
+                    continue
+                data = h.data
+                # Fast path for the common page (a full 4 KiB of file data, no flags): the same
+                # step as _Snp.page, inlined.
+                if fast and not h.flags and not h.data_type and type(data) is file_slice and data.length == 4096:
+                    acc.ld = sha384(acc.ld + sha384(data.view()).digest() + tail(0x70, SNP_NORMAL, 0, 0, h.gpa)).digest()
+                    acc.steps += 1
+                    note(data)
+                    acc.last_slice = data
+                else:
+                    acc.page(h)
+                continue
             m = h.mask
             if m is not None and m & mask != mask:
                 continue
@@ -355,7 +391,15 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
         return Measurement(ptype, mask, "sha384", digest, loader=profile.name, steps=acc.steps)
     if ptype == PlatformType.TDX:
         tdx = _Tdx(two_pass)
+        page_data = H.PageData
         for h in f.directives:
+            if type(h) is page_data:
+                if h.compatibility_mask & mask != mask:
+                    continue
+                flags = h.flags
+                if not flags & _SHARED:
+                    tdx.page(h.gpa, not flags & _UNMEASURED, h.data)
+                continue
             m = h.mask
             if m is not None and m & mask != mask:
                 continue

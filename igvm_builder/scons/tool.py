@@ -261,7 +261,7 @@ def _igvm_build(target: list[Any], source: list[Any], env: Any) -> None:
             refs_text = json.dumps(result.reference_values, sort_keys=True, indent=2) + "\n"
         except IgvmError as exc:
             raise _fail(env, exc, source[0]) from None
-        _write_outputs([(image, bytes(result.data)), (refs, refs_text.encode())])
+        _write_outputs([(image, result.data), (refs, refs_text.encode())])
 
 
 _igvm_build.strfunction = _strfunction("igvm_build")  # type: ignore[attr-defined]
@@ -270,68 +270,45 @@ _igvm_build.strfunction = _strfunction("igvm_build")  # type: ignore[attr-define
 # --------------------------------------------------------------------------------------------
 # IGVMSign: image -> signed image
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(.*)$", re.DOTALL)
-
-
-def _key_file(env: Any, spec: str) -> tuple[str, str] | None:
-    """``(prefix, absolute path)`` for a file key source (``file:PATH`` or a bare path), else None.
-
-    Relative paths are relative to the top directory (the one holding SConstruct).
-    """
-    match = _SCHEME.match(spec)
-    if match and match.group(1) != "file":
-        return None
-    prefix, path = ("file:", match.group(2)) if match else ("", spec)
-    if not path:
-        return None
-    return prefix, env.Dir("#").File(path).get_abspath()
+_NON_FILE_SCHEMES = ("env", "pkcs11", "cmd")
 
 
 def _resolve_key(env: Any, spec: str) -> str:
-    found = _key_file(env, spec)
-    return spec if found is None else found[0] + found[1]
+    """The key source spec with a relative file path made absolute against the top directory.
 
-
-def _public_key_sha256(path: str) -> str | None:
-    """SHA-256 of the DER SubjectPublicKeyInfo of a PEM/DER key file, None if unreadable."""
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import serialization
-
-    try:
-        with open(path, "rb") as fh:
-            blob = fh.read()
-    except OSError:
-        return None
-    loaders = (
-        lambda b: serialization.load_pem_private_key(b, password=None).public_key(),
-        lambda b: serialization.load_der_private_key(b, password=None).public_key(),
-        serialization.load_pem_public_key,
-        serialization.load_der_public_key,
-    )
-    for load in loaders:
-        try:
-            public = load(blob)
-        except (ValueError, TypeError, UnsupportedAlgorithm):
-            continue
-        der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        return hashlib.sha256(der).hexdigest()
-    return None
+    Spec forms are those of :func:`igvm_builder.sign.keys.key_source_from_spec`:
+    ``file:PATH`` or a plain ``PATH``, ``env:VAR``, ``pkcs11:...``, ``cmd:...``.
+    """
+    scheme, sep, rest = spec.partition(":")
+    scheme = scheme.lower() if sep else ""
+    if scheme in _NON_FILE_SCHEMES or (scheme == "file" and rest.startswith("//")):
+        return spec
+    prefix, path = ("file:", rest) if scheme == "file" else ("", spec)
+    if not path:
+        return spec
+    return prefix + env.Dir("#").File(path).get_abspath()
 
 
 def _key_dependencies(env: Any, spec: str) -> list[Any]:
-    """A node that changes when the key does, without hashing the private key into .sconsign.
+    """A Value of the public key's SHA-256: changes with the key, and no private key is hashed.
 
-    File keys become a Value of the public key's SHA-256; a key file that cannot
-    be read without a password falls back to the file itself.  Other key sources
-    (environment, PKCS#11, commands) are tracked through their spec in the signature.
+    File and environment keys are read here; a token (``pkcs11:``) or a signer
+    command (``cmd:``) is not asked at scan time: those are tracked through the
+    spec in the signature only.  A key that cannot be loaded gives no dependency
+    (signing then fails and reports it).
     """
-    found = _key_file(env, spec) if spec else None
-    if found is None:
+    if not spec or spec.partition(":")[0].lower() in ("pkcs11", "cmd"):
         return []
-    digest = _public_key_sha256(found[1])
-    if digest is None:
-        return [env.File(found[1])]
-    return [env.Value(f"igvm-public-key-sha256:{digest}")]
+    from cryptography.hazmat.primitives import serialization
+
+    from igvm_builder.sign.keys import key_source_from_spec
+
+    try:
+        public = key_source_from_spec(_resolve_key(env, spec)).public_key()
+    except IgvmError:
+        return []
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return [env.Value(f"igvm-public-key-sha256:{hashlib.sha256(der).hexdigest()}")]
 
 
 def _scan_tool_deps(node: Any, env: Any, path: Any = ()) -> list[Any]:
@@ -405,7 +382,7 @@ def _igvm_sign(target: list[Any], source: list[Any], env: Any) -> None:
             )
         except IgvmError as exc:
             raise _fail(env, exc, source[0]) from None
-        _write_outputs([(target[0], bytes(signed))])
+        _write_outputs([(target[0], signed)])
 
 
 _igvm_sign.strfunction = _strfunction("igvm_sign")  # type: ignore[attr-defined]

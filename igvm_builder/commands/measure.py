@@ -1,0 +1,183 @@
+"""``igvm-builder measure FILE``: each platform's launch measurement of an IGVM file.
+
+Text output, one line per platform: ``PLATFORM ALGORITHM DIGEST [loader=L | order=O]``
+(``-`` for platforms without a launch measurement).  ``--all-loaders`` prints the SEV-SNP
+digest under every loader profile instead, and warns on stderr when they differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+from igvm_builder.commands._common import add_platform_option, print_json, warn
+from igvm_builder.measure.profiles import DEFAULT_LOADER, PROFILES
+
+if TYPE_CHECKING:
+    from igvm_builder.format import IgvmFile
+    from igvm_builder.measure import Measurement
+
+_CMD = "measure"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Compute the launch measurement of every platform in an IGVM file: the SEV-SNP launch "
+        "digest, the TDX MRTD, the VBS boot digest, SEV/SEV-ES digests."
+    )
+    parser.add_argument("file", help="IGVM file to measure")
+    add_platform_option(parser, "measure only this platform (error if the file lacks it)")
+    loaders = parser.add_mutually_exclusive_group()
+    loaders.add_argument(
+        "--loader", choices=list(PROFILES), default=DEFAULT_LOADER, metavar="LOADER",
+        help=(f"SEV-SNP loader profile: {', '.join(PROFILES)} (default: {DEFAULT_LOADER}, the reference "
+              "model of microsoft/igvm used by Hyper-V and OpenVMM). Loaders measure data-less pages, "
+              "'shared' pages, parameter areas and VMSAs differently; see docs/MEASUREMENT.md"),
+    )
+    loaders.add_argument(
+        "--all-loaders", action="store_true",
+        help="print the SEV-SNP digest under every loader profile and warn when they differ",
+    )
+    parser.add_argument(
+        "--tdx-two-pass", action="store_true",
+        help=("TDX MRTD in two-pass order (per region all PAGE.ADDs, then all MR.EXTENDs: older Intel "
+              "host stacks); default single pass (upstream KVM/QEMU, microsoft/igvm)"),
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument(
+        "--reference-values", metavar="OUT.json",
+        help=("also write the reference values a verifier needs (digests, policies, guest features, "
+              "vCPU count, ID-block key digests, file SHA-256) to OUT.json"),
+    )
+
+
+def _load(path: str) -> IgvmFile:
+    from igvm_builder.format import IgvmFile
+
+    f = IgvmFile.load(path)
+    for w in f.warnings:
+        warn(_CMD, f"{path}: {w}")
+    return f
+
+
+def _require_platform(f: IgvmFile, platform: Any, path: str) -> None:
+    from igvm_builder.errors import MeasurementError
+
+    if f.platform(platform) is None:
+        have = ", ".join(p.platform_type.name for p in f.platforms)
+        raise MeasurementError(f"no {platform.name} platform in the file (it has: {have})", source=path)
+
+
+def _line(m: Measurement) -> str:
+    if m.digest is None:
+        note = f"  ({'; '.join(m.notes)})" if m.notes else ""
+        return f"{m.platform.name} - -{note}"
+    extra = f"loader={m.loader}" if m.loader else f"order={m.variant}" if m.variant else ""
+    return f"{m.platform.name} {m.algorithm} {m.hex}" + (f" {extra}" if extra else "")
+
+
+def _json_entry(m: Measurement) -> dict[str, Any]:
+    from igvm_builder.format.defs import PLATFORM_SHORT
+
+    out: dict[str, Any] = {
+        "platform": m.platform.name,
+        "name": PLATFORM_SHORT[m.platform],
+        "compatibility_mask": f"{m.compatibility_mask:#x}",
+        "algorithm": m.algorithm,
+        "digest": m.hex,
+    }
+    if m.loader:
+        out["loader"] = m.loader
+    if m.variant:
+        out["pass_order"] = m.variant
+    if m.notes:
+        out["notes"] = list(m.notes)
+    return out
+
+
+def _all_loaders(f: IgvmFile, args: argparse.Namespace) -> int:
+    from igvm_builder.format.defs import PlatformType
+    from igvm_builder.measure.engine import all_loader_digests
+
+    if args.platform is not None and args.platform != PlatformType.SEV_SNP:
+        raise SystemExit(f"igvm-builder {_CMD}: error: --all-loaders measures the SEV-SNP platform only, "
+                         f"not {args.platform.name}")
+    _require_platform(f, PlatformType.SEV_SNP, args.file)
+    results = all_loader_digests(f, PROFILES)
+    digests = {name: r for name, r in results.items() if isinstance(r, bytes)}
+    distinct = set(digests.values())
+    agree = len(distinct) <= 1 and len(digests) == len(results)
+    if args.json:
+        print_json({
+            "file": args.file,
+            "platform": "SEV_SNP",
+            "default_loader": DEFAULT_LOADER,
+            "loaders": {name: ({"digest": r.hex()} if isinstance(r, bytes) else {"error": r.message})
+                        for name, r in results.items()},
+            "loaders_agree": agree,
+        })
+    else:
+        width = max(map(len, results))
+        print(f"SEV_SNP sha384 digest per loader profile ({args.file}):")
+        for name, r in results.items():
+            default = "  (default)" if name == DEFAULT_LOADER else ""
+            text = r.hex() if isinstance(r, bytes) else f"rejected: {r.message}"
+            print(f"  {name:<{width}}  {text}{default}")
+    if not agree:
+        groups: dict[str, list[str]] = {}
+        for name, r in results.items():
+            key = r.hex()[:16] + "..." if isinstance(r, bytes) else "rejects the file"
+            groups.setdefault(key, []).append(name)
+        detail = "; ".join(f"{', '.join(names)}: {key}" for key, names in groups.items())
+        warn(_CMD, f"{args.file}: the SEV-SNP digest differs between loaders ({detail}): a signed ID block "
+                   "then verifies on only some loaders")
+    return 0
+
+
+def _sha256_file(path: str) -> tuple[str, int]:
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        return hashlib.file_digest(fh, "sha256").hexdigest(), size
+
+
+def run(args: argparse.Namespace) -> int:
+    from igvm_builder.measure import measure_file
+
+    f = _load(args.file)
+    if args.all_loaders:
+        if args.reference_values:
+            raise SystemExit(f"igvm-builder {_CMD}: error: --reference-values needs one loader; "
+                             "use --loader instead of --all-loaders")
+        return _all_loaders(f, args)
+    if args.platform is not None:
+        _require_platform(f, args.platform, args.file)
+    targets = [args.platform] if args.platform is not None else None
+    try:
+        ms = measure_file(f, platforms=targets, loader=args.loader, tdx_two_pass=args.tdx_two_pass)
+    except Exception as exc:
+        from igvm_builder.errors import IgvmError
+
+        if isinstance(exc, IgvmError):
+            raise exc.with_source(args.file) from None
+        raise
+    if args.reference_values:
+        from igvm_builder.io import atomic_write
+        from igvm_builder.measure.report import reference_values
+
+        import json
+
+        sha256, size = _sha256_file(args.file)
+        full = ms if targets is None else None  # measure every platform for the reference values
+        refs = reference_values(f, sha256, loader=args.loader, tdx_two_pass=args.tdx_two_pass,
+                                file_size=size, measurements=full)
+        atomic_write(args.reference_values, (json.dumps(refs, indent=2, sort_keys=True) + "\n").encode())
+    if args.json:
+        print_json({"file": args.file, "platforms": [_json_entry(m) for m in ms]})
+    else:
+        for m in ms:
+            print(_line(m))
+    sys.stdout.flush()
+    return 0

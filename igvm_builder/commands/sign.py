@@ -1,0 +1,314 @@
+"""``igvm-builder sign IN -o OUT --id-key SPEC``: add or replace the SEV-SNP ID block of an IGVM file.
+
+Three modes:
+
+* one step (default): measure, sign with the key sources, write OUT atomically;
+* ``--export-tbs TBS.json``: write the to-be-signed document (public keys only), no IGVM file;
+* ``--import-signature TBS.json --id-signature SIG [--author-signature SIG]``: put
+  signatures made elsewhere into IN (which must be the exported file) and write OUT.
+
+Test-only keys (``shared/keys``) are refused unless ``--allow-test-keys``.  Only key
+digests are printed, never key material.  Key specs: ``docs/SIGNING.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from igvm_builder.measure.profiles import PROFILES
+
+_MAX_SIGNATURE = 64 * 1024
+
+
+def _svn(value: str) -> int:
+    try:
+        svn = int(value, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not an integer") from None
+    if not 0 <= svn <= 0xFFFF_FFFF:
+        raise argparse.ArgumentTypeError(f"{svn} is out of range (0..0xffffffff)")
+    return svn
+
+
+def _id16(value: str) -> bytes:
+    from igvm_builder.errors import SigningError
+    from igvm_builder.sign.image import parse_id16
+
+    try:
+        return parse_id16(value, "the value")
+    except SigningError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", metavar="IN", help="IGVM file with an SEV_SNP platform (any producer)")
+    parser.add_argument("-o", "--output", metavar="OUT", help="signed IGVM file to write (atomically)")
+    parser.add_argument(
+        "--id-key", metavar="SPEC", help="ID key source: PATH, file:PATH, env:VAR, pkcs11:URI or cmd:COMMAND"
+    )
+    parser.add_argument("--author-key", metavar="SPEC", help="author key source (same forms as --id-key)")
+    parser.add_argument(
+        "--loader",
+        choices=sorted(PROFILES),
+        help="loader profile of the launch digest to sign (default: the config's image.loader with "
+        "--config, else hyperv)",
+    )
+    parser.add_argument("--family-id", type=_id16, metavar="HEX", help="FAMILY_ID, 32 hex digits")
+    parser.add_argument("--image-id", type=_id16, metavar="HEX", help="IMAGE_ID, 32 hex digits")
+    parser.add_argument("--guest-svn", type=_svn, metavar="N", help="GUEST_SVN (default 0)")
+    parser.add_argument(
+        "--config", metavar="CONFIG", help="build config: defaults from its [sign] table and image.loader"
+    )
+    parser.add_argument(
+        "--export-tbs", metavar="TBS.json", help="write the to-be-signed document (no IGVM file is written)"
+    )
+    parser.add_argument(
+        "--import-signature", metavar="TBS.json", help="the to-be-signed document the signatures are for"
+    )
+    parser.add_argument(
+        "--id-signature",
+        metavar="SIG",
+        help="ID key's signature over to_sign[id_block] (file, or - for stdin)",
+    )
+    parser.add_argument(
+        "--author-signature", metavar="SIG", help="author key's signature over to_sign[id_key] (file or -)"
+    )
+    parser.add_argument(
+        "--allow-test-keys", action="store_true", help="allow the public TEST-ONLY keys (tests only)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    parser.set_defaults(_sign_parser=parser)
+
+
+def _usage(args: argparse.Namespace, message: str) -> None:
+    args._sign_parser.error(message)  # exits with status 2
+
+
+def _check_usage(args: argparse.Namespace) -> None:
+    if args.export_tbs and args.import_signature:
+        _usage(args, "--export-tbs and --import-signature are the two halves of the flow: give one")
+    if args.export_tbs:
+        if args.output:
+            _usage(args, "--export-tbs writes the to-be-signed document and no IGVM file: drop -o")
+    elif not args.output:
+        _usage(args, "-o/--output is required")
+    if args.import_signature:
+        given = [
+            opt
+            for opt, value in (
+                ("--id-key", args.id_key),
+                ("--author-key", args.author_key),
+                ("--family-id", args.family_id),
+                ("--image-id", args.image_id),
+                ("--guest-svn", args.guest_svn),
+                ("--config", args.config),
+            )
+            if value is not None
+        ]
+        if given:
+            _usage(
+                args,
+                f"--import-signature takes the keys and ID block fields from the document; "
+                f"do not give {', '.join(given)}",
+            )
+        if not args.id_signature:
+            _usage(args, "--import-signature needs --id-signature")
+        if args.id_signature == "-" and args.author_signature == "-":
+            _usage(args, "only one of --id-signature and --author-signature can read standard input")
+    elif args.id_signature or args.author_signature:
+        _usage(args, "--id-signature/--author-signature go with --import-signature")
+
+
+def _config_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """Sign options from ``--config`` ([sign] table, image.loader); key paths relative to the config."""
+    if not args.config:
+        return {}
+    from igvm_builder.config import load_config
+
+    cfg = load_config(args.config)
+    base = os.path.dirname(cfg.source)
+
+    def resolve(spec: str | None) -> str | None:
+        if not spec:
+            return None
+        scheme, sep, rest = spec.partition(":")
+        scheme = scheme.lower() if sep else ""
+        if scheme in ("env", "pkcs11", "cmd") or (scheme == "file" and rest.startswith("//")):
+            return spec
+        prefix, path = ("file:", rest) if scheme == "file" else ("", spec)
+        return prefix + os.path.join(base, os.path.expanduser(path)) if path else spec
+
+    return {
+        "id_key": resolve(cfg.sign.id_key),
+        "author_key": resolve(cfg.sign.author_key),
+        "family_id": cfg.sign.family_id,
+        "image_id": cfg.sign.image_id,
+        "guest_svn": cfg.sign.guest_svn,
+        "loader": cfg.loader,
+    }
+
+
+def _read_signature(path: str, what: str) -> bytes:
+    from igvm_builder.errors import SigningError
+
+    if path == "-":
+        data = sys.stdin.buffer.read(_MAX_SIGNATURE + 1)
+    else:
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read(_MAX_SIGNATURE + 1)
+        except OSError as exc:
+            raise SigningError(f"cannot read the {what}: {exc.strerror}", source=path) from None
+    if len(data) > _MAX_SIGNATURE or not data.strip():
+        raise SigningError(f"the {what} is empty or too large to be a signature", source=path)
+    return data
+
+
+def _refuse_test_keys(args: argparse.Namespace, digests: dict[str, bytes | None]) -> str | None:
+    """SigningError for a TEST-ONLY key unless --allow-test-keys; else the warning to print on success."""
+    from igvm_builder.errors import SigningError
+    from igvm_builder.sign import TEST_ONLY_KEY_DIGESTS
+
+    test = [name for name, d in digests.items() if d is not None and d in TEST_ONLY_KEY_DIGESTS]
+    if not test:
+        return None
+    if not args.allow_test_keys:
+        raise SigningError(
+            f"refusing to sign with the public TEST-ONLY {' and '.join(test)} key (shared/keys): anything "
+            "signed with it proves nothing; pass --allow-test-keys for tests"
+        )
+    return f"igvm-builder sign: warning: the public TEST-ONLY {' and '.join(test)} key was used (tests only)"
+
+
+def _key_lines(id_digest: bytes, author_digest: bytes | None) -> list[str]:
+    return [
+        f"  ID key digest:     {id_digest.hex()}",
+        f"  author key digest: {author_digest.hex() if author_digest is not None else 'none'}",
+    ]
+
+
+def _load_public(spec: str) -> Any:
+    """For --export-tbs: a public key file (PEM/DER SubjectPublicKeyInfo or certificate) or a key source."""
+    from igvm_builder.sign import _ecdsa, key_source_from_spec
+
+    scheme, sep, rest = spec.partition(":")
+    path = rest if sep and scheme.lower() == "file" and not rest.startswith("//") else spec
+    if (not sep or scheme.lower() == "file") and os.path.isfile(path):
+        with open(path, "rb") as fh:
+            data = fh.read()
+        if b"PRIVATE KEY" not in data and (b"PUBLIC KEY" in data or b"CERTIFICATE" in data):
+            return _ecdsa.load_public_key(data, source=path)
+    return key_source_from_spec(spec)
+
+
+def run(args: argparse.Namespace) -> int:
+    from igvm_builder.format import IgvmFile
+    from igvm_builder.io import atomic_write
+    from igvm_builder.measure.profiles import DEFAULT_LOADER
+    from igvm_builder.sign import ExportedTbs, key_digest, key_source_from_spec
+    from igvm_builder.sign.image import export_igvm_tbs, import_igvm_signature, sign_igvm
+
+    _check_usage(args)
+    if args.import_signature:
+        with open(args.import_signature, "rb") as fh:
+            document = fh.read()
+        tbs = ExportedTbs.from_json(document)
+        loader = args.loader or _document_loader(document) or DEFAULT_LOADER
+        warning = _refuse_test_keys(
+            args,
+            {
+                "ID": key_digest(tbs.id_key),
+                "author": key_digest(tbs.author_key) if tbs.author_key is not None else None,
+            },
+        )
+        id_sig = _read_signature(args.id_signature, "ID signature")
+        author_sig = (
+            _read_signature(args.author_signature, "author signature") if args.author_signature else None
+        )
+        f = IgvmFile.load(args.input)
+        replaced = _has_id_block(f)
+        out, signed = import_igvm_signature(
+            f, tbs, id_block_signature=id_sig, id_key_signature=author_sig, loader=loader
+        )
+    else:
+        defaults = _config_defaults(args)
+        loader = args.loader or defaults.get("loader") or DEFAULT_LOADER
+        id_spec = args.id_key or defaults.get("id_key")
+        if not id_spec:
+            _usage(args, "--id-key is required (or a [sign] id_key in --config)")
+        author_spec = args.author_key or defaults.get("author_key")
+        fields = {
+            name: value if value is not None else defaults.get(name, default)
+            for name, value, default in (
+                ("family_id", args.family_id, bytes(16)),
+                ("image_id", args.image_id, bytes(16)),
+                ("guest_svn", args.guest_svn, 0),
+            )
+        }
+        f = IgvmFile.load(args.input)
+        if args.export_tbs:
+            id_pub = _load_public(id_spec)
+            author_pub = _load_public(author_spec) if author_spec else None
+            tbs = export_igvm_tbs(f, id_key=id_pub, author_key=author_pub, loader=loader, **fields)
+            id_digest = key_digest(tbs.id_key)
+            author_digest = key_digest(tbs.author_key) if tbs.author_key is not None else None
+            warning = _refuse_test_keys(args, {"ID": id_digest, "author": author_digest})
+            # The loader is recorded beside the standard fields so that the import measures alike.
+            doc = json.loads(tbs.to_json())
+            doc["loader"] = loader
+            atomic_write(args.export_tbs, (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode("utf-8"))
+            if not args.quiet:
+                print(
+                    f"{args.export_tbs}: to-be-signed document for {args.input} (loader {loader}, launch digest "
+                    f"{tbs.fields.ld.hex()}, policy {tbs.fields.policy:#x})"
+                )
+                for line in _key_lines(id_digest, author_digest):
+                    print(line)
+            if warning:
+                print(warning, file=sys.stderr)
+            return 0
+        id_key = key_source_from_spec(id_spec)
+        author_key = key_source_from_spec(author_spec) if author_spec else None
+        warning = _refuse_test_keys(
+            args,
+            {
+                "ID": key_digest(id_key.public_key()),
+                "author": key_digest(author_key.public_key()) if author_key is not None else None,
+            },
+        )
+        replaced = _has_id_block(f)
+        out, signed = sign_igvm(f, id_key=id_key, author_key=author_key, loader=loader, **fields)
+
+    atomic_write(args.output, out.iter_chunks())
+    if not args.quiet:
+        action = "replaced the" if replaced else "added an"
+        print(
+            f"{args.output}: {action} SEV-SNP ID block (loader {loader}, launch digest {signed.fields.ld.hex()}, "
+            f"policy {signed.fields.policy:#x}, guest svn {signed.fields.guest_svn})"
+        )
+        for line in _key_lines(signed.id_key_digest, signed.author_key_digest):
+            print(line)
+    if warning:
+        print(warning, file=sys.stderr)
+    return 0
+
+
+def _document_loader(document: bytes) -> str | None:
+    """The ``loader`` igvm-builder records in an exported document (None if absent or unknown)."""
+    try:
+        loader = json.loads(document).get("loader")
+    except (ValueError, AttributeError):
+        return None
+    return loader if isinstance(loader, str) and loader in PROFILES else None
+
+
+def _has_id_block(f: Any) -> bool:
+    from igvm_builder.format.defs import PlatformType
+    from igvm_builder.sign.image import find_id_blocks
+
+    snp = f.platform(PlatformType.SEV_SNP)
+    return bool(snp and find_id_blocks(f, snp.compatibility_mask))

@@ -1,0 +1,80 @@
+"""``igvm-builder verify FILE``: verify the SEV-SNP ID block of an IGVM file.
+
+Exit 0 with a one-line summary when everything verifies; exit 1 with one line per
+failed check otherwise (what is checked: ``docs/SIGNING.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from igvm_builder.measure.profiles import PROFILES
+
+
+def _digest(value: str) -> bytes:
+    text = value.strip().lower()
+    text = text[2:] if text.startswith("0x") else text
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected 96 hexadecimal digits (a SHA-384 key digest)") from None
+    if len(raw) != 48:
+        raise argparse.ArgumentTypeError(f"expected 48 bytes (96 hex digits), got {len(raw)} bytes")
+    return raw
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="signed IGVM file")
+    parser.add_argument(
+        "--loader",
+        choices=sorted(PROFILES),
+        help="loader profile whose launch digest the ID block must sign "
+        "(default: the reference values' loader, else hyperv)",
+    )
+    parser.add_argument(
+        "--id-key-digest", type=_digest, metavar="HEX", help="expected ID key digest (SHA-384)"
+    )
+    parser.add_argument(
+        "--author-key-digest", type=_digest, metavar="HEX", help="expected author key digest (SHA-384)"
+    )
+    parser.add_argument(
+        "--reference",
+        metavar="REF.json",
+        help="reference values (build/measure --reference-values): SNP digest, policy, key digests",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from igvm_builder.errors import VerificationError
+    from igvm_builder.format import IgvmFile
+    from igvm_builder.sign.image import IdBlockVerificationError, verify_igvm
+
+    reference = None
+    if args.reference:
+        with open(args.reference, "rb") as fh:
+            try:
+                reference = json.loads(fh.read())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise VerificationError(f"not JSON: {exc}", source=args.reference) from None
+    f = IgvmFile.load(args.file)
+    try:
+        report = verify_igvm(
+            f,
+            loader=args.loader,
+            id_key_digest=args.id_key_digest,
+            author_key_digest=args.author_key_digest,
+            reference=reference,
+        )
+    except IdBlockVerificationError as exc:
+        for failure in exc.failures:
+            print(f"igvm-builder verify: error: {args.file}: {failure.message}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK: {report.summary()}")
+    if report.uses_test_only_key:
+        print(
+            f"igvm-builder verify: warning: {args.file}: signed with a public TEST-ONLY key: it proves nothing",
+            file=sys.stderr,
+        )
+    return 0

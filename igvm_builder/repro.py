@@ -1,0 +1,680 @@
+"""Reproducibility: build a config twice under perturbed conditions and compare; verify a release.
+
+:func:`check_config_reproducible` stages the config and every input it names into two
+temporary trees, builds each one and compares the two IGVM files byte for byte (and the
+two reference-value documents).  On a mismatch it raises
+:class:`~igvm_builder.errors.ReproducibilityError` whose message carries the semantic diff
+(:mod:`igvm_builder.diff`) naming the headers, registers and GPA ranges that differ.
+
+Staging (``docs/REPRODUCIBLE_RELEASES.md``): the files are copied into each tree at their
+path relative to the common ancestor of all of them, so every path the config writes
+*relatively* resolves inside the tree and nothing in the config is rewritten (its bytes,
+hence its SHA-256 in the reference values, are unchanged).  A path the config writes as an
+*absolute* path (``/usr/share/ovmf/OVMF.fd``) cannot move without rewriting the config; such
+inputs are read in place by both builds and listed in :attr:`ReproReport.unmoved`.
+
+Perturbations between the two builds:
+
+* ``isolation="subprocess"`` (the default, ``igvm-builder repro``): each build is a fresh
+  ``python -m igvm_builder build`` with other absolute paths (trees of different depth and
+  path length), working directory (and the config named relatively in one build,
+  absolutely in the other), ``TZ``, ``LC_ALL``/``LANG``, ``umask``, ``PYTHONHASHSEED``,
+  ``TMPDIR``, environment order, input mtimes and modes, and file creation order;
+* ``isolation="in-process"`` (cheap, for the SCons ``IGVMReproCheck`` builder): both builds
+  run in the calling process from the two trees: other absolute paths, mtimes, modes and
+  creation order, and the second build runs in a process the first one has warmed (state
+  leaking between builds shows up).  No environment or working-directory change, so it is
+  safe in a threaded caller such as ``scons -j``.
+
+:func:`verify_release` rebuilds a config and checks it against a published
+reference-values file (``igvm-builder build --reference-values``): inputs first, then the
+file SHA-256 and every platform's measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from igvm_builder.diff import FileDiff, diff_files
+from igvm_builder.errors import IgvmError, ReproducibilityError, VerificationError
+
+__all__ = [
+    "ReleaseCheck",
+    "ReleaseReport",
+    "ReproReport",
+    "StagedTree",
+    "check_config_reproducible",
+    "check_config_reproducible_in_process",
+    "compare_builds",
+    "compare_reference_values",
+    "stage_tree",
+    "verify_release",
+]
+
+#: The two builds' conditions (subprocess isolation).  Keys not listed are inherited.
+PERTURBATIONS: tuple[dict[str, Any], dict[str, Any]] = (
+    {"TZ": "UTC", "LC_ALL": "C", "LANG": "C", "PYTHONHASHSEED": "0", "umask": 0o022, "env_order": "sorted",
+     "mtime": 0, "mode": 0o644, "create_order": "sorted", "config_arg": "relative"},
+    {"TZ": "Asia/Kathmandu", "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "PYTHONHASHSEED": "3141592653",
+     "umask": 0o077, "env_order": "reversed", "mtime": 2_000_000_000, "mode": 0o444, "create_order": "reversed",
+     "config_arg": "absolute"},
+)
+SUBPROCESS_PERTURBED = ("absolute paths", "working directory", "TZ", "LC_ALL/LANG", "umask", "PYTHONHASHSEED",
+                        "TMPDIR", "environment order", "input mtimes", "input modes", "file creation order")
+IN_PROCESS_PERTURBED = ("absolute paths", "input mtimes", "input modes", "file creation order",
+                        "warm process (second build)")
+
+
+# =========================================================================== results
+
+
+@dataclass(frozen=True, slots=True)
+class ReproReport:
+    """Both builds agreed: what was built and what was varied."""
+
+    config: str
+    platforms: tuple[str, ...]
+    loader: str | None
+    sha256: str
+    size: int
+    isolation: str
+    perturbed: tuple[str, ...]
+    unmoved: tuple[str, ...] = ()
+
+    def line(self) -> str:
+        extra = f"; read in place (absolute paths): {', '.join(self.unmoved)}" if self.unmoved else ""
+        return (f"{self.config}: reproducible: 2 builds ({self.isolation}) agree, {self.size} bytes, "
+                f"sha256 {self.sha256}; varied: {', '.join(self.perturbed)}{extra}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "result": "reproducible", "platforms": list(self.platforms),
+                "loader": self.loader, "sha256": self.sha256, "size": self.size, "isolation": self.isolation,
+                "perturbed": list(self.perturbed), "unmoved_inputs": list(self.unmoved)}
+
+
+# =========================================================================== comparing
+
+
+def _buffer(data: bytes | bytearray | memoryview | mmap.mmap | str | os.PathLike[str]
+            ) -> tuple[bytes | bytearray | memoryview | mmap.mmap, str | None]:
+    if isinstance(data, str | os.PathLike):
+        name = os.fspath(data)
+        with open(name, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            return (mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""), name
+    return data, None
+
+
+def _first_difference(a: memoryview, b: memoryview, chunk: int = 1 << 16) -> int | None:
+    n = min(len(a), len(b))
+    for off in range(0, n, chunk):
+        ca, cb = a[off : off + chunk], b[off : off + chunk]
+        if ca != cb:
+            return off + next(i for i in range(len(ca)) if ca[i] != cb[i])
+    return None if len(a) == len(b) else n
+
+
+def compare_builds(a: bytes | bytearray | memoryview | mmap.mmap | str | os.PathLike[str],
+                   b: bytes | bytearray | memoryview | mmap.mmap | str | os.PathLike[str], *,
+                   a_name: str = "build A", b_name: str = "build B", loader: str | None = None) -> FileDiff:
+    """Compare two builds (bytes, or paths of IGVM files): byte-identical, or the semantic diff.
+
+    The result's :attr:`~igvm_builder.diff.FileDiff.byte_identical` says whether the bytes
+    agree; if they do not, the files are parsed (zero-copy) and diffed.  A build that is not
+    a valid IGVM file raises :class:`~igvm_builder.errors.ReproducibilityError`.
+    """
+    from igvm_builder.format import IgvmFile
+
+    buf_a, _ = _buffer(a)
+    buf_b, _ = _buffer(b)
+    va, vb = memoryview(buf_a), memoryview(buf_b)
+    first = _first_difference(va, vb)
+    if first is None:
+        return FileDiff(a_name=a_name, b_name=b_name, platforms_a=(), platforms_b=(), byte_identical=True,
+                        loader=loader)
+    try:
+        fa = IgvmFile.from_bytes(buf_a, source=a_name)
+        fb = IgvmFile.from_bytes(buf_b, source=b_name)
+    except IgvmError as exc:
+        raise ReproducibilityError(f"builds differ from byte offset {first:#x} and one is not a valid IGVM "
+                                   f"file: {exc}") from None
+    return diff_files(fa, fb, a_name=a_name, b_name=b_name, loader=loader, byte_identical=False)
+
+
+def _normalized_refs(refs: Mapping[str, Any]) -> dict[str, Any]:
+    """Reference values minus what legitimately depends on where the tree lives.
+
+    The ``inputs`` section keys inputs by their path relative to the config; for an input
+    named by absolute path that relative path depends on the config's location, so inputs
+    are compared as the sorted list of their SHA-256 digests.
+    """
+    out = {k: v for k, v in refs.items() if k != "inputs"}
+    inputs = refs.get("inputs")
+    if isinstance(inputs, Mapping):
+        out["inputs"] = sorted(str(e.get("sha256")) if isinstance(e, Mapping) else repr(e)
+                               for e in inputs.values())
+    return out
+
+
+def _flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(obj, Mapping):
+        for k in sorted(obj, key=str):
+            yield from _flatten(obj[k], f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            yield from _flatten(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, obj
+
+
+def compare_reference_values(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two reference-value documents (normalized)."""
+    fa, fb = dict(_flatten(_normalized_refs(a))), dict(_flatten(_normalized_refs(b)))
+    return [f"{k}: {fa.get(k, '(absent)')!r} != {fb.get(k, '(absent)')!r}"
+            for k in sorted(set(fa) | set(fb)) if fa.get(k, ...) != fb.get(k, ...)]
+
+
+def _mismatch(config: str, d: FileDiff, refs_diff: Sequence[str], first: int | None = None) -> ReproducibilityError:
+    lines = []
+    if not d.byte_identical:
+        where = f" (first difference at byte {first:#x})" if first is not None else ""
+        lines.append(f"{config}: NOT reproducible: the two builds differ{where}")
+        lines.append(d.render_text().rstrip("\n"))
+    else:
+        lines.append(f"{config}: NOT reproducible: the IGVM files agree but the reference values differ")
+    if refs_diff:
+        lines.append("reference values differ at:")
+        lines += [f"  {r}" for r in refs_diff[:50]]
+    err = ReproducibilityError("\n".join(lines))
+    err.diff = d  # type: ignore[attr-defined]
+    err.reference_differences = list(refs_diff)  # type: ignore[attr-defined]
+    return err
+
+
+# =========================================================================== staging
+
+
+@dataclass(frozen=True, slots=True)
+class StagedTree:
+    """A copy of a config and its inputs under ``root`` (see :func:`stage_tree`)."""
+
+    root: str
+    config: str  # the staged config's absolute path
+    files: tuple[str, ...]  # staged copies, in creation order
+    unmoved: tuple[str, ...]  # inputs the staged config still reads in place (absolute paths)
+
+
+def _common_root(paths: Sequence[str]) -> str:
+    dirs = [os.path.dirname(p) for p in paths]
+    try:
+        return os.path.commonpath(dirs)
+    except ValueError:  # different drives (Windows)
+        raise ReproducibilityError("the config and its inputs are on different drives; cannot stage them "
+                                   "in one tree") from None
+
+
+def _copy(src: str, dst: str, *, mtime: float, mode: int) -> None:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.chmod(dst, 0o644)  # a re-staged read-only copy
+    shutil.copyfile(src, dst)
+    os.chmod(dst, mode)
+    os.utime(dst, (mtime, mtime))
+
+
+def stage_tree(config_path: str | os.PathLike[str], dest: str, *, mtime: float = 0, mode: int = 0o644,
+               reverse: bool = False) -> StagedTree:
+    """Copy ``config_path`` and every input it names under ``dest`` (relative layout mirrored).
+
+    Each file goes to ``dest/<its path relative to the common ancestor of all the files>``.
+    Includes are staged first (the staged config must load), then the staged config tells
+    which inputs resolve inside the tree; inputs it names by absolute path stay where they
+    are (:attr:`StagedTree.unmoved`).  Files are created in sorted or ``reverse`` order and
+    given ``mtime`` and ``mode``.
+    """
+    from igvm_builder.config import load_config
+
+    dest = os.path.abspath(dest)
+    cfg = load_config(config_path)
+    every = [cfg.source, *cfg.input_files]
+    base = _common_root(every)
+
+    def staged(p: str) -> str:
+        return os.path.join(dest, os.path.relpath(p, base))
+
+    def original(p: str) -> str:
+        return os.path.normpath(os.path.join(base, os.path.relpath(p, dest)))
+
+    first = sorted([cfg.source, *cfg.includes], reverse=reverse)
+    created: list[str] = []
+    for p in first:
+        _copy(p, staged(p), mtime=mtime, mode=mode)
+        created.append(staged(p))
+    staged_cfg = load_config(staged(cfg.source))
+    inside, unmoved = [], []
+    for p in staged_cfg.input_files:
+        if os.path.commonpath([dest, p]) == dest:
+            if p not in created:
+                inside.append(p)
+        else:
+            unmoved.append(p)
+    for p in sorted(inside, reverse=reverse):
+        src = original(p)
+        if not os.path.exists(src):
+            raise ReproducibilityError(f"input {src} named by the config does not exist", source=cfg.source)
+        _copy(src, p, mtime=mtime, mode=mode)
+        created.append(p)
+    return StagedTree(root=dest, config=staged(cfg.source), files=tuple(created), unmoved=tuple(unmoved))
+
+
+# =========================================================================== builds
+
+
+def _package_parent() -> str:
+    import igvm_builder
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(igvm_builder.__file__)))
+
+
+def _child_env(p: Mapping[str, Any], tmpdir: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for k in ("TZ", "LC_ALL", "LANG", "PYTHONHASHSEED", "TMPDIR"):
+        env.pop(k, None)
+    env.update({"TZ": p["TZ"], "LC_ALL": p["LC_ALL"], "LANG": p["LANG"], "PYTHONHASHSEED": p["PYTHONHASHSEED"],
+                "TMPDIR": tmpdir})
+    old = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = _package_parent() + (os.pathsep + old if old else "")
+    keys = sorted(env, reverse=p["env_order"] == "reversed")
+    return {k: env[k] for k in keys}
+
+
+def _run_build(n: int, tree: StagedTree, out: str, refs: str, workdir: str, p: Mapping[str, Any],
+               platforms: Sequence[str] | None, loader: str | None, timeout: float) -> None:
+    tmpdir = os.path.join(os.path.dirname(workdir), f"tmp{n}")
+    os.makedirs(tmpdir, exist_ok=True)
+    os.makedirs(workdir, exist_ok=True)
+    config_arg = tree.config
+    cwd = workdir
+    if p["config_arg"] == "relative":
+        cwd = os.path.dirname(tree.config)
+        config_arg = os.path.basename(tree.config)
+    cmd = [sys.executable, "-m", "igvm_builder", "build", config_arg, "-o", out, "--reference-values", refs, "-q"]
+    if platforms:
+        cmd += ["--platforms", ",".join(platforms)]
+    if loader:
+        cmd += ["--loader", loader]
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=_child_env(p, tmpdir), umask=p["umask"], capture_output=True,
+                              text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise ReproducibilityError(f"build {'AB'[n]} did not finish within {timeout:g} s") from None
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-20:])
+        raise ReproducibilityError(f"build {'AB'[n]} failed (exit {proc.returncode}): {tail}")
+
+
+def _params(config_path: str | os.PathLike[str], platforms: Sequence[str] | str | None, loader: str | None
+            ) -> tuple[str, tuple[str, ...] | None]:
+    path = os.path.abspath(os.fspath(config_path))
+    if isinstance(platforms, str):
+        platforms = [p.strip() for p in platforms.split(",") if p.strip()]
+    return path, tuple(platforms) if platforms else None
+
+
+def _mkdirs() -> tuple[tempfile.TemporaryDirectory[str], str, str]:
+    holder = tempfile.TemporaryDirectory(prefix="igvm-repro-")
+    # Two trees at different depths and path lengths.
+    a = os.path.join(holder.name, "a")
+    b = os.path.join(holder.name, "build-b-with-a-much-longer-directory-name", "nested", "deeper")
+    return holder, a, b
+
+
+def check_config_reproducible(config_path: str | os.PathLike[str], *, platforms: Sequence[str] | str | None = None,
+                              loader: str | None = None, isolation: str = "subprocess",
+                              keep: str | os.PathLike[str] | None = None, timeout: float = 900.0) -> ReproReport:
+    """Build ``config_path`` twice under perturbed conditions; raise on any difference.
+
+    ``platforms`` / ``loader`` override the config (as ``igvm-builder build`` does).
+    ``isolation`` is ``"subprocess"`` (fresh interpreters, full perturbation) or
+    ``"in-process"`` (cheap; see the module docstring).  ``keep`` names a directory that
+    receives both builds (``a.igvm``, ``b.igvm`` and their reference values) for
+    inspection.  Raises :class:`~igvm_builder.errors.ReproducibilityError` (with ``.diff``,
+    the :class:`~igvm_builder.diff.FileDiff`, and a message holding its text rendering).
+    """
+    if isolation not in ("subprocess", "in-process"):
+        raise ValueError(f"isolation must be 'subprocess' or 'in-process', not {isolation!r}")
+    path, plats = _params(config_path, platforms, loader)
+    holder, root_a, root_b = _mkdirs()
+    with holder:
+        trees = []
+        for root, p in zip((root_a, root_b), PERTURBATIONS, strict=True):
+            trees.append(stage_tree(path, os.path.join(root, "src"), mtime=p["mtime"], mode=p["mode"],
+                                    reverse=p["create_order"] == "reversed"))
+        outs = [os.path.join(root_a, "out", "a.igvm"), os.path.join(root_b, "output", "image-b.igvm")]
+        refs_paths = [o + ".json" for o in outs]
+        if isolation == "subprocess":
+            for n, (tree, p) in enumerate(zip(trees, PERTURBATIONS, strict=True)):
+                os.makedirs(os.path.dirname(outs[n]), exist_ok=True)
+                workdir = os.path.join((root_a, root_b)[n], "cwd" if n == 0 else "elsewhere/working-dir")
+                _run_build(n, tree, outs[n], refs_paths[n], workdir, p, plats, loader, timeout)
+            refs = []
+            for rp in refs_paths:
+                with open(rp, encoding="utf-8") as fh:
+                    refs.append(json.load(fh))
+            perturbed = SUBPROCESS_PERTURBED
+        else:
+            from igvm_builder.build import build
+            from igvm_builder.config import load_config
+            from igvm_builder.io import atomic_write
+
+            refs = []
+            for n, tree in enumerate(trees):
+                result = build(load_config(tree.config), platforms=plats, loader=loader)
+                os.makedirs(os.path.dirname(outs[n]), exist_ok=True)
+                atomic_write(outs[n], result.chunks())
+                refs.append(json.loads(json.dumps(result.reference_values, sort_keys=True)))
+            perturbed = IN_PROCESS_PERTURBED
+        if keep is not None:
+            os.makedirs(keep, exist_ok=True)
+            for src, name in zip(outs, ("a.igvm", "b.igvm"), strict=True):
+                shutil.copyfile(src, os.path.join(keep, name))
+            for r, name in zip(refs, ("a.json", "b.json"), strict=True):
+                with open(os.path.join(keep, name), "w", encoding="utf-8") as fh:
+                    json.dump(r, fh, indent=2, sort_keys=True)
+        d = compare_builds(outs[0], outs[1], a_name="build A", b_name="build B", loader=_measure_loader(refs[0]))
+        refs_diff = compare_reference_values(refs[0], refs[1])
+        if not d.byte_identical or refs_diff:
+            first = None
+            if not d.byte_identical:
+                first = _first_difference(memoryview(_buffer(outs[0])[0]), memoryview(_buffer(outs[1])[0]))
+            raise _mismatch(path, d, refs_diff, first)
+        h = hashlib.sha256()
+        with open(outs[0], "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        size = os.path.getsize(outs[0])
+        build_info = refs[0].get("build", {}) if isinstance(refs[0], Mapping) else {}
+        return ReproReport(
+            config=path,
+            platforms=tuple(build_info.get("platforms", plats or ())),
+            loader=build_info.get("loader", loader),
+            sha256=h.hexdigest(), size=size, isolation=isolation, perturbed=perturbed,
+            unmoved=trees[0].unmoved,
+        )
+
+
+def _measure_loader(refs: Any) -> str | None:
+    if isinstance(refs, Mapping):
+        loader = refs.get("build", {}).get("loader") if isinstance(refs.get("build"), Mapping) else None
+        from igvm_builder.measure.profiles import PROFILES
+
+        if loader in PROFILES:
+            return str(loader)
+    return None
+
+
+def check_config_reproducible_in_process(config_path: str | os.PathLike[str], *,
+                                         platforms: Sequence[str] | str | None = None,
+                                         loader: str | None = None) -> ReproReport:
+    """:func:`check_config_reproducible` with ``isolation="in-process"`` (cheap; thread-safe)."""
+    return check_config_reproducible(config_path, platforms=platforms, loader=loader, isolation="in-process")
+
+
+# =========================================================================== release verification
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseCheck:
+    """One comparison against the published reference values."""
+
+    kind: str  # "input" | "build" | "file" | "measurement" | "igvm"
+    name: str
+    ok: bool
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "ok": self.ok, "message": self.message}
+
+
+@dataclass(frozen=True)
+class ReleaseReport:
+    """The outcome of :func:`verify_release`; problems are ordered inputs first."""
+
+    config: str
+    reference: str
+    sha256: str | None
+    checks: tuple[ReleaseCheck, ...]
+    diff: FileDiff | None = field(default=None, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def problems(self) -> tuple[ReleaseCheck, ...]:
+        return tuple(c for c in self.checks if not c.ok)
+
+    def render_text(self) -> str:
+        if self.ok:
+            n_inputs = sum(1 for c in self.checks if c.kind == "input")
+            n_meas = sum(1 for c in self.checks if c.kind == "measurement")
+            return (f"{self.config}: release verified against {self.reference}: sha256 {self.sha256}, "
+                    f"{n_inputs} input(s) and {n_meas} measurement(s) match\n")
+        lines = [f"{self.config}: release does NOT match {self.reference}:"]
+        lines += [f"  {c.message}" for c in self.problems]
+        if self.diff is not None and not self.diff.identical:
+            lines.append("semantic diff (released file -> rebuild):")
+            lines += ["  " + x for x in self.diff.render_text().rstrip("\n").splitlines()]
+        return "\n".join(lines) + "\n"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "reference": self.reference, "ok": self.ok, "sha256": self.sha256,
+                "checks": [c.as_dict() for c in self.checks],
+                "diff": self.diff.as_dict() if self.diff is not None else None}
+
+
+def _sha256_file(path: str) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def _rel_key(path: str, base: str) -> str:
+    return os.path.relpath(path, base).replace(os.sep, "/")
+
+
+def _roles(cfg: Any) -> dict[str, str]:
+    """Absolute input path -> role (firmware, kernel, initrd, blob, include)."""
+    roles: dict[str, str] = {}
+    for p in cfg.includes:
+        roles.setdefault(p, "include")
+    if cfg.firmware:
+        roles.setdefault(cfg.firmware, "firmware")
+    if cfg.kernel:
+        roles.setdefault(cfg.kernel.path, "kernel")
+        if cfg.kernel.initrd:
+            roles.setdefault(cfg.kernel.initrd, "initrd")
+    for b in cfg.blobs:
+        roles.setdefault(b.path, f"blob@{b.gpa:#x}")
+    return roles
+
+
+def _strip_up(key: str) -> str:
+    while key.startswith("../"):
+        key = key[3:]
+    return key
+
+
+def _pair_moved_inputs(current: Sequence[str], published: Sequence[str]) -> dict[str, str]:
+    """Pair inputs whose relative key differs only because the tree moved.
+
+    An input the config names by absolute path is keyed by its path relative to the
+    config, which depends on where the checkout lives (``../../../usr/share/ovmf/OVMF.fd``
+    on one machine, ``../../usr/share/ovmf/OVMF.fd`` on another).  Keys equal once their
+    leading ``../`` are dropped are the same input; failing that, a unique basename.
+    """
+    out: dict[str, str] = {}
+    left = list(published)
+    for key in current:
+        hit = [p for p in left if _strip_up(p) == _strip_up(key)]
+        if len(hit) != 1:
+            hit = [p for p in left if p.rsplit("/", 1)[-1] == key.rsplit("/", 1)[-1]]
+        if len(hit) == 1:
+            out[key] = hit[0]
+            left.remove(hit[0])
+    return out
+
+
+def _short(h: str | None) -> str:
+    return f"{h[:12]}…" if h else "(unreadable)"
+
+
+def _platform_entries(refs: Mapping[str, Any]) -> dict[str, Any]:
+    plats = refs.get("platforms")
+    return dict(plats) if isinstance(plats, Mapping) else {}
+
+
+def _entry_digest(entry: Any) -> Any:
+    if isinstance(entry, Mapping):
+        for k in ("digest", "measurement", "mrtd", "launch_digest"):
+            if k in entry:
+                return entry[k]
+    return entry
+
+
+def verify_release(config_path: str | os.PathLike[str], reference: Mapping[str, Any] | str | os.PathLike[str], *,
+                   igvm: str | os.PathLike[str] | None = None, platforms: Sequence[str] | str | None = None,
+                   loader: str | None = None) -> ReleaseReport:
+    """Rebuild ``config_path`` and compare it with the published ``reference`` values.
+
+    ``reference`` is the JSON written by ``igvm-builder build --reference-values`` (a path
+    or the decoded document).  The build uses the platforms and loader it records unless
+    ``platforms`` / ``loader`` override them.  Checks, in this order: the SHA-256 of the
+    config and of every input (a changed input is the usual cause, so it is named first),
+    the rebuild itself, the file SHA-256 and size, every platform's measurement, and with
+    ``igvm`` the released file itself (its SHA-256, and a semantic diff against the rebuild
+    when it differs).
+    """
+    from igvm_builder.build import build
+    from igvm_builder.config import load_config
+
+    ref_name = "reference values"
+    if isinstance(reference, str | os.PathLike):
+        ref_name = os.fspath(reference)
+        try:
+            with open(ref_name, encoding="utf-8") as fh:
+                reference = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise VerificationError(f"cannot read the reference values: {exc}", source=ref_name) from None
+    if not isinstance(reference, Mapping):
+        raise VerificationError("the reference values are not a JSON object", source=ref_name)
+    path, plats = _params(config_path, platforms, loader)
+    build_info = reference.get("build") if isinstance(reference.get("build"), Mapping) else {}
+    if plats is None and build_info.get("platforms"):
+        plats = tuple(build_info["platforms"])
+    if loader is None and build_info.get("loader"):
+        loader = str(build_info["loader"])
+
+    checks: list[ReleaseCheck] = []
+    cfg = load_config(path)
+    base = os.path.dirname(cfg.source)
+    published = reference.get("inputs") if isinstance(reference.get("inputs"), Mapping) else {}
+    # ---- inputs first
+    current: dict[str, tuple[str, str, str | None]] = {}  # key -> (role, shown path, sha256)
+    current["config"] = ("config", os.path.basename(cfg.source), _sha256_file(cfg.source))
+    for p, role in _roles(cfg).items():
+        key = _rel_key(p, base)
+        current[key] = (role, key, _sha256_file(p))
+    aliases = _pair_moved_inputs([k for k in current if k not in published],
+                                 [k for k in published if k not in current and k != "config"])
+    for key, (role, shown, digest) in current.items():
+        entry = published.get(aliases.get(key, key))
+        if key in aliases:
+            shown = f"{shown} (published as {aliases[key]})"
+        if entry is None:
+            if role != "include":  # includes are not in the reference values (they change no input hash)
+                checks.append(ReleaseCheck("input", key, False, f"{role} {shown}: read by this build but not "
+                                           "listed in the published reference values"))
+            continue
+        pub = entry.get("sha256") if isinstance(entry, Mapping) else None
+        if digest is None:
+            checks.append(ReleaseCheck("input", key, False, f"{role} {shown}: missing or unreadable "
+                                       f"(published sha256 {_short(pub)})"))
+        elif digest != pub:
+            checks.append(ReleaseCheck("input", key, False, f"{role} {shown}: sha256 {_short(digest)} != "
+                                       f"published {_short(pub)}"))
+        else:
+            checks.append(ReleaseCheck("input", key, True, f"{role} {shown}: sha256 {_short(digest)} matches"))
+    for key, entry in published.items():
+        if key not in current and key not in aliases.values():
+            shown = entry.get("path", key) if isinstance(entry, Mapping) else key
+            checks.append(ReleaseCheck("input", key, False, f"input {shown}: in the published reference values "
+                                       "but not named by this config"))
+    # ---- rebuild
+    try:
+        result = build(cfg, platforms=plats, loader=loader)
+    except IgvmError as exc:
+        checks.append(ReleaseCheck("build", "rebuild", False, f"the rebuild failed: {exc}"))
+        return ReleaseReport(path, ref_name, None, tuple(checks))
+    pub_file = reference.get("file") if isinstance(reference.get("file"), Mapping) else {}
+    pub_sha = pub_file.get("sha256")
+    checks.append(ReleaseCheck("file", "sha256", result.sha256 == pub_sha,
+                               f"file sha256 {_short(result.sha256)} != published {_short(pub_sha)}"
+                               if result.sha256 != pub_sha else f"file sha256 {result.sha256} matches"))
+    if "size" in pub_file and pub_file.get("size") != result.size:
+        checks.append(ReleaseCheck("file", "size", False,
+                                   f"file size {result.size} != published {pub_file.get('size')}"))
+    # ---- measurements
+    pub_plats = _platform_entries(reference)
+    new_plats = _platform_entries(result.reference_values)
+    for name in dict.fromkeys([*pub_plats, *new_plats]):
+        if name not in new_plats:
+            checks.append(ReleaseCheck("measurement", name, False, f"platform {name}: published but not built"))
+            continue
+        if name not in pub_plats:
+            checks.append(ReleaseCheck("measurement", name, False, f"platform {name}: built but not published"))
+            continue
+        a, b = _entry_digest(new_plats[name]), _entry_digest(pub_plats[name])
+        if a == b:
+            checks.append(ReleaseCheck("measurement", name, True, f"platform {name}: measurement matches"))
+        else:
+            detail = f"{_short(str(a))} != published {_short(str(b))}" if isinstance(a, str) else "differs"
+            if isinstance(a, Mapping) or isinstance(b, Mapping):
+                keys = [k for k in dict.fromkeys([*(a or {}), *(b or {})])
+                        if (a or {}).get(k) != (b or {}).get(k)]
+                detail = "differs in " + ", ".join(map(str, keys))
+            checks.append(ReleaseCheck("measurement", name, False, f"platform {name}: measurement {detail}"))
+    # ---- the released file itself
+    d: FileDiff | None = None
+    if igvm is not None:
+        igvm_path = os.fspath(igvm)
+        released = _sha256_file(igvm_path)
+        if released is None:
+            checks.append(ReleaseCheck("igvm", igvm_path, False, f"released file {igvm_path}: cannot read it"))
+        else:
+            checks.append(ReleaseCheck("igvm", igvm_path, released == pub_sha,
+                                       f"released file {igvm_path}: sha256 {_short(released)} != published "
+                                       f"{_short(pub_sha)}" if released != pub_sha
+                                       else f"released file {igvm_path}: sha256 matches"))
+            if released != result.sha256:
+                try:
+                    d = compare_builds(igvm_path, result.data, a_name=igvm_path, b_name="rebuild", loader=loader)
+                except ReproducibilityError as exc:
+                    checks.append(ReleaseCheck("igvm", igvm_path, False, f"released file {igvm_path}: {exc}"))
+    return ReleaseReport(path, ref_name, result.sha256, tuple(checks), d)

@@ -1,0 +1,739 @@
+"""Sign and verify whole IGVM files: the SEV-SNP ID block as an ``SNP_ID_BLOCK`` directive.
+
+Signing (:func:`sign_igvm`):
+
+1. Find the SEV_SNP platform and the GUEST_POLICY that applies to it (the loader
+   rebuilds the firmware ID block with that policy, so it is what gets signed).
+2. Measure the SNP launch digest with a loader profile (default
+   :data:`~igvm_builder.measure.profiles.DEFAULT_LOADER`); the ID block directive
+   itself is not measured, so measuring before inserting it is exact.
+3. Sign the 96-byte ID block (and, with an author key, the SEV-format ID key).
+4. Return a new :class:`~igvm_builder.format.file.IgvmFile` with exactly one
+   ``SNP_ID_BLOCK`` for the SNP compatibility mask, appended after the last
+   directive; an existing block for that mask is removed.  Nothing else changes.
+5. Verify the result before returning it.
+
+Verification (:func:`verify_igvm`) checks, and reports each failure with its own
+kind and one-line message (:class:`IdBlockVerificationError`): exactly one ID block
+for the SNP platform; its structure and both signatures under the file's
+GUEST_POLICY (a block signed for another policy is reported as a policy mismatch
+when the signed policy can be found); the signed LD against the digest recomputed
+for the loader; the ID and author key digests; and optionally the reference values
+written by ``igvm-builder build/measure --reference-values``.
+
+The two-step flow over whole files is :func:`export_igvm_tbs` /
+:func:`import_igvm_signature` (see :mod:`igvm_builder.sign.twostep`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from igvm_builder.errors import IgvmError, SigningError, VerificationError
+from igvm_builder.format import headers as H
+from igvm_builder.format.defs import PlatformType
+from igvm_builder.format.file import IgvmFile
+from igvm_builder.measure.engine import measure_platform
+from igvm_builder.measure.profiles import PROFILES, get_profile
+from igvm_builder.sign import _ecdsa, sign_id_block
+from igvm_builder.sign.idblock import (
+    TEST_ONLY_KEY_DIGESTS,
+    IgvmSnpIdBlock,
+    SignedIdBlock,
+    parse_igvm_id_block_body,
+    verify_igvm_id_block_body,
+)
+from igvm_builder.sign.keys import KeySource, key_source_from_spec
+from igvm_builder.sign.twostep import ExportedTbs, export_tbs, import_signature
+
+__all__ = [
+    "FAILURE_KINDS",
+    "IdBlockVerificationError",
+    "VerifyFailure",
+    "VerifyReport",
+    "export_igvm_tbs",
+    "find_id_blocks",
+    "import_igvm_signature",
+    "parse_id16",
+    "sign_igvm",
+    "sign_image",
+    "snp_target",
+    "verify_igvm",
+]
+
+_SNP = PlatformType.SEV_SNP
+
+#: Every ``VerifyFailure.kind``, in the order the checks run.
+FAILURE_KINDS = (
+    "platform",  # no SEV_SNP platform, or no (or an ambiguous) GUEST_POLICY for it
+    "missing",  # no SNP_ID_BLOCK for the SNP platform: the file is not signed
+    "duplicate",  # more than one SNP_ID_BLOCK for the SNP platform
+    "signature",  # a signature (or the block's structure) does not verify
+    "policy",  # signed for another policy than GUEST_POLICY (or the reference's)
+    "launch-digest",  # the signed LD is not the file's digest for the loader
+    "id-key-digest",  # signed with another ID key than expected
+    "author-key-digest",  # another (or no) author key than expected
+    "reference",  # the reference values disagree with the file, or cannot be read
+)
+
+#: Policies tried, besides single-bit changes of GUEST_POLICY, to name the policy a
+#: block was signed for when its signature does not verify under GUEST_POLICY.
+_COMMON_POLICIES = (0x30000, 0x3001F, 0x10000, 0x20000, 0x70000, 0xB0000, 0x130000, 0x1B0000, 0x3000F)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared by signing and verification
+
+
+def snp_target(f: IgvmFile, error: type[IgvmError] = SigningError) -> tuple[H.SupportedPlatform, int]:
+    """The SEV_SNP platform header and the GUEST_POLICY policy that applies to it.
+
+    Raises ``error`` (SigningError by default) when the file has no SEV_SNP platform,
+    no GUEST_POLICY for it, or several that disagree.
+    """
+    platform = f.platform(_SNP)
+    if platform is None:
+        have = ", ".join(p.platform_type.name for p in f.platforms) or "none"
+        raise error(
+            f"the file has no SEV_SNP platform (it has: {have}); only SEV-SNP launches take an ID block"
+        )
+    mask = platform.compatibility_mask
+    policies = {
+        h.policy
+        for h in f.initializations
+        if isinstance(h, H.GuestPolicy) and h.compatibility_mask & mask == mask
+    }
+    if not policies:
+        raise error(
+            f"no GUEST_POLICY for the SEV_SNP platform (mask {mask:#x}): the ID block signs the guest "
+            "policy, and a loader cannot launch the file without one"
+        )
+    if len(policies) > 1:
+        values = ", ".join(f"{p:#x}" for p in sorted(policies))
+        raise error(f"several GUEST_POLICY headers for the SEV_SNP platform disagree ({values})")
+    return platform, policies.pop()
+
+
+def find_id_blocks(f: IgvmFile, mask: int) -> list[H.SnpIdBlock]:
+    """Every SNP_ID_BLOCK directive whose compatibility mask includes ``mask``."""
+    return [h for h in f.directives if isinstance(h, H.SnpIdBlock) and h.compatibility_mask & mask]
+
+
+def _measure(f: IgvmFile, loader: str) -> bytes:
+    digest = measure_platform(f, _SNP, loader=loader).digest
+    if digest is None:  # pragma: no cover - SNP always has a digest
+        raise SigningError("the SEV_SNP platform has no launch digest")
+    return digest
+
+
+def _loader_name(loader: str | None) -> str:
+    return get_profile(loader).name
+
+
+def parse_id16(value: bytes | bytearray | str | None, what: str) -> bytes:
+    """A 16-byte FAMILY_ID / IMAGE_ID from bytes or hex text (``0x`` prefix and dashes allowed).
+
+    ``None`` gives 16 zero bytes.
+    """
+    if value is None:
+        return bytes(16)
+    if isinstance(value, bytes | bytearray):
+        raw = bytes(value)
+    elif isinstance(value, str):
+        text = value.strip().replace("-", "")
+        text = text[2:] if text[:2].lower() == "0x" else text
+        try:
+            raw = bytes.fromhex(text)
+        except ValueError:
+            raise SigningError(f"{what} must be 32 hexadecimal digits (16 bytes), got '{value}'") from None
+    else:
+        raise SigningError(f"{what} must be 16 bytes or hex text, got {type(value).__name__}")
+    if len(raw) != 16:
+        raise SigningError(f"{what} must be 16 bytes, got {len(raw)}")
+    return raw
+
+
+def _guest_svn(value: int | str | None) -> int:
+    if value is None:
+        return 0
+    try:
+        svn = value if isinstance(value, int) and not isinstance(value, bool) else int(str(value), 0)
+    except ValueError:
+        raise SigningError(f"guest_svn must be an integer, got '{value}'") from None
+    if not 0 <= svn <= 0xFFFF_FFFF:
+        raise SigningError(f"guest_svn {svn} is out of range (0..0xffffffff)")
+    return svn
+
+
+def _with_id_block(f: IgvmFile, block: H.SnpIdBlock) -> IgvmFile:
+    """``f`` with every SNP_ID_BLOCK for ``block``'s mask removed and ``block`` appended."""
+    mask = block.compatibility_mask
+    directives: list[H.Header] = []
+    for h in f.directives:
+        if isinstance(h, H.SnpIdBlock) and h.compatibility_mask & mask:
+            rest = h.compatibility_mask & ~mask
+            if rest:  # a block shared with other (non-SNP) masks keeps those bits only
+                directives.append(dataclasses.replace(h, compatibility_mask=rest))
+            continue
+        directives.append(h)
+    directives.append(block)
+    return IgvmFile(
+        revision=f.revision,
+        architecture=f.architecture,
+        platforms=f.platforms,
+        initializations=f.initializations,
+        directives=tuple(directives),
+    ).validate()
+
+
+def _insert(f: IgvmFile, signed: SignedIdBlock, platform: H.SupportedPlatform, policy: int) -> IgvmFile:
+    """Insert ``signed`` into ``f`` and check the result the way a loader will use it."""
+    mask = platform.compatibility_mask
+    if signed.compatibility_mask != mask:
+        raise SigningError(
+            f"the ID block is for compatibility mask {signed.compatibility_mask:#x}, but the SEV_SNP "
+            f"platform has mask {mask:#x}"
+        )
+    if signed.fields.policy != policy:
+        raise SigningError(
+            f"the ID block was signed for policy {signed.fields.policy:#x}, but the file's GUEST_POLICY "
+            f"is {policy:#x}"
+        )
+    out = _with_id_block(f, H.SnpIdBlock.unpack_body(memoryview(signed.igvm_body)))
+    blocks = find_id_blocks(out, mask)
+    if len(blocks) != 1 or blocks[0].pack_body() != signed.igvm_body:  # pragma: no cover - invariant
+        raise SigningError("the signed file does not hold exactly the one new ID block")
+    try:
+        verify_igvm_id_block_body(
+            signed.igvm_body,
+            policy=snp_target(out, SigningError)[1],
+            expected_id_key_digest=signed.id_key_digest,
+            expected_author_key_digest=signed.author_key_digest,
+        )
+    except VerificationError as exc:  # pragma: no cover - sign_id_block verified it already
+        raise SigningError(f"the signed file does not verify: {exc.message}") from None
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Signing
+
+
+def sign_igvm(
+    f: IgvmFile,
+    *,
+    id_key: KeySource,
+    author_key: KeySource | None = None,
+    loader: str | None = None,
+    family_id: bytes = bytes(16),
+    image_id: bytes = bytes(16),
+    guest_svn: int = 0,
+    ld: bytes | None = None,
+) -> tuple[IgvmFile, SignedIdBlock]:
+    """Sign the SEV-SNP launch of ``f``; return the signed file and the signed ID block.
+
+    ``ld`` is the launch digest to sign; by default the SNP digest of ``f`` under
+    ``loader`` (default :data:`~igvm_builder.measure.profiles.DEFAULT_LOADER`).
+    The policy is the GUEST_POLICY of the SEV_SNP platform.  The returned file has
+    exactly one SNP_ID_BLOCK for the SNP mask, after the last directive; every other
+    header is unchanged.  SigningError when the file has no SEV_SNP platform or no
+    GUEST_POLICY for it, or when a key source fails.
+    """
+    platform, policy = snp_target(f, SigningError)
+    if ld is None:
+        ld = _measure(f, _loader_name(loader))
+    elif not isinstance(ld, bytes | bytearray) or len(ld) != 48:
+        raise SigningError("ld (the launch digest to sign) must be 48 bytes")
+    signed = sign_id_block(
+        bytes(ld),
+        policy=policy,
+        family_id=parse_id16(family_id, "family_id"),
+        image_id=parse_id16(image_id, "image_id"),
+        guest_svn=_guest_svn(guest_svn),
+        id_key=id_key,
+        author_key=author_key,
+        compatibility_mask=platform.compatibility_mask,
+    )
+    return _insert(f, signed, platform, policy), signed
+
+
+def sign_image(
+    data: bytes,
+    *,
+    id_key: str,
+    author_key: str | None = None,
+    loader: str | None = None,
+    family_id: bytes | str | None = None,
+    image_id: bytes | str | None = None,
+    guest_svn: int | str | None = None,
+) -> bytes:
+    """Sign the IGVM file ``data`` with key *spec strings*; return the signed file's bytes.
+
+    Key specs are those of :func:`~igvm_builder.sign.keys.key_source_from_spec`
+    (``PATH``, ``file:PATH``, ``env:VAR``, ``pkcs11:...``, ``cmd:...``).  ``family_id``
+    and ``image_id`` are 16 bytes or hex text; ``None`` means zeros (and svn 0).
+    Test-only keys are not refused here (the CLI refuses them).
+    """
+    f = IgvmFile.from_bytes(data)
+    out, _ = sign_igvm(
+        f,
+        id_key=key_source_from_spec(id_key),
+        author_key=key_source_from_spec(author_key) if author_key else None,
+        loader=loader,
+        family_id=parse_id16(family_id, "family_id"),
+        image_id=parse_id16(image_id, "image_id"),
+        guest_svn=_guest_svn(guest_svn),
+    )
+    return out.to_bytes()
+
+
+def export_igvm_tbs(
+    f: IgvmFile,
+    *,
+    id_key: KeySource | _ecdsa.PublicKey,
+    author_key: KeySource | _ecdsa.PublicKey | None = None,
+    loader: str | None = None,
+    family_id: bytes = bytes(16),
+    image_id: bytes = bytes(16),
+    guest_svn: int = 0,
+) -> ExportedTbs:
+    """What must be signed for ``f`` (two-step flow); only the public keys are needed."""
+    platform, policy = snp_target(f, SigningError)
+    return export_tbs(
+        _measure(f, _loader_name(loader)),
+        policy=policy,
+        family_id=parse_id16(family_id, "family_id"),
+        image_id=parse_id16(image_id, "image_id"),
+        guest_svn=_guest_svn(guest_svn),
+        id_public_key=id_key,
+        author_public_key=author_key,
+        compatibility_mask=platform.compatibility_mask,
+    )
+
+
+def import_igvm_signature(
+    f: IgvmFile,
+    tbs: ExportedTbs | bytes | str,
+    *,
+    id_block_signature: bytes | str | tuple[int, int],
+    id_key_signature: bytes | str | tuple[int, int] | None = None,
+    loader: str | None = None,
+) -> tuple[IgvmFile, SignedIdBlock]:
+    """Put signatures made elsewhere into ``f`` (second half of the two-step flow).
+
+    ``f`` must be the file the document was exported from: its SNP digest under
+    ``loader`` must equal the document's LD, and its GUEST_POLICY and SNP mask the
+    document's.  Every signature is verified (SigningError naming which one failed).
+    """
+    if not isinstance(tbs, ExportedTbs):
+        tbs = ExportedTbs.from_json(tbs)
+    platform, policy = snp_target(f, SigningError)
+    mask = platform.compatibility_mask
+    if tbs.compatibility_mask != mask:
+        raise SigningError(
+            f"the to-be-signed document is for compatibility mask {tbs.compatibility_mask:#x}, but the "
+            f"file's SEV_SNP platform has mask {mask:#x}: not the file it was exported from"
+        )
+    if tbs.fields.policy != policy:
+        raise SigningError(
+            f"the to-be-signed document is for policy {tbs.fields.policy:#x}, but the file's GUEST_POLICY "
+            f"is {policy:#x}: not the file it was exported from"
+        )
+    name = _loader_name(loader)
+    measured = _measure(f, name)
+    if tbs.fields.ld != measured:
+        raise SigningError(
+            f"the to-be-signed document is for launch digest {tbs.fields.ld.hex()}, but the file measures "
+            f"{measured.hex()} under loader {name}: not the file it was exported from (or another --loader)"
+        )
+    signed = import_signature(tbs, id_block_signature=id_block_signature, id_key_signature=id_key_signature)
+    return _insert(f, signed, platform, policy), signed
+
+
+# --------------------------------------------------------------------------------------------
+# Verification
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyFailure:
+    """One failed check: ``kind`` (one of :data:`FAILURE_KINDS`) and a one-line message."""
+
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class IdBlockVerificationError(VerificationError):
+    """The ID block of a file does not verify; :attr:`failures` lists every failed check."""
+
+    def __init__(self, failures: Iterable[VerifyFailure], *, source: str | None = None) -> None:
+        self.failures = tuple(failures)
+        if not self.failures:  # pragma: no cover - programming error
+            raise ValueError("IdBlockVerificationError needs at least one failure")
+        if len(self.failures) == 1:
+            message = self.failures[0].message
+        else:
+            message = f"{len(self.failures)} checks failed: " + "; ".join(x.message for x in self.failures)
+        super().__init__(message, source=source)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(x.kind for x in self.failures)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VerifyReport:
+    """What :func:`verify_igvm` established about a signed file."""
+
+    compatibility_mask: int
+    loader: str
+    launch_digest: bytes
+    policy: int
+    family_id: bytes
+    image_id: bytes
+    guest_svn: int
+    id_key_digest: bytes
+    author_key_digest: bytes | None
+    reference_checked: bool = False
+
+    @property
+    def uses_test_only_key(self) -> bool:
+        """True if the ID or author key is one of the public TEST-ONLY keys."""
+        return self.id_key_digest in TEST_ONLY_KEY_DIGESTS or self.author_key_digest in TEST_ONLY_KEY_DIGESTS
+
+    def summary(self) -> str:
+        """One line for people: what verified, under which loader, with which keys."""
+        author = self.author_key_digest.hex() if self.author_key_digest is not None else "none"
+        ref = ", reference values match" if self.reference_checked else ""
+        return (
+            f"SEV-SNP ID block verifies (loader {self.loader}, launch digest {self.launch_digest.hex()}, "
+            f"policy {self.policy:#x}, guest svn {self.guest_svn}, ID key digest {self.id_key_digest.hex()}, "
+            f"author key digest {author}{ref})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Reference:
+    digest: bytes | None
+    digests: dict[str, bytes]
+    loader: str | None
+    policy: int | None
+    id_key_digest: bytes | None
+    author_key_digest: bytes | None
+
+
+_SNP_NAMES = ("snp", "sev-snp", "sev_snp")
+
+
+def _ref_hex(value: Any, what: str, size: int = 48) -> bytes:
+    if isinstance(value, Mapping):
+        value = value.get("digest")
+    if not isinstance(value, str):
+        raise VerificationError(f"reference values: {what} must be a hex string")
+    text = value.strip().lower()
+    text = text[2:] if text.startswith("0x") else text
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise VerificationError(f"reference values: {what} is not hexadecimal") from None
+    if len(raw) != size:
+        raise VerificationError(f"reference values: {what} must be {size} bytes, got {len(raw)}")
+    return raw
+
+
+def _ref_int(value: Any, what: str) -> int:
+    if isinstance(value, Mapping) and "value" in value:  # {"value": "0x30000", ...decoded bits}
+        value = value["value"]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value, 0)
+        except ValueError:
+            pass
+    raise VerificationError(f"reference values: {what} must be an integer or a '0x...' string")
+
+
+def _parse_reference(ref: Any) -> _Reference:
+    """The SEV-SNP part of a reference-values document (``build/measure --reference-values``).
+
+    Read: ``platforms.snp`` (also keyed ``SEV_SNP``/``sev-snp``, or a list entry with
+    ``"platform": "SEV_SNP"``, or a top-level ``snp``; a plain hex string is the digest)
+    with ``digest`` (hex; also ``launch_digest``/``measurement``), optional
+    ``digests`` (loader -> hex), ``loader`` and ``policy``; the loader also from the
+    top level or ``build.loader``; key digests (``id_key_digest``, ``author_key_digest``)
+    from that entry, a ``signing``/``sign``/``id_block`` table, or the top level.
+    """
+    if not isinstance(ref, Mapping):
+        raise VerificationError("reference values must be a JSON object")
+    entry: Any = None
+    plats = ref.get("platforms")
+    if isinstance(plats, Mapping):
+        for key, value in plats.items():
+            if str(key).lower() in _SNP_NAMES:
+                entry = value
+    elif isinstance(plats, list):
+        for value in plats:
+            if isinstance(value, Mapping) and str(value.get("platform", "")).lower() in _SNP_NAMES:
+                entry = value
+    if entry is None and isinstance(ref.get("snp"), Mapping):
+        entry = ref["snp"]
+    if isinstance(entry, str):  # "platforms": {"snp": "<digest>"}
+        entry = {"digest": entry}
+    if not isinstance(entry, Mapping):
+        raise VerificationError("the reference values have no SEV-SNP entry (platforms.snp)")
+
+    digest_value = next((entry[k] for k in ("digest", "launch_digest", "measurement") if k in entry), None)
+    digest = _ref_hex(digest_value, "platforms.snp.digest") if digest_value is not None else None
+    digests: dict[str, bytes] = {}
+    table = entry.get("digests", entry.get("loaders"))
+    if isinstance(table, Mapping):
+        for name, value in table.items():
+            digests[str(name)] = _ref_hex(value, f"platforms.snp.digests.{name}")
+    build = ref.get("build") if isinstance(ref.get("build"), Mapping) else {}
+    loader = entry.get("loader") or ref.get("loader") or build.get("loader")
+    if loader is not None and not isinstance(loader, str):
+        raise VerificationError("reference values: loader must be a string")
+    policy = _ref_int(entry["policy"], "platforms.snp.policy") if entry.get("policy") is not None else None
+
+    def key(name: str) -> bytes | None:
+        for table in (entry, *(ref.get(t) for t in ("signing", "sign", "id_block")), ref):
+            if isinstance(table, Mapping) and table.get(name):
+                return _ref_hex(table[name], name)
+        return None
+
+    if digest is None and not digests and policy is None and key("id_key_digest") is None:
+        raise VerificationError("the reference values' SEV-SNP entry has no digest, policy or key digest")
+    return _Reference(
+        digest=digest,
+        digests=digests,
+        loader=loader,
+        policy=policy,
+        id_key_digest=key("id_key_digest"),
+        author_key_digest=key("author_key_digest"),
+    )
+
+
+def _policy_candidates(policy: int, extra: Iterable[int | None]) -> list[int]:
+    seen = {policy}
+    out: list[int] = []
+    for value in (*extra, *_COMMON_POLICIES, *(policy ^ (1 << bit) for bit in range(64))):
+        if value is not None and value not in seen and 0 <= value < 1 << 64:
+            seen.add(value)
+            out.append(value)
+    return out
+
+
+def _signed_policy(parsed: IgvmSnpIdBlock, candidates: Iterable[int]) -> int | None:
+    """The policy, among ``candidates``, whose ID block the ID key signed (None if none)."""
+    try:
+        key = parsed.id_public_key.to_sev().to_public_key()
+    except VerificationError:
+        return None
+    r, s = parsed.id_key_signature.rs
+    for policy in candidates:
+        if _ecdsa.verify_message(key, r, s, parsed.id_block(policy).pack()):
+            return policy
+    return None
+
+
+def _loader_hint(f: IgvmFile, ld: bytes, loader: str) -> str | None:
+    for name in PROFILES:
+        if name == loader:
+            continue
+        try:
+            if _measure(f, name) == ld:
+                return name
+        except IgvmError:
+            continue
+    return None
+
+
+def _check_digest(expected: bytes | None, what: str) -> bytes | None:
+    if expected is None:
+        return None
+    expected = bytes(expected)
+    if len(expected) != 48:
+        raise VerificationError(f"the expected {what} must be 48 bytes (96 hex digits), got {len(expected)}")
+    return expected
+
+
+def verify_igvm(
+    f: IgvmFile,
+    *,
+    loader: str | None = None,
+    id_key_digest: bytes | None = None,
+    author_key_digest: bytes | None = None,
+    reference: Mapping[str, Any] | None = None,
+) -> VerifyReport:
+    """Verify the SEV-SNP ID block of ``f`` as a loader and the SNP firmware would use it.
+
+    ``loader`` is the loader profile whose launch digest the block must sign (default:
+    the reference values' loader, else :data:`DEFAULT_LOADER`).  ``id_key_digest`` /
+    ``author_key_digest`` (48 bytes) pin the keys.  ``reference`` is a parsed
+    reference-values document (``--reference-values`` JSON): its SNP digest, policy
+    and key digests must match the file.
+
+    Raises :class:`IdBlockVerificationError` (a VerificationError) listing every
+    failed check, each with a kind from :data:`FAILURE_KINDS` and one line of text.
+    """
+    failures: list[VerifyFailure] = []
+
+    def fail(kind: str, message: str) -> None:
+        failures.append(VerifyFailure(kind, message))
+
+    def stop(kind: str, message: str) -> IdBlockVerificationError:
+        fail(kind, message)
+        return IdBlockVerificationError(failures)
+
+    id_key_digest = _check_digest(id_key_digest, "ID key digest")
+    author_key_digest = _check_digest(author_key_digest, "author key digest")
+    ref: _Reference | None = None
+    if reference is not None:
+        try:
+            ref = _parse_reference(reference)
+        except VerificationError as exc:
+            fail("reference", f"cannot use the reference values: {exc.message}")
+    if loader is None and ref is not None and ref.loader is not None:
+        if ref.loader in PROFILES:
+            loader = ref.loader
+        else:
+            fail("reference", f"the reference values name an unknown loader '{ref.loader}'")
+    name = _loader_name(loader)
+
+    try:
+        platform, policy = snp_target(f, VerificationError)
+    except VerificationError as exc:
+        raise stop("platform", exc.message) from None
+    mask = platform.compatibility_mask
+    blocks = find_id_blocks(f, mask)
+    if not blocks:
+        raise stop(
+            "missing", f"not signed: no SNP_ID_BLOCK directive for the SEV_SNP platform (mask {mask:#x})"
+        )
+    if len(blocks) > 1:
+        raise stop(
+            "duplicate",
+            f"{len(blocks)} SNP_ID_BLOCK directives for the SEV_SNP platform (mask {mask:#x}); "
+            "a loader uses only one, so the file is ambiguous",
+        )
+    parsed = parse_igvm_id_block_body(blocks[0].pack_body())
+    id_digest = parsed.id_public_key.to_sev().digest()
+    author_digest = parsed.author_public_key.to_sev().digest() if parsed.author_key_enabled else None
+
+    # Structure and both signatures, with the policy the loader will use.
+    try:
+        verify_igvm_id_block_body(parsed, policy=policy)
+    except VerificationError as exc:
+        signed_policy = _signed_policy(parsed, _policy_candidates(policy, (ref.policy if ref else None,)))
+        if signed_policy is None:
+            fail("signature", exc.message)
+        else:
+            fail(
+                "policy",
+                f"policy mismatch: the ID block was signed for policy {signed_policy:#x}, but the file's "
+                f"GUEST_POLICY is {policy:#x} (changed after signing; the SNP firmware would reject the launch)",
+            )
+            try:  # the rest (author signature, structure) under the policy that was signed
+                verify_igvm_id_block_body(parsed, policy=signed_policy)
+            except VerificationError as inner:
+                fail("signature", inner.message)
+
+    # The signed launch digest against the file's pages, VMSAs and directives.
+    measured: dict[str, bytes] = {}
+
+    def measure(loader_name: str) -> bytes | None:
+        if loader_name not in measured:
+            try:
+                measured[loader_name] = _measure(f, loader_name)
+            except IgvmError as exc:
+                fail("launch-digest", f"cannot recompute the launch digest under loader {loader_name}: {exc}")
+                return None
+        return measured[loader_name]
+
+    digest = measure(name)
+    if digest is not None and parsed.ld != digest:
+        other = _loader_hint(f, parsed.ld, name)
+        if other is not None:
+            fail(
+                "launch-digest",
+                f"launch digest mismatch under loader {name}: the ID block signs {parsed.ld.hex()}, the "
+                f"file's digest under loader {other} (verify with --loader {other}, or re-sign for {name})",
+            )
+        else:
+            fail(
+                "launch-digest",
+                f"launch digest mismatch: the ID block signs {parsed.ld.hex()}, but the file measures "
+                f"{digest.hex()} under loader {name} (pages, VMSAs or directives changed after signing)",
+            )
+
+    if id_key_digest is not None and id_key_digest != id_digest:
+        fail("id-key-digest", f"ID key digest is {id_digest.hex()}, expected {id_key_digest.hex()}")
+    if author_key_digest is not None and author_key_digest != author_digest:
+        got = author_digest.hex() if author_digest is not None else "none (no author key)"
+        fail("author-key-digest", f"author key digest is {got}, expected {author_key_digest.hex()}")
+
+    if ref is not None:
+        _check_reference(ref, name, policy, id_digest, author_digest, measure, fail)
+
+    if failures:
+        raise IdBlockVerificationError(failures)
+    return VerifyReport(
+        compatibility_mask=mask,
+        loader=name,
+        launch_digest=parsed.ld,
+        policy=policy,
+        family_id=parsed.family_id,
+        image_id=parsed.image_id,
+        guest_svn=parsed.guest_svn,
+        id_key_digest=id_digest,
+        author_key_digest=author_digest,
+        reference_checked=ref is not None,
+    )
+
+
+def _check_reference(
+    ref: _Reference,
+    loader: str,
+    policy: int,
+    id_digest: bytes,
+    author_digest: bytes | None,
+    measure: Callable[[str], bytes | None],
+    fail: Callable[[str, str], None],
+) -> None:
+    expected: bytes | None = None
+    ref_loader = loader
+    if loader in ref.digests:
+        expected = ref.digests[loader]
+    elif ref.digest is not None:
+        ref_loader = ref.loader or loader
+        expected = ref.digest
+    if expected is not None and ref_loader in PROFILES:  # an unknown loader was reported already
+        got = measure(ref_loader)
+        if got is not None and got != expected:
+            fail(
+                "reference",
+                f"the file's SEV-SNP digest under loader {ref_loader} is {got.hex()}, the reference "
+                f"values say {expected.hex()}",
+            )
+    if ref.policy is not None and ref.policy != policy:
+        fail(
+            "policy",
+            f"policy mismatch: the file's GUEST_POLICY is {policy:#x}, the reference values say {ref.policy:#x}",
+        )
+    if ref.id_key_digest is not None and ref.id_key_digest != id_digest:
+        fail(
+            "id-key-digest",
+            f"ID key digest is {id_digest.hex()}, the reference values say {ref.id_key_digest.hex()}",
+        )
+    if ref.author_key_digest is not None and ref.author_key_digest != author_digest:
+        got = author_digest.hex() if author_digest is not None else "none (no author key)"
+        fail(
+            "author-key-digest",
+            f"author key digest is {got}, the reference values say {ref.author_key_digest.hex()}",
+        )

@@ -1,0 +1,148 @@
+"""Issue #4: one file for several platforms.
+
+Each platform's view of a multi-platform file (the headers whose mask has its bit) must be
+exactly the single-platform build, so its launch digest is the same; pages identical across
+platforms are stored once, so the file is smaller than the single builds together.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from test_build_helpers import (
+    MEMTEST,
+    OVMF_BOOKWORM,
+    OVMF_SID,
+    VMLINUZ,
+    build_bytes,
+    config,
+    mask_of,
+    projection,
+    q,
+    without_masks,
+)
+
+from igvm_builder.format import headers as H
+from igvm_builder.format.defs import PlatformType
+from igvm_builder.format.file import IgvmFile
+from igvm_builder.measure import measure_platform
+
+SNP_LOADERS = ("hyperv", "qemu", "cloud-hypervisor")
+
+
+def digests(f: IgvmFile, platform: str) -> dict[str, str | None]:
+    """Every launch digest of one platform (all SNP loader profiles, both TDX page orders)."""
+    from test_build_helpers import PLATFORM
+
+    ptype = PLATFORM[platform]
+    if ptype == PlatformType.SEV_SNP:
+        return {loader: measure_platform(f, ptype, loader=loader).hex for loader in SNP_LOADERS}
+    if ptype == PlatformType.TDX:
+        return {f"two_pass={tp}": measure_platform(f, ptype, tdx_two_pass=tp).hex for tp in (False, True)}
+    return {"digest": measure_platform(f, ptype).hex}
+
+
+def policies(f: IgvmFile, platform: str) -> list[int]:
+    mask = mask_of(f, platform)
+    return [h.policy for h in f.initializations if isinstance(h, H.GuestPolicy) and h.compatibility_mask & mask]
+
+
+def check_multi_equals_singles(tmp_path: Path, body_for: dict[str, str], platforms: list[str]) -> tuple[int, list[int]]:
+    """Build each platform alone and all together; compare views, digests, policies and sizes."""
+    plist = ", ".join(f'"{p}"' for p in platforms)
+    multi_bytes = build_bytes(config(tmp_path, body_for["all"].replace("@PLATFORMS@", plist), "multi.toml"))
+    multi = IgvmFile.from_bytes(multi_bytes)
+    assert [p.platform_type for p in multi.platforms] == [
+        {"native": PlatformType.NATIVE, "snp": PlatformType.SEV_SNP, "tdx": PlatformType.TDX,
+         "vbs": PlatformType.VSM_ISOLATION, "sev": PlatformType.SEV, "sev-es": PlatformType.SEV_ES}[p]
+        for p in platforms]
+    single_sizes = []
+    for p in platforms:
+        single_bytes = build_bytes(config(tmp_path, body_for["all"].replace("@PLATFORMS@", f'"{p}"'), f"{p}.toml"))
+        single_sizes.append(len(single_bytes))
+        single = IgvmFile.from_bytes(single_bytes)
+        assert without_masks(projection(multi, p)) == without_masks(projection(single, p)), p
+        assert policies(multi, p) == policies(single, p), p
+        if p != "native":
+            d = digests(multi, p)
+            assert all(d.values()), d
+            assert d == digests(single, p), p
+    return len(multi_bytes), single_sizes
+
+
+def test_ovmf_native_snp_tdx(tmp_path: Path) -> None:
+    body = f"""
+[image]
+platforms = [@PLATFORMS@]
+[firmware]
+path = {q(OVMF_BOOKWORM)}
+[snp]
+vcpus = 2
+[tdx]
+policy = 0x10000000
+"""
+    size, singles = check_multi_equals_singles(tmp_path, {"all": body}, ["native", "snp", "tdx"])
+    assert size < sum(singles)
+    # the 2 MiB of firmware is stored once: the three-platform file is barely larger than the largest
+    assert size < max(singles) + 0.1 * max(singles), (size, singles)
+
+
+def test_ovmf_with_kernel_hashes_native_snp_tdx(tmp_path: Path) -> None:
+    """sid OVMF + kernel: measured direct boot for SNP; native and TDX get the plain firmware."""
+    body = f"""
+[image]
+platforms = [@PLATFORMS@]
+[firmware]
+path = {q(OVMF_SID)}
+[kernel]
+path = {q(VMLINUZ)}
+cmdline = "console=ttyS0"
+"""
+    size, singles = check_multi_equals_singles(tmp_path, {"all": body}, ["native", "snp", "tdx"])
+    assert size < sum(singles)
+
+
+@pytest.fixture(scope="module")
+def initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("initrd") / "initrd.img"
+    path.write_bytes(random.Random(11).randbytes(2 * 1024 * 1024 + 77))
+    return path
+
+
+def test_kernel_native_snp_tdx(tmp_path: Path, initrd: Path) -> None:
+    body = f"""
+[image]
+platforms = [@PLATFORMS@]
+[kernel]
+path = {q(VMLINUZ)}
+initrd = {q(initrd)}
+cmdline = "console=ttyS0 quiet"
+[memory]
+size = "2G"
+"""
+    size, singles = check_multi_equals_singles(tmp_path, {"all": body}, ["native", "snp", "tdx"])
+    assert size < sum(singles)
+    # the 14 MB kernel and the initrd are stored once
+    assert size < max(singles) + 0.05 * max(singles), (size, singles)
+
+
+def test_kernel_all_six_platforms(tmp_path: Path, initrd: Path) -> None:
+    """memtest86+ (64-bit entry, no PVH note) boots on every x86 platform; VBS gets its measurement header."""
+    body = f"""
+[image]
+platforms = [@PLATFORMS@]
+[kernel]
+path = {q(MEMTEST)}
+initrd = {q(initrd)}
+cmdline = "console=ttyS0"
+"""
+    platforms = ["native", "snp", "tdx", "vbs", "sev", "sev-es"]
+    size, singles = check_multi_equals_singles(tmp_path, {"all": body}, platforms)
+    assert size < sum(singles)
+    multi = IgvmFile.from_bytes(build_bytes(config(tmp_path, body.replace("@PLATFORMS@", '"vbs"'), "v.toml")))
+    vbs = [h for h in multi.directives if isinstance(h, H.VbsMeasurement)]
+    assert len(vbs) == 1
+    digest = measure_platform(multi, PlatformType.VSM_ISOLATION).digest
+    assert bytes(vbs[0].boot_measurement_digest)[: len(digest)] == digest

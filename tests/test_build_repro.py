@@ -1,0 +1,168 @@
+"""Issue #4: reproducible builds, and what ``lint --loader qemu`` says about them.
+
+The same config built twice, from different working directories, time zones, umasks and
+locales, gives byte-identical IGVM files (and identical reference values); the output mode
+does not follow the umask.  Our OVMF SNP build passes ``lint --loader qemu`` without errors,
+while the reference vector ``snp_v1.igvm`` (VMSA at 0xfffff000) is flagged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import stat
+from pathlib import Path
+
+import pytest
+from test_build_helpers import (
+    MEMTEST,
+    OVMF_SID,
+    VECTORS,
+    VMLINUZ,
+    build_bytes,
+    cli,
+    config,
+    q,
+)
+
+from igvm_builder.build import build_file
+from igvm_builder.config import load_config
+from igvm_builder.format.file import IgvmFile
+from igvm_builder.lint import lint
+
+
+def _rel(target: Path, base: Path) -> str:
+    return os.path.relpath(target, base)
+
+
+def write_project(root: Path, kind: str) -> Path:
+    """A config with relative paths, an include and a blob: what a real project looks like."""
+    proj = root / "project"
+    (proj / "conf").mkdir(parents=True)
+    (proj / "data").mkdir()
+    (proj / "data" / "initrd.img").write_bytes(random.Random(3).randbytes(300_001))
+    (proj / "data" / "blob.bin").write_bytes(b"igvm-builder reproducibility blob\n" * 100)
+    (proj / "conf" / "common.toml").write_text(
+        '[snp]\nvcpus = 2\nvcpu_type = "EPYC-Milan"\nguest_features = 0x21\n\n[tdx]\ntwo_pass = true\n')
+    base = proj / "conf"
+    if kind == "kernel":
+        body = f"""include = ["common.toml"]
+
+[image]
+platforms = ["native", "snp", "tdx"]
+loader = "qemu"
+
+[kernel]
+path = {q(_rel(MEMTEST, base))}
+initrd = "../data/initrd.img"
+cmdline = "console=ttyS0 quiet"
+
+[[blob]]
+path = "../data/blob.bin"
+gpa = 0x7000000
+measured = false
+
+[memory]
+size = "1G"
+"""
+    else:
+        body = f"""include = ["common.toml"]
+
+[image]
+platforms = ["snp", "tdx"]
+loader = "cloud-hypervisor"
+
+[firmware]
+path = {q(_rel(OVMF_SID, base))}
+
+[kernel]
+path = {q(_rel(VMLINUZ, base))}
+initrd = "../data/initrd.img"
+cmdline = "console=ttyS0"
+"""
+    cfg = base / "build.toml"
+    cfg.write_text(body)
+    return cfg
+
+
+@pytest.mark.parametrize("kind", ["kernel", "ovmf"])
+def test_build_is_reproducible(tmp_path: Path, kind: str) -> None:
+    cfg = write_project(tmp_path, kind)
+    runs = [
+        {"cwd": cfg.parent, "env": {"TZ": "UTC", "LC_ALL": "C"}, "umask": 0o022},
+        {"cwd": "/", "env": {"TZ": "Pacific/Kiritimati", "LC_ALL": "C.UTF-8", "SOURCE_DATE_EPOCH": "1"},
+         "umask": 0o077},
+    ]
+    outputs = []
+    for i, run in enumerate(runs):
+        out = tmp_path / f"out{i}" / "image.igvm"
+        out.parent.mkdir()
+        refs = out.with_suffix(".json")
+        config_arg = "build.toml" if run["cwd"] == cfg.parent else str(cfg)
+        proc = cli("build", config_arg, "-o", str(out), "--reference-values", str(refs), "-q", cwd=run["cwd"],
+                   env=run["env"], umask=run["umask"])
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == ""
+        assert stat.S_IMODE(out.stat().st_mode) == 0o644
+        outputs.append((out.read_bytes(), json.loads(refs.read_text())))
+    (bytes_a, refs_a), (bytes_b, refs_b) = outputs
+    assert bytes_a == bytes_b
+    assert refs_a == refs_b
+    # and the in-process API agrees with the command line
+    assert build_bytes(load_config(cfg)) == bytes_a
+    f = IgvmFile.from_bytes(bytes_a)
+    assert len(f.platforms) == (3 if kind == "kernel" else 2)
+
+
+def test_api_build_twice_identical(tmp_path: Path) -> None:
+    cfg = write_project(tmp_path, "kernel")
+    a, hashes_a, notes_a = build_file(load_config(cfg))
+    b, hashes_b, notes_b = build_file(load_config(cfg))
+    assert a.to_bytes() == b.to_bytes()
+    assert hashes_a == hashes_b and notes_a == notes_b
+    # every input is hashed, including the included config
+    assert {Path(p).name for p in load_config(cfg).input_files} == {
+        "common.toml", MEMTEST.name, "initrd.img", "blob.bin"}
+
+
+# --------------------------------------------------------------------------- lint
+
+
+def test_lint_qemu_accepts_our_ovmf_snp_build(tmp_path: Path) -> None:
+    body = f"""
+[image]
+platforms = ["snp"]
+loader = "qemu"
+[firmware]
+path = {q(OVMF_SID)}
+[kernel]
+path = {q(MEMTEST)}
+cmdline = "console=ttyS0"
+[snp]
+vcpus = 4
+guest_features = 0x21
+"""
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(body)
+    out = tmp_path / "ovmf.igvm"
+    proc = cli("build", str(cfg), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("lint", str(out), "--loader", "qemu", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    findings = json.loads(proc.stdout)
+    assert not [fd for fd in findings if fd["severity"] == "error"], findings
+    # the API agrees, and the in-memory build is what was written
+    f = IgvmFile.load(out)
+    assert not [fd for fd in lint(f, "qemu") if fd.severity == "error"]
+    assert build_bytes(config(tmp_path, body, "again.toml")) == out.read_bytes()
+
+
+def test_lint_qemu_flags_the_vmsa_gpa_of_snp_v1() -> None:
+    vector = VECTORS / "igvm" / "snp_v1.igvm"
+    proc = cli("lint", str(vector), "--loader", "qemu")
+    assert proc.returncode == 1
+    errors = [line for line in proc.stdout.splitlines() if ": error: " in line]
+    assert any("VMSA" in line and "0xfffff000" in line and "0xfffffffff000" in line for line in errors), proc.stdout
+    found = lint(IgvmFile.load(vector), "qemu")
+    assert any(fd.severity == "error" and "0xfffff000" in fd.message for fd in found)
