@@ -106,6 +106,18 @@ def write_big_file(path: Path, pages: int = PAGES) -> int:
 
 
 def _peak_rss_mib() -> float:
+    """Peak RSS of this process: VmHWM (Linux).
+
+    Not ``ru_maxrss``: Linux carries the parent's RSS at fork into the child's ``ru_maxrss``
+    across exec, so a child of the (large) generating process would report the parent's size.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -119,13 +131,17 @@ def child_measure(path: str) -> dict[str, object]:
     t1 = time.perf_counter()
     f = IgvmFile.load(path)
     t2 = time.perf_counter()
+    rss_after_parse = _peak_rss_mib()
+    c2 = time.process_time()
     ms = measure_file(f)
     t3 = time.perf_counter()
     return {
         "import_s": t1 - t0,
         "parse_s": t2 - t1,
         "measure_s": t3 - t2,
+        "cpu_s": time.process_time() - c2,
         "wall_s": t3 - t1,
+        "rss_after_parse_mib": rss_after_parse,
         "peak_rss_mib": _peak_rss_mib(),
         "digests": {m.platform.name: m.hex for m in ms},
     }
@@ -210,25 +226,41 @@ def bench_ovmf(workdir: Path, runs: int = 5) -> dict[str, object]:
                                "--vcpu-type", "EPYC-v4"], runs)
     ours_s, ours_out = _best_of([sys.executable, "-m", "igvm_builder", "measure", "--platform", "snp",
                                  "--loader", "cloud-hypervisor", str(igvm)], runs, cwd=REPO)
-    ours_digest = ours_out.split()[-1] if ours_out else ""
-    # In-process timing of the measurement alone (no interpreter start-up, no parse).
+    ours_digest = ours_out.split()[2] if ours_out else ""  # "SEV_SNP sha384 <digest> loader=..."
+    # In-process, best of ``runs`` (no interpreter start-up): our load + measurement against
+    # sev-snp-measure's library entry point (which reads the firmware file itself).
     from igvm_builder.format import IgvmFile
     from igvm_builder.format.defs import PlatformType
     from igvm_builder.measure import measure_platform
 
-    f = IgvmFile.load(igvm)
-    t0 = time.perf_counter()
-    m = measure_platform(f, PlatformType.SEV_SNP, loader="cloud-hypervisor")
-    inproc = time.perf_counter() - t0
+    ours_in, ref_in, digest, ref_digest = float("inf"), float("inf"), "", ""
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        m = measure_platform(IgvmFile.load(igvm), PlatformType.SEV_SNP, loader="cloud-hypervisor")
+        ours_in = min(ours_in, time.perf_counter() - t0)
+        digest = m.hex or ""
+        try:
+            from sevsnpmeasure.guest import calc_launch_digest
+            from sevsnpmeasure.sev_mode import SevMode
+            from sevsnpmeasure.vmm_types import VMMType
+        except ImportError:
+            continue
+        t0 = time.perf_counter()
+        ref = calc_launch_digest(SevMode.SEV_SNP, 1, 0x800F12, str(OVMF), None, None, None, guest_features=0x1,
+                                 vmm_type=VMMType.QEMU)
+        ref_in = min(ref_in, time.perf_counter() - t0)
+        ref_digest = ref.hex()
     return {
         "sev_snp_measure_s": ref_s,
         "igvm_builder_measure_s": ours_s,
         "ratio_ours_to_sev_snp_measure": ours_s / ref_s,
-        "in_process_measure_s": inproc,
+        "in_process_ours_s": ours_in,
+        "in_process_sev_snp_measure_s": ref_in,
+        "in_process_ratio": ours_in / ref_in if ref_in != float("inf") else None,
         "sev_snp_measure_digest": ref_out,
-        "igvm_builder_digest": m.hex,
+        "igvm_builder_digest": digest,
         "cli_digest": ours_digest,
-        "digests_agree": ref_out == m.hex == ours_digest,
+        "digests_agree": ref_out == digest == ours_digest and ref_digest in ("", ref_out),
     }
 
 
@@ -239,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, help="where to write the 1 GiB file (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="floor and measure runs, alternated, each in a fresh interpreter; best of each")
+    ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--pages", type=int, default=PAGES, help=argparse.SUPPRESS)
     ap.add_argument("--child", nargs=2, metavar=("MODE", "FILE"), help=argparse.SUPPRESS)
@@ -255,39 +290,60 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         size = write_big_file(big, args.pages)
         gen_s = time.perf_counter() - t0
-        floor = _run_child("floor", big)
-        meas = _run_child("measure", big)
+        floors, runs = [], []
+        for _ in range(max(1, args.repeat)):  # alternate, so background load hits both alike
+            floors.append(_run_child("floor", big))
+            runs.append(_run_child("measure", big))
         ovmf = bench_ovmf(workdir)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    ratio = float(meas["wall_s"]) / float(floor["wall_s"])
-    ok = ratio <= FLOOR_FACTOR and float(meas["peak_rss_mib"]) <= RSS_LIMIT_MIB
-    results = {"file_bytes": size, "pages": args.pages, "generate_s": gen_s, "floor": floor, "measure": meas,
-               "ratio_to_floor": ratio, "targets_met": ok, "ovmf_vs_sev_snp_measure": ovmf}
+    if len({json.dumps(r["digests"], sort_keys=True) for r in runs}) != 1:
+        raise SystemExit("the measure runs disagree on the digests")
+    floor = min(floors, key=lambda r: float(r["wall_s"]))
+    best = min(runs, key=lambda r: float(r["measure_s"]))
+    best_total = min(float(r["wall_s"]) for r in runs)
+    rss = max(float(r["peak_rss_mib"]) for r in runs)
+    ratio = float(best["measure_s"]) / float(floor["wall_s"])
+    ratio_total = best_total / float(floor["wall_s"])
+    ok = ratio <= FLOOR_FACTOR and rss <= RSS_LIMIT_MIB
+    results = {"file_bytes": size, "pages": args.pages, "generate_s": gen_s, "floor_runs": floors,
+               "measure_runs": runs, "ratio_to_floor": ratio, "ratio_to_floor_with_parse": ratio_total,
+               "peak_rss_mib": rss, "targets_met": ok, "ovmf_vs_sev_snp_measure": ovmf,
+               "cpus": os.cpu_count(), "loadavg_after": os.getloadavg()}
     if args.json:
         json.dump(results, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
-        return 0 if ok else 1
-    print(f"file: {size:,} bytes, {args.pages:,} pages (SNP+TDX on every page), written in {gen_s:.1f} s")
-    print(f"floor (SHA-384 of every measured page, one pass per platform = 2 passes): "
-          f"{floor['wall_s']:.2f} s, peak RSS {floor['peak_rss_mib']:.0f} MiB")
-    print(f"measure_file: parse {meas['parse_s']:.2f} s + measure {meas['measure_s']:.2f} s = "
-          f"{meas['wall_s']:.2f} s ({ratio:.2f}x floor; target <= {FLOOR_FACTOR}x), "
-          f"peak RSS {meas['peak_rss_mib']:.0f} MiB (target <= {RSS_LIMIT_MIB} MiB)")
-    for name, hexd in dict(meas["digests"]).items():
+        return 0 if ok or not args.check else 1
+    print(f"file: {size:,} bytes, {args.pages:,} pages (SNP+TDX on every page), written in {gen_s:.1f} s; "
+          f"{os.cpu_count()} CPUs, best of {len(runs)} alternated runs")
+    for i, (fl, r) in enumerate(zip(floors, runs, strict=True)):
+        print(f"  run {i}: floor {fl['wall_s']:.2f} s | parse {r['parse_s']:.2f} s + measure_file "
+              f"{r['measure_s']:.2f} s (cpu {r['cpu_s']:.2f} s), peak RSS {r['peak_rss_mib']:.0f} MiB "
+              f"(after parse {r['rss_after_parse_mib']:.0f} MiB)")
+    print(f"floor (SHA-384 of every measured page in a plain loop, once per platform = 2 passes): "
+          f"{floor['wall_s']:.2f} s")
+    print(f"measure_file (both platforms): {best['measure_s']:.2f} s = {ratio:.2f}x floor "
+          f"(target <= {FLOOR_FACTOR}x) {'OK' if ratio <= FLOOR_FACTOR else 'MISSED'}; with IgvmFile.load: "
+          f"{best_total:.2f} s = {ratio_total:.2f}x")
+    print(f"peak RSS: {rss:.0f} MiB (target <= {RSS_LIMIT_MIB} MiB) {'OK' if rss <= RSS_LIMIT_MIB else 'MISSED'}")
+    for name, hexd in dict(best["digests"]).items():
         print(f"  {name}: {hexd}")
     if "skipped" in ovmf:
         print(f"OVMF vs sev-snp-measure: skipped ({ovmf['skipped']})")
     else:
-        print(f"OVMF (bookworm, 1 vCPU EPYC-v4): sev-snp-measure {ovmf['sev_snp_measure_s']:.3f} s, "
-              f"igvm-builder measure --loader cloud-hypervisor {ovmf['igvm_builder_measure_s']:.3f} s "
-              f"(ratio {ovmf['ratio_ours_to_sev_snp_measure']:.2f}; best of 5, CLI start-up included); "
-              f"in-process measurement {ovmf['in_process_measure_s'] * 1000:.1f} ms; "
-              f"digests {'agree' if ovmf['digests_agree'] else 'DIFFER'}")
+        print(f"OVMF (bookworm, 1 vCPU EPYC-v4), best of 5, digests "
+              f"{'agree' if ovmf['digests_agree'] else 'DIFFER'}:")
+        print(f"  command line (interpreter start-up and imports included): sev-snp-measure "
+              f"{ovmf['sev_snp_measure_s']:.3f} s, igvm-builder measure --loader cloud-hypervisor "
+              f"{ovmf['igvm_builder_measure_s']:.3f} s, ratio {ovmf['ratio_ours_to_sev_snp_measure']:.2f}")
+        if ovmf["in_process_ratio"] is not None:
+            print(f"  in process: sev-snp-measure calc_launch_digest "
+                  f"{ovmf['in_process_sev_snp_measure_s'] * 1000:.1f} ms, IgvmFile.load + measure_platform "
+                  f"{ovmf['in_process_ours_s'] * 1000:.1f} ms, ratio {ovmf['in_process_ratio']:.2f}")
     print("targets met" if ok else "TARGETS MISSED")
-    return 0 if ok else 1
+    return 0 if ok or not args.check else 1
 
 
 if __name__ == "__main__":

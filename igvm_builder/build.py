@@ -18,12 +18,17 @@ boot structures live in low memory, and TDX gets a reset-vector trampoline.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import gc
 import hashlib
 import mmap
+import operator
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from igvm_builder.config import BuildConfig
@@ -84,7 +89,106 @@ class BuildResult:
         return b"".join(self._chunks)
 
     def chunks(self) -> Iterator[bytes | memoryview]:
-        return iter(self._chunks)
+        """The file's bytes in order: the headers, then runs of input bytes (zero-copy views).
+
+        Runs of an mmap'd input come in windows of at most :data:`WINDOW` bytes, and each
+        window's pages leave the resident set when the consumer asks for the next chunk, so
+        writing a large file does not keep its inputs resident.
+        """
+        return _windows(self._chunks, self._sources)
+
+    # Where each chunk comes from (an mmap'd input and the offset in it), or None.
+    _sources: tuple[_Mapped | None, ...] = field(default=(), repr=False, compare=False)
+
+
+# --------------------------------------------------------------------------- resident-set control
+
+#: Passes over input bytes (hashing, writing) read them in windows of this size.
+WINDOW = 8 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class _Mapped:
+    """A chunk of the output that is ``buf[offset : offset + len(chunk)]`` of an mmap'd input."""
+
+    buf: mmap.mmap
+    offset: int
+
+
+def _dontneed(buf: mmap.mmap, offset: int, length: int) -> None:
+    """Drop ``buf[offset : offset + length]`` from the resident set (``madvise(MADV_DONTNEED)``).
+
+    On a read-only shared file mapping this only removes page-table entries: a later read
+    faults the same bytes back in from the page cache, so it never changes a result.
+    """
+    start = offset - offset % mmap.PAGESIZE
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        buf.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
+
+
+def _source_of(view: memoryview, start: int) -> _Mapped | None:
+    """``view[start:]`` as a place in an mmap, if ``view`` is a whole-file mmap view (:class:`_Inputs`)."""
+    obj = view.obj
+    if isinstance(obj, mmap.mmap) and view.nbytes == len(obj):
+        return _Mapped(obj, start)
+    return None
+
+
+def _windows(chunks: Sequence[bytes | memoryview], sources: Sequence[_Mapped | None]
+             ) -> Iterator[bytes | memoryview]:
+    """``chunks`` in order; mmap'd runs in windows, each released once the next is requested."""
+    for i, chunk in enumerate(chunks):
+        src = sources[i] if i < len(sources) else None
+        if src is None:
+            yield chunk
+            continue
+        n = len(chunk)
+        for off in range(0, n, WINDOW):
+            yield chunk[off : off + WINDOW]
+            _dontneed(src.buf, src.offset + off, min(WINDOW, n - off))
+
+
+def _coalesce(blobs: Iterable[H.BlobLike]) -> tuple[list[bytes | memoryview], list[_Mapped | None]]:
+    """The file data as few large chunks: consecutive windows of one input that follow each other
+    in it (the usual case: a kernel or an initrd page after page) become one view."""
+    chunks: list[bytes | memoryview] = []
+    sources: list[_Mapped | None] = []
+    run: memoryview | None = None
+    run_start = run_end = 0
+
+    def flush() -> None:
+        if run is not None:
+            chunks.append(run[run_start:run_end])
+            sources.append(_source_of(run, run_start))
+
+    for b in blobs:
+        if type(b) is FileSlice:
+            buf = b._buf  # the buffer the slice is a window of
+            if buf is run and b.start == run_end:
+                run_end += b.length
+                continue
+            flush()
+            run, run_start, run_end = buf, b.start, b.start + b.length
+        else:
+            flush()
+            run = None
+            chunks.append(as_view(b))
+            sources.append(None)
+    flush()
+    return chunks, sources
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC: a build allocates a few acyclic objects per page (hundreds of
+    thousands for a large initrd), and the collector would rescan them again and again."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 # --------------------------------------------------------------------------- input reading
@@ -110,7 +214,17 @@ class _Inputs:
         return view
 
     def sha256(self) -> dict[str, str]:
-        return {p: hashlib.sha256(v).hexdigest() for p, v in self._maps.items()}
+        """SHA-256 of every input, read in windows that leave the resident set once hashed."""
+        out = {}
+        for path, view in self._maps.items():
+            h = hashlib.sha256()
+            src = _source_of(view, 0)
+            for off in range(0, len(view), WINDOW):
+                h.update(view[off : off + WINDOW])
+                if src is not None:
+                    _dontneed(src.buf, off, min(WINDOW, len(view) - off))
+            out[path] = h.hexdigest()
+        return out
 
 
 # --------------------------------------------------------------------------- per-platform plan
@@ -153,24 +267,48 @@ class _PlatformPlan:
 
     def pages_from(self, gpa: int, view: memoryview, mem_size: int | None = None, *, flags: int = 0,
                    zero_fill: bool = True) -> None:
-        """Pages for ``view`` at ``gpa`` (4 KiB aligned), zero-filled up to ``mem_size``.
+        """Pages for ``view`` at ``gpa``; see :func:`page_headers`."""
+        self.directives += page_headers(gpa, view, mem_size, flags=flags, zero_fill=zero_fill)
 
-        Full pages are zero-copy windows into the input; only a partial last page is copied.
-        Zero-filled pages carry explicit zero data (``zero_fill``) so every loader measures
-        them the same way; otherwise they are data-less.
+    def add_pages(self, pages: Sequence[H.PageData]) -> None:
+        """Pages built once (:func:`page_headers`) and shared by every platform that needs them.
+
+        Headers are immutable, so sharing the objects is safe; it also saves building the same
+        PageData once per platform, and lets the merge recognise them by identity.
         """
-        if gpa % PAGE:
-            raise LayoutError(f"GPA {gpa:#x} is not 4 KiB aligned", gpa=gpa)
-        n = len(view)
-        total = max(n, mem_size or 0)
-        for off in range(0, total, PAGE):
-            if off + PAGE <= n:
-                data: bytes | FileSlice = FileSlice(view, off, PAGE)
-            elif off < n:
-                data = bytes(view[off:n]) + bytes(PAGE - (n - off))
-            else:
-                data = ZERO_PAGE if zero_fill else b""
-            self.page(gpa + off, data, flags=flags)
+        self.directives += pages
+
+
+def page_headers(gpa: int, view: memoryview, mem_size: int | None = None, *, flags: int = 0,
+                 zero_fill: bool = True, start: int = 0, length: int | None = None) -> list[H.PageData]:
+    """PAGE_DATA headers for ``view[start:start + length]`` at ``gpa`` (4 KiB aligned),
+    zero-filled up to ``mem_size``.
+
+    Full pages are zero-copy windows into the input (:class:`FileSlice` of ``view`` itself, so
+    that pages of one input file share one buffer and carry their offsets in the file); only a
+    partial last page is copied.  Zero-filled pages carry explicit zero data (``zero_fill``) so
+    every loader measures them the same way; otherwise they are data-less.
+    """
+    if gpa % PAGE:
+        raise LayoutError(f"GPA {gpa:#x} is not 4 KiB aligned", gpa=gpa)
+    n = len(view) - start if length is None else length
+    total = max(n, mem_size or 0)
+    full = n - n % PAGE
+    # the first page through the validating constructor, the rest (same flags and type, 4 KiB of
+    # data each, aligned GPAs) through the fast one
+    out = [H.PageData(gpa=gpa, compatibility_mask=0, flags=flags, data=FileSlice(view, start, PAGE))] if full else []
+    normal = PageDataType.NORMAL
+    out += [_new_page(gpa + off, 0, flags, normal, FileSlice(view, start + off, PAGE))
+            for off in range(PAGE, full, PAGE)]
+    page_data = H.PageData
+    for off in range(full, total, PAGE):
+        if off < n:
+            data: bytes = bytes(view[start + off : start + n]) + bytes(PAGE - (n - off))
+        else:
+            data = ZERO_PAGE if zero_fill else b""
+        out.append(page_data(gpa=gpa + off, compatibility_mask=0, flags=flags, data_type=PageDataType.NORMAL,
+                             data=data))
+    return out
 
 
 # --------------------------------------------------------------------------- the builder
@@ -194,9 +332,10 @@ class _Builder:
             self._kernel()
         for blob in cfg.blobs:
             view = self.inputs.get(blob.path, "blob")
+            pages = page_headers(blob.gpa, view, flags=0 if blob.measured else PageDataFlags.UNMEASURED)
             for plan in self.plans.values():
                 plan.claim(blob.gpa, -(-len(view) // PAGE) * PAGE, f"blob {blob.path}")
-                plan.pages_from(blob.gpa, view, flags=0 if blob.measured else PageDataFlags.UNMEASURED)
+                plan.add_pages(pages)
         if not cfg.firmware and not cfg.kernel:
             self._blob_only_contexts()
         return self._merge()
@@ -251,12 +390,15 @@ class _Builder:
             self.notes.append("measured direct boot: the VMM must be given exactly this kernel, initrd and "
                               "command line (their hashes are in the kernel-hashes page)")
         base = img.gpa_base
+        fw_pages: list[H.PageData] | None = None
         for p, plan in self.plans.items():
             if p == PlatformType.TDX:
                 self._ovmf_tdx(plan, img, view)
                 continue
             plan.claim(base, img.size, f"firmware {path}")
-            plan.pages_from(base, view)  # every page with data, even all-zero ones (§7.1 step 2)
+            if fw_pages is None:
+                fw_pages = page_headers(base, view)  # every page with data, even all-zero ones (§7.1 step 2)
+            plan.add_pages(fw_pages)
             if p in (PlatformType.SEV_SNP, PlatformType.SEV_ES, PlatformType.SEV):
                 self._ovmf_sev_sections(plan, img, hashes_page)
             self._ovmf_contexts(p, plan, img)
@@ -401,16 +543,17 @@ class _Builder:
         high = max(seg.end for seg in elf.segments)
         initrd_gpa = self._place_initrd(len(initrd), -(-high // PAGE) * PAGE, 1 << 32) if initrd is not None else 0
         info = self._pvh_start_info(cmd, initrd_gpa, len(initrd) if initrd is not None else 0)
-        pages = _elf_pages(elf)
+        pages = _elf_pages(elf, view)
+        elf_headers = [H.PageData(gpa=gpa, compatibility_mask=0, data=data) for gpa, data in pages]
+        initrd_pages = page_headers(initrd_gpa, initrd) if initrd is not None else []
         for p, plan in self.plans.items():
             self._common_low(plan, cmd)
             for start, end in _page_runs(pages):
                 plan.claim(start, end - start, f"{name} (PT_LOAD segments)")
-            for gpa, data in pages:
-                plan.page(gpa, data)
+            plan.add_pages(elf_headers)
             if initrd is not None:
                 plan.claim(initrd_gpa, -(-len(initrd) // PAGE) * PAGE, f"initrd {initrd_name}")
-                plan.pages_from(initrd_gpa, initrd)
+                plan.add_pages(initrd_pages)
             if elf.pvh_entry is not None:
                 plan.claim(BOOT_INFO_GPA, PAGE, "PVH start_info")
                 plan.page(BOOT_INFO_GPA, info)
@@ -463,15 +606,17 @@ class _Builder:
         boot_params = build_boot_params(bz, cmdline_ptr=CMDLINE_GPA, cmdline_size=len(cmd) - 1,
                                         initrd_addr=initrd_gpa, initrd_size=len(initrd) if initrd is not None else 0,
                                         e820=e820)
+        kernel_pages = page_headers(load, view, start=bz.setup_size, length=len(bz.kernel))
+        initrd_pages = page_headers(initrd_gpa, initrd) if initrd is not None else []
         for p, plan in self.plans.items():
             self._common_low(plan, cmd)
             plan.claim(BOOT_INFO_GPA, PAGE, "boot_params (zero page)")
             plan.page(BOOT_INFO_GPA, boot_params)
             plan.claim(load, kernel_end - load, f"kernel {name} (protected-mode part and init_size)")
-            plan.pages_from(load, bz.kernel)
+            plan.add_pages(kernel_pages)
             if initrd is not None:
                 plan.claim(initrd_gpa, -(-len(initrd) // PAGE) * PAGE, f"initrd {initrd_name}")
-                plan.pages_from(initrd_gpa, initrd)
+                plan.add_pages(initrd_pages)
             if p == PlatformType.TDX or not bz.supports_64bit_entry:
                 # 32-bit boot protocol entry (TDX starts in 32-bit mode; old kernels have no 64-bit entry)
                 state = CpuState.protected32(rip=load, gdt=GDT_GPA, rsi=BOOT_INFO_GPA)
@@ -505,8 +650,11 @@ class _Builder:
                 plan.policy = self.cfg.tdx.policy
 
 
-def _elf_pages(elf: Any) -> list[tuple[int, bytes | FileSlice]]:
-    """Page contents of an ELF's PT_LOAD segments (pages shared by two segments are composed)."""
+def _elf_pages(elf: Any, view: memoryview) -> list[tuple[int, bytes | FileSlice]]:
+    """Page contents of an ELF's PT_LOAD segments (pages shared by two segments are composed).
+
+    Whole pages are windows of ``view`` (the file) at the segment's file offset.
+    """
     covers: dict[int, list[Any]] = {}
     for seg in elf.segments:
         for page in range(seg.gpa & ~0xFFF, seg.end, PAGE):
@@ -517,7 +665,7 @@ def _elf_pages(elf: Any) -> list[tuple[int, bytes | FileSlice]]:
         seg = segs[0]
         off = page - seg.gpa
         if len(segs) == 1 and off >= 0 and off + PAGE <= len(seg.data):
-            out.append((page, FileSlice(seg.data, off, PAGE)))
+            out.append((page, FileSlice(view, seg.offset + off, PAGE)))
             continue
         buf = bytearray(PAGE)
         for seg in segs:
@@ -556,13 +704,18 @@ def _with_vbs_measurement(f: IgvmFile, mask: int) -> IgvmFile:
 
 
 def _key(h: H.Header) -> tuple[Any, ...]:
-    """Identity of a directive apart from its compatibility mask."""
+    """Identity of a directive apart from its compatibility mask.
+
+    Page data in a file window is identified by the exact view object, offset and length
+    (equal keys mean equal bytes; offsets are relative to that view, so the view object,
+    not the file it maps, must be part of the key); copied data by the bytes themselves.
+    """
     if isinstance(h, H.PageData):
         d = h.data
         if isinstance(d, FileSlice):
-            dk: tuple[Any, ...] = ("s", id(d._buf.obj), d.start, d.length)  # noqa: SLF001
+            dk: tuple[Any, ...] = ("s", id(d._buf), d.start, d.length)  # noqa: SLF001
         else:
-            dk = ("b", len(d), hash(bytes(d)))
+            dk = ("b", bytes(d))
         return (H.PageData, h.gpa, h.flags, int(h.data_type), dk)
     if isinstance(h, H.SnpVpContext):
         return (H.SnpVpContext, h.gpa, h.vp_index, hashlib.sha256(as_view(h.vmsa)).digest())
@@ -571,7 +724,33 @@ def _key(h: H.Header) -> tuple[Any, ...]:
     return (type(h), repr(h))
 
 
+#: PAGE_DATA fields, in order; checked at import so that the fast copy below cannot miss one.
+_PAGE_FIELDS = ("gpa", "compatibility_mask", "flags", "data_type", "data")
+if tuple(f.name for f in fields(H.PageData)) != _PAGE_FIELDS:
+    raise ImportError("H.PageData fields changed: update _with_mask in build.py")
+
+
+def _new_page(gpa: int, mask: int, flags: int, data_type: int, data: bytes | FileSlice) -> H.PageData:
+    """A PageData made without re-running its checks, for values known to pass them (a page
+    like one already validated: 4 KiB-aligned GPA, same flags and type, at most 4 KiB of data).
+    dataclasses.replace or the constructor cost several times more, once per page of the file."""
+    page = _object_new(H.PageData)
+    _set_gpa(page, gpa)
+    _set_mask(page, mask)
+    _set_flags(page, flags)
+    _set_type(page, data_type)
+    _set_data(page, data)
+    return page
+
+
+_object_new = object.__new__
+# the slot descriptors' setters: what the generated __init__ of a frozen slots dataclass uses
+_set_gpa, _set_mask, _set_flags, _set_type, _set_data = (getattr(H.PageData, f).__set__ for f in _PAGE_FIELDS)
+
+
 def _with_mask(h: H.Header, mask: int) -> H.Header:
+    if type(h) is H.PageData:  # the common case, one per page of the file
+        return _new_page(h.gpa, mask, h.flags, h.data_type, h.data)
     if not h.HAS_MASK:
         return h
     from dataclasses import replace
@@ -586,58 +765,128 @@ def merge_directives(lists: Sequence[tuple[int, Sequence[H.Header]]]) -> list[H.
     exactly ``list``, in order.  Sharing is greedy: when two lists disagree, the header
     that the other list does not need next is emitted alone.
     """
-    merged: list[tuple[tuple[Any, ...], H.Header, int]] = []
+    keys: list[Any] = []
+    hdrs: list[H.Header] = []
+    masks: list[int] = []
+    key_of: dict[int, Any] = {}  # id(header) -> key: headers shared by platforms are keyed once
+    alive: list[list[H.Header]] = []  # keeps every header alive while its id() is a cache key
     for mask, items in lists:
-        # A VP context must carry exactly one platform's mask (IGVM_FORMAT.md; the reference parser
-        # rejects anything else), so identical contexts of two platforms (NATIVE and SEV) stay apart.
-        merged = _merge_two(merged, [((_key(h), mask) if isinstance(h, H.VpContextBase) else _key(h), h, mask)
-                                     for h in items])
-    out = []
-    for _key_, h, mask in merged:
-        out.append(_with_mask(h, mask))
-    return out
+        items = list(items)
+        alive.append(items)
+        # key each header once (those shared with an earlier list are found by identity)
+        known = list(map(key_of.get, map(id, items)))
+        bkeys = [k if k is not None else _directive_key(h, mask) for k, h in zip(known, items, strict=True)]
+        key_of.update(zip(map(id, items), bkeys, strict=True))
+        keys, hdrs, masks = _merge_two(keys, hdrs, masks, bkeys, items, mask)
+    return [_with_mask(h, m) for h, m in zip(hdrs, masks, strict=True)]
 
 
-def _merge_two(a: list[tuple[Any, H.Header, int]], b: list[tuple[Any, H.Header, int]]
-               ) -> list[tuple[Any, H.Header, int]]:
-    if not a:
-        return b
-    pos_b: dict[Any, list[int]] = {}
-    for j, (k, _, _) in enumerate(b):
-        pos_b.setdefault(k, []).append(j)
-    pos_a: dict[Any, list[int]] = {}
-    for i, (k, _, _) in enumerate(a):
-        pos_a.setdefault(k, []).append(i)
+def _directive_key(h: H.Header, mask: int) -> Any:
+    if isinstance(h, H.VpContextBase):
+        # A VP context must carry exactly one platform's mask (IGVM_FORMAT.md; the reference
+        # parser rejects anything else), so identical contexts of two platforms stay apart.
+        return (_key(h), mask)
+    return _key(h)
 
-    def next_at(positions: dict[Any, list[int]], key: Any, start: int) -> int | None:
-        lst = positions.get(key)
-        if not lst:
-            return None
-        while lst and lst[0] < start:
-            lst.pop(0)
-        return lst[0] if lst else None
 
-    out: list[tuple[Any, H.Header, int]] = []
+def _positions(keys: list[Any]) -> dict[Any, int | list[int]]:
+    """key -> its index, or the ascending list of its indices when it occurs more than once."""
+    unique: dict[Any, int | list[int]] = dict(zip(keys, range(len(keys)), strict=True))
+    if len(unique) == len(keys):  # the usual case, built at C speed
+        return unique
+    pos: dict[Any, int | list[int]] = {}
+    for i, k in enumerate(keys):
+        prev = pos.setdefault(k, i)
+        if prev != i:
+            if isinstance(prev, int):
+                pos[k] = [prev, i]
+            else:
+                prev.append(i)
+    return pos
+
+
+def _next_at(keys: list[Any], pos: dict[Any, int | list[int]] | None, key: Any, start: int
+             ) -> tuple[int | None, dict[Any, int | list[int]] | None]:
+    """The first index of ``key`` in ``keys`` at or after ``start`` (and the position index).
+
+    A short scan at C speed answers the usual case (the lists differ by a few headers); the
+    position index of the whole list is built only when the key is not close by.
+    """
+    near = 256
+    try:
+        return keys.index(key, start, start + near), pos
+    except ValueError:
+        pass
+    if start + near >= len(keys):
+        return None, pos
+    if pos is None:
+        pos = _positions(keys)
+    return _lookup(pos, key, start), pos
+
+
+def _lookup(pos: dict[Any, int | list[int]], key: Any, start: int) -> int | None:
+    found = pos.get(key)
+    if found is None:
+        return None
+    if isinstance(found, int):
+        return found if found >= start else None
+    i = bisect.bisect_left(found, start)
+    return found[i] if i < len(found) else None
+
+
+def _merge_two(a_keys: list[Any], a_hdrs: list[H.Header], a_masks: list[int], b_keys: list[Any],
+               b_hdrs: list[H.Header], b_mask: int) -> tuple[list[Any], list[H.Header], list[int]]:
+    """Merge list ``b`` (all with mask ``b_mask``) into the merged list ``a``.
+
+    Runs of equal keys (the bulk of any multi-platform build) are found by comparing windows
+    of the two key lists at C speed; the greedy choice of :func:`merge_directives` is made
+    only where the lists disagree.
+    """
+    if not a_keys:
+        return list(b_keys), list(b_hdrs), [b_mask] * len(b_keys)
+    na, nb = len(a_keys), len(b_keys)
+    out_k: list[Any] = []
+    out_h: list[H.Header] = []
+    out_m: list[int] = []
+    pos_a: dict[Any, int | list[int]] | None = None
+    pos_b: dict[Any, int | list[int]] | None = None
     i = j = 0
-    while i < len(a) and j < len(b):
-        ka, ha, ma = a[i]
-        kb, _hb, mb = b[j]
-        if ka == kb:
-            out.append((ka, ha, ma | mb))
-            i += 1
-            j += 1
-            continue
-        nb = next_at(pos_b, ka, j)
-        na = next_at(pos_a, kb, i)
-        if nb is None or (na is not None and na - i <= nb - j):
-            out.append(a[i])
+    while i < na and j < nb:
+        window = 16
+        while i < na and j < nb:  # copy the run of equal keys starting at (i, j)
+            n = min(window, na - i, nb - j)
+            same = list(map(operator.eq, a_keys[i : i + n], b_keys[j : j + n]))
+            run = same.index(False) if False in same else n
+            if run:
+                out_k += a_keys[i : i + run]
+                out_h += a_hdrs[i : i + run]
+                out_m += [m | b_mask for m in a_masks[i : i + run]]
+                i += run
+                j += run
+            if run < n:
+                break
+            window = min(window * 4, 1 << 16)
+        if i >= na or j >= nb:
+            break
+        next_in_b, pos_b = _next_at(b_keys, pos_b, a_keys[i], j)
+        next_in_a, pos_a = _next_at(a_keys, pos_a, b_keys[j], i)
+        if next_in_b is None or (next_in_a is not None and next_in_a - i <= next_in_b - j):
+            out_k.append(a_keys[i])
+            out_h.append(a_hdrs[i])
+            out_m.append(a_masks[i])
             i += 1
         else:
-            out.append(b[j])
+            out_k.append(b_keys[j])
+            out_h.append(b_hdrs[j])
+            out_m.append(b_mask)
             j += 1
-    out += a[i:]
-    out += b[j:]
-    return out
+    out_k += a_keys[i:]
+    out_h += a_hdrs[i:]
+    out_m += a_masks[i:]
+    out_k += b_keys[j:]
+    out_h += b_hdrs[j:]
+    out_m += [b_mask] * (nb - j)
+    return out_k, out_h, out_m
 
 
 # --------------------------------------------------------------------------- public API
@@ -646,7 +895,8 @@ def _merge_two(a: list[tuple[Any, H.Header, int]], b: list[tuple[Any, H.Header, 
 def build_file(cfg: BuildConfig) -> tuple[IgvmFile, dict[str, str], list[str]]:
     """Build the :class:`IgvmFile` for ``cfg``; also return input SHA-256s and notes."""
     b = _Builder(cfg)
-    f = b.run().validate()
+    with _gc_paused():
+        f = b.run().validate()
     return f, b.inputs.sha256(), b.notes
 
 
@@ -654,22 +904,45 @@ def build(cfg: BuildConfig, *, platforms: Sequence[str] | None = None, loader: s
     """Build, serialize and measure ``cfg`` (optionally overriding platforms/loader)."""
     cfg = cfg.with_overrides(platforms=tuple(platforms) if platforms else None, loader=loader)
     f, input_hashes, notes = build_file(cfg)
-    head, blobs = f._layout()  # noqa: SLF001 - one layout pass serves hashing and writing
-    chunks = (head, *(as_view(b) for b in blobs))
+    with _gc_paused():
+        head, blobs = f._layout()  # noqa: SLF001 - one layout pass serves hashing and writing
+    data, data_sources = _coalesce(blobs)
+    chunks = (head, *data)
+    sources = (None, *data_sources)
+    # The file's SHA-256 and the launch measurements are independent passes over the same bytes:
+    # hash the file in a second thread (hashlib releases the GIL on large buffers) meanwhile.
     h = hashlib.sha256()
-    size = 0
-    for c in chunks:
-        h.update(c)
-        size += len(c)
-    refs = reference_values_for(cfg, f, h.hexdigest(), size, input_hashes, notes)
-    return BuildResult(file=f, reference_values=refs, _chunks=chunks, size=size, sha256=h.hexdigest())
+    failed: list[BaseException] = []
+
+    def hash_file() -> None:
+        try:
+            for c in _windows(chunks, sources):
+                h.update(c)
+        except BaseException as exc:  # re-raised in the caller's thread
+            failed.append(exc)
+
+    hasher = threading.Thread(target=hash_file, name="igvm-build-sha256")
+    hasher.start()
+    try:
+        from igvm_builder.measure import measure_file
+
+        measurements = measure_file(f, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass)
+    finally:
+        hasher.join()
+    if failed:
+        raise failed[0]
+    size = sum(len(c) for c in chunks)
+    refs = reference_values_for(cfg, f, h.hexdigest(), size, input_hashes, notes, measurements=measurements)
+    return BuildResult(file=f, reference_values=refs, _chunks=chunks, size=size, sha256=h.hexdigest(),
+                       _sources=sources)
 
 
 def reference_values_for(cfg: BuildConfig, f: IgvmFile, sha256: str, size: int, input_hashes: dict[str, str],
-                         notes: Iterable[str]) -> dict[str, Any]:
+                         notes: Iterable[str], *, measurements: Sequence[Any] | None = None) -> dict[str, Any]:
     from igvm_builder.measure.report import reference_values
 
-    refs = reference_values(f, sha256, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass)
+    refs = reference_values(f, sha256, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass, file_size=size,
+                            measurements=measurements)
     refs["file"] = {**refs.get("file", {}), "sha256": sha256, "size": size}
     base = os.path.dirname(cfg.source)
     with open(cfg.source, "rb") as fh:
@@ -683,5 +956,15 @@ def reference_values_for(cfg: BuildConfig, f: IgvmFile, sha256: str, size: int, 
 
 
 def _rel(path: str, base: str) -> str:
+    """How the reference values name an input: relative to the config, or absolute.
+
+    An input that shares nothing but the file-system root with the config's directory
+    (``/usr/share/ovmf/OVMF.fd`` for a config in a checkout) keeps its absolute path: a
+    relative one (``../../../../usr/share/...``) would depend on where the checkout lives,
+    so two checkouts would publish different reference values for the same build.
+    """
+    if os.path.isabs(path) and os.path.isabs(base) and \
+            os.path.commonpath([path, base]) == os.path.splitdrive(path)[0] + os.sep:
+        return path.replace(os.sep, "/")
     rel = os.path.relpath(path, base)
     return rel.replace(os.sep, "/")

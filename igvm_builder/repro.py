@@ -438,7 +438,7 @@ def check_config_reproducible_in_process(config_path: str | os.PathLike[str], *,
 class ReleaseCheck:
     """One comparison against the published reference values."""
 
-    kind: str  # "input" | "build" | "file" | "measurement" | "igvm"
+    kind: str  # "input" | "build" | "file" | "measurement" | "reference" | "igvm"
     name: str
     ok: bool
     message: str
@@ -518,7 +518,7 @@ def _roles(cfg: Any) -> dict[str, str]:
 def _strip_up(key: str) -> str:
     while key.startswith("../"):
         key = key[3:]
-    return key
+    return key.lstrip("/")
 
 
 def _pair_moved_inputs(current: Sequence[str], published: Sequence[str]) -> dict[str, str]:
@@ -552,9 +552,7 @@ def _platform_entries(refs: Mapping[str, Any]) -> dict[str, Any]:
 
 def _entry_digest(entry: Any) -> Any:
     if isinstance(entry, Mapping):
-        for k in ("digest", "measurement", "mrtd", "launch_digest"):
-            if k in entry:
-                return entry[k]
+        return entry.get("digest", entry.get("measurement"))
     return entry
 
 
@@ -654,12 +652,16 @@ def verify_release(config_path: str | os.PathLike[str], reference: Mapping[str, 
         if a == b:
             checks.append(ReleaseCheck("measurement", name, True, f"platform {name}: measurement matches"))
         else:
-            detail = f"{_short(str(a))} != published {_short(str(b))}" if isinstance(a, str) else "differs"
-            if isinstance(a, Mapping) or isinstance(b, Mapping):
-                keys = [k for k in dict.fromkeys([*(a or {}), *(b or {})])
-                        if (a or {}).get(k) != (b or {}).get(k)]
-                detail = "differs in " + ", ".join(map(str, keys))
-            checks.append(ReleaseCheck("measurement", name, False, f"platform {name}: measurement {detail}"))
+            checks.append(ReleaseCheck("measurement", name, False, f"platform {name}: measurement "
+                                       f"{_short(str(a))} != published {_short(str(b))}"))
+        # Everything else a verifier checks besides the digest (policy, features, ID block, ...).
+        fa = dict(_flatten(new_plats[name])) if isinstance(new_plats[name], Mapping) else {}
+        fb = dict(_flatten(pub_plats[name])) if isinstance(pub_plats[name], Mapping) else {}
+        for k in sorted(set(fa) | set(fb)):
+            if k not in ("digest", "measurement") and fa.get(k, ...) != fb.get(k, ...):
+                checks.append(ReleaseCheck("reference", f"{name}.{k}", False,
+                                           f"platform {name}: {k} {fa.get(k, '(absent)')} != published "
+                                           f"{fb.get(k, '(absent)')}"))
     # ---- the released file itself
     d: FileDiff | None = None
     if igvm is not None:

@@ -286,3 +286,43 @@ def test_kernel_hashes_need_a_kernel_hashes_section(tmp_path: Path) -> None:
         build_file(cfg)
     assert str(OVMF_TRIXIE) in str(info.value)
     assert "KERNEL_HASHES" in str(info.value).upper().replace(" ", "_")
+
+
+# --------------------------------------------------------------------------- build() and the CLI
+
+
+def test_cli_reference_values_follow_the_loader_choice(tmp_path: Path) -> None:
+    """`build --reference-values`: the SNP digest of the chosen loader, the configured TDX page order."""
+    import hashlib
+
+    from igvm_builder.build import build
+
+    case = next(c for c in SNP_VECTORS["cases"] if c["id"] == "bookworm-ovmf-2cpu-milan")
+    tdx = next(c for c in TDX_VECTORS["cases"] if c["firmware"] == "firmware/bookworm-OVMF.fd")
+    body = snp_config(OVMF_BOOKWORM, vcpus=2, vcpu_type="EPYC-Milan", platforms='"snp", "tdx"',
+                      loader="qemu") + "\n[tdx]\ntwo_pass = true\n"
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(body)
+    outputs = {}
+    for loader, want in (("cloud-hypervisor", case["expected_launch_digest"]),
+                         ("qemu", case["igvm_layout_digests"]["data_less_pages_as_NORMAL_zeros"])):
+        out, refs = tmp_path / f"{loader}.igvm", tmp_path / f"{loader}.json"
+        proc = cli("build", str(cfg), "-o", str(out), "--loader", loader, "--reference-values", str(refs))
+        assert proc.returncode == 0, proc.stderr
+        values = json.loads(refs.read_text())
+        assert values["platforms"]["snp"]["digest"] == want
+        assert values["platforms"]["snp"]["loader"] == loader
+        assert values["platforms"]["tdx"]["digest"] == tdx["expected_mrtd_two_pass"]
+        assert values["file"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+        assert values["file"]["size"] == out.stat().st_size
+        assert want in proc.stdout and tdx["expected_mrtd_two_pass"] in proc.stdout
+        outputs[loader] = out.read_bytes()
+    # the loader changes the reference values only, never the file
+    assert outputs["qemu"] == outputs["cloud-hypervisor"]
+    result = build(load_config(cfg), loader="cloud-hypervisor")
+    assert result.data == outputs["qemu"]
+    assert result.sha256 == hashlib.sha256(result.data).hexdigest() and result.size == len(result.data)
+    assert result.reference_values["platforms"]["snp"]["digest"] == case["expected_launch_digest"]
+    only_snp = build(load_config(cfg), platforms=["snp"], loader="cloud-hypervisor")
+    assert list(only_snp.reference_values["platforms"]) == ["snp"]
+    assert only_snp.reference_values["platforms"]["snp"]["digest"] == case["expected_launch_digest"]

@@ -10,6 +10,7 @@ reference vectors serve as known byte samples.
 
 from __future__ import annotations
 
+import itertools
 import random
 import struct
 from collections.abc import Callable
@@ -219,7 +220,7 @@ def test_struct_size_matches_spec(cls: type[H.Header]) -> None:
     assert cls.STRUCT.size == spec_size
     assert D.section_of(int(cls.TYPE)) == cls.SECTION
     covered = sorted(fields.values())
-    for (o1, s1), (o2, _s2) in zip(covered, covered[1:], strict=False):
+    for (o1, s1), (o2, _s2) in itertools.pairwise(covered):
         assert o1 + s1 <= o2, f"{cls.__name__}: spec table overlaps"
     assert covered[-1][0] + covered[-1][1] <= spec_size
     if cls in H.SIMPLE_HEADERS.values() or cls in (H.ParameterArea, H.PageData, H.VpContextBase):

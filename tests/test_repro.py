@@ -303,3 +303,31 @@ def test_reference_values_compared() -> None:
     assert compare_reference_values(a, moved) == []  # input naming depends on the location: ignored
     other = {**a, "platforms": {"snp": {"digest": "d2"}}}
     assert compare_reference_values(a, other) == ["platforms.snp.digest: 'd1' != 'd2'"]
+
+
+# --------------------------------------------------------------------------------- regression
+
+
+def test_reference_values_name_outside_inputs_absolutely() -> None:
+    """build.py named an input outside the checkout by a path relative to the config, so the
+    reference values depended on where the checkout lived (``../../../usr/share/...``)."""
+    from igvm_builder.build import _rel
+
+    assert _rel("/usr/share/ovmf/OVMF.fd", "/home/ci/src/samples/ovmf") == "/usr/share/ovmf/OVMF.fd"
+    assert _rel("/usr/share/ovmf/OVMF.fd", "/tmp/x") == "/usr/share/ovmf/OVMF.fd"
+    assert _rel("/home/ci/src/build/k.elf", "/home/ci/src/samples") == "../build/k.elf"
+    assert _rel("/home/ci/src/samples/data/b.bin", "/home/ci/src/samples") == "data/b.bin"
+
+
+@pytest.mark.skipif(os.path.commonpath([str(OVMF), os.path.realpath(os.environ.get("TMPDIR", "/tmp"))]) != "/",
+                    reason="the temporary directory shares a top-level directory with ../shared")
+def test_reference_values_do_not_depend_on_checkout_location(tmp_path: Path) -> None:
+    refs = []
+    for where in ("one", "two/much/deeper/checkout"):
+        cfg = tmp_path / where / "ovmf.toml"
+        cfg.parent.mkdir(parents=True)
+        cfg.write_text(f'[image]\nplatforms = ["snp"]\n\n[firmware]\npath = "{OVMF}"\n')
+        refs.append(build(load_config(cfg)).reference_values)
+    assert refs[0] == refs[1]
+    assert str(OVMF) in refs[0]["inputs"]
+

@@ -121,3 +121,15 @@ def test_release_built_elsewhere(release: dict[str, Path]) -> None:
     assert report.ok, report.render_text()
     kernel = next(c for c in report.checks if c.name == "../build/hello.elf")
     assert "(published as ../../../../elsewhere/build/hello.elf)" in kernel.message
+
+
+def test_changed_policy_in_include(release: dict[str, Path]) -> None:
+    """The SNP policy is no part of the launch digest but is a reference value: it is checked too."""
+    common = release["config"].parent / "common.toml"
+    common.write_text(common.read_text().replace("policy = 0x30000", "policy = 0xb0000"))
+    report = verify_release(release["config"], release["ref"])
+    kinds = {c.kind: c for c in report.problems}
+    assert "input" not in kinds  # included configs are not in the reference values
+    assert "file" in kinds
+    assert "platform snp: policy.value 0xb0000 != published 0x30000" in [c.message for c in report.problems]
+    assert all(c.ok for c in report.checks if c.kind == "measurement")

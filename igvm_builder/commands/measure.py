@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import sys
 from typing import TYPE_CHECKING, Any
 
 from igvm_builder.commands._common import add_platform_option, print_json, warn
+from igvm_builder.errors import IgvmError, MeasurementError
 from igvm_builder.measure.profiles import DEFAULT_LOADER, PROFILES
 
 if TYPE_CHECKING:
@@ -63,9 +65,12 @@ def _load(path: str) -> IgvmFile:
     return f
 
 
-def _require_platform(f: IgvmFile, platform: Any, path: str) -> None:
-    from igvm_builder.errors import MeasurementError
+def _usage_error(message: str) -> int:
+    print(f"igvm-builder {_CMD}: error: {message}", file=sys.stderr)
+    return 2
 
+
+def _require_platform(f: IgvmFile, platform: Any, path: str) -> None:
     if f.platform(platform) is None:
         have = ", ".join(p.platform_type.name for p in f.platforms)
         raise MeasurementError(f"no {platform.name} platform in the file (it has: {have})", source=path)
@@ -103,8 +108,7 @@ def _all_loaders(f: IgvmFile, args: argparse.Namespace) -> int:
     from igvm_builder.measure.engine import all_loader_digests
 
     if args.platform is not None and args.platform != PlatformType.SEV_SNP:
-        raise SystemExit(f"igvm-builder {_CMD}: error: --all-loaders measures the SEV-SNP platform only, "
-                         f"not {args.platform.name}")
+        return _usage_error(f"--all-loaders measures the SEV-SNP platform only, not {args.platform.name}")
     _require_platform(f, PlatformType.SEV_SNP, args.file)
     results = all_loader_digests(f, PROFILES)
     digests = {name: r for name, r in results.items() if isinstance(r, bytes)}
@@ -149,25 +153,18 @@ def run(args: argparse.Namespace) -> int:
     f = _load(args.file)
     if args.all_loaders:
         if args.reference_values:
-            raise SystemExit(f"igvm-builder {_CMD}: error: --reference-values needs one loader; "
-                             "use --loader instead of --all-loaders")
+            return _usage_error("--reference-values needs one loader; use --loader instead of --all-loaders")
         return _all_loaders(f, args)
     if args.platform is not None:
         _require_platform(f, args.platform, args.file)
     targets = [args.platform] if args.platform is not None else None
     try:
         ms = measure_file(f, platforms=targets, loader=args.loader, tdx_two_pass=args.tdx_two_pass)
-    except Exception as exc:
-        from igvm_builder.errors import IgvmError
-
-        if isinstance(exc, IgvmError):
-            raise exc.with_source(args.file) from None
-        raise
+    except IgvmError as exc:
+        raise exc.with_source(args.file) from None
     if args.reference_values:
         from igvm_builder.io import atomic_write
         from igvm_builder.measure.report import reference_values
-
-        import json
 
         sha256, size = _sha256_file(args.file)
         full = ms if targets is None else None  # measure every platform for the reference values

@@ -16,10 +16,11 @@ parameter area's initial data is ``number_of_bytes`` long or empty.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import mmap
 import struct
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from igvm_builder import sev_vmsa
@@ -531,7 +532,7 @@ def _raw_records(buf: memoryview) -> list[tuple[int, int, int]]:
     return out
 
 
-def _attach_records(hdrs: Sequence[H.Header], buf: memoryview) -> list[tuple[int, int, int | None] | None]:
+def _attach_records(hdrs: Sequence[H.Header], buf: memoryview) -> Iterator[tuple[int, int, int | None] | None]:
     """For every model header, its (tlv offset, tlv length, file_offset) in ``buf`` if found.
 
     Headers are matched in order against the TLV records; a record matches when its type is
@@ -539,7 +540,6 @@ def _attach_records(hdrs: Sequence[H.Header], buf: memoryview) -> list[tuple[int
     headers dropped by a ``--platform`` filter are skipped correctly.
     """
     records = _raw_records(buf)
-    result: list[tuple[int, int, int | None] | None] = []
     j = 0
     for h in hdrs:
         typ = int(h.TYPE)
@@ -562,8 +562,7 @@ def _attach_records(hdrs: Sequence[H.Header], buf: memoryview) -> list[tuple[int
                 found = (pos, length, foff)
                 j = k
                 break
-        result.append(found)
-    return result
+        yield found
 
 
 def _fixed_header(buf: memoryview) -> dict[str, Any] | None:
@@ -588,32 +587,12 @@ def _fixed_header(buf: memoryview) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- JSON
 
 
-def dump_json(f: IgvmFile, *, source_bytes: Buffer | None = None,
-              platform: PlatformType | None = None) -> dict[str, Any]:
-    """The documented JSON view of ``f`` (``docs/DUMP_SCHEMA.md``, ``schema_version`` 1).
-
-    ``source_bytes``: the bytes ``f`` was parsed from; adds the file size and SHA-256, the
-    fixed header and each header's TLV offset/length and absolute ``file_offset``.
-    ``platform``: the platform filter ``f`` was parsed with (recorded as ``platform_filter``).
-    """
+def _entries(f: IgvmFile, buf: memoryview | None) -> Iterator[dict[str, Any]]:
+    """The ``headers`` elements, produced one at a time (a 1 GiB file has 262,144 of them)."""
     ctx = _Ctx(f)
-    buf = memoryview(source_bytes).cast("B") if source_bytes is not None else None
-    file_info: dict[str, Any] = {
-        "revision": f.revision,
-        "architecture": Architecture(f.architecture).name,
-        "page_size": PAGE_SIZE_4K,
-    }
-    if buf is not None:
-        file_info["size"] = len(buf)
-        file_info["sha256"] = hashlib.sha256(buf).hexdigest()
-        file_info["fixed_header"] = _fixed_header(buf)
-
     hdrs = f.headers
-    records = _attach_records(hdrs, buf) if buf is not None else [None] * len(hdrs)
-    out_headers = []
-    by_type: Counter[str] = Counter()
-    pages_with_data = pages_without_data = 0
-    for index, (h, rec) in enumerate(zip(hdrs, records, strict=True)):
+    records = _attach_records(hdrs, buf) if buf is not None else itertools.repeat(None)
+    for index, (h, rec) in enumerate(zip(hdrs, records, strict=False)):
         kind, fields = _decode_header(h, ctx)
         entry: dict[str, Any] = {
             "index": index,
@@ -628,14 +607,22 @@ def dump_json(f: IgvmFile, *, source_bytes: Buffer | None = None,
             entry["tlv"] = {"offset": pos, "length": length}
             if foff is not None:
                 entry["file_offset"] = _hex(foff)
-        out_headers.append(entry)
-        by_type[h.TYPE.name] += 1
-        if isinstance(h, H.PageData):
-            if len(h.data):
-                pages_with_data += 1
-            else:
-                pages_without_data += 1
+        yield entry
 
+
+def _document(f: IgvmFile, buf: memoryview | None, platform: PlatformType | None) -> dict[str, Any]:
+    """Everything of the JSON view except ``headers``."""
+    file_info: dict[str, Any] = {
+        "revision": f.revision,
+        "architecture": Architecture(f.architecture).name,
+        "page_size": PAGE_SIZE_4K,
+    }
+    if buf is not None:
+        file_info["size"] = len(buf)
+        file_info["sha256"] = hashlib.sha256(buf).hexdigest()
+        file_info["fixed_header"] = _fixed_header(buf)
+    by_type = Counter(h.TYPE.name for h in f.headers)
+    with_data = sum(1 for h in f.directives if isinstance(h, H.PageData) and len(h.data))
     return {
         "schema_version": SCHEMA_VERSION,
         "file": file_info,
@@ -645,18 +632,35 @@ def dump_json(f: IgvmFile, *, source_bytes: Buffer | None = None,
              "platform_type_name": PlatformType(p.platform_type).name}
             for i, p in enumerate(f.platforms)
         ],
-        "headers": out_headers,
         "counts": {
             "platform": len(f.platforms),
             "initialization": len(f.initializations),
             "directive": len(f.directives),
-            "total": len(hdrs),
+            "total": len(f.headers),
             "by_type": dict(sorted(by_type.items())),
-            "pages_with_data": pages_with_data,
-            "pages_without_data": pages_without_data,
+            "pages_with_data": with_data,
+            "pages_without_data": by_type.get(HeaderType.PAGE_DATA.name, 0) - with_data,
         },
         "warnings": list(f.warnings),
     }
+
+
+def _buffer(source_bytes: Buffer | None) -> memoryview | None:
+    return memoryview(source_bytes).cast("B") if source_bytes is not None else None
+
+
+def dump_json(f: IgvmFile, *, source_bytes: Buffer | None = None,
+              platform: PlatformType | None = None) -> dict[str, Any]:
+    """The documented JSON view of ``f`` (``docs/DUMP_SCHEMA.md``, ``schema_version`` 1).
+
+    ``source_bytes``: the bytes ``f`` was parsed from; adds the file size and SHA-256, the
+    fixed header and each header's TLV offset/length and absolute ``file_offset``.
+    ``platform``: the platform filter ``f`` was parsed with (recorded as ``platform_filter``).
+    """
+    buf = _buffer(source_bytes)
+    doc = _document(f, buf, platform)
+    doc["headers"] = list(_entries(f, buf))
+    return doc
 
 
 # --------------------------------------------------------------------------- text
@@ -680,7 +684,7 @@ def _data_token(length: int, digest: str) -> str:
     return f"data={length}B sha256={_short_sha(digest)}" if length else "data=none"
 
 
-def _summary(e: dict[str, Any]) -> str:  # noqa: PLR0911 - one branch per header kind
+def _summary(e: dict[str, Any]) -> str:
     kind = e["kind"]
     mask = f"mask={e['compatibility_mask']}" if "compatibility_mask" in e else ""
     if kind == "SupportedPlatform":
@@ -787,7 +791,8 @@ def _register_lines(e: dict[str, Any], indent: str) -> list[str]:
 def dump_text(f: IgvmFile, *, source_bytes: Buffer | None = None,
               platform: PlatformType | None = None) -> str:
     """A readable listing: one aligned line per header, VP registers indented below."""
-    doc = dump_json(f, source_bytes=source_bytes, platform=platform)
+    buf = _buffer(source_bytes)
+    doc = _document(f, buf, platform)
     info = doc["file"]
     lines = []
     head = f"IGVM v{info['revision']} {info['architecture']}"
@@ -798,11 +803,10 @@ def dump_text(f: IgvmFile, *, source_bytes: Buffer | None = None,
     lines.append(f"platforms: {plats}")
     if doc["platform_filter"]:
         lines.append(f"platform filter: {doc['platform_filter']}")
-    hdrs = doc["headers"]
-    iw = len(str(max(len(hdrs) - 1, 0)))
-    tw = max((len(e["type"]) for e in hdrs), default=0)
+    iw = len(str(max(len(f.headers) - 1, 0)))
+    tw = max(len(h.TYPE.name) for h in f.headers)
     indent = " " * (iw + 3 + 10 + tw + 1) + "  "
-    for e in hdrs:
+    for e in _entries(f, buf):
         section = _SECTION_SHORT[e["section"]]
         summary = " ".join(_summary(e).split())
         lines.append(f"[{e['index']:>{iw}}] {section:<9} {e['type']:<{tw}} {summary}".rstrip())

@@ -82,12 +82,14 @@ class _Releaser:
     ``every`` data pages, the file range from the first to the last page seen since the last
     release is ``madvise(MADV_DONTNEED)``-ed.  That only drops page-table entries: a page
     read again (another platform's thread, a non-monotonic file layout) is faulted back in
-    from the page cache with the same contents, so this never changes a result.
+    from the page cache with the same contents, so this never changes a result.  Only
+    read-only mmaps (``ACCESS_READ``) are touched: on a private ``ACCESS_COPY`` mapping
+    DONTNEED would discard the caller's modifications.
     """
 
     __slots__ = ("every", "first", "n")
 
-    def __init__(self, every: int = 2048) -> None:
+    def __init__(self, every: int = 256) -> None:
         self.every = every
         self.first = -1
         self.n = 0
@@ -105,10 +107,12 @@ class _Releaser:
             return
         buf = last.view().obj
         end = last.start + last.length
-        if not isinstance(buf, mmap.mmap) or end <= first or not hasattr(buf, "madvise"):
+        if not isinstance(buf, mmap.mmap) or end <= first or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        start = first - first % mmap.PAGESIZE
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, BufferError), memoryview(buf) as whole:
+            if not whole.readonly:
+                return
+            start = first - first % mmap.PAGESIZE
             buf.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
