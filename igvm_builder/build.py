@@ -195,10 +195,16 @@ def _gc_paused() -> Iterator[None]:
 
 
 class _Inputs:
-    """Maps each input file once (read-only mmap: no copy of large inputs)."""
+    """Maps each input file once (read-only mmap: no copy of large inputs).
+
+    Each input's SHA-256 (for the reference values) is computed in a background thread from
+    the moment it is mapped, while the launch is planned: hashlib releases the GIL on large
+    buffers, so this costs no wall time on a machine with a second core.
+    """
 
     def __init__(self) -> None:
         self._maps: dict[str, memoryview] = {}
+        self._hashers: dict[str, _Hasher] = {}
 
     def get(self, path: str, role: str) -> memoryview:
         view = self._maps.get(path)
@@ -211,20 +217,58 @@ class _Inputs:
                 raise InputError(f"cannot read {role}: {exc.strerror}", source=path) from None
             view = memoryview(buf).toreadonly()
             self._maps[path] = view
+            self._hashers[path] = _Hasher(view)
         return view
 
     def sha256(self) -> dict[str, str]:
-        """SHA-256 of every input, read in windows that leave the resident set once hashed."""
-        out = {}
-        for path, view in self._maps.items():
-            h = hashlib.sha256()
-            src = _source_of(view, 0)
-            for off in range(0, len(view), WINDOW):
-                h.update(view[off : off + WINDOW])
-                if src is not None:
-                    _dontneed(src.buf, off, min(WINDOW, len(view) - off))
-            out[path] = h.hexdigest()
-        return out
+        """SHA-256 of every input."""
+        return {path: hasher.result() for path, hasher in self._hashers.items()}
+
+    def cancel(self) -> None:
+        """Stop the background hashing (the build failed)."""
+        for hasher in self._hashers.values():
+            hasher.stop = True
+
+
+class _Hasher:
+    """SHA-256 of an input, read in windows that leave the resident set once hashed; in a
+    thread for inputs of a window or more."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.stop = False
+        self.digest: str | None = None
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        if len(view) >= WINDOW:
+            self.thread = threading.Thread(target=self._run, name="igvm-build-input-sha256", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.digest = self._hash()
+        except BaseException as exc:  # re-raised by result()
+            self.error = exc
+
+    def _hash(self) -> str:
+        view = self.view
+        h = hashlib.sha256()
+        src = _source_of(view, 0)
+        for off in range(0, len(view), WINDOW):
+            if self.stop:
+                return ""
+            h.update(view[off : off + WINDOW])
+            if src is not None:
+                _dontneed(src.buf, off, min(WINDOW, len(view) - off))
+        return h.hexdigest()
+
+    def result(self) -> str:
+        if self.thread is None:
+            return self._hash()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.digest if self.digest is not None else self._hash()
 
 
 # --------------------------------------------------------------------------- per-platform plan
@@ -895,8 +939,12 @@ def _merge_two(a_keys: list[Any], a_hdrs: list[H.Header], a_masks: list[int], b_
 def build_file(cfg: BuildConfig) -> tuple[IgvmFile, dict[str, str], list[str]]:
     """Build the :class:`IgvmFile` for ``cfg``; also return input SHA-256s and notes."""
     b = _Builder(cfg)
-    with _gc_paused():
-        f = b.run().validate()
+    try:
+        with _gc_paused():
+            f = b.run().validate()
+    except BaseException:
+        b.inputs.cancel()
+        raise
     return f, b.inputs.sha256(), b.notes
 
 

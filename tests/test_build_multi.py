@@ -146,3 +146,50 @@ cmdline = "console=ttyS0"
     assert len(vbs) == 1
     digest = measure_platform(multi, PlatformType.VSM_ISOLATION).digest
     assert bytes(vbs[0].boot_measurement_digest)[: len(digest)] == digest
+
+
+# --------------------------------------------------------------------------- merge_directives
+
+
+def _random_lists(seed: int, n_platforms: int, size: int) -> list[tuple[int, list[H.Header]]]:
+    """Per-platform lists drawn from a shared pool (so runs agree) with private insertions,
+    deletions, duplicates and VP contexts, like real plans but with adversarial shapes."""
+    rng = random.Random(seed)
+    pool = [H.PageData(gpa=0x1000 * i, compatibility_mask=0, data=bytes([i % 251]) * 8) for i in range(size)]
+    lists = []
+    for p in range(n_platforms):
+        mask = 1 << p
+        items: list[H.Header] = []
+        for h in pool:
+            r = rng.random()
+            if r < 0.05:
+                continue  # this platform lacks the page
+            if r < 0.10:  # a private page (equal content but another GPA space: never shared)
+                items.append(H.PageData(gpa=(1 << 40) + 0x1000 * rng.randrange(size), compatibility_mask=0,
+                                        data=b"private" + bytes([p])))
+            if r < 0.12 and items:  # a page repeated far away
+                items.insert(rng.randrange(len(items)), items[-1])
+            items.append(h)
+        if rng.random() < 0.5:
+            rng.shuffle(items[: len(items) // 3])  # a reordered prefix
+        items.append(H.NativeVpContext(compatibility_mask=0, vp_index=0, context=bytes(232)))
+        lists.append((mask, items))
+    return lists
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_merge_directives_keeps_every_platform_list(seed: int) -> None:
+    from igvm_builder.build import merge_directives
+
+    n_platforms = 1 + seed % 4
+    lists = _random_lists(seed, n_platforms, 50 + 150 * (seed % 5))
+    merged = merge_directives(lists)
+    for mask, items in lists:
+        mine = [h for h in merged if h.compatibility_mask & mask]
+        assert without_masks(mine) == without_masks(items)
+    # VP contexts, identical on every platform, keep one platform each; shared pages are stored once
+    ctx_masks = [h.compatibility_mask for h in merged if isinstance(h, H.NativeVpContext)]
+    assert sorted(ctx_masks) == [1 << p for p in range(n_platforms)]
+    assert len(merged) <= sum(len(items) for _, items in lists)
+    if n_platforms > 1:
+        assert any(bin(h.compatibility_mask).count("1") > 1 for h in merged)
