@@ -83,6 +83,8 @@ class BuildResult:
     _chunks: tuple[bytes | memoryview, ...] = field(repr=False)
     size: int
     sha256: str
+    #: Where each chunk comes from (an mmap'd input and the offset in it), or None.
+    _sources: tuple[_Mapped | None, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def data(self) -> bytes:
@@ -96,9 +98,6 @@ class BuildResult:
         writing a large file does not keep its inputs resident.
         """
         return _windows(self._chunks, self._sources)
-
-    # Where each chunk comes from (an mmap'd input and the offset in it), or None.
-    _sources: tuple[_Mapped | None, ...] = field(default=(), repr=False, compare=False)
 
 
 # --------------------------------------------------------------------------- resident-set control

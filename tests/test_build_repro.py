@@ -166,3 +166,33 @@ def test_lint_qemu_flags_the_vmsa_gpa_of_snp_v1() -> None:
     assert any("VMSA" in line and "0xfffff000" in line and "0xfffffffff000" in line for line in errors), proc.stdout
     found = lint(IgvmFile.load(vector), "qemu")
     assert any(fd.severity == "error" and "0xfffff000" in fd.message for fd in found)
+
+
+def test_build_result_chunks_are_the_file(tmp_path: Path) -> None:
+    """build(): the streamed chunks (windows of the mmap'd inputs) are exactly the canonical bytes."""
+    import hashlib
+
+    from igvm_builder.build import WINDOW, build
+
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(random.Random(5).randbytes(WINDOW + 12345))  # more than one window
+    body = f"""
+[image]
+platforms = ["native", "snp", "tdx"]
+[kernel]
+path = {q(VMLINUZ)}
+initrd = {q(initrd)}
+[memory]
+size = "1G"
+"""
+    cfg = config(tmp_path, body)
+    result = build(cfg)
+    streamed = list(result.chunks())
+    assert all(len(c) <= WINDOW for c in streamed[1:])
+    data = b"".join(streamed)
+    assert data == result.data == build_bytes(cfg)
+    assert b"".join(result.chunks()) == data  # a second pass reads the same bytes back
+    assert result.size == len(data) and result.sha256 == hashlib.sha256(data).hexdigest()
+    inputs = result.reference_values["inputs"]
+    assert inputs["initrd.img"]["sha256"] == hashlib.sha256(initrd.read_bytes()).hexdigest()
+    assert any(v["sha256"] == hashlib.sha256(VMLINUZ.read_bytes()).hexdigest() for v in inputs.values())
