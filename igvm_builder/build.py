@@ -34,7 +34,7 @@ from typing import Any
 from igvm_builder.config import BuildConfig
 from igvm_builder.errors import InputError, LayoutError
 from igvm_builder.format import headers as H
-from igvm_builder.format.blob import FileSlice, as_view
+from igvm_builder.format.blob import FileSlice, as_view, dontneed
 from igvm_builder.format.defs import (
     PLATFORM_NAMES,
     PageDataFlags,
@@ -114,17 +114,6 @@ class _Mapped:
     offset: int
 
 
-def _dontneed(buf: mmap.mmap, offset: int, length: int) -> None:
-    """Drop ``buf[offset : offset + length]`` from the resident set (``madvise(MADV_DONTNEED)``).
-
-    On a read-only shared file mapping this only removes page-table entries: a later read
-    faults the same bytes back in from the page cache, so it never changes a result.
-    """
-    start = offset - offset % mmap.PAGESIZE
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        buf.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
-
-
 def _source_of(view: memoryview, start: int) -> _Mapped | None:
     """``view[start:]`` as a place in an mmap, if ``view`` is a whole-file mmap view (:class:`_Inputs`)."""
     obj = view.obj
@@ -144,7 +133,7 @@ def _windows(chunks: Sequence[bytes | memoryview], sources: Sequence[_Mapped | N
         n = len(chunk)
         for off in range(0, n, WINDOW):
             yield chunk[off : off + WINDOW]
-            _dontneed(src.buf, src.offset + off, min(WINDOW, n - off))
+            dontneed(src.buf, src.offset + off, min(WINDOW, n - off))
 
 
 def _coalesce(blobs: Iterable[H.BlobLike]) -> tuple[list[bytes | memoryview], list[_Mapped | None]]:
@@ -258,7 +247,7 @@ class _Hasher:
                 return ""
             h.update(view[off : off + WINDOW])
             if src is not None:
-                _dontneed(src.buf, off, min(WINDOW, len(view) - off))
+                dontneed(src.buf, off, min(WINDOW, len(view) - off))
         return h.hexdigest()
 
     def result(self) -> str:
@@ -418,7 +407,7 @@ class _Builder:
         view = self.inputs.get(path, "firmware")
         img = parse_ovmf(view, path)
         hashes_page = None
-        for p, plan in self.plans.items():
+        for p in self.plans:
             if p in (PlatformType.SEV_SNP, PlatformType.SEV_ES, PlatformType.SEV):
                 require_sev(img)
             if p == PlatformType.TDX:
@@ -756,7 +745,7 @@ def _key(h: H.Header) -> tuple[Any, ...]:
     if isinstance(h, H.PageData):
         d = h.data
         if isinstance(d, FileSlice):
-            dk: tuple[Any, ...] = ("s", id(d._buf), d.start, d.length)  # noqa: SLF001
+            dk: tuple[Any, ...] = ("s", id(d._buf), d.start, d.length)
         else:
             dk = ("b", bytes(d))
         return (H.PageData, h.gpa, h.flags, int(h.data_type), dk)
@@ -952,7 +941,7 @@ def build(cfg: BuildConfig, *, platforms: Sequence[str] | None = None, loader: s
     cfg = cfg.with_overrides(platforms=tuple(platforms) if platforms else None, loader=loader)
     f, input_hashes, notes = build_file(cfg)
     with _gc_paused():
-        head, blobs = f._layout()  # noqa: SLF001 - one layout pass serves hashing and writing
+        head, blobs = f._layout()
     data, data_sources = _coalesce(blobs)
     chunks = (head, *data)
     sources = (None, *data_sources)

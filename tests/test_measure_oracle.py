@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -92,7 +91,6 @@ def test_snp_ovmf_layout_known_answers(case: dict[str, Any]) -> None:
         assert measure_platform(f, PlatformType.SEV_SNP, loader=loader).hex == normal, loader
 
 
-@pytest.mark.skipif(shutil.which("sev-snp-measure") is None, reason="sev-snp-measure 0.0.13 not installed")
 @pytest.mark.parametrize("case_id", ["bookworm-ovmf-1cpu-epycv4", "bookworm-ovmf-2cpu-milan",
                                      "sid-amdsev-1cpu-epycv4-kernel-append"])
 def test_snp_ovmf_layout_against_sev_snp_measure(case_id: str) -> None:

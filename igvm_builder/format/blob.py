@@ -7,6 +7,9 @@ Built files use plain ``bytes``.  Code that needs the contents calls :func:`as_v
 
 from __future__ import annotations
 
+import contextlib
+import mmap
+
 Blob = "bytes | FileSlice"
 
 
@@ -53,3 +56,55 @@ def as_view(data: bytes | bytearray | memoryview | FileSlice) -> memoryview:
 def is_all_zero(data: bytes | memoryview | FileSlice) -> bool:
     view = as_view(data)
     return not view.tobytes().strip(b"\x00") if len(view) <= 4096 else bytes(view).count(0) == len(view)
+
+
+def dontneed(buf: mmap.mmap, offset: int, length: int) -> None:
+    """Drop ``buf[offset : offset + length]`` from the resident set (``madvise(MADV_DONTNEED)``).
+
+    On a read-only shared file mapping this only removes page-table entries: a later read
+    faults the same bytes back in from the page cache, so it never changes a result.
+    """
+    start = offset - offset % mmap.PAGESIZE
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        buf.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
+
+
+class PageReleaser:
+    """Drops already-hashed pages of an mmap'd file from the process's resident set.
+
+    Pages of a file loaded with :meth:`IgvmFile.load` are read through a read-only shared
+    mmap; every page touched stays mapped (and counts in RSS) until unmapped.  Every
+    ``every`` data pages, the file range from the first to the last page seen since the last
+    release is ``madvise(MADV_DONTNEED)``-ed.  That only drops page-table entries: a page
+    read again (another platform's thread, a non-monotonic file layout) is faulted back in
+    from the page cache with the same contents, so this never changes a result.  Only
+    read-only mmaps (``ACCESS_READ``) are touched: on a private ``ACCESS_COPY`` mapping
+    DONTNEED would discard the caller's modifications.
+    """
+
+    __slots__ = ("every", "first", "n")
+
+    def __init__(self, every: int = 256) -> None:
+        self.every = every
+        self.first = -1
+        self.n = 0
+
+    def note(self, data: FileSlice) -> None:
+        if self.first < 0:
+            self.first = data.start
+        self.n += 1
+        if self.n >= self.every:
+            self.release(data)
+
+    def release(self, last: FileSlice | None) -> None:
+        first, self.first, self.n = self.first, -1, 0
+        if last is None or first < 0:
+            return
+        buf = last.view().obj
+        end = last.start + last.length
+        if not isinstance(buf, mmap.mmap) or end <= first or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        with contextlib.suppress(OSError, ValueError, BufferError), memoryview(buf) as whole:
+            if not whole.readonly:
+                return
+            dontneed(buf, first, end - first)

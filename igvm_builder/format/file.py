@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 from igvm_builder.errors import IgvmError, IgvmFormatError
 from igvm_builder.format import headers as H
-from igvm_builder.format.blob import FileSlice, as_view
+from igvm_builder.format.blob import FileSlice, PageReleaser, as_view
 from igvm_builder.format.defs import (
     FIXED_HEADER_SIZE_V1,
     FIXED_HEADER_SIZE_V2,
@@ -121,7 +121,7 @@ class IgvmFile:
         try:
             return _Parser(memoryview(data).toreadonly(), platform).parse()
         except IgvmError as exc:
-            raise exc.with_source(source) if source else exc
+            raise (exc.with_source(source) if source else exc) from None
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -158,10 +158,15 @@ class IgvmFile:
         dedup: dict[tuple[int, int], list[tuple[int, H.BlobLike]]] = {}
         blobs: list[H.BlobLike] = []
         out = bytearray(fixed_size)
+        releaser = PageReleaser(every=2048)  # keep RSS flat while hashing mmap'd page data
+        last_slice: FileSlice | None = None
         for h in hdrs:
             blob = h.blob()
             offset = 0
             if blob is not None:
+                if isinstance(blob, FileSlice):
+                    releaser.note(blob)
+                    last_slice = blob
                 view = as_view(blob)
                 key = (len(view), _content_hash(view))
                 for cand_off, cand in dedup.get(key, ()):
@@ -179,6 +184,7 @@ class IgvmFile:
             out += _TLV.pack(int(h.TYPE), len(body))
             out += body
             out += bytes(_pad8(len(body)) - len(body))
+        releaser.release(last_slice)
         if cursor == data_start:
             # The reference parser needs at least one byte after the variable headers
             # (IGVM_FORMAT.md §2 item 5); the crate's own writer forgets this.
@@ -303,7 +309,7 @@ class _Parser:
         page_type = int(HeaderType.PAGE_DATA)
         data_start = self.data_start
         nbuf = len(buf)
-        PageData = H.PageData  # noqa: N806
+        PageData = H.PageData
         new_page = object.__new__
         set_gpa, set_mask, set_flags, set_dtype, set_data = _PAGE_DATA_SETTERS
         directive = Section.DIRECTIVE

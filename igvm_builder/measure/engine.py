@@ -13,15 +13,13 @@ Algorithms (``shared/spec/MEASUREMENT.md``):
 
 Large files: page data is hashed straight from the file's mmap, platforms run in parallel
 threads, the TDX records are hashed in 200 KiB batches (few GIL hand-overs), and pages already
-hashed are dropped from the resident set (:class:`_Releaser`), so memory does not grow with
+hashed are dropped from the resident set (:class:`~igvm_builder.format.blob.PageReleaser`), so memory does not grow with
 the file's data.  ``benchmarks/bench_measure.py`` measures it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import mmap
 import struct
 import threading
 from collections.abc import Iterable, Sequence
@@ -29,7 +27,7 @@ from dataclasses import dataclass, field
 
 from igvm_builder.errors import MeasurementError
 from igvm_builder.format import headers as H
-from igvm_builder.format.blob import FileSlice, as_view
+from igvm_builder.format.blob import FileSlice, PageReleaser, as_view
 from igvm_builder.format.defs import PAGE_SIZE_4K, PageDataFlags, PageDataType, PlatformType
 from igvm_builder.format.file import IgvmFile
 from igvm_builder.measure.profiles import KVM_VMSA_GPA, LoaderProfile, get_profile
@@ -79,48 +77,6 @@ def _page_view(data: H.BlobLike) -> memoryview | bytes:
     return view if n == PAGE_SIZE_4K else bytes(view) + ZERO_PAGE[n:]
 
 
-class _Releaser:
-    """Drops already-hashed pages of an mmap'd file from the process's resident set.
-
-    Pages of a file loaded with :meth:`IgvmFile.load` are read through a read-only shared
-    mmap; every page touched stays mapped (and counts in RSS) until unmapped.  Every
-    ``every`` data pages, the file range from the first to the last page seen since the last
-    release is ``madvise(MADV_DONTNEED)``-ed.  That only drops page-table entries: a page
-    read again (another platform's thread, a non-monotonic file layout) is faulted back in
-    from the page cache with the same contents, so this never changes a result.  Only
-    read-only mmaps (``ACCESS_READ``) are touched: on a private ``ACCESS_COPY`` mapping
-    DONTNEED would discard the caller's modifications.
-    """
-
-    __slots__ = ("every", "first", "n")
-
-    def __init__(self, every: int = 256) -> None:
-        self.every = every
-        self.first = -1
-        self.n = 0
-
-    def note(self, data: FileSlice) -> None:
-        if self.first < 0:
-            self.first = data.start
-        self.n += 1
-        if self.n >= self.every:
-            self.release(data)
-
-    def release(self, last: FileSlice | None) -> None:
-        first, self.first, self.n = self.first, -1, 0
-        if last is None or first < 0:
-            return
-        buf = last.view().obj
-        end = last.start + last.length
-        if not isinstance(buf, mmap.mmap) or end <= first or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        with contextlib.suppress(OSError, ValueError, BufferError), memoryview(buf) as whole:
-            if not whole.readonly:
-                return
-            start = first - first % mmap.PAGESIZE
-            buf.madvise(mmap.MADV_DONTNEED, start, end - start)
-
-
 # --------------------------------------------------------------------------- per-platform state
 
 
@@ -133,7 +89,7 @@ class _Snp:
         self.deferred_vmsa: list[tuple[int, bytes]] = []
         self.sorted_steps: list[tuple[int, int, int, bytes]] = []  # (gpa, seq, type, contents)
         self.notes: list[str] = []
-        self.releaser = _Releaser()
+        self.releaser = PageReleaser()
         self.last_slice: FileSlice | None = None
 
     def step(self, gpa: int, page_type: int, contents: bytes) -> None:
@@ -227,7 +183,7 @@ class _Tdx:
         self.used = 0
         self.two_pass = two_pass
         self.steps = 0
-        self.releaser = _Releaser()
+        self.releaser = PageReleaser()
         self.last_slice: FileSlice | None = None
         # single pass: [ADD tag, gpa, (EXT tag, chunk gpa, chunk) x 16]
         self._page_args: list[object] = [_TDX_EXT] * 50
