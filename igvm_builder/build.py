@@ -941,7 +941,7 @@ def build(cfg: BuildConfig, *, platforms: Sequence[str] | None = None, loader: s
     cfg = cfg.with_overrides(platforms=tuple(platforms) if platforms else None, loader=loader)
     f, input_hashes, notes = build_file(cfg)
     with _gc_paused():
-        head, blobs = f._layout()
+        head, blobs = f._layout(validate=False)  # build_file() validated it
     data, data_sources = _coalesce(blobs)
     chunks = (head, *data)
     sources = (None, *data_sources)

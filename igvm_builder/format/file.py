@@ -147,9 +147,10 @@ class IgvmFile:
         warnings = _validate(self)
         return _replace_warnings(self, warnings)
 
-    def _layout(self) -> tuple[bytes, list[H.BlobLike]]:
+    def _layout(self, *, validate: bool = True) -> tuple[bytes, list[H.BlobLike]]:
         """Return (fixed header + variable headers, blobs to append in order)."""
-        _validate(self)
+        if validate:
+            _validate(self)
         hdrs = self.headers
         fixed_size = FIXED_HEADER_SIZE_V1 if self.revision == 1 else FIXED_HEADER_SIZE_V2
         var_size = sum(8 + _pad8(h.SIZE) for h in hdrs)
