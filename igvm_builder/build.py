@@ -431,11 +431,38 @@ class _Builder:
             if fw_pages is None:
                 fw_pages = page_headers(base, view)  # every page with data, even all-zero ones (§7.1 step 2)
             plan.add_pages(fw_pages)
+            params = self._ovmf_igvm_parameters(p, plan, img) if cfg.firmware_igvm_parameters else None
             if p in (PlatformType.SEV_SNP, PlatformType.SEV_ES, PlatformType.SEV):
-                self._ovmf_sev_sections(plan, img, hashes_page)
+                self._ovmf_sev_sections(plan, img, hashes_page, skip=params)
             self._ovmf_contexts(p, plan, img)
 
-    def _ovmf_sev_sections(self, plan: _PlatformPlan, img: Any, hashes_page: bytes | None) -> None:
+    def _ovmf_igvm_parameters(self, p: PlatformType, plan: _PlatformPlan, img: Any) -> tuple[int, int] | None:
+        """OVMF's IGVM metadata parameter area (edk2 IgvmMetadata.asm): memory map and VP count.
+
+        The loader writes the IGVM memory map and the VP count where OVMF's table says; the
+        area is inserted (unmeasured) right after the firmware pages.  Returns the area's GPA
+        range so the SEV sections that cover it are not imported twice.
+        """
+        if p not in (PlatformType.NATIVE, PlatformType.SEV_SNP):
+            return None
+        by_type = {e.type: e for e in img.igvm_entries}
+        area = by_type.get(0x100)
+        if area is None:
+            raise InputError("firmware.igvm_parameters is set but the firmware has no IGVM metadata parameter "
+                             "area (footer GUID 784fa70e-...)", source=self.cfg.firmware)
+        size = -(-area.size // PAGE) * PAGE
+        plan.directives.append(H.ParameterArea(number_of_bytes=size, parameter_area_index=0))
+        if 0x101 in by_type:
+            plan.directives.append(H.MemoryMap(parameter_area_index=0, byte_offset=by_type[0x101].start))
+        if 0x102 in by_type:
+            plan.directives.append(H.VpCount(parameter_area_index=0, byte_offset=by_type[0x102].start))
+        plan.directives.append(H.ParameterInsert(gpa=area.start, compatibility_mask=0, parameter_area_index=0))
+        if p == PlatformType.NATIVE:
+            plan.claim(area.start, size, "IGVM parameter area")
+        return (area.start, area.start + size)
+
+    def _ovmf_sev_sections(self, plan: _PlatformPlan, img: Any, hashes_page: bytes | None,
+                           skip: tuple[int, int] | None = None) -> None:
         # vmm_type conventions (MEASUREMENT.md §5, sev-snp-measure guest.py): ec2 measures the
         # CPUID page after every other section; gce imports SNP_SEC_MEM as UNMEASURED pages.
         snp = plan.ptype == PlatformType.SEV_SNP
@@ -464,6 +491,8 @@ class _Builder:
                 if snp:
                     flags = PageDataFlags.UNMEASURED if sec.type == 1 and vmm == "gce" else 0
                     for off in range(0, size, PAGE):
+                        if skip and skip[0] <= sec.base + off < skip[1]:
+                            continue  # the IGVM parameter area is inserted there instead
                         plan.page(sec.base + off, flags=flags)
         for gpa in cpuid_last:
             plan.page(gpa, data_type=PageDataType.CPUID_DATA)

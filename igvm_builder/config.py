@@ -11,6 +11,8 @@ Schema (every key optional unless noted; sizes are integers or strings such as `
 
     [firmware]                         # an OVMF image mapped to end at 4 GiB
     path = "OVMF.fd"
+    igvm_parameters = false            # fill OVMF's IGVM metadata parameter area (memory map,
+                                       # VP count) through IGVM parameters; changes the SNP digest
 
     [kernel]                           # a kernel booted directly (or hashed, with [firmware])
     path = "vmlinuz"                   # required in this table
@@ -123,6 +125,7 @@ class BuildConfig:
     loader: str = "qemu"
     revision: int = 1
     firmware: str | None = None
+    firmware_igvm_parameters: bool = False
     kernel: KernelSpec | None = None
     blobs: tuple[BlobSpec, ...] = ()
     memory_size: int = 512 << 20
@@ -286,7 +289,8 @@ _SECTIONS: dict[str, _Schema] = {
         "loader": lambda c, k, v: c.choice(k, v, BUILD_LOADERS),
         "revision": lambda c, k, v: c.int_(k, v, 1, 2),
     },
-    "firmware": {"path": lambda c, k, v: c.path(k, v)},
+    "firmware": {"path": lambda c, k, v: c.path(k, v),
+                 "igvm_parameters": lambda c, k, v: c.bool_(k, v)},
     "kernel": {
         "path": lambda c, k, v: c.path(k, v),
         "format": lambda c, k, v: c.choice(k, v, KERNEL_FORMATS),
@@ -373,6 +377,7 @@ def parse_config(data: Mapping[str, Any], *, source: str, text: str = "", base_d
         loader=values.get("image.loader", "qemu"),
         revision=values.get("image.revision", 1),
         firmware=values.get("firmware.path"),
+        firmware_igvm_parameters=values.get("firmware.igvm_parameters", False),
         kernel=kernel,
         blobs=tuple(blobs),
         memory_size=values.get("memory.size", 512 << 20),
