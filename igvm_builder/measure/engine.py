@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from igvm_builder.errors import MeasurementError
@@ -313,6 +313,14 @@ class _Sev:
 # --------------------------------------------------------------------------- driver
 
 
+def _applicable(f: IgvmFile, mask: int) -> Iterator[H.Header]:
+    """Directives measured for the platform bit ``mask``: mask-less ones and those containing it."""
+    for h in f.directives:
+        m = h.mask
+        if m is None or m & mask == mask:
+            yield h
+
+
 def _area_pages(f: IgvmFile) -> dict[int, int]:
     return {h.parameter_area_index: h.number_of_bytes // PAGE_SIZE_4K
             for h in f.directives if isinstance(h, H.ParameterArea)}
@@ -400,10 +408,7 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
                            steps=tdx.steps)
     if ptype == PlatformType.VSM_ISOLATION:
         vbs = _Vbs()
-        for h in f.directives:
-            m = h.mask
-            if m is not None and m & mask != mask:
-                continue
+        for h in _applicable(f, mask):
             if isinstance(h, H.PageData):
                 if h.flags & _SHARED:
                     continue
@@ -423,10 +428,7 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
     if ptype in (PlatformType.SEV, PlatformType.SEV_ES):
         sev = _Sev(ptype == PlatformType.SEV_ES)
         vmsas: list[H.SnpVpContext] = []
-        for h in f.directives:
-            m = h.mask
-            if m is not None and m & mask != mask:
-                continue
+        for h in _applicable(f, mask):
             if isinstance(h, H.PageData):
                 sev.page(h)
             elif isinstance(h, H.SnpVpContext):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from igvm_builder.errors import IgvmFormatError, SigningError, VerificationError
+from igvm_builder.format.headers import SnpIdBlock as _FormatSnpIdBlock
 from igvm_builder.sign import _ecdsa
 
 __all__ = [
@@ -468,7 +469,8 @@ class IgvmSnpIdBlock:
     takes it from the GUEST_POLICY header of the same platform.
     """
 
-    STRUCT: ClassVar[struct.Struct] = struct.Struct("<IB3s48s16s16sIIII144s152s144s152s")
+    # One layout definition for the 0x30B body: the format model's.
+    STRUCT: ClassVar[struct.Struct] = _FormatSnpIdBlock.STRUCT
     SIZE: ClassVar[int] = IGVM_ID_BLOCK_SIZE
 
     compatibility_mask: int
