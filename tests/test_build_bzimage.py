@@ -12,10 +12,10 @@ from __future__ import annotations
 import itertools
 import random
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
+from kernels import compile_efi_stub, objcopy_uki
 from test_build_elf import decode_tdx_trampoline
 from test_build_helpers import (
     IPXE,
@@ -213,32 +213,14 @@ def test_bzimage_build(tmp_path: Path, initrd: Path, name: str) -> None:
 
 # --------------------------------------------------------------------------- UKI
 
-STUB_C = "unsigned long efi_main(void *h, void *st) { (void)h; (void)st; return 0; }\n"
-
-
 @pytest.fixture(scope="module")
 def efi_stub(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("stub")
-    (tmp / "stub.c").write_text(STUB_C)
-    subprocess.run(["gcc", "-c", "-O2", "-ffreestanding", "-fno-pic", "-fno-stack-protector", "-mno-red-zone",
-                    "-fno-asynchronous-unwind-tables", "-o", str(tmp / "stub.o"), str(tmp / "stub.c")], check=True)
-    out = tmp / "stub.efi"
-    subprocess.run(["ld", "-m", "i386pep", "--subsystem", "10", "-e", "efi_main", "-o", str(out),
-                    str(tmp / "stub.o")], check=True)
-    return out
+    return compile_efi_stub(tmp_path_factory.mktemp("stub"))
 
 
 def make_uki(stub: Path, tmp: Path, sections: dict[str, bytes]) -> Path:
     """An EFI stub with payload sections added by objcopy (as older ukify/dracut did)."""
-    args = ["objcopy"]
-    vma = 0x140000000 + 0x100000
-    for name, payload in sections.items():
-        f = tmp / f"section{name}"
-        f.write_bytes(payload)
-        args += ["--add-section", f"{name}={f}", "--change-section-vma", f"{name}={vma:#x}"]
-        vma += (len(payload) + 0xFFFFF) & ~0xFFFFF
-    out = tmp / "linux.efi"
-    subprocess.run([*args, str(stub), str(out)], check=True, capture_output=True)
+    out = objcopy_uki(stub, tmp, sections, name="linux.efi")
     assert out.read_bytes()[:2] == b"MZ"
     return out
 

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from kernels import compile_freestanding
 from test_build_helpers import (
     GRUB,
     MEMTEST,
@@ -84,14 +85,7 @@ SECTIONS {
 
 
 def compile_pvh_kernel(tmp: Path, bits: int) -> Path:
-    (tmp / "kernel.c").write_text(KERNEL_C)
-    (tmp / "kernel.ld").write_text(LINKER_SCRIPT)
-    out = tmp / f"kernel{bits}.elf"
-    subprocess.run(["gcc", f"-m{bits}", "-O2", "-ffreestanding", "-nostdlib", "-static", "-fno-pie", "-no-pie",
-                    "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-fno-ident", "-mno-red-zone",
-                    "-Wl,--build-id=none", "-Wl,-T," + str(tmp / "kernel.ld"), "-o", str(out),
-                    str(tmp / "kernel.c")], check=True, capture_output=True)
-    return out
+    return compile_freestanding(tmp / f"kernel{bits}.elf", KERNEL_C, LINKER_SCRIPT, m32=bits == 32)
 
 
 @pytest.fixture(scope="module")

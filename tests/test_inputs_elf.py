@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernels import compile_kernel, kernel_source
 
 from igvm_builder.errors import InputError
 from igvm_builder.inputs.elf import PF_R, PF_W, PF_X, ElfImage, load_elf
@@ -114,69 +115,16 @@ def assert_matches_readelf(image: ElfImage, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# a tiny freestanding x86 kernel, compiled for the tests
-
-KERNEL_C = r"""
-__asm__(".pushsection .note.Xen, \"a\", @note\n"
-        ".balign 4\n"
-        ".long 4\n.long 4\n.long 18\n"       /* namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY */
-        ".asciz \"Xen\"\n"
-        ".balign 4\n"
-        ".long pvh_start\n"
-        ".popsection\n");
-static unsigned char bss_area[0x3000];
-volatile unsigned long long data_word = 0x1122334455667788ULL;
-const char banner[] = "igvm-builder test kernel";
-__attribute__((section(".text.start"), used, noreturn)) void _start(void)
-{
-    for (;;)
-        bss_area[data_word & 0xfff] += (unsigned char)banner[data_word & 7];
-}
-__attribute__((used, noreturn)) void pvh_start(void) { _start(); }
-"""
-
-LINKER_SCRIPT = """
-ENTRY(_start)
-PHDRS { text PT_LOAD FLAGS(5); data PT_LOAD FLAGS(6); %(note_phdr)s }
-SECTIONS {
-  . = 0x100000;
-  .text : { *(.text.start) *(.text .text.*) } :text
-  .rodata : { *(.rodata .rodata.*) } :text
-  .note.Xen : { *(.note.Xen) } :text %(note_seg)s
-  . = ALIGN(0x1000);
-  .data : { *(.data .data.*) } :data
-  .bss : { *(.bss .bss.*) *(COMMON) } :data
-  /DISCARD/ : { *(.note.gnu.property) *(.comment) *(.eh_frame*) }
-}
-"""
-
-CFLAGS = ["-O2", "-ffreestanding", "-nostdlib", "-static", "-fno-pie", "-no-pie",
-          "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-fno-ident", "-mno-red-zone",
-          "-Wl,--build-id=none"]
-
-
-def compile_kernel(tmp: Path, name: str, *, m32: bool = False, note_segment: bool = True) -> Path:
-    src = tmp / "kernel.c"
-    src.write_text(KERNEL_C)
-    lds = tmp / f"{name}.ld"
-    lds.write_text(LINKER_SCRIPT % {
-        "note_phdr": "note PT_NOTE FLAGS(4);" if note_segment else "",
-        "note_seg": ":note" if note_segment else "",
-    })
-    out = tmp / name
-    cmd = ["gcc", *CFLAGS, *(["-m32"] if m32 else []), f"-Wl,-T,{lds}", "-o", str(out), str(src)]
-    subprocess.run(cmd, check=True, capture_output=True)
-    return out
-
+# a tiny freestanding x86 kernel (kernels.compile_kernel), compiled for the tests
 
 @pytest.fixture(scope="module")
 def kernel64(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compile_kernel(tmp_path_factory.mktemp("k64"), "kernel64.elf")
+    return compile_kernel(tmp_path_factory.mktemp("k64") / "kernel64.elf")
 
 
 @pytest.fixture(scope="module")
 def kernel32(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compile_kernel(tmp_path_factory.mktemp("k32"), "kernel32.elf", m32=True)
+    return compile_kernel(tmp_path_factory.mktemp("k32") / "kernel32.elf", m32=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -275,7 +223,7 @@ def test_compiled_kernel32_and_wrong_machine(kernel32: Path) -> None:
 
 def test_pvh_note_found_through_sections(tmp_path: Path) -> None:
     """Without a PT_NOTE segment the SHT_NOTE section is searched."""
-    path = compile_kernel(tmp_path, "nonote.elf", note_segment=False)
+    path = compile_kernel(tmp_path / "nonote.elf", note_segment=False)
     out = subprocess.run(["readelf", "-lW", str(path)], check=True, capture_output=True, text=True).stdout
     assert "NOTE " not in out
     img = load_elf(path.read_bytes(), path.name)
@@ -284,7 +232,7 @@ def test_pvh_note_found_through_sections(tmp_path: Path) -> None:
 
 def test_object_file_rejected(tmp_path: Path) -> None:
     src = tmp_path / "k.c"
-    src.write_text(KERNEL_C)
+    src.write_text(kernel_source())
     obj = tmp_path / "k.o"
     subprocess.run(["gcc", "-c", "-ffreestanding", "-o", str(obj), str(src)], check=True)
     with pytest.raises(InputError, match=r"k\.o: ELF type ET_REL is not an executable"):

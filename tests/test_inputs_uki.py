@@ -12,10 +12,10 @@ from __future__ import annotations
 import random
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
+from kernels import IMAGE_BASE, compile_efi_stub, objcopy_uki
 
 from igvm_builder.errors import InputError
 from igvm_builder.inputs.blob import detect_kernel_format, pe_section_names
@@ -34,37 +34,10 @@ for _tool in ("gcc", "ld", "objcopy"):
     if shutil.which(_tool) is None:  # a hard requirement, not a skip
         raise RuntimeError(f"{_tool} is required by these tests (GNU binutils / gcc)")
 
-IMAGE_BASE = 0x140000000  # ld -m i386pep default for an EFI application
-
-STUB_C = "unsigned long efi_main(void *image, void *systab) { (void)image; (void)systab; return 0; }\n"
-
-
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A minimal x86-64 EFI application (PE32+) linked by GNU ld."""
-    tmp = tmp_path_factory.mktemp("stub")
-    (tmp / "stub.c").write_text(STUB_C)
-    subprocess.run(["gcc", "-c", "-O2", "-ffreestanding", "-fno-pic", "-fno-stack-protector", "-fno-ident",
-                    "-fno-asynchronous-unwind-tables", "-mno-red-zone", "-o", str(tmp / "stub.o"),
-                    str(tmp / "stub.c")], check=True)
-    out = tmp / "stub.efi"
-    subprocess.run(["ld", "-m", "i386pep", "--subsystem", "10", "-e", "efi_main", "-o", str(out),
-                    str(tmp / "stub.o")], check=True)
-    return out
-
-
-def objcopy_uki(stub: Path, tmp: Path, sections: dict[str, bytes], name: str = "uki.efi") -> Path:
-    """``objcopy --add-section NAME=FILE --change-section-vma NAME=VMA`` for each section."""
-    args = ["objcopy"]
-    vma = IMAGE_BASE + 0x100000
-    for sec, payload in sections.items():
-        f = tmp / ("payload" + sec)
-        f.write_bytes(payload)
-        args += ["--add-section", f"{sec}={f}", "--change-section-vma", f"{sec}={vma:#x}"]
-        vma += (len(payload) + 0xFFFFF) & ~0xFFFFF
-    out = tmp / name
-    subprocess.run([*args, str(stub), str(out)], check=True, capture_output=True)
-    return out
+    return compile_efi_stub(tmp_path_factory.mktemp("stub"))
 
 
 def hand_pe(sections: list[tuple[str, bytes, int | None]], *, file_align: int = 0x200) -> bytes:

@@ -14,9 +14,9 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 from pathlib import Path
 
+import kernels
 import pytest
 
 from igvm_builder.build import build
@@ -37,54 +37,9 @@ BLOB_GPA = 0x800000
 if shutil.which("gcc") is None:  # a hard requirement, like tests/test_inputs_elf.py
     raise RuntimeError("gcc is required by these tests")
 
-KERNEL_C = r"""
-__asm__(".pushsection .note.Xen, \"a\", @note\n"
-        ".balign 4\n"
-        ".long 4\n.long 4\n.long 18\n"       /* namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY */
-        ".asciz \"Xen\"\n"
-        ".balign 4\n"
-        ".long pvh_start\n"
-        ".popsection\n");
-static unsigned char bss_area[0x2000];
-volatile unsigned long long data_word = 0x1122334455667788ULL;
-const char banner[] = "igvm-builder repro kernel " VARIANT;
-__attribute__((section(".text.start"), used, noreturn)) void _start(void)
-{
-    for (;;)
-        bss_area[data_word & 0xfff] += (unsigned char)banner[data_word & 7];
-}
-__attribute__((used, noreturn)) void pvh_start(void) { _start(); }
-"""
-
-LINKER_SCRIPT = """
-ENTRY(_start)
-PHDRS { text PT_LOAD FLAGS(5); data PT_LOAD FLAGS(6); note PT_NOTE FLAGS(4); }
-SECTIONS {
-  . = 0x100000;
-  .text : { *(.text.start) *(.text .text.*) } :text
-  .rodata : { *(.rodata .rodata.*) } :text
-  .note.Xen : { *(.note.Xen) } :text :note
-  . = ALIGN(0x1000);
-  .data : { *(.data .data.*) } :data
-  .bss : { *(.bss .bss.*) *(COMMON) } :data
-  /DISCARD/ : { *(.note.gnu.property) *(.comment) *(.eh_frame*) }
-}
-"""
-
-CFLAGS = ["-O2", "-ffreestanding", "-nostdlib", "-static", "-fno-pie", "-no-pie", "-fno-stack-protector",
-          "-fno-asynchronous-unwind-tables", "-fno-ident", "-mno-red-zone", "-Wl,--build-id=none"]
-
-
 def compile_kernel(out: Path, variant: str = "1") -> Path:
-    work = out.parent / f".cc-{out.name}"
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "k.c").write_text(KERNEL_C)
-    (work / "k.ld").write_text(LINKER_SCRIPT)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["gcc", *CFLAGS, f'-DVARIANT="{variant}"', f"-Wl,-T,{work / 'k.ld'}", "-o", str(out),
-                    str(work / "k.c")], check=True, capture_output=True)
-    shutil.rmtree(work)
-    return out
+    """The small PVH kernel (kernels.compile_kernel); a different ``variant`` gives different bytes."""
+    return kernels.compile_kernel(out, banner=f"igvm-builder repro kernel {variant}", bss_size=0x2000)
 
 
 CONFIG = """\

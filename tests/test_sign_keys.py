@@ -64,6 +64,18 @@ def _write_der(tmp_path: Path, fmt: serialization.PrivateFormat, name: str) -> P
     return path
 
 
+def _write_encrypted_pem(path: Path, password: str) -> Path:
+    """The ID key as PKCS#8 PEM encrypted with ``password``."""
+    path.write_bytes(
+        _id_private().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(password.encode()),
+        )
+    )
+    return path
+
+
 def _sign_vec1(id_key: KeySource, author_key: KeySource | None):
     params = VEC1["params"]
     return sign_id_block(
@@ -98,14 +110,7 @@ def test_pem_file_key_formats_agree(tmp_path: Path) -> None:
 
 def test_encrypted_pkcs8_needs_the_password(tmp_path: Path) -> None:
     password = "correct horse battery staple"
-    path = tmp_path / "enc.pem"
-    path.write_bytes(
-        _id_private().private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(password.encode()),
-        )
-    )
+    path = _write_encrypted_pem(tmp_path / "enc.pem", password)
     assert PemFileKey(path, password=password).sign(ID_BLOCK0) == EXPECTED_RS0
     assert PemFileKey(path, password=password.encode()).sign(ID_BLOCK0) == EXPECTED_RS0
     with pytest.raises(SigningError, match="encrypted and no password") as info:
@@ -543,14 +548,7 @@ def test_no_secret_material_in_reprs_or_errors(
     pin = "98765-pin-value"
     secrets = _secrets(ID_PEM, password) + _secrets(ID_PKCS8) + _secrets(AUTHOR_PEM) + [pin]
 
-    enc = tmp_path / "enc.pem"
-    enc.write_bytes(
-        _id_private().private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(password.encode()),
-        )
-    )
+    enc = _write_encrypted_pem(tmp_path / "enc.pem", password)
     monkeypatch.setenv("IGVM_TEST_SECRET_KEY", ID_PEM.read_text())
     monkeypatch.setenv("IGVM_TEST_BROKEN_KEY", ID_PEM.read_text()[:-60])  # truncated PEM
     monkeypatch.setenv("IGVM_PKCS11_MODULE", str(tmp_path / "no-such-module.so"))

@@ -8,6 +8,7 @@ Names follow the reference crate (upper-case, spec names); values are checked by
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 IGVM_MAGIC_VALUE = int.from_bytes(b"IGVM", "little")  # 0x4D564749
 if IGVM_MAGIC_VALUE != 0x4D564749:  # import-time check, survives python -O
@@ -152,6 +153,26 @@ class TdxPolicyBits(enum.IntFlag):
     DEBUG_ALLOWED = 0x1
     SEPT_VE_DISABLE = 0x2
     MIGRATABLE = 0x4
+
+
+def decode_snp_policy(policy: int) -> dict[str, Any]:
+    """SEV-SNP guest policy bits (SNP ABI; IGVM ``SnpPolicy``): ABI version and flags."""
+    return {"abi_minor": policy & 0xFF, "abi_major": (policy >> 8) & 0xFF,
+            **_policy_flags(policy, SnpPolicyBits, also_known=0xFFFF)}
+
+
+def decode_tdx_policy(policy: int) -> dict[str, Any]:
+    """IGVM ``TdxPolicy`` bits."""
+    return _policy_flags(policy, TdxPolicyBits)
+
+
+def _policy_flags(policy: int, flags: type[enum.IntFlag], also_known: int = 0) -> dict[str, Any]:
+    """Each of ``flags`` by lower-case name (set or not), then ``reserved``: the bits that are neither
+    a flag nor in ``also_known`` (decoded by the caller), as hex."""
+    out: dict[str, Any] = {flag.name.lower(): bool(policy & flag) for flag in flags}
+    known = also_known | sum(flag.value for flag in flags)
+    out["reserved"] = f"{policy & ~known:#x}"
+    return out
 
 
 class SevFeatures(enum.IntFlag):

@@ -37,6 +37,8 @@ from igvm_builder.format.defs import (
     SevFeatures,
     VbsDigestAlgorithm,
     VbsSigningAlgorithm,
+    decode_snp_policy,
+    decode_tdx_policy,
 )
 from igvm_builder.format.file import IgvmFile
 
@@ -200,30 +202,6 @@ def _flag_dict(value: int, bits: type[SevFeatures]) -> dict[str, bool]:
     return {b.name.lower(): bool(value & b) for b in bits}
 
 
-def _snp_policy(policy: int) -> dict[str, Any]:
-    return {
-        "format": "snp",
-        "abi_minor": policy & 0xFF,
-        "abi_major": (policy >> 8) & 0xFF,
-        "smt": bool(policy & (1 << 16)),
-        "reserved_must_be_one": bool(policy & (1 << 17)),
-        "migrate_ma": bool(policy & (1 << 18)),
-        "debug": bool(policy & (1 << 19)),
-        "single_socket": bool(policy & (1 << 20)),
-        "reserved": _hex(policy & ~((1 << 21) - 1)),
-    }
-
-
-def _tdx_policy(policy: int) -> dict[str, Any]:
-    return {
-        "format": "tdx",
-        "debug_allowed": bool(policy & 1),
-        "sept_ve_disable": bool(policy & 2),
-        "migratable": bool(policy & 4),
-        "reserved": _hex(policy & ~7),
-    }
-
-
 def _page_data_type_name(value: int) -> str:
     try:
         return PageDataType(value).name
@@ -268,9 +246,9 @@ def _d_guest_policy(h: H.GuestPolicy, ctx: _Ctx) -> dict[str, Any]:
     out = {**_masked(h, ctx), "policy": _hex(h.policy)}
     types = ctx.platform_types(h.compatibility_mask)
     if types and types <= {PlatformType.SEV_SNP, PlatformType.SEV_ES, PlatformType.SEV}:
-        out["policy_decoded"] = _snp_policy(h.policy)
+        out["policy_decoded"] = {"format": "snp", **decode_snp_policy(h.policy)}
     elif types == {PlatformType.TDX}:
-        out["policy_decoded"] = _tdx_policy(h.policy)
+        out["policy_decoded"] = {"format": "tdx", **decode_tdx_policy(h.policy)}
     return out
 
 

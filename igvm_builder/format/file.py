@@ -646,22 +646,17 @@ def _validate(f: IgvmFile, indices: Sequence[int] | None = None, n_platforms: in
                 raise fail(f"invalid parameter area index {h.parameter_area_index}: declared twice", pos)
             area_state[h.parameter_area_index] = 1
             area_size[h.parameter_area_index] = h.number_of_bytes
-        elif isinstance(h, H.ParameterUsage):
+        elif isinstance(h, (H.ParameterUsage, H.ParameterInsert)):
             state = area_state.get(h.parameter_area_index)
             if state != 1:
                 why = "already inserted" if state == 2 else "not declared"
                 raise fail(f"invalid parameter area index {h.parameter_area_index} in {h.TYPE.name}: "
                            f"the area is {why}", pos)
-        elif isinstance(h, H.ParameterInsert):
-            state = area_state.get(h.parameter_area_index)
-            if state != 1:
-                why = "already inserted" if state == 2 else "not declared"
-                raise fail(f"invalid parameter area index {h.parameter_area_index} in PARAMETER_INSERT: "
-                           f"the area is {why}", pos)
-            area_state[h.parameter_area_index] = 2
-            for pmask, pgpa, psize in pt_regions:
-                if pmask & h.compatibility_mask and pgpa <= h.gpa < pgpa + psize:
-                    raise fail(f"parameter insert at GPA {h.gpa:#x} inside the page table region", pos)
+            if isinstance(h, H.ParameterInsert):
+                area_state[h.parameter_area_index] = 2
+                for pmask, pgpa, psize in pt_regions:
+                    if pmask & h.compatibility_mask and pgpa <= h.gpa < pgpa + psize:
+                        raise fail(f"parameter insert at GPA {h.gpa:#x} inside the page table region", pos)
         elif isinstance(h, H.VpContextBase):
             p = masks.get(h.compatibility_mask)
             if p is None:

@@ -18,7 +18,13 @@ from typing import Any
 from igvm_builder.errors import MeasurementError
 from igvm_builder.format import headers as H
 from igvm_builder.format.blob import as_view
-from igvm_builder.format.defs import PLATFORM_SHORT, PlatformType, SevFeatures
+from igvm_builder.format.defs import (
+    PLATFORM_SHORT,
+    PlatformType,
+    SevFeatures,
+    decode_snp_policy,
+    decode_tdx_policy,
+)
 from igvm_builder.format.file import IgvmFile
 from igvm_builder.measure.engine import Measurement, measure_file
 from igvm_builder.measure.profiles import get_profile
@@ -30,33 +36,9 @@ SCHEMA_VERSION = 1
 #: Offset of SEV_FEATURES (u64) in the VMSA page (APM vol. 2 table B-4; IGVM_FORMAT.md A.2).
 _VMSA_SEV_FEATURES = 0x3B0
 
-_SNP_POLICY_FLAGS = (
-    (16, "smt"),
-    (17, "reserved_must_be_one"),
-    (18, "migrate_ma"),
-    (19, "debug"),
-    (20, "single_socket"),
-)
-_TDX_POLICY_FLAGS = ((0, "debug_allowed"), (1, "sept_ve_disable"), (2, "migratable"))
-
 
 def _hex(value: int) -> str:
     return f"{value:#x}"
-
-
-def decode_snp_policy(policy: int) -> dict[str, Any]:
-    """SEV-SNP guest policy bits (SNP ABI; IGVM ``SnpPolicy``): ABI version and flags."""
-    bits: dict[str, Any] = {"abi_minor": policy & 0xFF, "abi_major": (policy >> 8) & 0xFF}
-    bits |= {name: bool(policy >> bit & 1) for bit, name in _SNP_POLICY_FLAGS}
-    bits["reserved"] = _hex(policy & ~((1 << 21) - 1))
-    return bits
-
-
-def decode_tdx_policy(policy: int) -> dict[str, Any]:
-    """IGVM ``TdxPolicy`` bits."""
-    bits: dict[str, Any] = {name: bool(policy >> bit & 1) for bit, name in _TDX_POLICY_FLAGS}
-    bits["reserved"] = _hex(policy & ~0x7)
-    return bits
 
 
 def decode_sev_features(value: int) -> list[str]:
