@@ -49,8 +49,8 @@ from igvm_builder.format.defs import (
     PageDataType,
     PlatformType,
     Section,
-    SnpPolicyBits,
-    TdxPolicyBits,
+    decode_snp_policy,
+    decode_tdx_policy,
 )
 from igvm_builder.format.file import IgvmFile
 
@@ -448,21 +448,9 @@ def _summary_fields(h: H.Header, side: _Side, *, added: bool) -> tuple[FieldChan
 
 def _policy_bits(policy: int, names: Sequence[str]) -> dict[str, Any]:
     if "SEV_SNP" in names:
-        out: dict[str, Any] = {"abi_minor": policy & 0xFF, "abi_major": (policy >> 8) & 0xFF}
-        known = 0
-        for bit in SnpPolicyBits:
-            out[bit.name.lower()] = bool(policy & bit)
-            known |= bit
-        out["reserved"] = f"{policy & ~(known | 0xFFFF):#x}"
-        return out
+        return decode_snp_policy(policy)
     if "TDX" in names:
-        out = {}
-        known = 0
-        for bit in TdxPolicyBits:
-            out[bit.name.lower()] = bool(policy & bit)
-            known |= bit
-        out["reserved"] = f"{policy & ~known:#x}"
-        return out
+        return decode_tdx_policy(policy)
     return {}
 
 

@@ -240,6 +240,14 @@ def test_policy(base: IgvmFile) -> None:
     assert "GuestPolicy [SEV_SNP] changed" in d.render_text()
 
 
+def test_policy_reserved_bits(base: IgvmFile) -> None:
+    # bit 21 is reserved in the SNP guest policy: the diff must name it, not report 0x0
+    inits = tuple(dataclasses.replace(h, policy=0x30000 | 0x200000) if h.compatibility_mask == SNP else h
+                  for h in base.initializations)
+    (hc,) = diff_files(base, dataclasses.replace(base, initializations=inits)).headers
+    assert ("policy.reserved", "0x0", "0x200000") in [(f.field, f.a, f.b) for f in hc.fields]
+
+
 def test_tdx_policy_bits(base: IgvmFile) -> None:
     inits = tuple(dataclasses.replace(h, policy=0x2) if h.compatibility_mask == TDX else h
                   for h in base.initializations)
