@@ -160,27 +160,48 @@ class IgvmFile:
         blobs: list[H.BlobLike] = []
         out = bytearray(fixed_size)
         releaser = PageReleaser(every=2048)  # keep RSS flat while hashing mmap'd page data
+        note = releaser.note
         last_slice: FileSlice | None = None
+        page_data, file_slice, page_tlv = H.PageData, FileSlice, _PAGE_TLV
+        page_type = int(HeaderType.PAGE_DATA)
+
+        def place(blob: H.BlobLike) -> int:
+            """File offset of ``blob``: an identical earlier blob's, or the next free one."""
+            nonlocal cursor
+            view = as_view(blob)
+            key = (len(view), _content_hash(view))
+            for cand_off, cand in dedup.get(key, ()):
+                if as_view(cand) == view:
+                    return cand_off
+            offset = cursor
+            dedup.setdefault(key, []).append((offset, blob))
+            blobs.append(blob)
+            cursor += len(view)
+            if cursor > 0xFFFF_FFFF:
+                raise IgvmFormatError("file data exceeds 4 GiB (file offsets are 32-bit)")
+            return offset
+
         for h in hdrs:
+            if type(h) is page_data:
+                # Fast path for the common header (same bytes as blob() + pack_body()).
+                data = h.data
+                if type(data) is file_slice and data.length == PAGE_SIZE_4K:
+                    note(data)
+                    last_slice = data
+                    offset = place(data)
+                else:
+                    blob = h.blob()
+                    offset = place(blob) if blob is not None else 0
+                out += page_tlv.pack(page_type, 24, h.gpa, h.compatibility_mask, offset, h.flags,
+                                     int(h.data_type), 0)
+                continue
             blob = h.blob()
             offset = 0
             if blob is not None:
                 if isinstance(blob, FileSlice):
-                    releaser.note(blob)
+                    note(blob)
                     last_slice = blob
-                view = as_view(blob)
-                key = (len(view), _content_hash(view))
-                for cand_off, cand in dedup.get(key, ()):
-                    if as_view(cand) == view:
-                        offset = cand_off
-                        break
-                else:
-                    offset = cursor
-                    dedup.setdefault(key, []).append((offset, blob))
-                    blobs.append(blob)
-                    cursor += len(view)
-                if cursor > 0xFFFF_FFFF:
-                    raise IgvmFormatError("file data exceeds 4 GiB (file offsets are 32-bit)")
+                offset = place(blob)
             body = h.pack_body(offset)
             out += _TLV.pack(int(h.TYPE), len(body))
             out += body
