@@ -1009,27 +1009,11 @@ def reference_values_for(cfg: BuildConfig, f: IgvmFile, sha256: str, size: int, 
     refs = reference_values(f, sha256, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass, file_size=size,
                             measurements=measurements)
     refs["file"] = {**refs.get("file", {}), "sha256": sha256, "size": size}
-    base = os.path.dirname(cfg.source)
     with open(cfg.source, "rb") as fh:
         config_sha = hashlib.sha256(fh.read()).hexdigest()
     refs["inputs"] = {
         "config": {"path": os.path.basename(cfg.source), "sha256": config_sha},
-        **{_rel(p, base): {"path": _rel(p, base), "sha256": d} for p, d in sorted(input_hashes.items())},
+        **{cfg.input_name(p): {"path": cfg.input_name(p), "sha256": d} for p, d in sorted(input_hashes.items())},
     }
     refs["build"] = {"platforms": list(cfg.platforms), "loader": cfg.loader, "notes": list(notes)}
     return refs
-
-
-def _rel(path: str, base: str) -> str:
-    """How the reference values name an input: relative to the config, or absolute.
-
-    An input that shares nothing but the file-system root with the config's directory
-    (``/usr/share/ovmf/OVMF.fd`` for a config in a checkout) keeps its absolute path: a
-    relative one (``../../../../usr/share/...``) would depend on where the checkout lives,
-    so two checkouts would publish different reference values for the same build.
-    """
-    if os.path.isabs(path) and os.path.isabs(base) and \
-            os.path.commonpath([path, base]) == os.path.splitdrive(path)[0] + os.sep:
-        return path.replace(os.sep, "/")
-    rel = os.path.relpath(path, base)
-    return rel.replace(os.sep, "/")

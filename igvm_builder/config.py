@@ -134,6 +134,15 @@ class BuildConfig:
     vbs: VbsSpec = field(default_factory=VbsSpec)
     sign: SignSpec = field(default_factory=SignSpec)
     includes: tuple[str, ...] = ()
+    #: (absolute path, name): each file's name in reference values (as written, or relative to this config)
+    input_names: tuple[tuple[str, str], ...] = ()
+
+    def input_name(self, path: str) -> str:
+        """The location-independent name of an input file (see :attr:`input_names`)."""
+        for full, name in self.input_names:
+            if full == path:
+                return name
+        return os.path.relpath(path, os.path.dirname(self.source)).replace(os.sep, "/")
 
     @property
     def input_files(self) -> tuple[str, ...]:
@@ -166,10 +175,17 @@ class BuildConfig:
 
 
 class _Ctx:
-    def __init__(self, source: str, text: str, base_dir: str) -> None:
+    def __init__(self, source: str, text: str, base_dir: str, *, top_dir: str | None = None,
+                 names: dict[str, str] | None = None) -> None:
         self.source = source
         self.lines = text.splitlines()
         self.base_dir = base_dir
+        self.top_dir = top_dir or base_dir
+        self.names: dict[str, str] = {} if names is None else names
+
+    def child(self, source: str, text: str) -> _Ctx:
+        """Context of an included config: its own directory, the top config's names."""
+        return _Ctx(source, text, os.path.dirname(source), top_dir=self.top_dir, names=self.names)
 
     def line_of(self, key: str) -> int | None:
         """Best-effort line number of ``section.key`` (or ``[section]``)."""
@@ -194,7 +210,13 @@ class _Ctx:
     def path(self, key: str, value: Any) -> str:
         if not isinstance(value, str) or not value:
             raise self.err(key, f"expected a file path (string), got {type(value).__name__}")
-        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value)))
+        written = os.path.expanduser(value)
+        full = os.path.normpath(os.path.join(self.base_dir, written))
+        # How reference values name the file: as written when absolute, else relative to the
+        # top-level config, so the name does not depend on where the checkout lives.
+        name = full if os.path.isabs(written) else os.path.relpath(full, self.top_dir)
+        self.names.setdefault(full, name.replace(os.sep, "/"))
+        return full
 
     def int_(self, key: str, value: Any, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -386,6 +408,7 @@ def parse_config(data: Mapping[str, Any], *, source: str, text: str = "", base_d
         vbs=VbsSpec(**sub("vbs")),
         sign=SignSpec(**sub("sign")),
         includes=tuple(dict.fromkeys(includes)),
+        input_names=tuple(sorted(ctx.names.items())),
     )
 
 
@@ -408,7 +431,7 @@ def _collect(data: Mapping[str, Any], ctx: _Ctx, stack: tuple[str, ...]
         if p in stack:
             raise ctx.err("include", "include cycle: " + " -> ".join((*stack, p)))
         text, sub_data = _load_toml(p)
-        sub_values, sub_blobs, sub_includes = _collect(sub_data, _Ctx(p, text, os.path.dirname(p)), (*stack, p))
+        sub_values, sub_blobs, sub_includes = _collect(sub_data, ctx.child(p, text), (*stack, p))
         values.update(sub_values)
         blobs += sub_blobs
         includes += [*sub_includes, p]

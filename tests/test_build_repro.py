@@ -194,5 +194,5 @@ size = "1G"
     assert b"".join(result.chunks()) == data  # a second pass reads the same bytes back
     assert result.size == len(data) and result.sha256 == hashlib.sha256(data).hexdigest()
     inputs = result.reference_values["inputs"]
-    assert inputs["initrd.img"]["sha256"] == hashlib.sha256(initrd.read_bytes()).hexdigest()
+    assert inputs[str(initrd)]["sha256"] == hashlib.sha256(initrd.read_bytes()).hexdigest()  # named as written
     assert any(v["sha256"] == hashlib.sha256(VMLINUZ.read_bytes()).hexdigest() for v in inputs.values())
