@@ -101,13 +101,6 @@ class IgvmFile:
                 return p
         return None
 
-    def headers_for(self, mask: int) -> Iterator[H.Header]:
-        """Init + directive headers that apply to the platform bit ``mask`` (mask-less ones too)."""
-        for h in (*self.initializations, *self.directives):
-            m = h.mask
-            if m is None or m & mask == mask:
-                yield h
-
     # ------------------------------------------------------------------ parsing
 
     @classmethod

@@ -95,7 +95,11 @@ class _Snp:
     def step(self, gpa: int, page_type: int, contents: bytes) -> None:
         if self.p.sort_by_gpa:
             self.sorted_steps.append((gpa, len(self.sorted_steps), page_type, contents))
-            return
+        else:
+            self._extend(gpa, page_type, contents)
+
+    def _extend(self, gpa: int, page_type: int, contents: bytes) -> None:
+        """One SNP_LAUNCH_UPDATE chain step: LD = SHA-384(LD || PAGE_INFO)."""
         self.ld = hashlib.sha384(self.ld + contents + _PAGE_INFO_TAIL.pack(0x70, page_type, 0, 0, gpa)).digest()
         self.steps += 1
 
@@ -140,20 +144,12 @@ class _Snp:
 
     def finish(self) -> bytes:
         self.releaser.release(self.last_slice)
-        if self.p.sort_by_gpa:
-            steps, self.sorted_steps = sorted(self.sorted_steps), []
-            self.p = _unsorted(self.p)
-            for gpa, _seq, ptype, contents in steps:
-                self.step(gpa, ptype, contents)
+        for gpa, _seq, ptype, contents in sorted(self.sorted_steps):  # GPA-sorting loaders only
+            self._extend(gpa, ptype, contents)
+        self.sorted_steps = []
         for gpa, digest in self.deferred_vmsa:
-            self.step(gpa, SNP_VMSA, digest)
+            self._extend(gpa, SNP_VMSA, digest)
         return self.ld
-
-
-def _unsorted(p: LoaderProfile) -> LoaderProfile:
-    from dataclasses import replace
-
-    return replace(p, sort_by_gpa=False)
 
 
 _TDX_ADD = b"MEM.PAGE.ADD".ljust(16, b"\0")
