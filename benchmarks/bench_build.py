@@ -115,7 +115,7 @@ def child_build(config: str, output: str, profile: bool) -> dict[str, object]:
     t0 = time.perf_counter()
     from igvm_builder.build import build
     from igvm_builder.config import load_config
-    from igvm_builder.io import atomic_write
+    from igvm_builder.io import AtomicFile
 
     t1 = time.perf_counter()
     prof = None
@@ -125,9 +125,10 @@ def child_build(config: str, output: str, profile: bool) -> dict[str, object]:
         prof = cProfile.Profile()
         prof.enable()
     cfg = load_config(config)
-    result = build(cfg)
+    out = AtomicFile(output)
+    result = build(cfg, output=out)  # as `igvm-builder build` does: written while measured
     t2 = time.perf_counter()
-    atomic_write(output, result.chunks())
+    out.commit()  # fsync + rename
     t3 = time.perf_counter()
     out: dict[str, object] = {
         "import_s": t1 - t0,

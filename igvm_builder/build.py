@@ -27,9 +27,9 @@ import operator
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, BinaryIO
 
 from igvm_builder.config import BuildConfig
 from igvm_builder.errors import InputError, LayoutError
@@ -276,7 +276,7 @@ class _PlatformPlan:
         self.ptype = ptype
         self.name = name
         self.limit = GPA_LIMITS[ptype]
-        self.directives: list[H.Header] = []
+        self.directives: list[H.Header | _PageRun] = []
         self.tail: list[H.Header] = []  # VP contexts: after every page directive
         self.regions: list[_Region] = []
         self.policy: int | None = None
@@ -300,19 +300,49 @@ class _PlatformPlan:
     def pages_from(self, gpa: int, view: memoryview, mem_size: int | None = None, *, flags: int = 0,
                    zero_fill: bool = True) -> None:
         """Pages for ``view`` at ``gpa``; see :func:`page_headers`."""
-        self.directives += page_headers(gpa, view, mem_size, flags=flags, zero_fill=zero_fill)
+        self.directives.append(_PageRun(gpa, view, mem_size=mem_size, flags=flags, zero_fill=zero_fill))
 
-    def add_pages(self, pages: Sequence[H.PageData]) -> None:
-        """Pages built once (:func:`page_headers`) and shared by every platform that needs them.
+    def add_pages(self, pages: _PageRun) -> None:
+        """A run of pages made once and shared by every platform that needs it.
 
-        Headers are immutable, so sharing the objects is safe; it also saves building the same
-        PageData once per platform, and lets the merge recognise them by identity.
+        The merge treats the run as one item, recognised by identity, so planning and merging a
+        256 MiB initrd for three platforms costs per run, not per page.
         """
-        self.directives += pages
+        self.directives.append(pages)
+
+
+class _PageRun:
+    """PAGE_DATA headers for ``view[start:start + length]`` at ``gpa`` (:func:`page_headers`), or
+    for a list of prepared ``(gpa, data)`` pages, made only when the merged directive list is
+    expanded: then each header is created once, already carrying its final compatibility mask.
+    """
+
+    __slots__ = ("flags", "gpa", "length", "mem_size", "prepared", "start", "view", "zero_fill")
+
+    def __init__(self, gpa: int, view: memoryview | None = None, mem_size: int | None = None, *, flags: int = 0,
+                 zero_fill: bool = True, start: int = 0, length: int | None = None,
+                 prepared: Sequence[tuple[int, bytes | FileSlice]] | None = None) -> None:
+        if gpa % PAGE:
+            raise LayoutError(f"GPA {gpa:#x} is not 4 KiB aligned", gpa=gpa)
+        self.gpa, self.view, self.mem_size, self.flags = gpa, view, mem_size, flags
+        self.zero_fill, self.start, self.length, self.prepared = zero_fill, start, length, prepared
+
+    @classmethod
+    def of_pages(cls, pages: Sequence[tuple[int, bytes | FileSlice]], *, flags: int = 0) -> _PageRun:
+        return cls(pages[0][0] if pages else 0, flags=flags, prepared=pages)
+
+    def headers(self, mask: int) -> list[H.PageData]:
+        if self.prepared is not None:
+            return [H.PageData(gpa=gpa, compatibility_mask=mask, flags=self.flags, data=data)
+                    for gpa, data in self.prepared]
+        assert self.view is not None
+        return page_headers(self.gpa, self.view, self.mem_size, flags=self.flags, zero_fill=self.zero_fill,
+                            start=self.start, length=self.length, mask=mask)
 
 
 def page_headers(gpa: int, view: memoryview, mem_size: int | None = None, *, flags: int = 0,
-                 zero_fill: bool = True, start: int = 0, length: int | None = None) -> list[H.PageData]:
+                 zero_fill: bool = True, start: int = 0, length: int | None = None,
+                 mask: int = 0) -> list[H.PageData]:
     """PAGE_DATA headers for ``view[start:start + length]`` at ``gpa`` (4 KiB aligned),
     zero-filled up to ``mem_size``.
 
@@ -328,9 +358,9 @@ def page_headers(gpa: int, view: memoryview, mem_size: int | None = None, *, fla
     full = n - n % PAGE
     # the first page through the validating constructor, the rest (same flags and type, 4 KiB of
     # data each, aligned GPAs) through the fast one
-    out = [H.PageData(gpa=gpa, compatibility_mask=0, flags=flags, data=FileSlice(view, start, PAGE))] if full else []
+    out = [H.PageData(gpa=gpa, compatibility_mask=mask, flags=flags, data=FileSlice(view, start, PAGE))] if full else []
     normal = PageDataType.NORMAL
-    out += [_new_page(gpa + off, 0, flags, normal, FileSlice(view, start + off, PAGE))
+    out += [_new_page(gpa + off, mask, flags, normal, FileSlice(view, start + off, PAGE))
             for off in range(PAGE, full, PAGE)]
     page_data = H.PageData
     for off in range(full, total, PAGE):
@@ -338,7 +368,7 @@ def page_headers(gpa: int, view: memoryview, mem_size: int | None = None, *, fla
             data: bytes = bytes(view[start + off : start + n]) + bytes(PAGE - (n - off))
         else:
             data = ZERO_PAGE if zero_fill else b""
-        out.append(page_data(gpa=gpa + off, compatibility_mask=0, flags=flags, data_type=PageDataType.NORMAL,
+        out.append(page_data(gpa=gpa + off, compatibility_mask=mask, flags=flags, data_type=PageDataType.NORMAL,
                              data=data))
     return out
 
@@ -364,7 +394,7 @@ class _Builder:
             self._kernel()
         for blob in cfg.blobs:
             view = self.inputs.get(blob.path, "blob")
-            pages = page_headers(blob.gpa, view, flags=0 if blob.measured else PageDataFlags.UNMEASURED)
+            pages = _PageRun(blob.gpa, view, flags=0 if blob.measured else PageDataFlags.UNMEASURED)
             for plan in self.plans.values():
                 plan.claim(blob.gpa, -(-len(view) // PAGE) * PAGE, f"blob {blob.path}")
                 plan.add_pages(pages)
@@ -422,14 +452,14 @@ class _Builder:
             self.notes.append("measured direct boot: the VMM must be given exactly this kernel, initrd and "
                               "command line (their hashes are in the kernel-hashes page)")
         base = img.gpa_base
-        fw_pages: list[H.PageData] | None = None
+        fw_pages: _PageRun | None = None
         for p, plan in self.plans.items():
             if p == PlatformType.TDX:
                 self._ovmf_tdx(plan, img, view)
                 continue
             plan.claim(base, img.size, f"firmware {path}")
             if fw_pages is None:
-                fw_pages = page_headers(base, view)  # every page with data, even all-zero ones (§7.1 step 2)
+                fw_pages = _PageRun(base, view)  # every page with data, even all-zero ones (§7.1 step 2)
             plan.add_pages(fw_pages)
             params = self._ovmf_igvm_parameters(p, plan, img) if cfg.firmware_igvm_parameters else None
             if p in (PlatformType.SEV_SNP, PlatformType.SEV_ES, PlatformType.SEV):
@@ -605,14 +635,14 @@ class _Builder:
         initrd_gpa = self._place_initrd(len(initrd), -(-high // PAGE) * PAGE, 1 << 32) if initrd is not None else 0
         info = self._pvh_start_info(cmd, initrd_gpa, len(initrd) if initrd is not None else 0)
         pages = _elf_pages(elf, view)
-        elf_headers = [H.PageData(gpa=gpa, compatibility_mask=0, data=data) for gpa, data in pages]
-        initrd_pages = page_headers(initrd_gpa, initrd) if initrd is not None else []
+        elf_headers = _PageRun.of_pages(pages)
+        initrd_pages = _PageRun(initrd_gpa, initrd) if initrd is not None else None
         for p, plan in self.plans.items():
             self._common_low(plan, cmd)
             for start, end in _page_runs(pages):
                 plan.claim(start, end - start, f"{name} (PT_LOAD segments)")
             plan.add_pages(elf_headers)
-            if initrd is not None:
+            if initrd is not None and initrd_pages is not None:
                 plan.claim(initrd_gpa, -(-len(initrd) // PAGE) * PAGE, f"initrd {initrd_name}")
                 plan.add_pages(initrd_pages)
             if elf.pvh_entry is not None:
@@ -667,15 +697,15 @@ class _Builder:
         boot_params = build_boot_params(bz, cmdline_ptr=CMDLINE_GPA, cmdline_size=len(cmd) - 1,
                                         initrd_addr=initrd_gpa, initrd_size=len(initrd) if initrd is not None else 0,
                                         e820=e820)
-        kernel_pages = page_headers(load, view, start=bz.setup_size, length=len(bz.kernel))
-        initrd_pages = page_headers(initrd_gpa, initrd) if initrd is not None else []
+        kernel_pages = _PageRun(load, view, start=bz.setup_size, length=len(bz.kernel))
+        initrd_pages = _PageRun(initrd_gpa, initrd) if initrd is not None else None
         for p, plan in self.plans.items():
             self._common_low(plan, cmd)
             plan.claim(BOOT_INFO_GPA, PAGE, "boot_params (zero page)")
             plan.page(BOOT_INFO_GPA, boot_params)
             plan.claim(load, kernel_end - load, f"kernel {name} (protected-mode part and init_size)")
             plan.add_pages(kernel_pages)
-            if initrd is not None:
+            if initrd is not None and initrd_pages is not None:
                 plan.claim(initrd_gpa, -(-len(initrd) // PAGE) * PAGE, f"initrd {initrd_name}")
                 plan.add_pages(initrd_pages)
             if p == PlatformType.TDX or not bz.supports_64bit_entry:
@@ -824,7 +854,8 @@ def merge_directives(lists: Sequence[tuple[int, Sequence[H.Header]]]) -> list[H.
 
     Guarantees: for every (mask, list) input, the headers whose mask contains ``mask`` are
     exactly ``list``, in order.  Sharing is greedy: when two lists disagree, the header
-    that the other list does not need next is emitted alone.
+    that the other list does not need next is emitted alone.  A :class:`_PageRun` in the lists
+    is one item (equal only to itself) and is expanded into its pages in the result.
     """
     keys: list[Any] = []
     hdrs: list[H.Header] = []
@@ -839,10 +870,18 @@ def merge_directives(lists: Sequence[tuple[int, Sequence[H.Header]]]) -> list[H.
         bkeys = [k if k is not None else _directive_key(h, mask) for k, h in zip(known, items, strict=True)]
         key_of.update(zip(map(id, items), bkeys, strict=True))
         keys, hdrs, masks = _merge_two(keys, hdrs, masks, bkeys, items, mask)
-    return [_with_mask(h, m) for h, m in zip(hdrs, masks, strict=True)]
+    out: list[H.Header] = []
+    for h, m in zip(hdrs, masks, strict=True):
+        if type(h) is _PageRun:
+            out += h.headers(m)
+        else:
+            out.append(_with_mask(h, m))
+    return out
 
 
-def _directive_key(h: H.Header, mask: int) -> Any:
+def _directive_key(h: H.Header | _PageRun, mask: int) -> Any:
+    if type(h) is _PageRun:
+        return (_PageRun, id(h))  # kept alive by merge_directives while keys are compared
     if isinstance(h, H.VpContextBase):
         # A VP context must carry exactly one platform's mask (IGVM_FORMAT.md; the reference
         # parser rejects anything else), so identical contexts of two platforms stay apart.
@@ -955,6 +994,12 @@ def _merge_two(a_keys: list[Any], a_hdrs: list[H.Header], a_masks: list[int], b_
 
 def build_file(cfg: BuildConfig) -> tuple[IgvmFile, dict[str, str], list[str]]:
     """Build the :class:`IgvmFile` for ``cfg``; also return input SHA-256s and notes."""
+    f, inputs, notes = _build_model(cfg)
+    return f, inputs.sha256(), notes
+
+
+def _build_model(cfg: BuildConfig) -> tuple[IgvmFile, _Inputs, list[str]]:
+    """The validated file model; the inputs' SHA-256s may still be being computed."""
     b = _Builder(cfg)
     try:
         with _gc_paused():
@@ -962,44 +1007,139 @@ def build_file(cfg: BuildConfig) -> tuple[IgvmFile, dict[str, str], list[str]]:
     except BaseException:
         b.inputs.cancel()
         raise
-    return f, b.inputs.sha256(), b.notes
+    return f, b.inputs, b.notes
 
 
-def build(cfg: BuildConfig, *, platforms: Sequence[str] | None = None, loader: str | None = None) -> BuildResult:
-    """Build, serialize and measure ``cfg`` (optionally overriding platforms/loader)."""
+def build(cfg: BuildConfig, *, platforms: Sequence[str] | None = None, loader: str | None = None,
+          output: BinaryIO | None = None) -> BuildResult:
+    """Build, serialize and measure ``cfg`` (optionally overriding platforms/loader).
+
+    With ``output`` (a seekable binary file opened for writing, e.g.
+    :class:`igvm_builder.io.AtomicFile`) the file's bytes are written to it during the build;
+    the caller commits or discards it.  The work is spread over threads so that the hashing,
+    which is most of a large build, keeps both cores of a small machine busy (hashlib releases
+    the GIL on page-sized and larger buffers, and so do file writes):
+
+    1. every platform but SEV-SNP (TDX, the longest) is measured in a thread as soon as the
+       file model exists;
+    2. meanwhile this thread lays the file out; with SEV-SNP, identical pages are found by
+       each page's SHA-384, which the page keeps for step 3.  The data section goes to a
+       writer thread batch by batch as it is laid out, the headers (which precede it) last;
+    3. this thread chains the SEV-SNP digest from the kept page hashes while the writer
+       thread computes the file's SHA-256.
+    """
     cfg = cfg.with_overrides(platforms=tuple(platforms) if platforms else None, loader=loader)
-    f, input_hashes, notes = build_file(cfg)
-    with _gc_paused():
-        head, blobs = f._layout(validate=False)  # build_file() validated it
-    data, data_sources = _coalesce(blobs)
-    chunks = (head, *data)
-    sources = (None, *data_sources)
-    # The file's SHA-256 and the launch measurements are independent passes over the same bytes:
-    # hash the file in a second thread (hashlib releases the GIL on large buffers) meanwhile.
-    h = hashlib.sha256()
-    failed: list[BaseException] = []
+    f, inputs, notes = _build_model(cfg)  # the inputs' SHA-256s are computed meanwhile
+    from igvm_builder.measure import measure_file, measure_platform
 
-    def hash_file() -> None:
-        try:
-            for c in _windows(chunks, sources):
-                h.update(c)
-        except BaseException as exc:  # re-raised in the caller's thread
-            failed.append(exc)
-
-    hasher = threading.Thread(target=hash_file, name="igvm-build-sha256")
-    hasher.start()
+    ptypes = [p.platform_type for p in f.platforms]
+    snp = PlatformType.SEV_SNP in ptypes
+    others = [t for t in ptypes if t != PlatformType.SEV_SNP]
+    measure_others = _Task("igvm-build-measure", lambda: measure_file(
+        f, platforms=others, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass)) if others else None
+    writer = _Writer(output)
     try:
-        from igvm_builder.measure import measure_file
-
-        measurements = measure_file(f, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass)
-    finally:
-        hasher.join()
-    if failed:
-        raise failed[0]
+        with _gc_paused():
+            head, blobs = f._layout(validate=False, page_digests=snp,  # _build_model() validated it
+                                    on_data=writer.put if output is not None else None)
+        data, data_sources = _coalesce(blobs)
+        del blobs
+        chunks = (head, *data)
+        sources = (None, *data_sources)
+        writer.finish(head, chunks, sources)
+        snp_result = (measure_platform(f, PlatformType.SEV_SNP, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass),
+                      ) if snp else ()
+    except BaseException:
+        writer.cancel()
+        inputs.cancel()
+        for task in (measure_others, writer.task):  # leave no thread working on a failed build
+            if task is not None:
+                task.join()
+        raise
+    other_results = measure_others.result() if measure_others is not None else ()
+    sha256 = writer.task.result()
+    input_hashes = inputs.sha256()
+    by_type = {m.platform: m for m in (*snp_result, *other_results)}
+    measurements = tuple(by_type[t] for t in ptypes)
     size = sum(len(c) for c in chunks)
-    refs = reference_values_for(cfg, f, h.hexdigest(), size, input_hashes, notes, measurements=measurements)
-    return BuildResult(file=f, reference_values=refs, _chunks=chunks, size=size, sha256=h.hexdigest(),
+    refs = reference_values_for(cfg, f, sha256, size, input_hashes, notes, measurements=measurements)
+    return BuildResult(file=f, reference_values=refs, _chunks=chunks, size=size, sha256=sha256,
                        _sources=sources)
+
+
+class _Task:
+    """``fn()`` in a thread; :meth:`result` joins it and returns its value or raises its error."""
+
+    def __init__(self, name: str, fn: Callable[[], Any]) -> None:
+        self._fn = fn
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn()
+        except BaseException as exc:  # re-raised by result() in the caller's thread
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class _Writer:
+    """The thread that writes the data section to ``output`` as the layout hands it over
+    (:meth:`put`), then the headers at the start of the file, then computes the SHA-256 of
+    the whole file (headers first) from the same views."""
+
+    def __init__(self, output: BinaryIO | None) -> None:
+        import queue
+
+        self.output = output
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.stop = False
+        self.task = _Task("igvm-build-write", self._run)
+
+    def put(self, offset: int, blobs: list[H.BlobLike]) -> None:
+        self.queue.put((offset, blobs))
+
+    def finish(self, head: bytes, chunks: Sequence[bytes | memoryview], sources: Sequence[_Mapped | None]) -> None:
+        self.queue.put((head, chunks, sources))
+
+    def cancel(self) -> None:
+        self.stop = True
+        self.queue.put(None)
+
+    def _run(self) -> str:
+        out = self.output
+        while True:
+            item = self.queue.get()
+            if item is None or self.stop:
+                return ""
+            if len(item) == 2 and out is not None:  # a batch of the data section
+                offset, blobs = item
+                out.seek(offset)
+                data, sources = _coalesce(blobs)
+                for c in _windows(data, sources):
+                    out.write(c)
+                continue
+            head, chunks, sources = item
+            if out is not None:
+                out.seek(0)
+                out.write(head)
+                out.seek(0, os.SEEK_END)
+            h = hashlib.sha256()
+            for c in _windows(chunks, sources):
+                if self.stop:
+                    return ""
+                h.update(c)
+            return h.hexdigest()
 
 
 def reference_values_for(cfg: BuildConfig, f: IgvmFile, sha256: str, size: int, input_hashes: dict[str, str],

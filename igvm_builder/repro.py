@@ -376,13 +376,13 @@ def check_config_reproducible(config_path: str | os.PathLike[str], *, platforms:
         else:
             from igvm_builder.build import build
             from igvm_builder.config import load_config
-            from igvm_builder.io import atomic_write
+            from igvm_builder.io import AtomicFile
 
             refs = []
             for n, tree in enumerate(trees):
-                result = build(load_config(tree.config), platforms=plats, loader=loader)
                 os.makedirs(os.path.dirname(outs[n]), exist_ok=True)
-                atomic_write(outs[n], result.chunks())
+                with AtomicFile(outs[n]) as out:
+                    result = build(load_config(tree.config), platforms=plats, loader=loader, output=out)
                 refs.append(json.loads(json.dumps(result.reference_values, sort_keys=True)))
             perturbed = IN_PROCESS_PERTURBED
         if keep is not None:

@@ -14,11 +14,12 @@ size) and identical blobs stored once.
 from __future__ import annotations
 
 import gc
+import hashlib
 import mmap
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import BinaryIO
 
@@ -140,8 +141,20 @@ class IgvmFile:
         warnings = _validate(self)
         return _replace_warnings(self, warnings)
 
-    def _layout(self, *, validate: bool = True) -> tuple[bytes, list[H.BlobLike]]:
-        """Return (fixed header + variable headers, blobs to append in order)."""
+    def _layout(self, *, validate: bool = True, page_digests: bool = False,
+                on_data: Callable[[int, list[H.BlobLike]], object] | None = None,
+                ) -> tuple[bytes, list[H.BlobLike]]:
+        """Return (fixed header + variable headers, blobs to append in order).
+
+        Identical blobs are stored once.  They are found by a content hash: Python's ``hash``,
+        or with ``page_digests`` the SHA-384 each 4 KiB file window keeps (:meth:`FileSlice.sha384`):
+        a builder that measures SEV-SNP needs that digest of every page anyway, and hashlib
+        lets other threads run while it hashes.  Either way a match is confirmed byte for byte.
+
+        ``on_data(file_offset, blobs)``, if given, receives the data section as it is laid
+        out, in batches of :data:`STREAM_BLOBS` blobs (the last batch may be shorter): a
+        writer can store the data while the headers, which precede it, are still being made.
+        """
         if validate:
             _validate(self)
         hdrs = self.headers
@@ -158,11 +171,19 @@ class IgvmFile:
         page_data, file_slice, page_tlv = H.PageData, FileSlice, _PAGE_TLV
         page_type = int(HeaderType.PAGE_DATA)
 
-        def place(blob: H.BlobLike) -> int:
+        sent, sent_offset = 0, data_start  # blobs already given to on_data, and where the next one goes
+
+        def place(blob: H.BlobLike, key: tuple[int, object] | None = None) -> int:
             """File offset of ``blob``: an identical earlier blob's, or the next free one."""
-            nonlocal cursor
+            nonlocal cursor, sent, sent_offset
             view = as_view(blob)
-            key = (len(view), _content_hash(view))
+            if key is None:
+                if not page_digests:
+                    key = (len(view), _content_hash(view))
+                elif type(blob) is file_slice:
+                    key = (len(view), blob.sha384())
+                else:
+                    key = (len(view), hashlib.sha384(view).digest())
             for cand_off, cand in dedup.get(key, ()):
                 if as_view(cand) == view:
                     return cand_off
@@ -172,6 +193,9 @@ class IgvmFile:
             cursor += len(view)
             if cursor > 0xFFFF_FFFF:
                 raise IgvmFormatError("file data exceeds 4 GiB (file offsets are 32-bit)")
+            if on_data is not None and len(blobs) - sent >= STREAM_BLOBS:
+                on_data(sent_offset, blobs[sent:])
+                sent, sent_offset = len(blobs), cursor
             return offset
 
         for h in hdrs:
@@ -181,7 +205,20 @@ class IgvmFile:
                 if type(data) is file_slice and data.length == PAGE_SIZE_4K:
                     note(data)
                     last_slice = data
-                    offset = place(data)
+                    if page_digests:  # inlined place() for a page not seen before: most pages
+                        key = (PAGE_SIZE_4K, data._sha384 or data.sha384())
+                        if key not in dedup and cursor + PAGE_SIZE_4K <= 0xFFFF_FFFF:
+                            offset = cursor
+                            dedup[key] = [(offset, data)]
+                            blobs.append(data)
+                            cursor += PAGE_SIZE_4K
+                            if on_data is not None and len(blobs) - sent >= STREAM_BLOBS:
+                                on_data(sent_offset, blobs[sent:])
+                                sent, sent_offset = len(blobs), cursor
+                        else:
+                            offset = place(data, key)
+                    else:
+                        offset = place(data)
                 else:
                     blob = h.blob()
                     offset = place(blob) if blob is not None else 0
@@ -205,6 +242,8 @@ class IgvmFile:
             # (IGVM_FORMAT.md §2 item 5); the crate's own writer forgets this.
             blobs.append(b"\x00")
             cursor += 1
+        if on_data is not None and len(blobs) > sent:
+            on_data(sent_offset, blobs[sent:])
         if self.revision == 1:
             fixed = _FIXED_V1.pack(IGVM_MAGIC_VALUE, 1, fixed_size, var_size, cursor, 0)
         else:
@@ -235,6 +274,10 @@ class IgvmFile:
         yield head
         for b in blobs:
             yield as_view(b)
+
+
+#: Blobs per batch handed to ``_layout``'s ``on_data`` (8 MiB of 4 KiB pages).
+STREAM_BLOBS = 2048
 
 
 def _content_hash(view: memoryview) -> int:

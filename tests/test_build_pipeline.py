@@ -1,0 +1,275 @@
+"""The parallel build pipeline (issue 4's performance work) computes exactly what the plain paths do.
+
+* TDX: runs of consecutive file pages are hashed by the vectorized path (numpy); the MRTD must
+  equal a naive record-by-record chain, and the per-page path, for runs of every length class
+  and every way a run can end.
+* Layout: finding identical pages by their kept SHA-384 (``page_digests``) gives the same bytes
+  as finding them with Python's hash, including identical pages of different kinds of data.
+* Streaming: the batches ``_layout`` hands to ``on_data`` are the data section, at its offsets.
+* ``build(output=...)``: the file written while measuring is the file; its SHA-256 and
+  reference values are those of the bytes on disk.
+* :class:`~igvm_builder.io.AtomicFile` and :func:`~igvm_builder.io.commit_together`: nothing is
+  published on failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from pathlib import Path
+
+import pytest
+from test_build_helpers import VMLINUZ, config, q
+from test_measure_loaders import snp_ld, tdx_mrtd
+
+import igvm_builder.format.file as file_mod
+import igvm_builder.measure.engine as engine
+from igvm_builder import cli
+from igvm_builder.build import build
+from igvm_builder.format import headers as H
+from igvm_builder.format.blob import FileSlice
+from igvm_builder.format.defs import PageDataFlags, PlatformType
+from igvm_builder.format.file import IgvmFile
+from igvm_builder.io import AtomicFile, commit_together
+from igvm_builder.measure import measure_platform
+
+PAGE = 4096
+
+
+def _buffer(pages: int, seed: int) -> memoryview:
+    rng = random.Random(seed)
+    data = bytearray(rng.randbytes(pages * PAGE))
+    data[3 * PAGE : 4 * PAGE] = bytes(PAGE)  # a zero page
+    data[5 * PAGE : 6 * PAGE] = data[7 * PAGE : 8 * PAGE]  # two identical pages
+    return memoryview(bytes(data))
+
+
+def _run(buf: memoryview, first_page: int, count: int, gpa: int, **kw: int) -> list[H.PageData]:
+    return [H.PageData(gpa=gpa + i * PAGE, compatibility_mask=1,
+                       data=FileSlice(buf, (first_page + i) * PAGE, PAGE), **kw) for i in range(count)]
+
+
+def _tdx_case() -> tuple[IgvmFile, list[tuple[int, list[bytes | None]]]]:
+    """Pages in runs of 1, 15, 16, 17, 300 (> one numpy batch) and 2100 (> one release window)
+    pages, broken by a GPA gap, a jump in the buffer, another buffer, an unmeasured page,
+    copied (bytes) data, a data-less page and a shared page; with the regions a loader sees."""
+    a, b = _buffer(2500, 1), _buffer(40, 2)
+    dirs: list[H.PageData] = []
+    regions: list[tuple[int, list[bytes | None]]] = []
+
+    def add(pages: list[H.PageData]) -> None:
+        dirs.extend(pages)
+        for p in pages:
+            data = bytes(p.data) if len(p.data) else bytes(PAGE)
+            if p.flags & PageDataFlags.SHARED:
+                continue
+            regions.append((p.gpa, [None if p.flags & PageDataFlags.UNMEASURED else data]))
+
+    add(_run(a, 0, 1, 0x10_0000))
+    add(_run(a, 1, 15, 0x20_0000))
+    add(_run(a, 16, 16, 0x20_0000 + 15 * PAGE))  # continues the GPAs and the buffer: one run of 31
+    add(_run(a, 40, 17, 0x40_0000))  # a jump in the buffer and in the GPAs
+    add(_run(b, 0, 20, 0x40_0000 + 17 * PAGE))  # consecutive GPAs but another buffer
+    add(_run(a, 57, 300, 0x80_0000))
+    add(_run(a, 357, 1, 0x80_0000 + 300 * PAGE, flags=PageDataFlags.UNMEASURED))
+    add(_run(a, 358, 2100, 0x80_0000 + 301 * PAGE))
+    add([H.PageData(gpa=0x1000_0000, compatibility_mask=1, data=bytes(a[:100]))])  # copied, short
+    add([H.PageData(gpa=0x1000_1000, compatibility_mask=1)])  # no data: measured as zeros
+    add(_run(a, 2458, 20, 0x1000_2000, flags=PageDataFlags.SHARED))
+    add(_run(a, 2478, 20, 0x1000_2000 + 20 * PAGE))
+    f = IgvmFile(platforms=(H.SupportedPlatform(compatibility_mask=1, platform_type=PlatformType.TDX),),
+                 directives=tuple(dirs))
+    # the naive chain takes (start, pages) regions; in single-pass order one page per region is
+    # the same as any grouping, and the 100-byte page is measured zero-padded
+    regions = [(gpa, [None if d is None else d.ljust(PAGE, b"\0") for d in pages]) for gpa, pages in regions]
+    return f, regions
+
+
+def test_tdx_runs_match_the_naive_chain_and_the_page_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    f, regions = _tdx_case()
+    expected = tdx_mrtd(regions, two_pass=False)
+    assert engine._numpy() is not None  # numpy is a dependency: the vectorized path is the one in use
+    vectorized = measure_platform(f, PlatformType.TDX)
+    assert vectorized.digest == expected
+    assert engine._measure_tdx(f, 1, {}, False, vectorize=False).digest == expected
+    monkeypatch.setattr(engine, "_numpy", lambda: None)  # as where numpy is missing
+    fallback = measure_platform(f, PlatformType.TDX)
+    assert fallback.digest == expected
+    assert fallback.steps == vectorized.steps
+
+
+def test_tdx_two_pass_ignores_runs() -> None:
+    f, _ = _tdx_case()
+    two = measure_platform(f, PlatformType.TDX, tdx_two_pass=True)
+    assert two.digest == engine._measure_tdx(f, 1, {}, True, vectorize=False).digest
+    assert two.digest != measure_platform(f, PlatformType.TDX).digest
+
+
+# --------------------------------------------------------------------------- layout with page digests
+
+
+def _dedup_file() -> IgvmFile:
+    buf = _buffer(64, 3)
+    zero_slice = FileSlice(buf, 3 * PAGE, PAGE)  # all zeros
+    dirs = [
+        *_run(buf, 0, 64, 0x100000),
+        *_run(buf, 5, 4, 0x200000),  # pages already in the file
+        H.PageData(gpa=0x300000, compatibility_mask=1, data=bytes(PAGE)),  # bytes equal to zero_slice
+        H.PageData(gpa=0x301000, compatibility_mask=1, data=bytes(buf[7 * PAGE : 8 * PAGE])),  # bytes == a slice
+        H.PageData(gpa=0x302000, compatibility_mask=1, data=b"\x01" * 10),  # short page: padded
+        H.PageData(gpa=0x303000, compatibility_mask=1, data=b"\x01" * 10 + bytes(PAGE - 10)),  # == the padded one
+        H.PageData(gpa=0x304000, compatibility_mask=1, data=zero_slice),
+        H.PageData(gpa=0x305000, compatibility_mask=1, data=FileSlice(buf, 100, 200)),  # a short window
+    ]
+    return IgvmFile(platforms=(H.SupportedPlatform(compatibility_mask=1, platform_type=PlatformType.SEV_SNP),),
+                    initializations=(H.GuestPolicy(policy=0x30000, compatibility_mask=1),),
+                    directives=tuple(dirs))
+
+
+def test_page_digest_dedup_gives_the_canonical_bytes() -> None:
+    f = _dedup_file()
+    plain_head, plain_blobs = f._layout(page_digests=False)
+    head, blobs = _dedup_file()._layout(page_digests=True)
+    plain = plain_head + b"".join(bytes(b) for b in plain_blobs)
+    assert head + b"".join(bytes(b) for b in blobs) == plain
+    parsed = IgvmFile.from_bytes(plain)
+    assert parsed.to_bytes() == plain
+    # 64 distinct input pages (two of them equal: one stored), the short page, the short window
+    assert len(plain_blobs) == 64 - 1 + 2
+
+
+def test_snp_digest_is_the_same_with_kept_page_digests() -> None:
+    f = _dedup_file()
+    before = measure_platform(f, PlatformType.SEV_SNP, loader="qemu").digest
+    f._layout(page_digests=True)  # keeps a SHA-384 on every 4 KiB window
+    kept = [h.data for h in f.directives if isinstance(h.data, FileSlice) and h.data._sha384 is not None]
+    assert len(kept) >= 64
+    after = measure_platform(f, PlatformType.SEV_SNP, loader="qemu").digest
+    steps = [(1, h.gpa, bytes(h.data).ljust(PAGE, b"\0")) for h in f.directives]
+    assert before == after == snp_ld(steps)
+
+
+def test_layout_streams_the_data_section(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(file_mod, "STREAM_BLOBS", 7)
+    f = _dedup_file()
+    whole = f.to_bytes()
+    image = bytearray(len(whole))
+    batches: list[tuple[int, int]] = []
+
+    def on_data(offset: int, blobs: list[object]) -> None:
+        data = b"".join(bytes(b) for b in blobs)  # type: ignore[call-overload]
+        image[offset : offset + len(data)] = data
+        batches.append((offset, len(blobs)))
+
+    head, blobs = _dedup_file()._layout(page_digests=True, on_data=on_data)
+    image[: len(head)] = head
+    assert bytes(image) == whole
+    assert sum(n for _, n in batches) == len(blobs)
+    assert batches[0][0] == len(head) and all(n == 7 for _, n in batches[:-1])
+
+
+# --------------------------------------------------------------------------- build(output=...)
+
+
+def _kernel_config(tmp_path: Path) -> object:
+    initrd = tmp_path / "initrd.img"
+    rng = random.Random(4)
+    initrd.write_bytes(rng.randbytes(300 * PAGE) + bytes(40 * PAGE) + rng.randbytes(1000))
+    return config(tmp_path, f"""
+[image]
+platforms = ["native", "snp", "tdx"]
+loader = "qemu"
+[kernel]
+path = {q(VMLINUZ)}
+initrd = {q(initrd)}
+cmdline = "console=ttyS0"
+[memory]
+size = "512M"
+""")
+
+
+def test_build_writes_while_measuring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(file_mod, "STREAM_BLOBS", 100)  # several batches for this small build
+    monkeypatch.setattr(AtomicFile, "WRITEBACK", 1 << 20)  # and writeback started along the way
+    cfg = _kernel_config(tmp_path)
+    target = tmp_path / "out.igvm"
+    with AtomicFile(target) as out:
+        result = build(cfg, output=out)  # type: ignore[arg-type]
+    on_disk = target.read_bytes()
+    plain = build(cfg)  # type: ignore[arg-type]
+    assert on_disk == plain.data == result.data
+    assert result.sha256 == plain.sha256 == hashlib.sha256(on_disk).hexdigest()
+    assert result.reference_values == plain.reference_values
+    parsed = IgvmFile.from_bytes(on_disk)
+    for name, ptype in (("snp", PlatformType.SEV_SNP), ("tdx", PlatformType.TDX)):
+        digest = measure_platform(parsed, ptype, loader="qemu").digest
+        assert digest is not None and result.reference_values["platforms"][name]["digest"] == digest.hex()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".igvm-")] == []
+
+
+def test_failed_measurement_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    _kernel_config(tmp_path)  # writes build.toml
+    from igvm_builder.errors import MeasurementError
+
+    def fail(*_a: object, **_k: object) -> None:
+        raise MeasurementError("injected failure after the layout")
+
+    monkeypatch.setattr(engine, "_measure_tdx", fail)  # fails in the measuring thread
+    out = tmp_path / "out" / "image.igvm"
+    out.parent.mkdir()
+    rc = cli.main(["build", str(tmp_path / "build.toml"), "-o", str(out), "--reference-values", str(out) + ".json"])
+    assert rc == 1
+    assert "injected failure after the layout" in capsys.readouterr().err
+    assert list(out.parent.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- atomic outputs
+
+
+def test_atomic_file_out_of_order_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(AtomicFile, "WRITEBACK", 4096)
+    target = tmp_path / "f.bin"
+    with AtomicFile(target) as out:
+        out.seek(100)
+        for i in range(10):
+            out.write(bytes([i]) * 5000)
+        out.seek(0)
+        out.write(b"H" * 100)
+    assert target.read_bytes() == b"H" * 100 + b"".join(bytes([i]) * 5000 for i in range(10))
+    assert oct(target.stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_atomic_file_discarded_on_error(tmp_path: Path) -> None:
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"previous")
+    with pytest.raises(RuntimeError), AtomicFile(target) as out:
+        out.write(b"partial")
+        raise RuntimeError("boom")
+    assert target.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_commit_together_publishes_all_or_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = AtomicFile(tmp_path / "a.igvm"), AtomicFile(tmp_path / "a.igvm.json")
+    a.write(b"igvm")
+    b.write(b"{}")
+    real_replace = os.replace
+
+    def replace(src: str, dst: str) -> None:
+        if dst.endswith(".json"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError):
+        commit_together(a, b)
+    assert list(tmp_path.iterdir()) == []  # a.igvm was renamed, then removed again
+    monkeypatch.setattr(os, "replace", real_replace)
+    c, d = AtomicFile(tmp_path / "c"), AtomicFile(tmp_path / "d")
+    c.write(b"1")
+    d.write(b"2")
+    commit_together(c, None, d)
+    assert (tmp_path / "c").read_bytes() == b"1" and (tmp_path / "d").read_bytes() == b"2"
+
