@@ -212,6 +212,10 @@ class _Inputs:
         """SHA-256 of every input."""
         return {path: hasher.result() for path, hasher in self._hashers.items()}
 
+    def sha256_of(self, path: str) -> bytes:
+        """SHA-256 of the input ``path`` (already mapped with :meth:`get`), as bytes."""
+        return bytes.fromhex(self._hashers[path].result())
+
     def cancel(self) -> None:
         """Stop the background hashing (the build failed)."""
         for hasher in self._hashers.values():
@@ -448,7 +452,10 @@ class _Builder:
         if cfg.kernel and any(p in self.plans for p in (PlatformType.SEV_SNP, PlatformType.SEV_ES, PlatformType.SEV)):
             kernel = self.inputs.get(cfg.kernel.path, "kernel")
             initrd = self.inputs.get(cfg.kernel.initrd, "initrd") if cfg.kernel.initrd else None
-            hashes_page = kernel_hashes_page(img, kernel, initrd, cfg.kernel.cmdline or None)
+            # the hashes are the SHA-256s of the whole files: the ones computed for the reference values
+            hashes_page = kernel_hashes_page(
+                img, kernel, initrd, cfg.kernel.cmdline or None, kernel_sha256=self.inputs.sha256_of(cfg.kernel.path),
+                initrd_sha256=self.inputs.sha256_of(cfg.kernel.initrd) if cfg.kernel.initrd else None)
             self.notes.append("measured direct boot: the VMM must be given exactly this kernel, initrd and "
                               "command line (their hashes are in the kernel-hashes page)")
         base = img.gpa_base
@@ -1023,7 +1030,7 @@ def build(cfg: BuildConfig, *, platforms: Sequence[str] | None = None, loader: s
     1. every platform but SEV-SNP (TDX, the longest) is measured in a thread as soon as the
        file model exists;
     2. meanwhile this thread lays the file out; with SEV-SNP, identical pages are found by
-       each page's SHA-384, which the page keeps for step 3.  The data section goes to a
+       each page's SHA-384, which is kept for step 3.  The data section goes to a
        writer thread batch by batch as it is laid out, the headers (which precede it) last;
     3. this thread chains the SEV-SNP digest from the kept page hashes while the writer
        thread computes the file's SHA-256.
@@ -1038,17 +1045,19 @@ def build(cfg: BuildConfig, *, platforms: Sequence[str] | None = None, loader: s
     measure_others = _Task("igvm-build-measure", lambda: measure_file(
         f, platforms=others, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass)) if others else None
     writer = _Writer(output)
+    digests: dict[int, bytes] | None = {} if snp else None
     try:
         with _gc_paused():
-            head, blobs = f._layout(validate=False, page_digests=snp,  # _build_model() validated it
+            head, blobs = f._layout(validate=False, page_digests=digests,  # _build_model() validated it
                                     on_data=writer.put if output is not None else None)
         data, data_sources = _coalesce(blobs)
         del blobs
         chunks = (head, *data)
         sources = (None, *data_sources)
         writer.finish(head, chunks, sources)
-        snp_result = (measure_platform(f, PlatformType.SEV_SNP, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass),
-                      ) if snp else ()
+        snp_result = (measure_platform(f, PlatformType.SEV_SNP, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass,
+                                       page_digests=digests),) if snp else ()
+        digests = None
     except BaseException:
         writer.cancel()
         inputs.cancel()

@@ -86,12 +86,19 @@ def _tdx_case() -> tuple[IgvmFile, list[tuple[int, list[bytes | None]]]]:
     return f, regions
 
 
-def test_tdx_runs_match_the_naive_chain_and_the_page_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("min_run", [engine._TDX_MIN_RUN, 16])
+def test_tdx_runs_match_the_naive_chain_and_the_page_path(monkeypatch: pytest.MonkeyPatch, min_run: int) -> None:
+    monkeypatch.setattr(engine, "_TDX_MIN_RUN", min_run)  # 16: runs of 15/16/17 pages meet the threshold
     f, regions = _tdx_case()
     expected = tdx_mrtd(regions, two_pass=False)
     assert engine._numpy() is not None  # numpy is a dependency: the vectorized path is the one in use
+    hashed_runs: list[int] = []
+    real = engine._TdxRuns.hash_run
+    monkeypatch.setattr(engine._TdxRuns, "hash_run",
+                        lambda self, h, buf, start, gpa, n: (hashed_runs.append(n), real(self, h, buf, start, gpa, n)))
     vectorized = measure_platform(f, PlatformType.TDX)
     assert vectorized.digest == expected
+    assert sum(hashed_runs) >= (2100 if min_run > 300 else 2100 + 300 + 31 + 17 + 20 + 20)
     assert engine._measure_tdx(f, 1, {}, False, vectorize=False).digest == expected
     monkeypatch.setattr(engine, "_numpy", lambda: None)  # as where numpy is missing
     fallback = measure_platform(f, PlatformType.TDX)
@@ -129,8 +136,8 @@ def _dedup_file() -> IgvmFile:
 
 def test_page_digest_dedup_gives_the_canonical_bytes() -> None:
     f = _dedup_file()
-    plain_head, plain_blobs = f._layout(page_digests=False)
-    head, blobs = _dedup_file()._layout(page_digests=True)
+    plain_head, plain_blobs = f._layout()
+    head, blobs = _dedup_file()._layout(page_digests={})
     plain = plain_head + b"".join(bytes(b) for b in plain_blobs)
     assert head + b"".join(bytes(b) for b in blobs) == plain
     parsed = IgvmFile.from_bytes(plain)
@@ -139,15 +146,20 @@ def test_page_digest_dedup_gives_the_canonical_bytes() -> None:
     assert len(plain_blobs) == 64 - 1 + 2
 
 
-def test_snp_digest_is_the_same_with_kept_page_digests() -> None:
+def test_snp_digest_is_the_same_with_the_layouts_page_digests() -> None:
     f = _dedup_file()
     before = measure_platform(f, PlatformType.SEV_SNP, loader="qemu").digest
-    f._layout(page_digests=True)  # keeps a SHA-384 on every 4 KiB window
-    kept = [h.data for h in f.directives if isinstance(h.data, FileSlice) and h.data._sha384 is not None]
-    assert len(kept) >= 64
-    after = measure_platform(f, PlatformType.SEV_SNP, loader="qemu").digest
+    digests: dict[int, bytes] = {}
+    f._layout(page_digests=digests)  # records the SHA-384 of every 4 KiB window
+    windows = [h.data for h in f.directives if isinstance(h.data, FileSlice) and len(h.data) == PAGE]
+    assert set(digests) == {id(w) for w in windows}
+    assert all(digests[id(w)] == hashlib.sha384(bytes(w)).digest() for w in windows)
+    after = measure_platform(f, PlatformType.SEV_SNP, loader="qemu", page_digests=digests).digest
     steps = [(1, h.gpa, bytes(h.data).ljust(PAGE, b"\0")) for h in f.directives]
     assert before == after == snp_ld(steps)
+    # the digests are used, not recomputed: a wrong one changes the result
+    digests[id(windows[0])] = bytes(48)
+    assert measure_platform(f, PlatformType.SEV_SNP, loader="qemu", page_digests=digests).digest != before
 
 
 def test_layout_streams_the_data_section(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,7 +174,7 @@ def test_layout_streams_the_data_section(monkeypatch: pytest.MonkeyPatch) -> Non
         image[offset : offset + len(data)] = data
         batches.append((offset, len(blobs)))
 
-    head, blobs = _dedup_file()._layout(page_digests=True, on_data=on_data)
+    head, blobs = _dedup_file()._layout(page_digests={}, on_data=on_data)
     image[: len(head)] = head
     assert bytes(image) == whole
     assert sum(n for _, n in batches) == len(blobs)

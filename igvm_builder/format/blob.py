@@ -8,7 +8,6 @@ Built files use plain ``bytes``.  Code that needs the contents calls :func:`as_v
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import mmap
 
 Blob = "bytes | FileSlice"
@@ -17,29 +16,15 @@ Blob = "bytes | FileSlice"
 class FileSlice:
     """``length`` bytes at ``start`` of a buffer, materialized only on demand."""
 
-    __slots__ = ("_buf", "_sha384", "length", "start")
+    __slots__ = ("_buf", "length", "start")
 
     def __init__(self, buf: memoryview, start: int, length: int) -> None:
         self._buf = buf
         self.start = start
         self.length = length
-        #: SHA-384 of the window once :meth:`sha384` computed it (None until then).
-        self._sha384: bytes | None = None
 
     def view(self) -> memoryview:
         return self._buf[self.start : self.start + self.length]
-
-    def sha384(self) -> bytes:
-        """SHA-384 of the window, computed once and kept.
-
-        A build hashes every page twice otherwise: to find identical pages when it lays out
-        the file, and for the SEV-SNP launch digest (whose page contents digest is this hash).
-        Parsed files do not keep it (``_sha384`` stays None) unless this is called.
-        """
-        digest = self._sha384
-        if digest is None:
-            digest = self._sha384 = hashlib.sha384(self._buf[self.start : self.start + self.length]).digest()
-        return digest
 
     def __len__(self) -> int:
         return self.length

@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 from igvm_builder.errors import IgvmError, IgvmFormatError
 from igvm_builder.format import headers as H
-from igvm_builder.format.blob import FileSlice, PageReleaser, as_view
+from igvm_builder.format.blob import FileSlice, PageReleaser, as_view, dontneed
 from igvm_builder.format.defs import (
     FIXED_HEADER_SIZE_V1,
     FIXED_HEADER_SIZE_V2,
@@ -132,7 +132,13 @@ class IgvmFile:
                 )
         except OSError as exc:
             raise IgvmFormatError(f"cannot read: {exc.strerror}", source=name) from None
-        return cls.from_bytes(buf, platform=platform, source=name)
+        f = cls.from_bytes(buf, platform=platform, source=name)
+        if isinstance(buf, mmap.mmap):
+            # the headers now live as objects: their pages of the mapping (8 MiB for a 1 GiB
+            # file) can leave the resident set; a later read faults them back in unchanged
+            voff, vsize = struct.unpack_from("<II", buf, 8)
+            dontneed(buf, 0, voff + vsize)
+        return f
 
     # ------------------------------------------------------------------ serializing
 
@@ -141,15 +147,17 @@ class IgvmFile:
         warnings = _validate(self)
         return _replace_warnings(self, warnings)
 
-    def _layout(self, *, validate: bool = True, page_digests: bool = False,
+    def _layout(self, *, validate: bool = True, page_digests: dict[int, bytes] | None = None,
                 on_data: Callable[[int, list[H.BlobLike]], object] | None = None,
                 ) -> tuple[bytes, list[H.BlobLike]]:
         """Return (fixed header + variable headers, blobs to append in order).
 
         Identical blobs are stored once.  They are found by a content hash: Python's ``hash``,
-        or with ``page_digests`` the SHA-384 each 4 KiB file window keeps (:meth:`FileSlice.sha384`):
-        a builder that measures SEV-SNP needs that digest of every page anyway, and hashlib
-        lets other threads run while it hashes.  Either way a match is confirmed byte for byte.
+        or, given a ``page_digests`` dict, SHA-384, recorded there for every 4 KiB file window
+        (:class:`FileSlice`) as ``page_digests[id(window)]``: a builder that measures SEV-SNP
+        needs that digest of every page anyway (``measure_platform(..., page_digests=)``), and
+        hashlib lets other threads run while it hashes.  Either way a match is confirmed byte
+        for byte.
 
         ``on_data(file_offset, blobs)``, if given, receives the data section as it is laid
         out, in batches of :data:`STREAM_BLOBS` blobs (the last batch may be shorter): a
@@ -168,7 +176,7 @@ class IgvmFile:
         releaser = PageReleaser(every=2048)  # keep RSS flat while hashing mmap'd page data
         note = releaser.note
         last_slice: FileSlice | None = None
-        page_data, file_slice, page_tlv = H.PageData, FileSlice, _PAGE_TLV
+        page_data, file_slice, page_tlv, sha384 = H.PageData, FileSlice, _PAGE_TLV, hashlib.sha384
         page_type = int(HeaderType.PAGE_DATA)
 
         sent, sent_offset = 0, data_start  # blobs already given to on_data, and where the next one goes
@@ -178,12 +186,10 @@ class IgvmFile:
             nonlocal cursor, sent, sent_offset
             view = as_view(blob)
             if key is None:
-                if not page_digests:
+                if page_digests is None:
                     key = (len(view), _content_hash(view))
-                elif type(blob) is file_slice:
-                    key = (len(view), blob.sha384())
                 else:
-                    key = (len(view), hashlib.sha384(view).digest())
+                    key = (len(view), sha384(view).digest())
             for cand_off, cand in dedup.get(key, ()):
                 if as_view(cand) == view:
                     return cand_off
@@ -205,8 +211,10 @@ class IgvmFile:
                 if type(data) is file_slice and data.length == PAGE_SIZE_4K:
                     note(data)
                     last_slice = data
-                    if page_digests:  # inlined place() for a page not seen before: most pages
-                        key = (PAGE_SIZE_4K, data._sha384 or data.sha384())
+                    if page_digests is not None:  # inlined place() for a page not seen before: most pages
+                        digest = page_digests[id(data)] = sha384(data._buf[data.start : data.start + PAGE_SIZE_4K]
+                                                                 ).digest()
+                        key = (PAGE_SIZE_4K, digest)
                         if key not in dedup and cursor + PAGE_SIZE_4K <= 0xFFFF_FFFF:
                             offset = cursor
                             dedup[key] = [(offset, data)]

@@ -614,18 +614,25 @@ def kernel_hashes_table(
     kernel: bytes | bytearray | memoryview,
     initrd: bytes | bytearray | memoryview | None,
     cmdline: str | bytes | None,
+    *,
+    kernel_sha256: bytes | None = None,
+    initrd_sha256: bytes | None = None,
 ) -> bytes:
     """The 0xb0-byte kernel-hash table as QEMU writes it (MEASUREMENT.md §6).
 
     ``GUID ‖ u16 0xa8`` then three ``GUID ‖ u16 0x32 ‖ SHA-256`` entries: command line
     (UTF-8, with its terminating NUL; a single NUL when ``None``), initrd (SHA-256 of empty
     input when ``None``) and the kernel file exactly as given; zero-padded to 16 bytes.  This
-    is also what SEV and SEV-ES launches measure after the firmware.
+    is also what SEV and SEV-ES launches measure after the firmware.  A caller that already
+    has the SHA-256 of the kernel or initrd file passes it (``kernel_sha256``, ``initrd_sha256``)
+    instead of having it computed again.
     """
+    if initrd_sha256 is None:
+        initrd_sha256 = _sha256(initrd if initrd is not None else b"")
     entries = [
         (SEV_CMDLINE_ENTRY_GUID, _sha256(_cmdline_bytes(cmdline))),
-        (SEV_INITRD_ENTRY_GUID, _sha256(initrd if initrd is not None else b"")),
-        (SEV_KERNEL_ENTRY_GUID, _sha256(kernel)),
+        (SEV_INITRD_ENTRY_GUID, initrd_sha256),
+        (SEV_KERNEL_ENTRY_GUID, kernel_sha256 if kernel_sha256 is not None else _sha256(kernel)),
     ]
     out = bytearray(KERNEL_HASHES_TABLE_SIZE)
     _HASH_HEADER.pack_into(out, 0, _guid_bytes(SEV_HASH_TABLE_HEADER_GUID), KERNEL_HASHES_TABLE_LENGTH)
@@ -641,6 +648,9 @@ def kernel_hashes_page(
     kernel: bytes | bytearray | memoryview,
     initrd: bytes | bytearray | memoryview | None,
     cmdline: str | bytes | None,
+    *,
+    kernel_sha256: bytes | None = None,
+    initrd_sha256: bytes | None = None,
 ) -> bytes:
     """The 4096-byte SNP_KERNEL_HASHES page: :func:`kernel_hashes_table` at ``hash_table_base & 0xfff``.
 
@@ -681,5 +691,6 @@ def kernel_hashes_page(
             f"{section.base:#x}+{section.size:#x}",
         )
     page = bytearray(PAGE_SIZE)
-    page[offset : offset + KERNEL_HASHES_TABLE_SIZE] = kernel_hashes_table(kernel, initrd, cmdline)
+    page[offset : offset + KERNEL_HASHES_TABLE_SIZE] = kernel_hashes_table(
+        kernel, initrd, cmdline, kernel_sha256=kernel_sha256, initrd_sha256=initrd_sha256)
     return bytes(page)

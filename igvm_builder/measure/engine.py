@@ -274,7 +274,7 @@ class _TdxRuns:
     not held up.  The bytes hashed are exactly those of :class:`_Tdx`'s page path.
     """
 
-    PAGES = 256
+    PAGES = 64
 
     def __init__(self, np: Any) -> None:
         self.np = np
@@ -308,10 +308,11 @@ def _numpy() -> Any:
     return numpy
 
 
-#: Runs shorter than this go through the per-page path (numpy's fixed costs would dominate).
-_TDX_MIN_RUN = 16
-#: A run's pages are dropped from the resident set every this many pages (8 MiB).
-_TDX_RELEASE_PAGES = 2048
+#: Runs shorter than this (4 MiB) go through the per-page path: for small files (firmware),
+#: importing numpy would cost more than it saves.
+_TDX_MIN_RUN = 1024
+#: A run's pages are dropped from the resident set every this many pages (1 MiB).
+_TDX_RELEASE_PAGES = 256
 
 
 _VBS_PAGE_HDR = struct.Struct("<IIQQQ")
@@ -375,7 +376,8 @@ def _area_pages(f: IgvmFile) -> dict[int, int]:
             for h in f.directives if isinstance(h, H.ParameterArea)}
 
 
-def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, two_pass: bool) -> Measurement:
+def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, two_pass: bool,
+         digests: dict[int, bytes] | None = None) -> Measurement:
     areas = _area_pages(f)
     if ptype == PlatformType.SEV_SNP:
         if not any(isinstance(h, H.GuestPolicy) and h.compatibility_mask & mask == mask for h in f.initializations):
@@ -393,8 +395,10 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
                 # Fast path for the common page (a full 4 KiB of file data, no flags): the same
                 # step as _Snp.page, inlined.
                 if fast and not h.flags and not h.data_type and type(data) is file_slice and data.length == 4096:
-                    # the page's contents digest: kept on the slice when the serializer computed it
-                    contents = data._sha384 or sha384(data.view()).digest()
+                    # the page's contents digest: the serializer's, when it computed them
+                    contents = digests.get(id(data)) if digests else None
+                    if contents is None:
+                        contents = sha384(data.view()).digest()
                     acc.ld = sha384(acc.ld + contents + tail(0x70, SNP_NORMAL, 0, 0, h.gpa)).digest()
                     acc.steps += 1
                     note(data)
@@ -455,8 +459,8 @@ def _measure_tdx(f: IgvmFile, mask: int, areas: dict[int, int], two_pass: bool, 
     of one buffer are hashed by :class:`_TdxRuns` (``vectorize`` and numpy available), every
     other page by :class:`_Tdx` page by page; both produce the same bytes, in file order."""
     tdx = _Tdx(two_pass)
-    np = _numpy() if vectorize and not two_pass else None
-    runs = _TdxRuns(np) if np is not None else None
+    vectorize = vectorize and not two_pass
+    runs: _TdxRuns | None = None  # made (and numpy imported) at the first run long enough
     page_data, file_slice = H.PageData, FileSlice
     note = tdx.releaser.note
     # the pending run: buffer, its first page (slice), buffer offset and GPA, page count
@@ -464,9 +468,13 @@ def _measure_tdx(f: IgvmFile, mask: int, areas: dict[int, int], two_pass: bool, 
     run_start = run_gpa = run_n = 0
 
     def flush() -> None:
-        nonlocal run_buf, run_n
+        nonlocal run_buf, run_n, runs, vectorize
         if not run_n:
             return
+        if vectorize and runs is None and run_n >= _TDX_MIN_RUN:
+            np = _numpy()
+            runs = _TdxRuns(np) if np is not None else None
+            vectorize = runs is not None
         if runs is not None and run_n >= _TDX_MIN_RUN:
             tdx._drain()  # keep the order of the records in the hash
             release = tdx.releaser.release
@@ -522,13 +530,17 @@ def _measure_tdx(f: IgvmFile, mask: int, areas: dict[int, int], two_pass: bool, 
 
 
 def measure_platform(f: IgvmFile, platform: PlatformType, *, loader: str | None = None,
-                     tdx_two_pass: bool = False) -> Measurement:
-    """Measure one platform of ``f``; :class:`MeasurementError` if the file lacks it."""
+                     tdx_two_pass: bool = False, page_digests: dict[int, bytes] | None = None) -> Measurement:
+    """Measure one platform of ``f``; :class:`MeasurementError` if the file lacks it.
+
+    ``page_digests`` (``id(FileSlice) -> SHA-384`` of that 4 KiB window, as recorded by
+    ``IgvmFile._layout``) spares SEV-SNP hashing those pages again.
+    """
     p = f.platform(platform)
     if p is None:
         have = ", ".join(x.platform_type.name for x in f.platforms)
         raise MeasurementError(f"the file has no {platform.name} platform (it has: {have})")
-    return _run(f, platform, p.compatibility_mask, get_profile(loader), tdx_two_pass)
+    return _run(f, platform, p.compatibility_mask, get_profile(loader), tdx_two_pass, page_digests)
 
 
 def measure_file(f: IgvmFile, *, platforms: Sequence[PlatformType] | None = None, loader: str | None = None,
