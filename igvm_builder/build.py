@@ -392,6 +392,12 @@ class _Builder:
 
     def run(self) -> IgvmFile:
         cfg = self.cfg
+        # Map every input first: each one's SHA-256 is then computed in the background while the
+        # launch is planned (a measured direct boot needs the kernel's and initrd's right away).
+        for path, role in ((cfg.kernel and cfg.kernel.path, "kernel"), (cfg.kernel and cfg.kernel.initrd, "initrd"),
+                           (cfg.firmware, "firmware")):
+            if path:
+                self.inputs.get(path, role)
         if cfg.firmware:
             self._firmware()
         elif cfg.kernel:
