@@ -1166,9 +1166,14 @@ def reference_values_for(cfg: BuildConfig, f: IgvmFile, sha256: str, size: int, 
     refs["file"] = {**refs.get("file", {}), "sha256": sha256, "size": size}
     with open(cfg.source, "rb") as fh:
         config_sha = hashlib.sha256(fh.read()).hexdigest()
+    includes = {}
+    for p in cfg.includes:  # included configs: a changed include is then named as such
+        with open(p, "rb") as fh:
+            includes[p] = hashlib.sha256(fh.read()).hexdigest()
     refs["inputs"] = {
         "config": {"path": os.path.basename(cfg.source), "sha256": config_sha},
-        **{cfg.input_name(p): {"path": cfg.input_name(p), "sha256": d} for p, d in sorted(input_hashes.items())},
+        **{cfg.input_name(p): {"path": cfg.input_name(p), "sha256": d}
+           for p, d in sorted({**includes, **input_hashes}.items())},
     }
     refs["build"] = {"platforms": list(cfg.platforms), "loader": cfg.loader, "notes": list(notes)}
     return refs

@@ -46,7 +46,7 @@ def test_unchanged_tree_verifies(release: dict[str, Path], capsys: pytest.Captur
     report = verify_release(cfg, ref, igvm=igvm)
     assert report.ok and not report.problems
     kinds = [c.kind for c in report.checks]
-    assert kinds.count("input") == 3  # config, kernel, blob (includes are covered by... see docs)
+    assert kinds.count("input") == 4  # config, common.toml (included), kernel, blob
     assert kinds.count("measurement") == 3  # native, snp, tdx
     assert kinds.index("input") < kinds.index("file") < kinds.index("measurement") < kinds.index("igvm")
 
@@ -129,7 +129,8 @@ def test_changed_policy_in_include(release: dict[str, Path]) -> None:
     common.write_text(common.read_text().replace("policy = 0x30000", "policy = 0xb0000"))
     report = verify_release(release["config"], release["ref"])
     kinds = {c.kind: c for c in report.problems}
-    assert "input" not in kinds  # included configs are not in the reference values
+    assert report.problems[0].kind == "input" and report.problems[0].name == "common.toml"
+    assert report.problems[0].message.startswith("include common.toml: sha256 ")
     assert "file" in kinds
     assert "platform snp: policy.value 0xb0000 != published 0x30000" in [c.message for c in report.problems]
     assert all(c.ok for c in report.checks if c.kind == "measurement")
