@@ -1063,7 +1063,6 @@ def build(cfg: BuildConfig, *, platforms: Sequence[str] | None = None, loader: s
         writer.finish(head, chunks, sources)
         snp_result = (measure_platform(f, PlatformType.SEV_SNP, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass,
                                        page_digests=digests),) if snp else ()
-        digests = None
     except BaseException:
         writer.cancel()
         inputs.cancel()

@@ -397,12 +397,12 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
                 if fast and not h.flags and not h.data_type and type(data) is file_slice and data.length == 4096:
                     # the page's contents digest: the serializer's, when it computed them
                     contents = digests.get(id(data)) if digests else None
-                    if contents is None:
+                    if contents is None:  # hashed here: the page is touched, release it later
                         contents = sha384(data.view()).digest()
+                        note(data)
+                        acc.last_slice = data
                     acc.ld = sha384(acc.ld + contents + tail(0x70, SNP_NORMAL, 0, 0, h.gpa)).digest()
                     acc.steps += 1
-                    note(data)
-                    acc.last_slice = data
                 else:
                     acc.page(h)
                 continue
