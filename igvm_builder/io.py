@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import BinaryIO
 
@@ -137,6 +137,21 @@ def commit_together(*files: AtomicFile | None) -> None:
         for path in published:
             remove_if_exists(path)
         raise
+
+
+@contextlib.contextmanager
+def atomic_outputs(*paths: str | os.PathLike[str] | None) -> Iterator[tuple[AtomicFile | None, ...]]:
+    """One :class:`AtomicFile` per path (None for a None path), committed together
+    (:func:`commit_together`) when the block succeeds, all discarded when it raises."""
+    files = tuple(AtomicFile(p) if p is not None else None for p in paths)
+    try:
+        yield files
+    except BaseException:
+        for f in files:
+            if f is not None:
+                f.discard()
+        raise
+    commit_together(*files)
 
 
 def _sync_directory(directory: str) -> None:

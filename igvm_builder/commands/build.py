@@ -20,25 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from igvm_builder.build import build
     from igvm_builder.config import load_config
-    from igvm_builder.io import AtomicFile, commit_together
+    from igvm_builder.io import atomic_outputs
 
     cfg = load_config(args.config)
     platforms = tuple(p.strip() for p in args.platforms.split(",")) if args.platforms else None
-    out = AtomicFile(args.output)
-    refs_out = None
-    try:
-        # the file is written while it is measured; it appears (with its reference values)
-        # only once everything succeeded
+    # the file is written while it is measured; it appears (with its reference values) only
+    # once everything succeeded
+    with atomic_outputs(args.output, args.reference_values) as (out, refs_out):
         result = build(cfg, platforms=platforms, loader=args.loader, output=out)
-        if args.reference_values:
-            refs_out = AtomicFile(args.reference_values)
-            refs_out.write((json.dumps(result.reference_values, indent=2, sort_keys=True) + "\n").encode())
-        commit_together(out, refs_out)
-    except BaseException:
-        out.discard()
         if refs_out is not None:
-            refs_out.discard()
-        raise
+            refs_out.write((json.dumps(result.reference_values, indent=2, sort_keys=True) + "\n").encode())
     if not args.quiet:
         print(f"{args.output}: {result.size} bytes, sha256 {result.sha256}")
         for name, entry in sorted(result.reference_values.get("platforms", {}).items()):

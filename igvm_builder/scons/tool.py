@@ -251,26 +251,19 @@ def _add_to_alias(env: Any, variable: str, nodes: list[Any]) -> None:
 def _igvm_build(target: list[Any], source: list[Any], env: Any) -> None:
     from igvm_builder.build import build
     from igvm_builder.config import load_config
-    from igvm_builder.io import AtomicFile, commit_together
+    from igvm_builder.io import atomic_outputs
 
     image, refs = target[0], target[1]
     platforms, loader = _build_params(env, target, source)
     with _progress(env, image):
-        out = refs_out = None
         try:
             cfg = load_config(_config_path(source[0]))
-            out = AtomicFile(image.get_abspath())
-            result = build(cfg, platforms=platforms, loader=loader, output=out)  # streamed into `out`
-            refs_out = AtomicFile(refs.get_abspath())
-            refs_out.write((json.dumps(result.reference_values, sort_keys=True, indent=2) + "\n").encode())
-            commit_together(out, refs_out)
-        except BaseException as exc:
-            for f in (out, refs_out):
-                if f is not None:
-                    f.discard()
-            if isinstance(exc, IgvmError):
-                raise _fail(env, exc, source[0]) from None
-            raise
+            with atomic_outputs(image.get_abspath(), refs.get_abspath()) as (out, refs_out):
+                result = build(cfg, platforms=platforms, loader=loader, output=out)  # streamed into `out`
+                assert refs_out is not None
+                refs_out.write((json.dumps(result.reference_values, sort_keys=True, indent=2) + "\n").encode())
+        except IgvmError as exc:
+            raise _fail(env, exc, source[0]) from None
 
 
 _igvm_build.strfunction = _strfunction("igvm_build")  # type: ignore[attr-defined]
