@@ -106,10 +106,19 @@ def test_tdx_runs_match_the_naive_chain_and_the_page_path(monkeypatch: pytest.Mo
     assert fallback.steps == vectorized.steps
 
 
-def test_tdx_two_pass_ignores_runs() -> None:
-    f, _ = _tdx_case()
+def test_tdx_two_pass_ignores_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "_TDX_MIN_RUN", 16)
+    f, pages = _tdx_case()
+    # two-pass regions: consecutive GPAs with the same measured-ness (a loader's view, §8.2)
+    regions: list[tuple[int, list[bytes | None]]] = []
+    for gpa, (data,) in pages:
+        last = regions[-1] if regions else None
+        if last and gpa == last[0] + PAGE * len(last[1]) and (data is None) == (last[1][-1] is None):
+            last[1].append(data)
+        else:
+            regions.append((gpa, [data]))
     two = measure_platform(f, PlatformType.TDX, tdx_two_pass=True)
-    assert two.digest == engine._measure_tdx(f, 1, {}, True, vectorize=False).digest
+    assert two.digest == tdx_mrtd(regions, two_pass=True)
     assert two.digest != measure_platform(f, PlatformType.TDX).digest
 
 
