@@ -34,9 +34,9 @@ class FileSlice:
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, FileSlice):
-            return self.length == other.length and self.view() == other.view()
+            return same_bytes(self.view(), other.view())
         if isinstance(other, bytes | bytearray | memoryview):
-            return self.view() == other
+            return same_bytes(self.view(), memoryview(other))
         return NotImplemented
 
     def __hash__(self) -> int:
@@ -51,6 +51,29 @@ def as_view(data: bytes | bytearray | memoryview | FileSlice) -> memoryview:
     if isinstance(data, FileSlice):
         return data.view()
     return memoryview(data)
+
+
+#: Bytes compared per step by :func:`same_bytes`.
+_COMPARE_WINDOW = 1 << 20
+
+
+def same_bytes(a: memoryview, b: memoryview) -> bool:
+    """``a == b`` for byte views, at memcmp speed.
+
+    ``memoryview.__eq__`` compares element by element (15 us for a 4 KiB page, 50 times
+    slower than comparing two ``bytes``); this compares copies of windows of at most 1 MiB.
+    """
+    n = a.nbytes
+    if n != b.nbytes:
+        return False
+    if n <= _COMPARE_WINDOW:
+        return a.tobytes() == b.tobytes()
+    if a.format != "B" or a.ndim != 1:
+        a = a.cast("B")
+    if b.format != "B" or b.ndim != 1:
+        b = b.cast("B")
+    return all(a[i : i + _COMPARE_WINDOW].tobytes() == b[i : i + _COMPARE_WINDOW].tobytes()
+               for i in range(0, n, _COMPARE_WINDOW))
 
 
 def is_all_zero(data: bytes | memoryview | FileSlice) -> bool:

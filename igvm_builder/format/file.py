@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 from igvm_builder.errors import IgvmError, IgvmFormatError
 from igvm_builder.format import headers as H
-from igvm_builder.format.blob import FileSlice, PageReleaser, as_view, dontneed
+from igvm_builder.format.blob import FileSlice, PageReleaser, as_view, dontneed, same_bytes
 from igvm_builder.format.defs import (
     FIXED_HEADER_SIZE_V1,
     FIXED_HEADER_SIZE_V2,
@@ -170,8 +170,13 @@ class IgvmFile:
         var_size = sum(8 + _pad8(h.SIZE) for h in hdrs)
         data_start = fixed_size + var_size
         cursor = data_start
-        dedup: dict[tuple[int, int], list[tuple[int, H.BlobLike]]] = {}
         blobs: list[H.BlobLike] = []
+        offsets: list[int] = []  # file offset of each of blobs
+        # Identical blobs: by (length, content hash) -> indices into blobs; with page_digests,
+        # 4 KiB blobs by their SHA-384 alone -> index (one dict entry, no tuple or list per page:
+        # this loop runs once per page of a large file).
+        dedup: dict[tuple[int, int], list[int]] = {}
+        pages: dict[bytes, int] = {}
         out = bytearray(fixed_size)
         releaser = PageReleaser(every=2048)  # keep RSS flat while hashing mmap'd page data
         note = releaser.note
@@ -181,28 +186,39 @@ class IgvmFile:
 
         sent, sent_offset = 0, data_start  # blobs already given to on_data, and where the next one goes
 
-        def place(blob: H.BlobLike, key: tuple[int, object] | None = None) -> int:
-            """File offset of ``blob``: an identical earlier blob's, or the next free one."""
+        def append(blob: H.BlobLike, size: int) -> int:
             nonlocal cursor, sent, sent_offset
-            view = as_view(blob)
-            if key is None:
-                if page_digests is None:
-                    key = (len(view), _content_hash(view))
-                else:
-                    key = (len(view), sha384(view).digest())
-            for cand_off, cand in dedup.get(key, ()):
-                if as_view(cand) == view:
-                    return cand_off
             offset = cursor
-            dedup.setdefault(key, []).append((offset, blob))
             blobs.append(blob)
-            cursor += len(view)
+            offsets.append(offset)
+            cursor += size
             if cursor > 0xFFFF_FFFF:
                 raise IgvmFormatError("file data exceeds 4 GiB (file offsets are 32-bit)")
             if on_data is not None and len(blobs) - sent >= STREAM_BLOBS:
                 on_data(sent_offset, blobs[sent:])
                 sent, sent_offset = len(blobs), cursor
             return offset
+
+        def place(blob: H.BlobLike, digest: bytes | None = None) -> int:
+            """File offset of ``blob``: an identical earlier blob's, or the next free one."""
+            view = as_view(blob)
+            size = len(view)
+            if page_digests is not None and size == PAGE_SIZE_4K:
+                if digest is None:
+                    digest = sha384(view).digest()
+                i = pages.get(digest)
+                if i is not None and same_bytes(as_view(blobs[i]), view):
+                    return offsets[i]
+                if i is None:
+                    pages[digest] = len(blobs)
+                return append(blob, size)
+            key = (size, _content_hash(view))
+            same = dedup.setdefault(key, [])
+            for i in same:
+                if same_bytes(as_view(blobs[i]), view):
+                    return offsets[i]
+            same.append(len(blobs))
+            return append(blob, size)
 
         for h in hdrs:
             if type(h) is page_data:
@@ -211,27 +227,27 @@ class IgvmFile:
                 if type(data) is file_slice and data.length == PAGE_SIZE_4K:
                     note(data)
                     last_slice = data
-                    if page_digests is not None:  # inlined place() for a page not seen before: most pages
+                    if page_digests is not None:
                         digest = page_digests[id(data)] = sha384(data._buf[data.start : data.start + PAGE_SIZE_4K]
                                                                  ).digest()
-                        key = (PAGE_SIZE_4K, digest)
-                        if key not in dedup and cursor + PAGE_SIZE_4K <= 0xFFFF_FFFF:
+                        if digest not in pages and cursor + PAGE_SIZE_4K <= 0xFFFF_FFFF:
+                            # place() for a page not seen before (most pages), inlined
+                            pages[digest] = len(blobs)
                             offset = cursor
-                            dedup[key] = [(offset, data)]
                             blobs.append(data)
+                            offsets.append(offset)
                             cursor += PAGE_SIZE_4K
                             if on_data is not None and len(blobs) - sent >= STREAM_BLOBS:
                                 on_data(sent_offset, blobs[sent:])
                                 sent, sent_offset = len(blobs), cursor
                         else:
-                            offset = place(data, key)
+                            offset = place(data, digest)
                     else:
                         offset = place(data)
                 else:
                     blob = h.blob()
                     offset = place(blob) if blob is not None else 0
-                out += page_tlv.pack(page_type, 24, h.gpa, h.compatibility_mask, offset, h.flags,
-                                     int(h.data_type), 0)
+                out += page_tlv.pack(page_type, 24, h.gpa, h.compatibility_mask, offset, h.flags, h.data_type, 0)
                 continue
             blob = h.blob()
             offset = 0

@@ -384,9 +384,13 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
             raise MeasurementError(f"no GUEST_POLICY for the SEV_SNP platform (mask {mask:#x}); the loader "
                                    "cannot launch it")
         acc = _Snp(profile, mask)
-        page_data, file_slice, sha384, tail = H.PageData, FileSlice, hashlib.sha384, _PAGE_INFO_TAIL.pack
+        page_data, file_slice, sha384 = H.PageData, FileSlice, hashlib.sha384
+        normal_tail = _PAGE_INFO_TAIL.pack(0x70, SNP_NORMAL, 0, 0, 0)[:-8]  # + the page's GPA
         fast = not profile.sort_by_gpa
         note = acc.releaser.note
+        known = digests.get if digests else {}.get
+        ld = acc.ld  # the chain, kept in a local on the fast path (acc.ld when acc works)
+        steps = 0
         for h in f.directives:
             if type(h) is page_data:
                 if h.compatibility_mask & mask != mask:
@@ -396,25 +400,31 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
                 # step as _Snp.page, inlined.
                 if fast and not h.flags and not h.data_type and type(data) is file_slice and data.length == 4096:
                     # the page's contents digest: the serializer's, when it computed them
-                    contents = digests.get(id(data)) if digests else None
+                    contents = known(id(data))
                     if contents is None:  # hashed here: the page is touched, release it later
                         contents = sha384(data.view()).digest()
                         note(data)
                         acc.last_slice = data
-                    acc.ld = sha384(acc.ld + contents + tail(0x70, SNP_NORMAL, 0, 0, h.gpa)).digest()
-                    acc.steps += 1
+                    ld = sha384(ld + contents + normal_tail + h.gpa.to_bytes(8, "little")).digest()
+                    steps += 1
                 else:
+                    acc.ld = ld
                     acc.page(h)
+                    ld = acc.ld
                 continue
             m = h.mask
             if m is not None and m & mask != mask:
                 continue
+            acc.ld = ld
             if isinstance(h, H.PageData):
                 acc.page(h)
             elif isinstance(h, H.ParameterInsert):
                 acc.insert(h.gpa, areas.get(h.parameter_area_index, 0))
             elif isinstance(h, H.SnpVpContext):
                 acc.vmsa(h)
+            ld = acc.ld
+        acc.ld = ld
+        acc.steps += steps
         digest = acc.finish()
         return Measurement(ptype, mask, "sha384", digest, loader=profile.name, steps=acc.steps)
     if ptype == PlatformType.TDX:
