@@ -179,6 +179,37 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+#: The GIL switch interval during a build.  The layout thread gives up the GIL for every page
+#: it hashes (hashlib does on buffers of 2 KiB and more) and must take it back while the
+#: writer and measuring threads run Python code; at the default 5 ms a page-sized job can
+#: wait a whole interval for it.  0.5 ms measured 3-6% faster on a large build (bench_build).
+BUILD_SWITCH_INTERVAL = 0.0005
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.0
+
+
+@contextlib.contextmanager
+def _short_switch_interval() -> Iterator[None]:
+    """Lower ``sys.setswitchinterval`` for the duration of a build, restoring the process's
+    own value when the last concurrent build (e.g. SCons ``-j`` threads) leaves."""
+    import sys
+
+    global _switch_users, _switch_saved
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch_saved, BUILD_SWITCH_INTERVAL))
+        _switch_users += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_users -= 1
+            if _switch_users == 0:
+                sys.setswitchinterval(_switch_saved)
+
+
 # --------------------------------------------------------------------------- input reading
 
 
@@ -1042,6 +1073,11 @@ def build(cfg: BuildConfig, *, platforms: Sequence[str] | None = None, loader: s
        thread computes the file's SHA-256.
     """
     cfg = cfg.with_overrides(platforms=tuple(platforms) if platforms else None, loader=loader)
+    with _short_switch_interval():
+        return _build(cfg, output)
+
+
+def _build(cfg: BuildConfig, output: BinaryIO | None) -> BuildResult:
     f, inputs, notes = _build_model(cfg)  # the inputs' SHA-256s are computed meanwhile
     from igvm_builder.measure import measure_file, measure_platform
 

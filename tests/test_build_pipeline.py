@@ -28,7 +28,7 @@ import igvm_builder.measure.engine as engine
 from igvm_builder import cli
 from igvm_builder.build import build
 from igvm_builder.format import headers as H
-from igvm_builder.format.blob import FileSlice
+from igvm_builder.format.blob import FileSlice, same_bytes
 from igvm_builder.format.defs import PageDataFlags, PlatformType
 from igvm_builder.format.file import IgvmFile
 from igvm_builder.io import AtomicFile, commit_together
@@ -125,7 +125,9 @@ def test_tdx_two_pass_ignores_runs(monkeypatch: pytest.MonkeyPatch) -> None:
 # --------------------------------------------------------------------------- layout with page digests
 
 
-def _dedup_file() -> IgvmFile:
+def _dedup_file(reverse: bool = False) -> IgvmFile:
+    """Identical pages of every kind: windows, bytes, short data (padded); ``reverse`` puts
+    the copied and short pages before the windows (each kind is then seen first once)."""
     buf = _buffer(64, 3)
     zero_slice = FileSlice(buf, 3 * PAGE, PAGE)  # all zeros
     dirs = [
@@ -138,21 +140,41 @@ def _dedup_file() -> IgvmFile:
         H.PageData(gpa=0x304000, compatibility_mask=1, data=zero_slice),
         H.PageData(gpa=0x305000, compatibility_mask=1, data=FileSlice(buf, 100, 200)),  # a short window
     ]
+    if reverse:
+        dirs.reverse()
     return IgvmFile(platforms=(H.SupportedPlatform(compatibility_mask=1, platform_type=PlatformType.SEV_SNP),),
                     initializations=(H.GuestPolicy(policy=0x30000, compatibility_mask=1),),
                     directives=tuple(dirs))
 
 
-def test_page_digest_dedup_gives_the_canonical_bytes() -> None:
-    f = _dedup_file()
+@pytest.mark.parametrize("reverse", [False, True])
+def test_page_digest_dedup_gives_the_canonical_bytes(reverse: bool) -> None:
+    f = _dedup_file(reverse)
     plain_head, plain_blobs = f._layout()
-    head, blobs = _dedup_file()._layout(page_digests={})
+    head, blobs = _dedup_file(reverse)._layout(page_digests={})
     plain = plain_head + b"".join(bytes(b) for b in plain_blobs)
     assert head + b"".join(bytes(b) for b in blobs) == plain
     parsed = IgvmFile.from_bytes(plain)
     assert parsed.to_bytes() == plain
     # 64 distinct input pages (two of them equal: one stored), the short page, the short window
     assert len(plain_blobs) == 64 - 1 + 2
+    # every page's data is at its header's offset (independent of how the dups were found)
+    for h in parsed.directives:
+        assert isinstance(h, H.PageData)
+        original = next(d for d in f.directives if d.gpa == h.gpa)
+        assert bytes(h.data) == bytes(original.data).ljust(PAGE, b"\0")
+
+
+def test_same_bytes_compares_contents() -> None:
+    big = bytes(random.Random(5).randbytes(3 << 20))
+    other = bytearray(big)
+    other[-1] ^= 1
+    assert same_bytes(memoryview(big), memoryview(bytes(big)))
+    assert not same_bytes(memoryview(big), memoryview(other))  # differs in the last byte of the last window
+    assert not same_bytes(memoryview(big), memoryview(big)[:-1])
+    page = memoryview(big)[:PAGE]
+    assert same_bytes(page.cast("Q"), memoryview(bytes(page)))  # by bytes, whatever the view's format
+    assert FileSlice(memoryview(big), 0, PAGE) == bytes(page) and FileSlice(memoryview(big), 1, PAGE) != bytes(page)
 
 
 def test_snp_digest_is_the_same_with_the_layouts_page_digests() -> None:
@@ -227,6 +249,47 @@ def test_build_writes_while_measuring(tmp_path: Path, monkeypatch: pytest.Monkey
         digest = measure_platform(parsed, ptype, loader="qemu").digest
         assert digest is not None and result.reference_values["platforms"][name]["digest"] == digest.hex()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".igvm-")] == []
+
+
+def test_build_restores_the_switch_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import threading
+
+    import igvm_builder.build as build_mod
+
+    cfg = _kernel_config(tmp_path)
+    before = sys.getswitchinterval()
+    seen: list[float] = []
+    layout = IgvmFile._layout
+
+    def spy(self: IgvmFile, **kw: object) -> object:
+        seen.append(sys.getswitchinterval())
+        return layout(self, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(IgvmFile, "_layout", spy)
+    build(cfg)  # type: ignore[arg-type]
+    assert seen == [pytest.approx(build_mod.BUILD_SWITCH_INTERVAL)]
+    assert sys.getswitchinterval() == before
+    # concurrent builds (SCons -j runs Python actions in threads): restored when the last ends
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            build(cfg)  # type: ignore[arg-type]
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and sys.getswitchinterval() == before
+    # and after a failed build
+    monkeypatch.setattr(engine, "_measure_tdx", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        build(cfg)  # type: ignore[arg-type]
+    assert sys.getswitchinterval() == before
 
 
 def test_failed_measurement_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
