@@ -16,7 +16,14 @@ from test_format_property import models
 from igvm_builder.format import IgvmFile
 from igvm_builder.format import defs as D
 from igvm_builder.format import headers as H
-from igvm_builder.format.dump import SCHEMA_VERSION, decode_native_context, dump_json, dump_text
+from igvm_builder.format.dump import (
+    SCHEMA_VERSION,
+    decode_native_context,
+    dump_json,
+    dump_text,
+    iter_dump_json,
+    iter_dump_text,
+)
 
 PT = D.PlatformType
 
@@ -206,3 +213,42 @@ def test_dump_random_models(f: IgvmFile) -> None:
     assert pos == voff + vsize
     text = dump_text(parsed, source_bytes=data)
     assert sum(1 for ln in text.splitlines() if ln.startswith("[")) == len(parsed.headers)
+    _assert_streams_whole(parsed, data, None)
+
+
+def _assert_streams_whole(f: IgvmFile, data: bytes | None, platform: PT | None) -> None:
+    """The CLI's streamed text is json.dumps of the whole document, byte for byte."""
+    whole = json.dumps(dump_json(f, source_bytes=data, platform=platform), indent=2, sort_keys=True)
+    assert "".join(iter_dump_json(f, source_bytes=data, platform=platform)) == whole
+    lines = list(iter_dump_text(f, source_bytes=data, platform=platform))
+    assert all(ln.endswith("\n") for ln in lines) and "".join(lines) == dump_text(f, source_bytes=data,
+                                                                                   platform=platform)
+    assert sum(1 for ln in lines if ln.startswith("[")) == len(f.headers)
+
+
+def test_streamed_dumps_equal_the_whole_document() -> None:
+    f = _every_kind_x64()
+    data = f.to_bytes()
+    _assert_streams_whole(f, None, None)
+    _assert_streams_whole(IgvmFile.from_bytes(data), data, None)
+    for ptype in (PT.SEV_SNP, PT.TDX, PT.VSM_ISOLATION, PT.NATIVE):
+        _assert_streams_whole(IgvmFile.from_bytes(data, platform=ptype), data, ptype)
+    # a warning whose text looks like the key the streamed JSON is spliced at
+    odd = IgvmFile.from_bytes(data)
+    object.__setattr__(odd, "warnings", ('\n  "headers": [] <- not the key',))
+    _assert_streams_whole(odd, data, None)
+
+
+def test_file_sha256_of_a_mapped_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+    import mmap
+    import random
+
+    from igvm_builder.format.dump import _sha256_released
+
+    path = tmp_path / "big.bin"
+    path.write_bytes(random.Random(9).randbytes((20 << 20) + 123))  # windows of 8 MiB, a short last one
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        view = memoryview(m).cast("B")
+        assert _sha256_released(view) == hashlib.sha256(path.read_bytes()).hexdigest()
+        view.release()

@@ -12,7 +12,7 @@ import mmap
 import os
 import sys
 
-from igvm_builder.commands._common import add_platform_option, print_json
+from igvm_builder.commands._common import add_platform_option, write_pieces
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def _map(path: str) -> bytes | mmap.mmap:
 
 def run(args: argparse.Namespace) -> int:
     from igvm_builder.format import IgvmFile
-    from igvm_builder.format.dump import dump_json, dump_text
+    from igvm_builder.format.dump import iter_dump_json, iter_dump_text
 
     buf = _map(args.file)
     f = IgvmFile.from_bytes(buf, platform=args.platform, source=args.file)
@@ -39,10 +39,11 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     try:
-        if args.json:
-            print_json(dump_json(f, source_bytes=buf, platform=args.platform))
+        if args.json:  # written as it is made: a large file's dump never exists whole in memory
+            write_pieces(iter_dump_json(f, source_bytes=buf, platform=args.platform))
+            sys.stdout.write("\n")
         else:
-            sys.stdout.write(dump_text(f, source_bytes=buf, platform=args.platform))
+            write_pieces(iter_dump_text(f, source_bytes=buf, platform=args.platform))
         sys.stdout.flush()
     except BrokenPipeError:  # `igvm-builder dump x.igvm | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

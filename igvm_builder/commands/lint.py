@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
+from igvm_builder.commands._common import print_json
 from igvm_builder.measure.profiles import PROFILES
 
 
@@ -22,8 +21,7 @@ def run(args: argparse.Namespace) -> int:
     f = IgvmFile.load(args.file)
     findings = lint(f, args.loader)
     if args.json:
-        json.dump([fd.as_dict() for fd in findings], sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
+        print_json([fd.as_dict() for fd in findings])
     else:
         for fd in findings:
             print(f"{args.file}: {fd.severity}: {fd.message}")

@@ -25,7 +25,7 @@ from typing import Any
 
 from igvm_builder import sev_vmsa
 from igvm_builder.format import headers as H
-from igvm_builder.format.blob import FileSlice, as_view
+from igvm_builder.format.blob import FileSlice, PageReleaser, as_view, dontneed
 from igvm_builder.format.defs import (
     FIXED_HEADER_SIZE_V1,
     PAGE_SIZE_4K,
@@ -215,6 +215,9 @@ class _Ctx:
     def __init__(self, f: IgvmFile) -> None:
         self.architecture = Architecture(f.architecture)
         self.platforms = {p.compatibility_mask: p for p in f.platforms}
+        # pages hashed for data_sha256 leave the resident set (read-only mmap: unchanged)
+        self.releaser = PageReleaser(every=2048)
+        self.last_slice: FileSlice | None = None
 
     def mask_platforms(self, mask: int) -> list[str]:
         return [p.platform_type.name for m, p in sorted(self.platforms.items()) if m & mask]
@@ -311,7 +314,7 @@ def _d_page(h: H.PageData, ctx: _Ctx) -> dict[str, Any]:
     blob = h.blob()
     data = blob if blob is not None else b""
     flags = h.flags
-    return {
+    entry = {
         "gpa": _hex(h.gpa),
         **_masked(h, ctx),
         "flags": _hex(flags),
@@ -324,6 +327,10 @@ def _d_page(h: H.PageData, ctx: _Ctx) -> dict[str, Any]:
         "data_len": len(data),
         "data_sha256": _sha256(data),
     }
+    if type(data) is FileSlice:
+        ctx.releaser.note(data)
+        ctx.last_slice = data
+    return entry
 
 
 def _d_insert(h: H.ParameterInsert, ctx: _Ctx) -> dict[str, Any]:
@@ -586,6 +593,7 @@ def _entries(f: IgvmFile, buf: memoryview | None) -> Iterator[dict[str, Any]]:
             if foff is not None:
                 entry["file_offset"] = _hex(foff)
         yield entry
+    ctx.releaser.release(ctx.last_slice)
 
 
 def _document(f: IgvmFile, buf: memoryview | None, platform: PlatformType | None) -> dict[str, Any]:
@@ -597,7 +605,7 @@ def _document(f: IgvmFile, buf: memoryview | None, platform: PlatformType | None
     }
     if buf is not None:
         file_info["size"] = len(buf)
-        file_info["sha256"] = hashlib.sha256(buf).hexdigest()
+        file_info["sha256"] = _sha256_released(buf)
         file_info["fixed_header"] = _fixed_header(buf)
     by_type = Counter(h.TYPE.name for h in f.headers)
     with_data = sum(1 for h in f.directives if isinstance(h, H.PageData) and len(h.data))
@@ -623,6 +631,19 @@ def _document(f: IgvmFile, buf: memoryview | None, platform: PlatformType | None
     }
 
 
+def _sha256_released(buf: memoryview) -> str:
+    """SHA-256 of ``buf``; 8 MiB at a time, each window of an mmap dropped from the resident
+    set once hashed (a 1 GiB file would otherwise stay mapped, counted in the RSS)."""
+    h = hashlib.sha256()
+    window = 8 << 20
+    mapped = buf.obj if isinstance(buf.obj, mmap.mmap) else None
+    for off in range(0, len(buf), window):
+        h.update(buf[off : off + window])
+        if mapped is not None:
+            dontneed(mapped, off, min(window, len(buf) - off))
+    return h.hexdigest()
+
+
 def _buffer(source_bytes: Buffer | None) -> memoryview | None:
     return memoryview(source_bytes).cast("B") if source_bytes is not None else None
 
@@ -639,6 +660,29 @@ def dump_json(f: IgvmFile, *, source_bytes: Buffer | None = None,
     doc = _document(f, buf, platform)
     doc["headers"] = list(_entries(f, buf))
     return doc
+
+
+def iter_dump_json(f: IgvmFile, *, source_bytes: Buffer | None = None,
+                   platform: PlatformType | None = None) -> Iterator[str]:
+    """:func:`dump_json` as text, ``json.dumps(..., indent=2, sort_keys=True)`` byte for byte,
+    in pieces made one header at a time: memory stays flat however many headers the file has
+    (the whole document of a 283 MB file takes 350 MB of Python objects)."""
+    import json
+
+    buf = _buffer(source_bytes)
+    doc = _document(f, buf, platform)
+    doc["headers"] = []
+    text = json.dumps(doc, indent=2, sort_keys=True)
+    # the top-level key, at its indentation (a quote inside a string value is escaped)
+    marker = '\n  "headers": []'
+    at = text.index(marker) + len(marker) - 1  # at the "]"
+    yield text[:at]
+    first = True
+    for entry in _entries(f, buf):
+        body = json.dumps(entry, indent=2, sort_keys=True).replace("\n", "\n    ")
+        yield ("\n    " if first else ",\n    ") + body
+        first = False
+    yield text[at:] if first else "\n  " + text[at:]
 
 
 # --------------------------------------------------------------------------- text
@@ -769,31 +813,37 @@ def _register_lines(e: dict[str, Any], indent: str) -> list[str]:
 def dump_text(f: IgvmFile, *, source_bytes: Buffer | None = None,
               platform: PlatformType | None = None) -> str:
     """A readable listing: one aligned line per header, VP registers indented below."""
+    return "".join(iter_dump_text(f, source_bytes=source_bytes, platform=platform))
+
+
+def iter_dump_text(f: IgvmFile, *, source_bytes: Buffer | None = None,
+                   platform: PlatformType | None = None) -> Iterator[str]:
+    """:func:`dump_text`, line by line (each with its newline), one header at a time."""
     buf = _buffer(source_bytes)
     doc = _document(f, buf, platform)
     info = doc["file"]
-    lines = []
     head = f"IGVM v{info['revision']} {info['architecture']}"
     if "size" in info:
         head += f", {info['size']} bytes, sha256 {info['sha256']}"
-    lines.append(head)
+    yield head + "\n"
     plats = ", ".join(f"{p['platform_type_name']} (mask {p['compatibility_mask']})" for p in doc["platforms"])
-    lines.append(f"platforms: {plats}")
+    yield f"platforms: {plats}\n"
     if doc["platform_filter"]:
-        lines.append(f"platform filter: {doc['platform_filter']}")
+        yield f"platform filter: {doc['platform_filter']}\n"
     iw = len(str(max(len(f.headers) - 1, 0)))
     tw = max(len(h.TYPE.name) for h in f.headers)
     indent = " " * (iw + 3 + 10 + tw + 1) + "  "
     for e in _entries(f, buf):
         section = _SECTION_SHORT[e["section"]]
         summary = " ".join(_summary(e).split())
-        lines.append(f"[{e['index']:>{iw}}] {section:<9} {e['type']:<{tw}} {summary}".rstrip())
-        lines.extend(_register_lines(e, indent))
+        yield f"[{e['index']:>{iw}}] {section:<9} {e['type']:<{tw}} {summary}".rstrip() + "\n"
+        for line in _register_lines(e, indent):
+            yield line + "\n"
     c = doc["counts"]
     by_type = ", ".join(f"{n} {t}" for t, n in c["by_type"].items())
-    lines.append(f"counts: {c['platform']} platform, {c['initialization']} initialization, {c['directive']} "
-                 f"directive ({by_type})")
+    yield (f"counts: {c['platform']} platform, {c['initialization']} initialization, {c['directive']} "
+           f"directive ({by_type})\n")
     if doc["warnings"]:
-        lines.append("warnings:")
-        lines.extend(f"  {w}" for w in doc["warnings"])
-    return "\n".join(lines) + "\n"
+        yield "warnings:\n"
+        for w in doc["warnings"]:
+            yield f"  {w}\n"
