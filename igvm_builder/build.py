@@ -56,6 +56,7 @@ CMDLINE_GPA = 0x3000
 PAGE_TABLES_GPA = 0x4000  # 6 pages: PML4, PDPT, 4 PDs
 SNP_SECRETS_GPA = 0xA000
 SNP_CPUID_GPA = 0xB000
+SNP_CC_BLOB_GPA = 0xC000  # bzImage/UKI: setup_data node + struct cc_blob_sev_info
 STACK_TOP = 0x9F000
 LOW_RAM_END = 0xA0000
 
@@ -639,6 +640,20 @@ class _Builder:
             self._elf(view, k.path, cmd, initrd, initrd_name)
         else:
             self._bzimage(view, k.path, cmd, initrd, initrd_name)
+        # What this image does not do for a confidential guest (no firmware runs before the
+        # kernel); said in the reference values and by the CLI, documented in docs/CONFIG.md.
+        if PlatformType.SEV_SNP in self.plans:
+            blob = ("" if fmt == "bzimage" else
+                    " and, booted as an ELF (no boot_params), finds no SEV CC blob (secrets and CPUID pages)")
+            self.notes.append(
+                "snp: the kernel starts without firmware: guest RAM outside this image is not validated "
+                f"(PVALIDATE){blob}; a Linux guest expects its RAM validated by firmware or a boot shim "
+                "(docs/CONFIG.md, 'What a directly booted confidential guest still needs')")
+        if PlatformType.TDX in self.plans:
+            self.notes.append(
+                "tdx: the kernel starts without TDVF or td-shim: private memory outside this image is not "
+                "accepted and no TD HOB describes it; a Linux TD expects both from its firmware or boot shim "
+                "(docs/CONFIG.md, 'What a directly booted confidential guest still needs')")
 
     def _common_low(self, plan: _PlatformPlan, cmd: bytes) -> None:
         plan.claim(GDT_GPA, PAGE, "GDT")
@@ -654,10 +669,17 @@ class _Builder:
         elif plan.ptype == PlatformType.TDX:
             plan.policy = self.cfg.tdx.policy
 
-    def _memory_map(self) -> list[tuple[int, int, int]]:
+    def _memory_map(self, *, snp_reserved: bool = False) -> list[tuple[int, int, int]]:
+        """(address, size, e820 type) of guest memory; ``snp_reserved``: the SNP secrets, CPUID
+        and CC blob pages reserved (the secrets page must never become ordinary RAM)."""
         mem = self.cfg.memory_size
         low_top = min(mem, 0xC000_0000)
-        out = [(0, LOW_RAM_END, E820_RAM), (0x100000, low_top - 0x100000, E820_RAM)]
+        if snp_reserved:
+            first, end = SNP_SECRETS_GPA, SNP_CC_BLOB_GPA + PAGE
+            low = [(0, first, E820_RAM), (first, end - first, E820_RESERVED), (end, LOW_RAM_END - end, E820_RAM)]
+        else:
+            low = [(0, LOW_RAM_END, E820_RAM)]
+        out = [*low, (0x100000, low_top - 0x100000, E820_RAM)]
         if mem > low_top:
             out.append((FOUR_GIB, mem - low_top, E820_RAM))
         return out
@@ -723,7 +745,13 @@ class _Builder:
         return CpuState.long64(rip=rip, gdt=GDT_GPA, cr3=PAGE_TABLES_GPA, rsi=rsi)
 
     def _bzimage(self, view: memoryview, name: str, cmd: bytes, initrd: memoryview | None, initrd_name: str) -> None:
-        from igvm_builder.inputs.bzimage import E820Entry, build_boot_params, parse_bzimage
+        from igvm_builder.inputs.bzimage import (
+            CC_BLOB_OFFSET,
+            E820Entry,
+            build_boot_params,
+            parse_bzimage,
+            snp_cc_blob_page,
+        )
 
         bz = parse_bzimage(view, name)
         load = bz.default_load_address
@@ -738,15 +766,30 @@ class _Builder:
         if initrd is not None:
             initrd_gpa = self._place_initrd(len(initrd), kernel_end, (bz.initrd_addr_max or 0x37FFFFFF) + 1)
         e820 = [E820Entry(a, s, t) for a, s, t in self._memory_map()]
-        boot_params = build_boot_params(bz, cmdline_ptr=CMDLINE_GPA, cmdline_size=len(cmd) - 1,
-                                        initrd_addr=initrd_gpa, initrd_size=len(initrd) if initrd is not None else 0,
-                                        e820=e820)
+        boot = {"cmdline_ptr": CMDLINE_GPA, "cmdline_size": len(cmd) - 1, "initrd_addr": initrd_gpa,
+                "initrd_size": len(initrd) if initrd is not None else 0}
+        boot_params = build_boot_params(bz, **boot, e820=e820)
+        snp_boot_params = cc_blob = b""
+        if PlatformType.SEV_SNP in self.plans:
+            # SNP: the kernel finds its secrets and CPUID pages through a CC blob (a setup_data node,
+            # protocol 2.09+, and cc_blob_address); the e820 map keeps those pages from being reused
+            setup = bz.version >= 0x0209
+            cc_blob = snp_cc_blob_page(SNP_CC_BLOB_GPA, secrets_gpa=SNP_SECRETS_GPA, cpuid_gpa=SNP_CPUID_GPA,
+                                       with_setup_data=setup)
+            snp_boot_params = build_boot_params(
+                bz, **boot, e820=[E820Entry(a, s, t) for a, s, t in self._memory_map(snp_reserved=True)],
+                setup_data=SNP_CC_BLOB_GPA if setup else 0, cc_blob_address=SNP_CC_BLOB_GPA + CC_BLOB_OFFSET)
         kernel_pages = _PageRun(load, view, start=bz.setup_size, length=len(bz.kernel))
         initrd_pages = _PageRun(initrd_gpa, initrd) if initrd is not None else None
         for p, plan in self.plans.items():
             self._common_low(plan, cmd)
             plan.claim(BOOT_INFO_GPA, PAGE, "boot_params (zero page)")
-            plan.page(BOOT_INFO_GPA, boot_params)
+            if p == PlatformType.SEV_SNP:
+                plan.page(BOOT_INFO_GPA, snp_boot_params)
+                plan.claim(SNP_CC_BLOB_GPA, PAGE, "SEV CC blob")
+                plan.page(SNP_CC_BLOB_GPA, cc_blob)
+            else:
+                plan.page(BOOT_INFO_GPA, boot_params)
             plan.claim(load, kernel_end - load, f"kernel {name} (protected-mode part and init_size)")
             plan.add_pages(kernel_pages)
             if initrd is not None and initrd_pages is not None:

@@ -33,6 +33,7 @@ from test_build_helpers import (
     read_guest,
     vmsa_fields,
     walk_page_tables,
+    write_config,
 )
 
 CMDLINE = "console=ttyS0 root=/dev/vda1 ro quiet"
@@ -96,8 +97,15 @@ def _size(text: str | None) -> int:
     return int(text[:-1]) << {"M": 20, "G": 30}[text[-1]]
 
 
+# SEV-SNP: the pages Linux finds through the CC blob, reserved in the e820 map (GPAs chosen by
+# the builder, docs/CONFIG.md); struct layouts from Linux arch/x86/include/asm/sev.h, setup_data.h
+SNP_RESERVED = {0xA000: "secrets", 0xB000: "cpuid", 0xC000: "cc blob"}
+E820_RESERVED = 2
+BP_CC_BLOB_ADDRESS, HDR_SETUP_DATA = 0x13C, 0x250
+
+
 def check_boot_params(pages: dict, bp_gpa: int, hdr: SetupHeader, data: bytes, initrd: Path,
-                      memory: int) -> dict[str, int]:
+                      memory: int, *, snp: bool = False) -> dict[str, int]:
     bp = read_guest(pages, bp_gpa, PAGE)
     # the setup header is copied from the file (apart from the fields a loader fills in)
     copied, original = bytearray(bp[HDR_START : hdr.hdr_end]), bytearray(data[HDR_START : hdr.hdr_end])
@@ -122,20 +130,47 @@ def check_boot_params(pages: dict, bp_gpa: int, hdr: SetupHeader, data: bytes, i
     assert rd_addr >= hdr.load + max(hdr.init_size, len(hdr.kernel))  # clear of the decompression area
     # e820 table: RAM = memory.size (minus the legacy hole), none in the 3-4 GiB MMIO hole
     n = bp[BP_E820_ENTRIES]
-    ram = []
+    ram, reserved = [], []
     for i in range(n):
         addr, size, typ = struct.unpack_from("<QQI", bp, BP_E820_TABLE + 20 * i)
         if typ == E820_RAM:
             ram.append((addr, addr + size))
+        elif typ == E820_RESERVED:
+            reserved.append((addr, addr + size))
     ram.sort()
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(ram))
-    assert sum(e - s for s, e in ram) == memory - (0x100000 - 0xA0000)
+    snp_pages = len(SNP_RESERVED) * PAGE if snp else 0
+    assert sum(e - s for s, e in ram) == memory - (0x100000 - 0xA0000) - snp_pages
     assert not any(s < 1 << 32 and e > 0xC000_0000 for s, e in ram)
     for gpa in pages:  # everything the image puts in memory is RAM (except the TDX reset page)
-        if gpa != 0xFFFF_F000:
-            assert any(s <= gpa and gpa + PAGE <= e for s, e in ram), f"page {gpa:#x} outside RAM"
+        if gpa == 0xFFFF_F000 or (snp and gpa in SNP_RESERVED):
+            continue
+        assert any(s <= gpa and gpa + PAGE <= e for s, e in ram), f"page {gpa:#x} outside RAM"
     assert rd_addr + rd_size <= max(e for s, e in ram if s < 1 << 32)
+    if snp:
+        check_snp_cc_blob(pages, bp, hdr)
+        for gpa in SNP_RESERVED:  # reserved, never RAM: the kernel must not reuse the secrets page
+            assert any(s <= gpa and gpa + PAGE <= e for s, e in reserved), f"{gpa:#x} not reserved"
+            assert not any(s < gpa + PAGE and gpa < e for s, e in ram)
+    else:
+        assert reserved == [] and struct.unpack_from("<I", bp, BP_CC_BLOB_ADDRESS)[0] == 0
+        assert hdr.version < 0x209 or struct.unpack_from("<Q", bp, HDR_SETUP_DATA)[0] == 0
     return {"cmdline": cmd_ptr, "initrd": rd_addr, "initrd_end": rd_addr + rd_size}
+
+
+def check_snp_cc_blob(pages: dict, bp: bytes, hdr: SetupHeader) -> None:
+    """Linux finds struct cc_blob_sev_info through a SETUP_CC_BLOB (7) setup_data node (boot
+    protocol 2.09+), and the decompressor hands its address on in boot_params.cc_blob_address."""
+    blob_gpa = struct.unpack_from("<I", bp, BP_CC_BLOB_ADDRESS)[0]
+    if hdr.version >= 0x209:
+        node = struct.unpack_from("<Q", bp, HDR_SETUP_DATA)[0]
+        nxt, typ, length = struct.unpack_from("<QII", read_guest(pages, node, 16))
+        assert (nxt, typ, length) == (0, 7, 4)
+        assert struct.unpack_from("<I", read_guest(pages, node + 16, 4))[0] == blob_gpa
+    magic, _version, _res, secrets, secrets_len, _r1, cpuid, cpuid_len, _r2 = struct.unpack(
+        "<IHHQIIQII", read_guest(pages, blob_gpa, 40))
+    assert magic == 0x45444D41 and (secrets_len, cpuid_len) == (PAGE, PAGE)
+    assert pages[secrets].data_type == 1 and pages[cpuid].data_type == 2  # IGVM_PAGE_DATA_TYPE SECRETS, CPUID_DATA
 
 
 def _descriptor(pages: dict, gdt_base: int, selector: int) -> tuple[int, int, int, int]:
@@ -184,7 +219,7 @@ def test_bzimage_build(tmp_path: Path, initrd: Path, name: str) -> None:
         check_kernel_pages(pages, hdr)
         regs = native_context(f) if platform == "native" else vmsa_fields(f)
         rsi = regs["rsi"]
-        where = check_boot_params(pages, rsi, hdr, data, initrd, mem)
+        where = check_boot_params(pages, rsi, hdr, data, initrd, mem, snp=platform == "snp")
         cr0, cr3 = regs["cr0"], regs["cr3"]
         if hdr.entry64:
             assert regs["rip"] == hdr.load + 0x200
@@ -242,3 +277,27 @@ def test_uki_builds_the_same_image(tmp_path: Path, efi_stub: Path, initrd: Path,
     pages = page_map(f, "native")
     bp = read_guest(pages, native_context(f)["rsi"], PAGE)
     assert read_cstring(pages, struct.unpack_from("<I", bp, HDR_CMD_LINE_PTR)[0]) == b"console=hvc0"
+
+
+# --------------------------------------------------------------------------- what the image leaves undone
+
+
+def test_confidential_direct_boot_notes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A kernel booted without firmware on SNP or TDX is told what its memory still needs, in the
+    reference values and on stderr; native alone gets no such note."""
+    import json
+
+    from igvm_builder import cli
+
+    path = write_config(tmp_path, kernel_config(VMLINUZ, None, "1G"))
+    out = tmp_path / "k.igvm"
+    assert cli.main(["build", str(path), "-o", str(out), "--reference-values", str(tmp_path / "k.json")]) == 0
+    err = capsys.readouterr().err
+    notes = json.loads((tmp_path / "k.json").read_text())["build"]["notes"]
+    assert [n.split(":")[0] for n in notes] == ["snp", "tdx"]
+    assert "not validated (PVALIDATE)" in notes[0] and "CC blob" not in notes[0]  # a bzImage gets the blob
+    assert "not accepted" in notes[1]
+    assert all(f"igvm-builder build: note: {n}" in err for n in notes)
+    native = write_config(tmp_path, kernel_config(VMLINUZ, None, "1G", platforms='"native"'), "native.toml")
+    assert cli.main(["build", str(native), "-o", str(tmp_path / "n.igvm"), "-q"]) == 0
+    assert "note:" not in capsys.readouterr().err

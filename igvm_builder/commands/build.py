@@ -38,4 +38,6 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {name}: {digest}")
         for w in result.file.warnings:
             print(f"igvm-builder build: warning: {w}", file=sys.stderr)
+        for note in result.reference_values.get("build", {}).get("notes", ()):
+            print(f"igvm-builder build: note: {note}", file=sys.stderr)
     return 0

@@ -398,6 +398,39 @@ def parse_bzimage(
     )
 
 
+# -- SEV-SNP: the Confidential Computing blob (Linux arch/x86/include/asm/sev.h, setup_data.h) -
+#: ``struct setup_data`` type of a node carrying the GPA of a ``struct cc_blob_sev_info``.
+SETUP_CC_BLOB = 7
+CC_BLOB_SEV_HDR_MAGIC = 0x45444D41  # "AMDE"
+_SETUP_DATA = struct.Struct("<QII")  # next, type, len (then len bytes of data)
+_CC_BLOB_SEV_INFO = struct.Struct("<IHHQIIQII")  # magic, version, reserved, secrets (phys, len, rsvd), cpuid (...)
+#: Where :func:`snp_cc_blob_page` puts the ``cc_blob_sev_info`` in its page.
+CC_BLOB_OFFSET = 0x20
+
+
+def snp_cc_blob_page(page_gpa: int, *, secrets_gpa: int, cpuid_gpa: int, with_setup_data: bool = True) -> bytes:
+    """The page at ``page_gpa`` through which a directly booted Linux finds its SEV-SNP secrets
+    and CPUID pages (each 4 KiB).
+
+    Linux's SNP start-up code looks for a ``struct cc_blob_sev_info`` in the EFI configuration
+    table and, without EFI, in a ``setup_data`` node of type :data:`SETUP_CC_BLOB` whose data is
+    the blob's 32-bit GPA; with SNP active and no blob it stops.  The page holds that node at
+    offset 0 (point ``boot_params.hdr.setup_data`` at ``page_gpa``; protocol 2.09+) and the blob
+    at :data:`CC_BLOB_OFFSET` (also the value for ``boot_params.cc_blob_address``).  With
+    ``with_setup_data=False`` (older boot protocols) only the blob is written.
+    """
+    blob_gpa = page_gpa + CC_BLOB_OFFSET
+    if not 0 <= blob_gpa < 1 << 32 or not 0 <= secrets_gpa < 1 << 64 or not 0 <= cpuid_gpa < 1 << 64:
+        raise LayoutError("the SEV CC blob must lie below 4 GiB (its address is a u32)", gpa=page_gpa)
+    page = bytearray(4096)
+    if with_setup_data:
+        _SETUP_DATA.pack_into(page, 0, 0, SETUP_CC_BLOB, 4)
+        struct.pack_into("<I", page, _SETUP_DATA.size, blob_gpa)
+    _CC_BLOB_SEV_INFO.pack_into(page, CC_BLOB_OFFSET, CC_BLOB_SEV_HDR_MAGIC, 0, 0, secrets_gpa, 4096, 0,
+                                cpuid_gpa, 4096, 0)
+    return bytes(page)
+
+
 def _split64(value: int) -> tuple[int, int]:
     return value & 0xFFFF_FFFF, value >> 32
 
