@@ -193,6 +193,10 @@ def test_changing_platforms_rebuilds_the_images(work):
     out = scons(work, "igvm", "IGVM_PLATFORMS=snp", "--debug=explain").stdout
     assert "the contents of the build action changed" in out
     assert rebuilt(before, work) == set(IMAGES + SIDECARS)
+    # the kernels booted without firmware on SNP are told what the image leaves undone; OVMF is not
+    notes = [line for line in out.splitlines() if line.startswith("  note    ")]
+    assert sorted(line.split(":")[0].split()[-1] for line in notes) == ["build/hello.igvm", "build/linux.igvm"]
+    assert all("snp: the kernel starts without firmware" in line for line in notes)
     assert is_up_to_date(work, "igvm", "IGVM_PLATFORMS=snp")
     assert not is_up_to_date(work, "igvm")
 

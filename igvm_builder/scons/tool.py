@@ -264,6 +264,9 @@ def _igvm_build(target: list[Any], source: list[Any], env: Any) -> None:
                 refs_out.write((json.dumps(result.reference_values, sort_keys=True, indent=2) + "\n").encode())
         except IgvmError as exc:
             raise _fail(env, exc, source[0]) from None
+    if SCons.Action.print_actions:  # what the image leaves to the guest (also in the reference values)
+        for note in result.reference_values.get("build", {}).get("notes", ()):
+            sys.stdout.write(f"  note    {image}: {note}\n")
 
 
 _igvm_build.strfunction = _strfunction("igvm_build")  # type: ignore[attr-defined]
