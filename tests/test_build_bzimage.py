@@ -167,9 +167,10 @@ def check_snp_cc_blob(pages: dict, bp: bytes, hdr: SetupHeader) -> None:
         nxt, typ, length = struct.unpack_from("<QII", read_guest(pages, node, 16))
         assert (nxt, typ, length) == (0, 7, 4)
         assert struct.unpack_from("<I", read_guest(pages, node + 16, 4))[0] == blob_gpa
-    magic, _version, _res, secrets, secrets_len, _r1, cpuid, cpuid_len, _r2 = struct.unpack(
+    magic, version, res, secrets, secrets_len, r1, cpuid, cpuid_len, r2 = struct.unpack(
         "<IHHQIIQII", read_guest(pages, blob_gpa, 40))
-    assert magic == 0x45444D41 and (secrets_len, cpuid_len) == (PAGE, PAGE)
+    assert magic == 0x45444D41 and version == 1 and (res, r1, r2) == (0, 0, 0)  # version: as OVMF writes it
+    assert (secrets_len, cpuid_len) == (PAGE, PAGE)
     assert pages[secrets].data_type == 1 and pages[cpuid].data_type == 2  # IGVM_PAGE_DATA_TYPE SECRETS, CPUID_DATA
 
 

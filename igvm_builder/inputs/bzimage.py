@@ -402,6 +402,7 @@ def parse_bzimage(
 #: ``struct setup_data`` type of a node carrying the GPA of a ``struct cc_blob_sev_info``.
 SETUP_CC_BLOB = 7
 CC_BLOB_SEV_HDR_MAGIC = 0x45444D41  # "AMDE"
+CC_BLOB_VERSION = 1  # what OVMF writes (Linux checks only the magic)
 _SETUP_DATA = struct.Struct("<QII")  # next, type, len (then len bytes of data)
 _CC_BLOB_SEV_INFO = struct.Struct("<IHHQIIQII")  # magic, version, reserved, secrets (phys, len, rsvd), cpuid (...)
 #: Where :func:`snp_cc_blob_page` puts the ``cc_blob_sev_info`` in its page.
@@ -426,7 +427,7 @@ def snp_cc_blob_page(page_gpa: int, *, secrets_gpa: int, cpuid_gpa: int, with_se
     if with_setup_data:
         _SETUP_DATA.pack_into(page, 0, 0, SETUP_CC_BLOB, 4)
         struct.pack_into("<I", page, _SETUP_DATA.size, blob_gpa)
-    _CC_BLOB_SEV_INFO.pack_into(page, CC_BLOB_OFFSET, CC_BLOB_SEV_HDR_MAGIC, 0, 0, secrets_gpa, 4096, 0,
+    _CC_BLOB_SEV_INFO.pack_into(page, CC_BLOB_OFFSET, CC_BLOB_SEV_HDR_MAGIC, CC_BLOB_VERSION, 0, secrets_gpa, 4096, 0,
                                 cpuid_gpa, 4096, 0)
     return bytes(page)
 
