@@ -77,6 +77,10 @@ class LayoutError(IgvmError):
     """The launch plan is impossible: overlapping regions, GPA out of range, ..."""
 
 
+class OutputError(IgvmError):
+    """An output file cannot be written (missing directory, a directory in the way, disk full)."""
+
+
 class MeasurementError(IgvmError):
     """A launch measurement cannot be computed for this file/platform/loader."""
 

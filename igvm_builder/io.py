@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import BinaryIO
 
+from igvm_builder.errors import OutputError
+
 
 class AtomicFile:
     """A binary file that becomes ``path`` only when committed.
@@ -37,9 +39,17 @@ class AtomicFile:
     def __init__(self, path: str | os.PathLike[str], *, mode: int = 0o644) -> None:
         self.path = os.fspath(path)
         self.mode = mode
+        self._tmp = ""
+        self._fh: BinaryIO | None = None
+        if os.path.isdir(self.path):  # found now, not after the work: the rename would fail
+            raise OutputError("is a directory; name the file to write", source=self.path)
         directory = os.path.dirname(os.path.abspath(self.path))
-        fd, self._tmp = tempfile.mkstemp(prefix=".igvm-", suffix=".tmp", dir=directory)
-        self._fh: BinaryIO | None = os.fdopen(fd, "wb")
+        try:
+            fd, self._tmp = tempfile.mkstemp(prefix=".igvm-", suffix=".tmp", dir=directory)
+        except OSError as exc:
+            why = "no such directory" if isinstance(exc, FileNotFoundError) else exc.strerror
+            raise OutputError(f"cannot create a file in {directory}: {why}", source=self.path) from None
+        self._fh = os.fdopen(fd, "wb")
         self._started = 0  # the file offset up to which writeback was started
         self._advise = getattr(os, "posix_fadvise", None)
 
@@ -47,15 +57,21 @@ class AtomicFile:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         fh = self._open()
-        n = fh.write(data)
-        if self._advise is not None:
-            end = fh.tell()
-            if end - self._started >= self.WRITEBACK:  # (a write before the last start: nothing)
-                fh.flush()
-                with contextlib.suppress(OSError):
-                    self._advise(fh.fileno(), self._started, end - self._started, os.POSIX_FADV_DONTNEED)
-                self._started = end
+        try:
+            n = fh.write(data)
+            if self._advise is not None:
+                end = fh.tell()
+                if end - self._started >= self.WRITEBACK:  # (a write before the last start: nothing)
+                    fh.flush()
+                    with contextlib.suppress(OSError):
+                        self._advise(fh.fileno(), self._started, end - self._started, os.POSIX_FADV_DONTNEED)
+                    self._started = end
+        except OSError as exc:  # e.g. the disk is full
+            raise self._error(exc) from None
         return n
+
+    def _error(self, exc: OSError) -> OutputError:
+        return OutputError(f"cannot write: {exc.strerror or exc}", source=self.path)
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         return self._open().seek(offset, whence)
@@ -76,15 +92,21 @@ class AtomicFile:
     def sync(self) -> None:
         """Flush, fsync and close the temporary file (it is not yet at ``path``)."""
         fh = self._open()
-        fh.flush()
-        os.fsync(fh.fileno())
-        os.fchmod(fh.fileno(), self.mode)
-        fh.close()
+        try:
+            fh.flush()
+            os.fsync(fh.fileno())
+            os.fchmod(fh.fileno(), self.mode)
+            fh.close()
+        except OSError as exc:
+            raise self._error(exc) from None
         self._fh = None
 
     def publish(self) -> None:
         """Rename the synced temporary file to ``path`` and sync the directory entry."""
-        os.replace(self._tmp, self.path)
+        try:
+            os.replace(self._tmp, self.path)
+        except OSError as exc:
+            raise OutputError(f"cannot put the file in place: {exc.strerror or exc}", source=self.path) from None
         self._tmp = ""
         _sync_directory(os.path.dirname(os.path.abspath(self.path)))
 
@@ -143,7 +165,16 @@ def commit_together(*files: AtomicFile | None) -> None:
 def atomic_outputs(*paths: str | os.PathLike[str] | None) -> Iterator[tuple[AtomicFile | None, ...]]:
     """One :class:`AtomicFile` per path (None for a None path), committed together
     (:func:`commit_together`) when the block succeeds, all discarded when it raises."""
-    files = tuple(AtomicFile(p) if p is not None else None for p in paths)
+    made: list[AtomicFile | None] = []
+    try:
+        for p in paths:
+            made.append(AtomicFile(p) if p is not None else None)
+    except BaseException:  # e.g. the second output's directory is missing: drop the first
+        for f in made:
+            if f is not None:
+                f.discard()
+        raise
+    files = tuple(made)
     try:
         yield files
     except BaseException:

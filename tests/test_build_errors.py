@@ -185,3 +185,58 @@ def test_missing_config_file(tmp_path: Path) -> None:
     proc = cli("build", str(tmp_path / "nope.toml"), "-o", str(out))
     assert_cli_error(proc, str(tmp_path / "nope.toml"), "cannot read config")
     assert_no_output(tmp_path, out)
+
+
+# --------------------------------------------------------------------------- outputs that cannot be written
+
+
+def _good_config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(f'[image]\nplatforms = ["native"]\n[kernel]\npath = {q(MEMTEST)}\n[memory]\nsize = "1G"\n')
+    return cfg
+
+
+def test_output_in_a_missing_directory(tmp_path: Path) -> None:
+    out = tmp_path / "no" / "such" / "out.igvm"
+    proc = cli("build", str(_good_config(tmp_path)), "-o", str(out))
+    assert_cli_error(proc, str(out), "no such directory")
+    assert not (tmp_path / "no").exists()
+
+
+def test_output_that_is_a_directory(tmp_path: Path) -> None:
+    out = tmp_path / "outdir"
+    out.mkdir()
+    proc = cli("build", str(_good_config(tmp_path)), "-o", str(out))
+    assert_cli_error(proc, str(out), "is a directory")
+    assert list(out.iterdir()) == []
+    assert_no_output(tmp_path, tmp_path / "out.igvm")
+
+
+def test_reference_values_in_a_missing_directory_leave_nothing(tmp_path: Path) -> None:
+    """The image's temporary file, already created, goes when its companion cannot be."""
+    out, refs = tmp_path / "out.igvm", tmp_path / "missing" / "out.json"
+    proc = cli("build", str(_good_config(tmp_path)), "-o", str(out), "--reference-values", str(refs))
+    assert_cli_error(proc, str(refs), "no such directory")
+    assert_no_output(tmp_path, out)
+
+
+def test_disk_full_names_the_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+    import os
+
+    import igvm_builder.cli
+    import igvm_builder.io
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(igvm_builder.io.os, "fsync", full)
+    out = tmp_path / "out.igvm"
+    rc = igvm_builder.cli.main(["build", str(_good_config(tmp_path)), "-o", str(out),
+                                "--reference-values", str(tmp_path / "out.json")])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert f"{out}: cannot write: No space left on device" in err[0]
+    assert_no_output(tmp_path, out)
+    assert not (tmp_path / "out.json").exists()

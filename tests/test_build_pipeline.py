@@ -27,6 +27,7 @@ import igvm_builder.format.file as file_mod
 import igvm_builder.measure.engine as engine
 from igvm_builder import cli
 from igvm_builder.build import build
+from igvm_builder.errors import OutputError
 from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice, same_bytes
 from igvm_builder.format.defs import PageDataFlags, PlatformType
@@ -347,7 +348,7 @@ def test_commit_together_publishes_all_or_none(tmp_path: Path, monkeypatch: pyte
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match=r"a\.igvm\.json: cannot put the file in place: No space left"):
         commit_together(a, b)
     assert list(tmp_path.iterdir()) == []  # a.igvm was renamed, then removed again
     monkeypatch.setattr(os, "replace", real_replace)
