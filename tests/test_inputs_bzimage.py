@@ -322,3 +322,19 @@ def test_e820_entry() -> None:
         E820Entry(0, 0, E820_RAM)
     with pytest.raises(LayoutError):
         E820Entry(0xFFFF_FFFF_FFFF_F000, 0x2000, E820_RAM)
+
+
+def test_snp_cc_blob_page() -> None:
+    """struct setup_data (next u64, type u32, len u32) + u32 blob GPA, then struct cc_blob_sev_info
+    (Linux arch/x86/include/asm/sev.h: magic, version, reserved, secrets phys/len/rsvd, cpuid ...)."""
+    from igvm_builder.inputs.bzimage import snp_cc_blob_page
+
+    page = snp_cc_blob_page(0x7000, secrets_gpa=0x5000, cpuid_gpa=0x6000)
+    assert len(page) == 4096
+    assert struct.unpack_from("<QIII", page, 0) == (0, 7, 4, 0x7020)
+    assert struct.unpack_from("<IHHQIIQII", page, 0x20) == (0x45444D41, 1, 0, 0x5000, 4096, 0, 0x6000, 4096, 0)
+    assert page[0x48:] == bytes(4096 - 0x48)
+    bare = snp_cc_blob_page(0x7000, secrets_gpa=0x5000, cpuid_gpa=0x6000, with_setup_data=False)
+    assert bare[:0x20] == bytes(0x20) and bare[0x20:] == page[0x20:]
+    with pytest.raises(LayoutError, match="below 4 GiB"):
+        snp_cc_blob_page(0xFFFF_F000, secrets_gpa=0x5000, cpuid_gpa=0x6000)
