@@ -337,4 +337,4 @@ def test_snp_cc_blob_page() -> None:
     bare = snp_cc_blob_page(0x7000, secrets_gpa=0x5000, cpuid_gpa=0x6000, with_setup_data=False)
     assert bare[:0x20] == bytes(0x20) and bare[0x20:] == page[0x20:]
     with pytest.raises(LayoutError, match="below 4 GiB"):
-        snp_cc_blob_page(0xFFFF_F000, secrets_gpa=0x5000, cpuid_gpa=0x6000)
+        snp_cc_blob_page(1 << 32, secrets_gpa=0x5000, cpuid_gpa=0x6000)
