@@ -669,13 +669,13 @@ class _Builder:
         elif plan.ptype == PlatformType.TDX:
             plan.policy = self.cfg.tdx.policy
 
-    def _memory_map(self, *, snp_reserved: bool = False) -> list[tuple[int, int, int]]:
-        """(address, size, e820 type) of guest memory; ``snp_reserved``: the SNP secrets, CPUID
-        and CC blob pages reserved (the secrets page must never become ordinary RAM)."""
+    def _memory_map(self, *, reserved_end: int = 0) -> list[tuple[int, int, int]]:
+        """(address, size, e820 type) of guest memory; with ``reserved_end``, the SNP pages from the
+        secrets page up to it are reserved (the secrets page must never become ordinary RAM)."""
         mem = self.cfg.memory_size
         low_top = min(mem, 0xC000_0000)
-        if snp_reserved:
-            first, end = SNP_SECRETS_GPA, SNP_CC_BLOB_GPA + PAGE
+        if reserved_end:
+            first, end = SNP_SECRETS_GPA, reserved_end
             low = [(0, first, E820_RAM), (first, end - first, E820_RESERVED), (end, LOW_RAM_END - end, E820_RAM)]
         else:
             low = [(0, LOW_RAM_END, E820_RAM)]
@@ -700,6 +700,8 @@ class _Builder:
         high = max(seg.end for seg in elf.segments)
         initrd_gpa = self._place_initrd(len(initrd), -(-high // PAGE) * PAGE, 1 << 32) if initrd is not None else 0
         info = self._pvh_start_info(cmd, initrd_gpa, len(initrd) if initrd is not None else 0)
+        snp_info = (self._pvh_start_info(cmd, initrd_gpa, len(initrd) if initrd is not None else 0, snp=True)
+                    if PlatformType.SEV_SNP in self.plans else b"")
         pages = _elf_pages(elf, view)
         elf_headers = _PageRun.of_pages(pages)
         initrd_pages = _PageRun(initrd_gpa, initrd) if initrd is not None else None
@@ -713,7 +715,7 @@ class _Builder:
                 plan.add_pages(initrd_pages)
             if elf.pvh_entry is not None:
                 plan.claim(BOOT_INFO_GPA, PAGE, "PVH start_info")
-                plan.page(BOOT_INFO_GPA, info)
+                plan.page(BOOT_INFO_GPA, snp_info if p == PlatformType.SEV_SNP else info)
                 state = CpuState.protected32(rip=elf.pvh_entry, gdt=GDT_GPA, rbx=BOOT_INFO_GPA)
             elif elf.elf_class == 64:
                 state = self._long_mode(plan, elf.entry_gpa if elf.entry_gpa is not None else elf.entry, 0)
@@ -722,8 +724,10 @@ class _Builder:
                                              gdt=GDT_GPA)
             self._start(p, plan, state)
 
-    def _pvh_start_info(self, cmd: bytes, initrd_gpa: int, initrd_size: int) -> bytes:
-        mm = self._memory_map()
+    def _pvh_start_info(self, cmd: bytes, initrd_gpa: int, initrd_size: int, *, snp: bool = False) -> bytes:
+        """``hvm_start_info`` v1 with its module list and memory map; ``snp``: the SNP secrets and
+        CPUID pages reserved in the memory map."""
+        mm = self._memory_map(reserved_end=SNP_CPUID_GPA + PAGE if snp else 0)
         memmap_off, modlist_off = 0x100, 0x80
         info = struct.pack("<IIIIQQQQII", PVH_MAGIC, 1, 0, 1 if initrd_size else 0,
                            BOOT_INFO_GPA + modlist_off if initrd_size else 0, CMDLINE_GPA, 0,
@@ -777,7 +781,7 @@ class _Builder:
             cc_blob = snp_cc_blob_page(SNP_CC_BLOB_GPA, secrets_gpa=SNP_SECRETS_GPA, cpuid_gpa=SNP_CPUID_GPA,
                                        with_setup_data=setup)
             snp_boot_params = build_boot_params(
-                bz, **boot, e820=[E820Entry(a, s, t) for a, s, t in self._memory_map(snp_reserved=True)],
+                bz, **boot, e820=[E820Entry(a, s, t) for a, s, t in self._memory_map(reserved_end=SNP_CC_BLOB_GPA + PAGE)],
                 setup_data=SNP_CC_BLOB_GPA if setup else 0, cc_blob_address=SNP_CC_BLOB_GPA + CC_BLOB_OFFSET)
         kernel_pages = _PageRun(load, view, start=bz.setup_size, length=len(bz.kernel))
         initrd_pages = _PageRun(initrd_gpa, initrd) if initrd is not None else None

@@ -147,7 +147,9 @@ def check_elf_pages(f, kernel: Path, platform: str) -> dict:
     return pages
 
 
-def check_start_info(pages: dict, info_gpa: int, initrd: Path | None) -> None:
+def check_start_info(pages: dict, info_gpa: int, initrd: Path | None, *, snp: bool = False) -> None:
+    """hvm_start_info v1 (Xen's arch-x86/hvm/start_info.h); on SNP the secrets and CPUID pages
+    (0xA000, 0xB000) are reserved (type 2) in the memory map, never RAM."""
     raw = read_guest(pages, info_gpa, START_INFO.size)
     magic, version, _flags, nr_modules, modlist, cmdline_paddr, _rsdp, memmap, memmap_n, _res = \
         START_INFO.unpack(raw)
@@ -155,18 +157,22 @@ def check_start_info(pages: dict, info_gpa: int, initrd: Path | None) -> None:
     assert version >= 1  # memmap fields are valid from version 1
     assert read_cstring(pages, cmdline_paddr) == CMDLINE.encode()
     # memory map: RAM adds up to memory.size minus the legacy hole
-    ram = []
+    ram, reserved = [], []
     for i in range(memmap_n):
         addr, size, typ, _ = MEMMAP_ENTRY.unpack(read_guest(pages, memmap + i * MEMMAP_ENTRY.size,
                                                             MEMMAP_ENTRY.size))
         if typ == 1:
             ram.append((addr, addr + size))
+        elif typ == 2:
+            reserved.append((addr, addr + size))
+    snp_pages = (0xA000, 0xB000) if snp else ()
     assert ram and ram[0][0] == 0
     assert max(end for _s, end in ram) == MEMORY
-    assert sum(end - start for start, end in ram) == MEMORY - (0x100000 - 0xA0000)
-    # every imported page is RAM
+    assert sum(end - start for start, end in ram) == MEMORY - (0x100000 - 0xA0000) - PAGE * len(snp_pages)
+    assert sorted(reserved) == ([(0xA000, 0xC000)] if snp else [])
+    # every imported page is RAM (on SNP: but the secrets and CPUID pages)
     for gpa in pages:
-        if gpa < 1 << 32 and gpa < 0xFFFF_F000:
+        if gpa < 1 << 32 and gpa < 0xFFFF_F000 and gpa not in snp_pages:
             assert any(s <= gpa and gpa + PAGE <= e for s, e in ram), f"page {gpa:#x} outside RAM"
     if initrd is None:
         assert nr_modules == 0
@@ -225,7 +231,7 @@ def test_pvh_elf_build(tmp_path: Path, kernels: dict[str, Path], which: str) -> 
     v = vmsa_fields(f)
     assert v["rip"] == entry
     assert v["cr0"] & 1 and not v["cr0"] & 0x8000_0000
-    check_start_info(pages, v["rbx"], MEMTEST)
+    check_start_info(pages, v["rbx"], MEMTEST, snp=True)
 
     # TDX: no VP context; the reset vector jumps to the PVH entry with ebx = start_info
     pages = check_elf_pages(f, kernel, "tdx")
