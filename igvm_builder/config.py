@@ -290,6 +290,19 @@ def _check_platforms(value: Any, source: str, ctx: _Ctx | None) -> tuple[str, ..
     return tuple(sorted(out, key=order.index))
 
 
+def _snp_policy(ctx: _Ctx, key: str, value: Any) -> int:
+    """An SEV-SNP guest policy: bit 17 is reserved must-be-one (SNP firmware ABI); the firmware
+    refuses SNP_LAUNCH_START without it."""
+    from igvm_builder.format.defs import SnpPolicyBits
+
+    policy = ctx.int_(key, value)
+    must = int(SnpPolicyBits.RESERVED_MUST_BE_ONE)
+    if not policy & must:
+        raise ctx.err(key, f"{policy:#x} has bit 17 (0x20000) clear; the SNP ABI reserves it as must-be-one "
+                           f"and the firmware refuses the launch: did you mean {policy | must:#x}?")
+    return policy
+
+
 def _vcpu_type(ctx: _Ctx, key: str, value: Any) -> str | int:
     """A vCPU model name or CPUID(1).EAX signature, checked now so the error names the key and line."""
     from igvm_builder.sev_vmsa import vcpu_signature
@@ -321,7 +334,7 @@ _SECTIONS: dict[str, _Schema] = {
     },
     "memory": {"size": lambda c, k, v: c.size(k, v)},
     "snp": {
-        "policy": lambda c, k, v: c.int_(k, v),
+        "policy": lambda c, k, v: _snp_policy(c, k, v),
         "vcpus": lambda c, k, v: c.int_(k, v, 1, 512),
         "vcpu_type": lambda c, k, v: _vcpu_type(c, k, v),
         "guest_features": lambda c, k, v: c.int_(k, v),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from igvm_builder.format import headers as H
-from igvm_builder.format.defs import IGVM_VHT_OPTIONAL_BIT, PlatformType
+from igvm_builder.format.defs import IGVM_VHT_OPTIONAL_BIT, PlatformType, SnpPolicyBits
 from igvm_builder.format.file import IgvmFile
 from igvm_builder.measure.profiles import KVM_VMSA_GPA, get_profile
 
@@ -38,6 +38,13 @@ def lint(f: IgvmFile, loader: str) -> list[Finding]:
         if p.platform_type not in supported and not loader.startswith("igvmmeasure"):
             out.append(Finding("warning", f"{loader} does not load the {p.platform_type.name} platform; it is "
                                           "ignored there"))
+    snp_masks = [p.compatibility_mask for p in f.platforms if p.platform_type == PlatformType.SEV_SNP]
+    for i, h in enumerate(f.initializations):
+        if isinstance(h, H.GuestPolicy) and any(h.compatibility_mask & m for m in snp_masks) \
+                and not h.policy & SnpPolicyBits.RESERVED_MUST_BE_ONE:
+            out.append(Finding("error", f"SEV-SNP guest policy {h.policy:#x} has bit 17 (0x20000) clear: the SNP "
+                                        "ABI reserves it as must-be-one and the firmware refuses the launch",
+                               len(f.platforms) + i))
     last_page = -1
     first_vmsa = None
     vmsas: list[H.SnpVpContext] = []

@@ -196,3 +196,26 @@ size = "1G"
     inputs = result.reference_values["inputs"]
     assert inputs[str(initrd)]["sha256"] == hashlib.sha256(initrd.read_bytes()).hexdigest()  # named as written
     assert any(v["sha256"] == hashlib.sha256(VMLINUZ.read_bytes()).hexdigest() for v in inputs.values())
+
+
+def test_lint_flags_an_snp_policy_without_the_must_be_one_bit(tmp_path: Path) -> None:
+    """SNP ABI: GUEST_POLICY bit 17 must be one (the firmware refuses the launch); a TDX policy
+    in the same file is not an SNP policy."""
+    from igvm_builder.format import headers as H
+    from igvm_builder.format.defs import PlatformType
+
+    def policy_file(snp_policy: int) -> IgvmFile:
+        return IgvmFile(
+            platforms=(H.SupportedPlatform(compatibility_mask=1, platform_type=PlatformType.SEV_SNP),
+                       H.SupportedPlatform(compatibility_mask=2, platform_type=PlatformType.TDX)),
+            initializations=(H.GuestPolicy(policy=snp_policy, compatibility_mask=1),
+                             H.GuestPolicy(policy=0x0, compatibility_mask=2)),
+            directives=(H.PageData(gpa=0x1000, compatibility_mask=3, data=b"x"),))
+
+    bad = [fd for fd in lint(policy_file(0x10000), "hyperv") if "bit 17" in fd.message]
+    assert [(fd.severity, fd.header_index) for fd in bad] == [("error", 2)]
+    assert not [fd for fd in lint(policy_file(0x30000), "hyperv") if "bit 17" in fd.message]
+    path = tmp_path / "bad.igvm"
+    path.write_bytes(policy_file(0x1).to_bytes())
+    proc = cli("lint", str(path), "--loader", "qemu")
+    assert proc.returncode == 1 and "policy 0x1 has bit 17 (0x20000) clear" in proc.stdout, proc.stdout

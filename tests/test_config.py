@@ -298,6 +298,8 @@ def test_unknown_keys(tmp_path: Path, text: str, key: str, line: int, needle: st
     (MINIMAL + "[snp]\nvcpus = true\n", "snp.vcpus", "expected an integer"),
     (MINIMAL + "[snp]\npolicy = 'lots'\n", "snp.policy", "expected an integer, got 'lots'"),
     (MINIMAL + "[snp]\npolicy = -1\n", "snp.policy", "out of range"),
+    (MINIMAL + "[snp]\npolicy = 0x10000\n", "snp.policy", "bit 17 (0x20000) clear"),
+    (MINIMAL + "[snp]\npolicy = 0x1\n", "snp.policy", "did you mean 0x20001?"),
     (MINIMAL + "[snp]\nvmm_type = 'azure'\n", "snp.vmm_type", "not one of qemu, ec2, gce"),
     (MINIMAL + "[snp]\nvcpu_type = 'EPYC-v9'\n", "snp.vcpu_type", "unknown vCPU type 'EPYC-v9'"),
     (MINIMAL + "[snp]\nvcpu_type = 1.5\n", "snp.vcpu_type", "expected a string"),
