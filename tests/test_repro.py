@@ -116,7 +116,7 @@ if _spec is not None and _spec.loader is not None:
 
 if os.environ.get("IGVM_TEST_INJECT_TIMESTAMP"):
     import time
-    import igvm_builder.build as _b
+    import igvm_builder.build.mapped as _b
 
     _get = _b._Inputs.get
 

@@ -1,0 +1,164 @@
+"""Inputs mapped once (read-only mmap, never copied), their SHA-256 computed in the background,
+and zero-copy windows over them whose pages leave the resident set once consumed."""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from igvm_builder.errors import InputError
+from igvm_builder.format import headers as H
+from igvm_builder.format.blob import FileSlice, as_view, dontneed
+
+# --------------------------------------------------------------------------- resident-set control
+
+#: Passes over input bytes (hashing, writing) read them in windows of this size.
+WINDOW = 8 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class _Mapped:
+    """A chunk of the output that is ``buf[offset : offset + len(chunk)]`` of an mmap'd input."""
+
+    buf: mmap.mmap
+    offset: int
+
+
+def _source_of(view: memoryview, start: int) -> _Mapped | None:
+    """``view[start:]`` as a place in an mmap, if ``view`` is a whole-file mmap view (:class:`_Inputs`)."""
+    obj = view.obj
+    if isinstance(obj, mmap.mmap) and view.nbytes == len(obj):
+        return _Mapped(obj, start)
+    return None
+
+
+def _windows(chunks: Sequence[bytes | memoryview], sources: Sequence[_Mapped | None]
+             ) -> Iterator[bytes | memoryview]:
+    """``chunks`` in order; mmap'd runs in windows, each released once the next is requested."""
+    for i, chunk in enumerate(chunks):
+        src = sources[i] if i < len(sources) else None
+        if src is None:
+            yield chunk
+            continue
+        n = len(chunk)
+        for off in range(0, n, WINDOW):
+            yield chunk[off : off + WINDOW]
+            dontneed(src.buf, src.offset + off, min(WINDOW, n - off))
+
+
+def _coalesce(blobs: Iterable[H.BlobLike]) -> tuple[list[bytes | memoryview], list[_Mapped | None]]:
+    """The file data as few large chunks: consecutive windows of one input that follow each other
+    in it (the usual case: a kernel or an initrd page after page) become one view."""
+    chunks: list[bytes | memoryview] = []
+    sources: list[_Mapped | None] = []
+    run: memoryview | None = None
+    run_start = run_end = 0
+
+    def flush() -> None:
+        if run is not None:
+            chunks.append(run[run_start:run_end])
+            sources.append(_source_of(run, run_start))
+
+    for b in blobs:
+        if type(b) is FileSlice:
+            buf = b._buf  # the buffer the slice is a window of
+            if buf is run and b.start == run_end:
+                run_end += b.length
+                continue
+            flush()
+            run, run_start, run_end = buf, b.start, b.start + b.length
+        else:
+            flush()
+            run = None
+            chunks.append(as_view(b))
+            sources.append(None)
+    flush()
+    return chunks, sources
+
+
+# --------------------------------------------------------------------------- input reading
+
+
+class _Inputs:
+    """Maps each input file once (read-only mmap: no copy of large inputs).
+
+    Each input's SHA-256 (for the reference values) is computed in a background thread from
+    the moment it is mapped, while the launch is planned: hashlib releases the GIL on large
+    buffers, so this costs no wall time on a machine with a second core.
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[str, memoryview] = {}
+        self._hashers: dict[str, _Hasher] = {}
+
+    def get(self, path: str, role: str) -> memoryview:
+        view = self._maps.get(path)
+        if view is None:
+            try:
+                with open(path, "rb") as fh:
+                    size = os.fstat(fh.fileno()).st_size
+                    buf: bytes | mmap.mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            except OSError as exc:
+                raise InputError(f"cannot read {role}: {exc.strerror}", source=path) from None
+            view = memoryview(buf).toreadonly()
+            self._maps[path] = view
+            self._hashers[path] = _Hasher(view)
+        return view
+
+    def sha256(self) -> dict[str, str]:
+        """SHA-256 of every input."""
+        return {path: hasher.result() for path, hasher in self._hashers.items()}
+
+    def sha256_of(self, path: str) -> bytes:
+        """SHA-256 of the input ``path`` (already mapped with :meth:`get`), as bytes."""
+        return bytes.fromhex(self._hashers[path].result())
+
+    def cancel(self) -> None:
+        """Stop the background hashing (the build failed)."""
+        for hasher in self._hashers.values():
+            hasher.stop = True
+
+
+class _Hasher:
+    """SHA-256 of an input, read in windows that leave the resident set once hashed; in a
+    thread for inputs of a window or more."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.stop = False
+        self.digest: str | None = None
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        if len(view) >= WINDOW:
+            self.thread = threading.Thread(target=self._run, name="igvm-build-input-sha256", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.digest = self._hash()
+        except BaseException as exc:  # re-raised by result()
+            self.error = exc
+
+    def _hash(self) -> str:
+        view = self.view
+        h = hashlib.sha256()
+        src = _source_of(view, 0)
+        for off in range(0, len(view), WINDOW):
+            if self.stop:
+                return ""
+            h.update(view[off : off + WINDOW])
+            if src is not None:
+                dontneed(src.buf, off, min(WINDOW, len(view) - off))
+        return h.hexdigest()
+
+    def result(self) -> str:
+        if self.thread is None:
+            return self._hash()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.digest if self.digest is not None else self._hash()

@@ -1,0 +1,273 @@
+"""The build pipeline: model, layout, streamed write and measurements spread over threads
+(docs/ARCHITECTURE.md, "How a large build uses the machine"), and the reference values."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from igvm_builder.build.launch import _Builder
+from igvm_builder.build.mapped import _coalesce, _Inputs, _Mapped, _windows
+from igvm_builder.config import BuildConfig
+from igvm_builder.format import headers as H
+from igvm_builder.format.defs import (
+    PlatformType,
+)
+from igvm_builder.format.file import IgvmFile
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """The built file, its canonical bytes (as chunks) and its reference values."""
+
+    file: IgvmFile
+    reference_values: dict[str, Any]
+    _chunks: tuple[bytes | memoryview, ...] = field(repr=False)
+    size: int
+    sha256: str
+    #: Where each chunk comes from (an mmap'd input and the offset in it), or None.
+    _sources: tuple[_Mapped | None, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self._chunks)
+
+    def chunks(self) -> Iterator[bytes | memoryview]:
+        """The file's bytes in order: the headers, then runs of input bytes (zero-copy views).
+
+        Runs of an mmap'd input come in windows of at most :data:`WINDOW` bytes, and each
+        window's pages leave the resident set when the consumer asks for the next chunk, so
+        writing a large file does not keep its inputs resident.
+        """
+        return _windows(self._chunks, self._sources)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC: a build allocates a few acyclic objects per page (hundreds of
+    thousands for a large initrd), and the collector would rescan them again and again."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+#: The GIL switch interval during a build.  The layout thread gives up the GIL for every page
+#: it hashes (hashlib does on buffers of 2 KiB and more) and must take it back while the
+#: writer and measuring threads run Python code; at the default 5 ms a page-sized job can
+#: wait a whole interval for it.  0.5 ms measured 3-6% faster on a large build (bench_build).
+BUILD_SWITCH_INTERVAL = 0.0005
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.0
+
+
+@contextlib.contextmanager
+def _short_switch_interval() -> Iterator[None]:
+    """Lower ``sys.setswitchinterval`` for the duration of a build, restoring the process's
+    own value when the last concurrent build (e.g. SCons ``-j`` threads) leaves."""
+    import sys
+
+    global _switch_users, _switch_saved
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch_saved, BUILD_SWITCH_INTERVAL))
+        _switch_users += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_users -= 1
+            if _switch_users == 0:
+                sys.setswitchinterval(_switch_saved)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def build_file(cfg: BuildConfig) -> tuple[IgvmFile, dict[str, str], list[str]]:
+    """Build the :class:`IgvmFile` for ``cfg``; also return input SHA-256s and notes."""
+    f, inputs, notes = _build_model(cfg)
+    return f, inputs.sha256(), notes
+
+
+def _build_model(cfg: BuildConfig) -> tuple[IgvmFile, _Inputs, list[str]]:
+    """The validated file model; the inputs' SHA-256s may still be being computed."""
+    b = _Builder(cfg)
+    try:
+        with _gc_paused():
+            f = b.run().validate()
+    except BaseException:
+        b.inputs.cancel()
+        raise
+    return f, b.inputs, b.notes
+
+
+def build(cfg: BuildConfig, *, platforms: Sequence[str] | None = None, loader: str | None = None,
+          output: BinaryIO | None = None) -> BuildResult:
+    """Build, serialize and measure ``cfg`` (optionally overriding platforms/loader).
+
+    With ``output`` (a seekable binary file opened for writing, e.g.
+    :class:`igvm_builder.io.AtomicFile`) the file's bytes are written to it during the build;
+    the caller commits or discards it.  The work is spread over threads so that the hashing,
+    which is most of a large build, keeps both cores of a small machine busy (hashlib releases
+    the GIL on page-sized and larger buffers, and so do file writes):
+
+    1. every platform but SEV-SNP (TDX, the longest) is measured in a thread as soon as the
+       file model exists;
+    2. meanwhile this thread lays the file out; with SEV-SNP, identical pages are found by
+       each page's SHA-384, which is kept for step 3.  The data section goes to a
+       writer thread batch by batch as it is laid out, the headers (which precede it) last;
+    3. this thread chains the SEV-SNP digest from the kept page hashes while the writer
+       thread computes the file's SHA-256.
+    """
+    cfg = cfg.with_overrides(platforms=tuple(platforms) if platforms else None, loader=loader)
+    with _short_switch_interval():
+        return _build(cfg, output)
+
+
+def _build(cfg: BuildConfig, output: BinaryIO | None) -> BuildResult:
+    f, inputs, notes = _build_model(cfg)  # the inputs' SHA-256s are computed meanwhile
+    from igvm_builder.measure import measure_file, measure_platform
+
+    ptypes = [p.platform_type for p in f.platforms]
+    snp = PlatformType.SEV_SNP in ptypes
+    others = [t for t in ptypes if t != PlatformType.SEV_SNP]
+    measure_others = _Task("igvm-build-measure", lambda: measure_file(
+        f, platforms=others, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass)) if others else None
+    writer = _Writer(output)
+    digests: dict[int, bytes] | None = {} if snp else None
+    try:
+        with _gc_paused():
+            head, blobs = f._layout(validate=False, page_digests=digests,  # _build_model() validated it
+                                    on_data=writer.put if output is not None else None)
+        data, data_sources = _coalesce(blobs)
+        del blobs
+        chunks = (head, *data)
+        sources = (None, *data_sources)
+        writer.finish(head, chunks, sources)
+        snp_result = (measure_platform(f, PlatformType.SEV_SNP, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass,
+                                       page_digests=digests),) if snp else ()
+    except BaseException:
+        writer.cancel()
+        inputs.cancel()
+        for task in (measure_others, writer.task):  # leave no thread working on a failed build
+            if task is not None:
+                task.join()
+        raise
+    other_results = measure_others.result() if measure_others is not None else ()
+    sha256 = writer.task.result()
+    input_hashes = inputs.sha256()
+    by_type = {m.platform: m for m in (*snp_result, *other_results)}
+    measurements = tuple(by_type[t] for t in ptypes)
+    size = sum(len(c) for c in chunks)
+    refs = reference_values_for(cfg, f, sha256, size, input_hashes, notes, measurements=measurements)
+    return BuildResult(file=f, reference_values=refs, _chunks=chunks, size=size, sha256=sha256,
+                       _sources=sources)
+
+
+class _Task:
+    """``fn()`` in a thread; :meth:`result` joins it and returns its value or raises its error."""
+
+    def __init__(self, name: str, fn: Callable[[], Any]) -> None:
+        self._fn = fn
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn()
+        except BaseException as exc:  # re-raised by result() in the caller's thread
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class _Writer:
+    """The thread that writes the data section to ``output`` as the layout hands it over
+    (:meth:`put`), then the headers at the start of the file, then computes the SHA-256 of
+    the whole file (headers first) from the same views."""
+
+    def __init__(self, output: BinaryIO | None) -> None:
+        import queue
+
+        self.output = output
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.stop = False
+        self.task = _Task("igvm-build-write", self._run)
+
+    def put(self, offset: int, blobs: list[H.BlobLike]) -> None:
+        self.queue.put((offset, blobs))
+
+    def finish(self, head: bytes, chunks: Sequence[bytes | memoryview], sources: Sequence[_Mapped | None]) -> None:
+        self.queue.put((head, chunks, sources))
+
+    def cancel(self) -> None:
+        self.stop = True
+        self.queue.put(None)
+
+    def _run(self) -> str:
+        out = self.output
+        while True:
+            item = self.queue.get()
+            if item is None or self.stop:
+                return ""
+            if len(item) == 2 and out is not None:  # a batch of the data section
+                offset, blobs = item
+                out.seek(offset)
+                data, sources = _coalesce(blobs)
+                for c in _windows(data, sources):
+                    out.write(c)
+                continue
+            head, chunks, sources = item
+            if out is not None:
+                out.seek(0)
+                out.write(head)
+                out.seek(0, os.SEEK_END)
+            h = hashlib.sha256()
+            for c in _windows(chunks, sources):
+                if self.stop:
+                    return ""
+                h.update(c)
+            return h.hexdigest()
+
+
+def reference_values_for(cfg: BuildConfig, f: IgvmFile, sha256: str, size: int, input_hashes: dict[str, str],
+                         notes: Iterable[str], *, measurements: Sequence[Any] | None = None) -> dict[str, Any]:
+    from igvm_builder.measure.report import reference_values
+
+    refs = reference_values(f, sha256, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass, file_size=size,
+                            measurements=measurements)
+    refs["file"] = {**refs.get("file", {}), "sha256": sha256, "size": size}
+    with open(cfg.source, "rb") as fh:
+        config_sha = hashlib.sha256(fh.read()).hexdigest()
+    includes = {}
+    for p in cfg.includes:  # included configs: a changed include is then named as such
+        with open(p, "rb") as fh:
+            includes[p] = hashlib.sha256(fh.read()).hexdigest()
+    refs["inputs"] = {
+        "config": {"path": os.path.basename(cfg.source), "sha256": config_sha},
+        **{cfg.input_name(p): {"path": cfg.input_name(p), "sha256": d}
+           for p, d in sorted({**includes, **input_hashes}.items())},
+    }
+    refs["build"] = {"platforms": list(cfg.platforms), "loader": cfg.loader, "notes": list(notes)}
+    return refs
