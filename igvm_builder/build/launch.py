@@ -42,6 +42,7 @@ from igvm_builder.format.defs import (
 from igvm_builder.format.file import IgvmFile
 from igvm_builder.platforms.cpu import CpuState, gdt_bytes, identity_page_tables, tdx_reset_trampoline
 
+
 class _Builder:
     def __init__(self, cfg: BuildConfig) -> None:
         self.cfg = cfg

@@ -13,6 +13,7 @@ from igvm_builder.build.plan import _new_page, _PageRun
 from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice, as_view
 
+
 def _key(h: H.Header) -> tuple[Any, ...]:
     """Identity of a directive apart from its compatibility mask.
 
