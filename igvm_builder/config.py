@@ -303,6 +303,21 @@ def _snp_policy(ctx: _Ctx, key: str, value: Any) -> int:
     return policy
 
 
+def _tdx_policy(ctx: _Ctx, key: str, value: Any) -> int:
+    """An IGVM ``TdxPolicy``: bit 0 debug_allowed, bit 1 sept_ve_disable, bit 2 migratable; the
+    other bits are reserved.  (Not the TD ATTRIBUTES of the TDX module, where SEPT_VE_DISABLE is
+    bit 28: the loader derives those from this policy.)"""
+    from igvm_builder.format.defs import TdxPolicyBits
+
+    policy = ctx.int_(key, value)
+    reserved = policy & ~int(TdxPolicyBits.DEBUG_ALLOWED | TdxPolicyBits.SEPT_VE_DISABLE | TdxPolicyBits.MIGRATABLE)
+    if reserved:
+        hint = " (TD ATTRIBUTES.SEPT_VE_DISABLE is bit 28 there; here it is 0x2)" if reserved & (1 << 28) else ""
+        raise ctx.err(key, f"{policy:#x} sets reserved bits {reserved:#x}: the IGVM TdxPolicy defines only "
+                           f"0x1 debug_allowed, 0x2 sept_ve_disable and 0x4 migratable{hint}")
+    return policy
+
+
 def _vcpu_type(ctx: _Ctx, key: str, value: Any) -> str | int:
     """A vCPU model name or CPUID(1).EAX signature, checked now so the error names the key and line."""
     from igvm_builder.sev_vmsa import vcpu_signature
@@ -341,7 +356,7 @@ _SECTIONS: dict[str, _Schema] = {
         "vmm_type": lambda c, k, v: c.choice(k, v, ("qemu", "ec2", "gce")),
         "cr0": lambda c, k, v: c.int_(k, v),
     },
-    "tdx": {"policy": lambda c, k, v: c.int_(k, v), "two_pass": lambda c, k, v: c.bool_(k, v)},
+    "tdx": {"policy": lambda c, k, v: _tdx_policy(c, k, v), "two_pass": lambda c, k, v: c.bool_(k, v)},
     "vbs": {"vtl": lambda c, k, v: c.int_(k, v, 0, 2)},
     "sign": {
         "id_key": lambda c, k, v: c.str_(k, v),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from igvm_builder.format import headers as H
-from igvm_builder.format.defs import IGVM_VHT_OPTIONAL_BIT, PlatformType, SnpPolicyBits
+from igvm_builder.format.defs import IGVM_VHT_OPTIONAL_BIT, PlatformType, SnpPolicyBits, TdxPolicyBits
 from igvm_builder.format.file import IgvmFile
 from igvm_builder.measure.profiles import KVM_VMSA_GPA, get_profile
 
@@ -45,6 +45,14 @@ def lint(f: IgvmFile, loader: str) -> list[Finding]:
             out.append(Finding("error", f"SEV-SNP guest policy {h.policy:#x} has bit 17 (0x20000) clear: the SNP "
                                         "ABI reserves it as must-be-one and the firmware refuses the launch",
                                len(f.platforms) + i))
+    tdx_masks = [p.compatibility_mask for p in f.platforms if p.platform_type == PlatformType.TDX]
+    tdx_known = int(TdxPolicyBits.DEBUG_ALLOWED | TdxPolicyBits.SEPT_VE_DISABLE | TdxPolicyBits.MIGRATABLE)
+    for i, h in enumerate(f.initializations):
+        if isinstance(h, H.GuestPolicy) and any(h.compatibility_mask & m for m in tdx_masks) \
+                and h.policy & ~tdx_known:
+            out.append(Finding("warning", f"TDX guest policy {h.policy:#x} sets bits {h.policy & ~tdx_known:#x} that "
+                                          "IGVM's TdxPolicy reserves (only 0x1 debug_allowed, 0x2 sept_ve_disable, "
+                                          "0x4 migratable are defined)", len(f.platforms) + i))
     last_page = -1
     first_vmsa = None
     vmsas: list[H.SnpVpContext] = []

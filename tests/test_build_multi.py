@@ -81,7 +81,7 @@ path = {q(OVMF_BOOKWORM)}
 [snp]
 vcpus = 2
 [tdx]
-policy = 0x10000000
+policy = 0x2
 """
     size, singles = check_multi_equals_singles(tmp_path, {"all": body}, ["native", "snp", "tdx"])
     assert size < sum(singles)

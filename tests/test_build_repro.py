@@ -214,6 +214,13 @@ def test_lint_flags_an_snp_policy_without_the_must_be_one_bit(tmp_path: Path) ->
 
     bad = [fd for fd in lint(policy_file(0x10000), "hyperv") if "bit 17" in fd.message]
     assert [(fd.severity, fd.header_index) for fd in bad] == [("error", 2)]
+    # the TDX policy (header 3) is checked against IGVM's TdxPolicy bits instead
+    tdx = IgvmFile(platforms=policy_file(0x30000).platforms,
+                   initializations=(H.GuestPolicy(policy=0x30000, compatibility_mask=1),
+                                    H.GuestPolicy(policy=0x10000002, compatibility_mask=2)),
+                   directives=policy_file(0x30000).directives)
+    found = [(fd.severity, fd.header_index, fd.message) for fd in lint(tdx, "hyperv") if "policy" in fd.message]
+    assert [(sev, idx) for sev, idx, _m in found] == [("warning", 3)] and "bits 0x10000000" in found[0][2]
     assert not [fd for fd in lint(policy_file(0x30000), "hyperv") if "bit 17" in fd.message]
     path = tmp_path / "bad.igvm"
     path.write_bytes(policy_file(0x1).to_bytes())

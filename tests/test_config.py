@@ -100,7 +100,7 @@ vmm_type = "gce"
 cr0 = 0x30
 
 [tdx]
-policy = 0x10000000
+policy = 0x2
 two_pass = true
 
 [vbs]
@@ -125,7 +125,7 @@ guest_svn = 7
     assert cfg.memory_size == 2 << 30
     assert cfg.snp == SnpSpec(policy=0x30000, vcpus=4, vcpu_type="EPYC-Genoa", guest_features=0x21, vmm_type="gce",
                               cr0=0x30)
-    assert cfg.tdx == TdxSpec(policy=0x10000000, two_pass=True)
+    assert cfg.tdx == TdxSpec(policy=0x2, two_pass=True)
     assert cfg.vbs.vtl == 2
     assert cfg.sign.id_key == "keys/id.pem" and cfg.sign.author_key == "env:AUTHOR_KEY"
     assert cfg.sign.family_id == bytes.fromhex("00112233445566778899aabbccddeeff")
@@ -300,6 +300,9 @@ def test_unknown_keys(tmp_path: Path, text: str, key: str, line: int, needle: st
     (MINIMAL + "[snp]\npolicy = -1\n", "snp.policy", "out of range"),
     (MINIMAL + "[snp]\npolicy = 0x10000\n", "snp.policy", "bit 17 (0x20000) clear"),
     (MINIMAL + "[snp]\npolicy = 0x1\n", "snp.policy", "did you mean 0x20001?"),
+    (MINIMAL + "[tdx]\npolicy = 0x10000000\n", "tdx.policy", "reserved bits 0x10000000"),
+    (MINIMAL + "[tdx]\npolicy = 0x10000000\n", "tdx.policy", "here it is 0x2"),
+    (MINIMAL + "[tdx]\npolicy = 0x8\n", "tdx.policy", "0x1 debug_allowed, 0x2 sept_ve_disable and 0x4 migratable"),
     (MINIMAL + "[snp]\nvmm_type = 'azure'\n", "snp.vmm_type", "not one of qemu, ec2, gce"),
     (MINIMAL + "[snp]\nvcpu_type = 'EPYC-v9'\n", "snp.vcpu_type", "unknown vCPU type 'EPYC-v9'"),
     (MINIMAL + "[snp]\nvcpu_type = 1.5\n", "snp.vcpu_type", "expected a string"),
