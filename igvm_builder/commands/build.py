@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -12,6 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="IGVM file to write (atomically)")
     parser.add_argument("--reference-values", metavar="OUT.json",
                         help="also write the reference values a verifier needs (docs/MEASUREMENT.md)")
+    parser.add_argument("--depfile", metavar="OUT.d",
+                        help="also write a Make/Ninja dependency file: the output depends on the config, its "
+                             "includes and every input it names")
     parser.add_argument("--platforms", help="override image.platforms, comma separated (e.g. snp,tdx)")
     parser.add_argument("--loader", choices=("qemu", "hyperv", "cloud-hypervisor"), help="override image.loader")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
@@ -26,10 +30,12 @@ def run(args: argparse.Namespace) -> int:
     platforms = tuple(p.strip() for p in args.platforms.split(",")) if args.platforms else None
     # the file is written while it is measured; it appears (with its reference values) only
     # once everything succeeded
-    with atomic_outputs(args.output, args.reference_values) as (out, refs_out):
+    with atomic_outputs(args.output, args.reference_values, args.depfile) as (out, refs_out, dep_out):
         result = build(cfg, platforms=platforms, loader=args.loader, output=out)
         if refs_out is not None:
             refs_out.write((json.dumps(result.reference_values, indent=2, sort_keys=True) + "\n").encode())
+        if dep_out is not None:
+            dep_out.write(depfile_text(args.output, (cfg.source, *cfg.input_files)).encode())
     if not args.quiet:
         print(f"{args.output}: {result.size} bytes, sha256 {result.sha256}")
         for name, entry in sorted(result.reference_values.get("platforms", {}).items()):
@@ -41,3 +47,17 @@ def run(args: argparse.Namespace) -> int:
         for note in result.reference_values.get("build", {}).get("notes", ()):
             print(f"igvm-builder build: note: {note}", file=sys.stderr)
     return 0
+
+
+def depfile_text(target: str, prerequisites: Iterable[str]) -> str:
+    """A dependency file in the format of ``gcc -MD -MP``, which Make and Ninja read: ``target``
+    depends on every prerequisite, and each prerequisite is a target without recipe, so a file
+    later dropped from the config does not stop Make.  Characters Make treats specially are
+    escaped (space, ``#``, ``$``)."""
+    def esc(path: str) -> str:
+        return path.replace(" ", "\\ ").replace("#", "\\#").replace("$", "$$")
+
+    deps = list(dict.fromkeys(prerequisites))
+    lines = [f"{esc(target)}: " + " \\\n  ".join(esc(d) for d in deps), ""]
+    lines += [f"{esc(d)}:\n" for d in deps]
+    return "\n".join(lines)
