@@ -131,6 +131,34 @@ def test_sign_adds_a_block_and_refuses_test_keys(tmp_path: Path, capsys: pytest.
     assert cli(capsys, "verify", out, "--loader", "qemu")[0] == 0
 
 
+def test_remove_gives_back_the_unsigned_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """sign, then sign --remove: the bytes of the unsigned file again, the same launch digest for
+    every loader; on a file without a block it is said, and the file written unchanged."""
+    src = write_file(tmp_path / "in.igvm")
+    signed, stripped = tmp_path / "signed.igvm", tmp_path / "stripped.igvm"
+    assert cli(capsys, "sign", src, "-o", signed, *TEST_KEYS, "-q")[0] == 0
+    assert len(id_blocks(signed)) == 1
+    rc, stdout, _ = cli(capsys, "sign", signed, "--remove", "-o", stripped)
+    assert rc == 0 and stdout == f"{stripped}: removed the SEV-SNP ID block\n"
+    assert stripped.read_bytes() == src.read_bytes()
+    for loader in ("hyperv", "qemu", "cloud-hypervisor"):
+        digests = {measure_platform(IgvmFile.load(p), PlatformType.SEV_SNP, loader=loader).digest
+                   for p in (src, signed, stripped)}
+        assert len(digests) == 1, loader
+    again = tmp_path / "again.igvm"
+    rc, stdout, _ = cli(capsys, "sign", stripped, "--remove", "-o", again)
+    assert rc == 0 and "has no SEV-SNP ID block; written unchanged" in stdout
+    assert again.read_bytes() == src.read_bytes()
+    # the reference crate's vector: its block goes, nothing else changes
+    rc, _, _ = cli(capsys, "sign", SNP_V1, "--remove", "-o", tmp_path / "v.igvm", "-q")
+    assert rc == 0 and id_blocks(tmp_path / "v.igvm") == []
+    kept = [h for h in IgvmFile.load(SNP_V1).headers if not isinstance(h, H.SnpIdBlock)]
+    assert list(IgvmFile.load(tmp_path / "v.igvm").headers) == kept
+    assert "--remove signs nothing: do not give --id-key" in usage_error(
+        capsys, "sign", signed, "--remove", "-o", tmp_path / "x.igvm", "--id-key", ID_PEM)
+    assert "-o/--output is required" in usage_error(capsys, "sign", signed, "--remove")
+
+
 def test_sign_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = write_file(tmp_path / "nopolicy.igvm", policy=None)
     rc, stdout, stderr = cli(capsys, "sign", src, "-o", tmp_path / "o.igvm", *TEST_KEYS)

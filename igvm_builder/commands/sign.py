@@ -80,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-test-keys", action="store_true", help="allow the public TEST-ONLY keys (tests only)"
     )
+    parser.add_argument(
+        "--remove", action="store_true",
+        help="remove the SEV-SNP ID block instead of signing (the launch digest does not change)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     parser.set_defaults(_sign_parser=parser)
 
@@ -89,6 +93,18 @@ def _usage(args: argparse.Namespace, message: str) -> None:
 
 
 def _check_usage(args: argparse.Namespace) -> None:
+    if args.remove:
+        given = [opt for opt, value in (
+            ("--id-key", args.id_key), ("--author-key", args.author_key), ("--family-id", args.family_id),
+            ("--image-id", args.image_id), ("--guest-svn", args.guest_svn), ("--config", args.config),
+            ("--export-tbs", args.export_tbs), ("--import-signature", args.import_signature),
+            ("--id-signature", args.id_signature), ("--author-signature", args.author_signature),
+            ("--loader", args.loader)) if value is not None]
+        if given:
+            _usage(args, f"--remove signs nothing: do not give {', '.join(given)}")
+        if not args.output:
+            _usage(args, "-o/--output is required")
+        return
     if args.export_tbs and args.import_signature:
         _usage(args, "--export-tbs and --import-signature are the two halves of the flow: give one")
     if args.export_tbs:
@@ -213,6 +229,15 @@ def run(args: argparse.Namespace) -> int:
     from igvm_builder.sign.image import export_igvm_tbs, import_igvm_signature, sign_igvm
 
     _check_usage(args)
+    if args.remove:
+        from igvm_builder.sign.image import remove_id_block
+
+        out, removed = remove_id_block(IgvmFile.load(args.input))
+        atomic_write(args.output, out.iter_chunks())
+        if not args.quiet:
+            print(f"{args.output}: removed the SEV-SNP ID block" if removed else
+                  f"{args.output}: {args.input} has no SEV-SNP ID block; written unchanged")
+        return 0
     if args.import_signature:
         with open(args.import_signature, "rb") as fh:
             document = fh.read()

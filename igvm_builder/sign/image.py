@@ -168,18 +168,22 @@ def _guest_svn(value: int | str | None) -> int:
     return svn
 
 
-def _with_id_block(f: IgvmFile, block: H.SnpIdBlock) -> IgvmFile:
-    """``f`` with every SNP_ID_BLOCK for ``block``'s mask removed and ``block`` appended."""
-    mask = block.compatibility_mask
+def _without_id_blocks(f: IgvmFile, mask: int) -> tuple[list[H.Header], int]:
+    """``f``'s directives without the SNP_ID_BLOCKs of ``mask``, and how many there were."""
     directives: list[H.Header] = []
+    removed = 0
     for h in f.directives:
         if isinstance(h, H.SnpIdBlock) and h.compatibility_mask & mask:
+            removed += 1
             rest = h.compatibility_mask & ~mask
             if rest:  # a block shared with other (non-SNP) masks keeps those bits only
                 directives.append(dataclasses.replace(h, compatibility_mask=rest))
             continue
         directives.append(h)
-    directives.append(block)
+    return directives, removed
+
+
+def _with_directives(f: IgvmFile, directives: list[H.Header]) -> IgvmFile:
     return IgvmFile(
         revision=f.revision,
         architecture=f.architecture,
@@ -187,6 +191,25 @@ def _with_id_block(f: IgvmFile, block: H.SnpIdBlock) -> IgvmFile:
         initializations=f.initializations,
         directives=tuple(directives),
     ).validate()
+
+
+def _with_id_block(f: IgvmFile, block: H.SnpIdBlock) -> IgvmFile:
+    """``f`` with every SNP_ID_BLOCK for ``block``'s mask removed and ``block`` appended."""
+    directives, _removed = _without_id_blocks(f, block.compatibility_mask)
+    return _with_directives(f, [*directives, block])
+
+
+def remove_id_block(f: IgvmFile) -> tuple[IgvmFile, int]:
+    """``f`` without the SEV-SNP ID block(s) of its SEV_SNP platform (e.g. before handing the
+    image to a signer that adds its own, or to launch without ID authentication), and how many
+    were removed.  The launch digest does not change: the ID block is not measured.  Every other
+    header is kept as it is.  SigningError when the file has no SEV_SNP platform."""
+    platform = f.platform(_SNP)
+    if platform is None:
+        have = ", ".join(p.platform_type.name for p in f.platforms) or "none"
+        raise SigningError(f"the file has no SEV_SNP platform (it has: {have}), so no ID block")
+    directives, removed = _without_id_blocks(f, platform.compatibility_mask)
+    return (_with_directives(f, directives) if removed else f), removed
 
 
 def _insert(f: IgvmFile, signed: SignedIdBlock, platform: H.SupportedPlatform, policy: int) -> IgvmFile:
