@@ -240,3 +240,41 @@ def test_disk_full_names_the_output(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert f"{out}: cannot write: No space left on device" in err[0]
     assert_no_output(tmp_path, out)
     assert not (tmp_path / "out.json").exists()
+
+
+def test_disk_full_while_streaming_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The data section is written by the build's writer thread: a failure there is the build's
+    one-line error too, and nothing is left behind."""
+    import errno
+    import os
+
+    import igvm_builder.cli
+    import igvm_builder.io
+
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, fh: object) -> None:
+            self.fh, self.written = fh, 0
+
+        def write(self, data: bytes) -> int:
+            if self.written + len(data) > 1 << 20:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.written += len(data)
+            return self.fh.write(data)  # type: ignore[attr-defined]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.fh, name)
+
+    monkeypatch.setattr(igvm_builder.io.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(os.urandom(3 << 20))  # several MiB of data: more than the disk takes
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(f'[image]\nplatforms = ["native", "snp"]\n[kernel]\npath = {q(MEMTEST)}\n'
+                   f'initrd = {q(initrd)}\n[memory]\nsize = "1G"\n')
+    out = tmp_path / "out.igvm"
+    rc = igvm_builder.cli.main(["build", str(cfg), "-o", str(out)])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 1 and err == [f"igvm-builder build: error: {out}: cannot write: No space left on device"], err
+    assert_no_output(tmp_path, out)
