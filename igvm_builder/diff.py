@@ -42,7 +42,7 @@ from typing import Any
 from igvm_builder import sev_vmsa
 from igvm_builder.errors import MeasurementError
 from igvm_builder.format import headers as H
-from igvm_builder.format.blob import FileSlice, as_view
+from igvm_builder.format.blob import FileSlice, PageReleaser, as_view, same_bytes
 from igvm_builder.format.defs import (
     PAGE_SIZE_4K,
     Architecture,
@@ -301,8 +301,7 @@ def _blob_summary(data: H.BlobLike | None) -> str | None:
 def _same(a: H.BlobLike | None, b: H.BlobLike | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
-    va, vb = as_view(a), as_view(b)
-    return len(va) == len(vb) and va == vb
+    return same_bytes(as_view(a), as_view(b))
 
 
 class _Side:
@@ -551,6 +550,12 @@ def _diff_pages(a: IgvmFile, b: IgvmFile, sa: _Side, sb: _Side
     records: dict[tuple[str, Any, Any, int], set[PlatformType]] = defaultdict(set)
     order: list[PageOrderChange] = []
     common = [p for p in sa.mask_of if p in sb.mask_of]
+    # A header shared by several platforms is one pair of pages: compared once (a 3-platform
+    # file would otherwise read every page three times).  Pages read leave the resident set.
+    compared: dict[tuple[int, int], list[tuple[str, Any, Any]]] = {}
+    release_a, release_b = PageReleaser(every=2048), PageReleaser(every=2048)
+    last_a: FileSlice | None = None
+    last_b: FileSlice | None = None
     for ptype in common:
         index: dict[tuple[int, int], tuple[int, H.PageData]] = {}
         occ: dict[int, int] = defaultdict(int)
@@ -575,12 +580,24 @@ def _diff_pages(a: IgvmFile, b: IgvmFile, sa: _Side, sb: _Side
                 if first_moved is None:
                     first_moved = hb.gpa
             last_pos = pos
-            for aspect, va, vb in _page_aspects(ha, hb):
+            key = (id(ha), id(hb))
+            aspects = compared.get(key)
+            if aspects is None:
+                aspects = compared[key] = list(_page_aspects(ha, hb))
+                if type(ha.data) is FileSlice:
+                    release_a.note(ha.data)
+                    last_a = ha.data
+                if type(hb.data) is FileSlice:
+                    release_b.note(hb.data)
+                    last_b = hb.data
+            for aspect, va, vb in aspects:
                 records[(aspect, va, vb, hb.gpa)].add(ptype)
         for (gpa, _n), _ in index.items():
             records[("removed", None, None, gpa)].add(ptype)
         if first_moved is not None:
             order.append(PageOrderChange(ptype.name, first_moved, moved))
+    release_a.release(last_a)
+    release_b.release(last_b)
     return _coalesce(records), order
 
 
@@ -621,14 +638,19 @@ def _measure(f: IgvmFile, ptype: PlatformType, loader: str | None) -> tuple[str 
 
 def _diff_measurements(a: IgvmFile, b: IgvmFile, sa: _Side, sb: _Side, loader: str | None
                        ) -> list[MeasurementComparison]:
-    out = []
+    from concurrent.futures import ThreadPoolExecutor
+
     ptypes = list(dict.fromkeys([*sa.mask_of, *sb.mask_of]))
+    jobs = [(f, ptype) for ptype in ptypes for f, side in ((a, sa), (b, sb)) if ptype in side.mask_of]
+    # each (file, platform) in a thread: hashing is most of it, and hashlib lets threads run
+    with ThreadPoolExecutor(max_workers=min(4, max(1, len(jobs)))) as pool:
+        results = dict(zip(((id(f), p) for f, p in jobs),
+                           pool.map(lambda job: _measure(job[0], job[1], loader), jobs), strict=True))
+    out = []
+    none = (None, None, None)
     for ptype in ptypes:
-        alg_a = alg_b = da = db = ea = eb = None
-        if ptype in sa.mask_of:
-            alg_a, da, ea = _measure(a, ptype, loader)
-        if ptype in sb.mask_of:
-            alg_b, db, eb = _measure(b, ptype, loader)
+        alg_a, da, ea = results.get((id(a), ptype), none)
+        alg_b, db, eb = results.get((id(b), ptype), none)
         out.append(MeasurementComparison(ptype.name, alg_b or alg_a, da, db, ea, eb,
                                          in_a=ptype in sa.mask_of, in_b=ptype in sb.mask_of))
     return out
