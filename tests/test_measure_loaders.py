@@ -271,3 +271,30 @@ def test_tdx_regions_split_on_gaps_and_on_the_measured_flag() -> None:
     one, two = tdx_digests(f)
     assert one == tdx_mrtd(regions, two_pass=False)
     assert two == tdx_mrtd(regions, two_pass=True)
+
+
+def test_absurd_parameter_area_is_refused_not_hashed_forever() -> None:
+    """A zero-filled parameter area may claim up to 2^64 bytes; inserting one of more than 4 GiB
+    is a MeasurementError naming the insert's GPA on every platform that measures inserts page by
+    page, instead of hours of hashing.  One of exactly 4 GiB is still measured (by the SNP
+    reference model, which measures one page per insert, quickly)."""
+    from igvm_builder.measure.engine import MAX_AREA_BYTES
+
+    def file_with_area(size: int) -> IgvmFile:
+        plats = (H.SupportedPlatform(compatibility_mask=1, platform_type=PlatformType.SEV_SNP),
+                 H.SupportedPlatform(compatibility_mask=2, platform_type=PlatformType.TDX),
+                 H.SupportedPlatform(compatibility_mask=4, platform_type=PlatformType.VSM_ISOLATION))
+        return IgvmFile.from_bytes(IgvmFile(
+            platforms=plats, initializations=(H.GuestPolicy(policy=0x30000, compatibility_mask=1),),
+            directives=(H.ParameterArea(number_of_bytes=size, parameter_area_index=0),
+                        H.ParameterInsert(gpa=0x7000_0000, compatibility_mask=7, parameter_area_index=0)),
+        ).to_bytes())
+
+    huge = file_with_area(1 << 40)
+    for ptype, loader in ((PlatformType.TDX, None), (PlatformType.VSM_ISOLATION, None),
+                          (PlatformType.SEV_SNP, "qemu"), (PlatformType.SEV_SNP, "hyperv")):
+        with pytest.raises(MeasurementError, match="parameter area 0 inserted here is 0x10000000000 bytes") as info:
+            measure_platform(huge, ptype, loader=loader)
+        assert info.value.gpa == 0x7000_0000
+    edge = file_with_area(MAX_AREA_BYTES)
+    assert measure_platform(edge, PlatformType.SEV_SNP, loader="hyperv").digest is not None

@@ -371,9 +371,27 @@ def _applicable(f: IgvmFile, mask: int) -> Iterator[H.Header]:
             yield h
 
 
-def _area_pages(f: IgvmFile) -> dict[int, int]:
-    return {h.parameter_area_index: h.number_of_bytes // PAGE_SIZE_4K
-            for h in f.directives if isinstance(h, H.ParameterArea)}
+#: Largest parameter area measured (4 GiB).  The format allows a zero-filled area of up to 2^64
+#: bytes; every loader holds an area in host memory, and measuring one page at a time an area of
+#: terabytes would not end in a useful time, so larger areas are refused.
+MAX_AREA_BYTES = 1 << 32
+
+
+class _Areas(dict[int, int]):
+    """Parameter area index -> its size in pages; :meth:`pages` checks an insert's area."""
+
+    def pages(self, h: H.ParameterInsert) -> int:
+        n = self.get(h.parameter_area_index, 0)
+        if n * PAGE_SIZE_4K > MAX_AREA_BYTES:
+            raise MeasurementError(f"parameter area {h.parameter_area_index} inserted here is "
+                                   f"{n * PAGE_SIZE_4K:#x} bytes; areas over {MAX_AREA_BYTES:#x} bytes are not "
+                                   "measured (no loader can hold one)", gpa=h.gpa)
+        return n
+
+
+def _area_pages(f: IgvmFile) -> _Areas:
+    return _Areas({h.parameter_area_index: h.number_of_bytes // PAGE_SIZE_4K
+                   for h in f.directives if isinstance(h, H.ParameterArea)})
 
 
 def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, two_pass: bool,
@@ -419,7 +437,7 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
             if isinstance(h, H.PageData):
                 acc.page(h)
             elif isinstance(h, H.ParameterInsert):
-                acc.insert(h.gpa, areas.get(h.parameter_area_index, 0))
+                acc.insert(h.gpa, areas.pages(h))
             elif isinstance(h, H.SnpVpContext):
                 acc.vmsa(h)
             ld = acc.ld
@@ -440,7 +458,7 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
                                            gpa=h.gpa)
                 vbs.page(h.gpa, h.data, bool(h.flags & _UNMEASURED))
             elif isinstance(h, H.ParameterInsert):
-                for i in range(areas.get(h.parameter_area_index, 0)):
+                for i in range(areas.pages(h)):
                     vbs.page(h.gpa + i * PAGE_SIZE_4K, None, True)
             elif isinstance(h, H.ErrorRange):
                 for i in range(-(-h.size_bytes // PAGE_SIZE_4K)):
@@ -463,7 +481,7 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
     return Measurement(ptype, mask, None, None, notes=(f"{ptype.name} launches have no measurement",))
 
 
-def _measure_tdx(f: IgvmFile, mask: int, areas: dict[int, int], two_pass: bool, *, vectorize: bool = True
+def _measure_tdx(f: IgvmFile, mask: int, areas: _Areas, two_pass: bool, *, vectorize: bool = True
                  ) -> Measurement:
     """MRTD of the TDX platform ``mask``.  In single-pass order, runs of consecutive whole pages
     of one buffer are hashed by :class:`_TdxRuns` (``vectorize`` and numpy available), every
@@ -531,7 +549,7 @@ def _measure_tdx(f: IgvmFile, mask: int, areas: dict[int, int], two_pass: bool, 
             tdx.page(h.gpa, not h.flags & _UNMEASURED, h.data)
         elif isinstance(h, H.ParameterInsert):
             flush()
-            for i in range(areas.get(h.parameter_area_index, 0)):
+            for i in range(areas.pages(h)):
                 tdx.page(h.gpa + i * PAGE_SIZE_4K, False, None)
     flush()
     digest = tdx.finish()
