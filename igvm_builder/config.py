@@ -129,6 +129,9 @@ class BuildConfig:
     kernel: KernelSpec | None = None
     blobs: tuple[BlobSpec, ...] = ()
     memory_size: int = 512 << 20
+    #: Kernel launches on SNP and TDX: import every RAM page the image does not carry, data-less
+    #: and unmeasured, so the loader validates (SNP) or accepts (TDX) it at launch.
+    memory_prevalidate: bool = False
     snp: SnpSpec = field(default_factory=SnpSpec)
     tdx: TdxSpec = field(default_factory=TdxSpec)
     vbs: VbsSpec = field(default_factory=VbsSpec)
@@ -347,7 +350,7 @@ _SECTIONS: dict[str, _Schema] = {
         "cmdline": lambda c, k, v: c.str_(k, v),
         "initrd": lambda c, k, v: c.path(k, v),
     },
-    "memory": {"size": lambda c, k, v: c.size(k, v)},
+    "memory": {"size": lambda c, k, v: c.size(k, v), "prevalidate": lambda c, k, v: c.bool_(k, v)},
     "snp": {
         "policy": lambda c, k, v: _snp_policy(c, k, v),
         "vcpus": lambda c, k, v: c.int_(k, v, 1, 512),
@@ -420,6 +423,9 @@ def parse_config(data: Mapping[str, Any], *, source: str, text: str = "", base_d
                             cmdline=values.get("kernel.cmdline", ""), initrd=values.get("kernel.initrd"))
     elif any(k.startswith("kernel.") for k in values):
         raise ctx.err("kernel.path", "the [kernel] table needs a 'path'")
+    if values.get("memory.prevalidate") and "firmware.path" in values:
+        raise ctx.err("memory.prevalidate", "applies to kernels booted without firmware; OVMF validates "
+                                            "and accepts guest memory itself")
     sub = _sub(values)
     return BuildConfig(
         source=source,
@@ -431,6 +437,7 @@ def parse_config(data: Mapping[str, Any], *, source: str, text: str = "", base_d
         kernel=kernel,
         blobs=tuple(blobs),
         memory_size=values.get("memory.size", 512 << 20),
+        memory_prevalidate=values.get("memory.prevalidate", False),
         snp=SnpSpec(**sub("snp")),
         tdx=TdxSpec(**sub("tdx")),
         vbs=VbsSpec(**sub("vbs")),

@@ -302,3 +302,58 @@ def test_confidential_direct_boot_notes(tmp_path: Path, capsys: pytest.CaptureFi
     native = write_config(tmp_path, kernel_config(VMLINUZ, None, "1G", platforms='"native"'), "native.toml")
     assert cli.main(["build", str(native), "-o", str(tmp_path / "n.igvm"), "-q"]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- memory.prevalidate
+
+
+def _ram_pages(pages: dict, bp_gpa: int) -> set[int]:
+    """Every 4 KiB page of an E820_RAM entry of the zero page at ``bp_gpa``."""
+    bp = read_guest(pages, bp_gpa, PAGE)
+    out: set[int] = set()
+    for i in range(bp[BP_E820_ENTRIES]):
+        addr, size, typ = struct.unpack_from("<QQI", bp, BP_E820_TABLE + 20 * i)
+        if typ == E820_RAM:
+            out.update(range(addr, addr + size, PAGE))
+    return out
+
+
+def test_prevalidate_imports_all_ram_unmeasured(tmp_path: Path, initrd: Path) -> None:
+    """memory.prevalidate: on SNP and TDX every RAM page of the kernel's own memory map is in the
+    image; the pages the image adds for it carry no data and are unmeasured; native is as without
+    the option; each platform's digest is that of its single-platform build."""
+    from test_build_multi import check_multi_equals_singles
+
+    body = kernel_config(VMLINUZ, initrd, "256M") + "prevalidate = true\n"
+    plain = build_igvm(config(tmp_path, kernel_config(VMLINUZ, initrd, "256M"), "plain.toml"))
+    f = build_igvm(config(tmp_path, body))
+    assert page_map(f, "native") == page_map(plain, "native")
+    for platform in ("snp", "tdx"):
+        pages, before = page_map(f, platform), page_map(plain, platform)
+        bp_gpa = vmsa_fields(f)["rsi"] if platform == "snp" else \
+            decode_tdx_trampoline(page_bytes(pages[0xFFFF_F000]))["esi"]
+        ram = _ram_pages(pages, bp_gpa)
+        assert len(ram) == (256 << 20) // PAGE - (0x100000 - 0xA0000) // PAGE - (3 if platform == "snp" else 0)
+        assert ram <= set(pages), f"{platform}: RAM pages missing"
+        added = set(pages) - set(before)
+        assert added == ram - set(before)
+        for gpa in added:
+            h = pages[gpa]
+            assert len(h.data) == 0 and h.flags == 2 and h.data_type == 0, (platform, hex(gpa))
+        for gpa, h in before.items():  # the image's own pages are unchanged
+            assert (pages[gpa].flags, bytes(pages[gpa].data)) == (h.flags, bytes(h.data))
+    # SNP and TDX share the added runs where they coincide: the file holds them once
+    from igvm_builder.format import headers as H
+
+    snp_tdx = [h for h in f.directives if isinstance(h, H.PageData) and not len(h.data) and h.flags == 2]
+    shared = sum(1 for h in snp_tdx if h.compatibility_mask == 6)
+    assert shared > 0.9 * sum(1 for h in snp_tdx), (shared, len(snp_tdx))
+    check_multi_equals_singles(tmp_path, {"all": body.replace('"native", "snp", "tdx"', "@PLATFORMS@")},
+                               ["native", "snp", "tdx"])
+
+
+def test_prevalidate_is_for_kernel_launches(tmp_path: Path) -> None:
+    from igvm_builder.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"memory\.prevalidate.*OVMF validates"):
+        config(tmp_path, '[image]\nplatforms = ["snp"]\n[firmware]\npath = "OVMF.fd"\n[memory]\nprevalidate = true\n')

@@ -5,6 +5,7 @@ merged into an :class:`~igvm_builder.format.file.IgvmFile`."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 from igvm_builder.build.mapped import _Inputs
@@ -42,6 +43,10 @@ from igvm_builder.format.defs import (
 from igvm_builder.format.file import IgvmFile
 from igvm_builder.platforms.cpu import CpuState, gdt_bytes, identity_page_tables, tdx_reset_trampoline
 
+#: PAGE_DATA flag of pages the loader imports without measuring them (a plain int: IntFlag's ``&``
+#: is a Python call, and the measurements test the flags of every page).
+_UNMEASURED = int(PageDataFlags.UNMEASURED)
+
 
 class _Builder:
     def __init__(self, cfg: BuildConfig) -> None:
@@ -67,7 +72,7 @@ class _Builder:
             self._kernel()
         for blob in cfg.blobs:
             view = self.inputs.get(blob.path, "blob")
-            pages = _PageRun(blob.gpa, view, flags=0 if blob.measured else PageDataFlags.UNMEASURED)
+            pages = _PageRun(blob.gpa, view, flags=0 if blob.measured else _UNMEASURED)
             for plan in self.plans.values():
                 plan.claim(blob.gpa, -(-len(view) // PAGE) * PAGE, f"blob {blob.path}")
                 plan.add_pages(pages)
@@ -195,7 +200,7 @@ class _Builder:
                 size = -(-sec.size // PAGE) * PAGE
                 plan.claim(sec.base, size, what)
                 if snp:
-                    flags = PageDataFlags.UNMEASURED if sec.type == 1 and vmm == "gce" else 0
+                    flags = _UNMEASURED if sec.type == 1 and vmm == "gce" else 0
                     for off in range(0, size, PAGE):
                         if skip and skip[0] <= sec.base + off < skip[1]:
                             continue  # the IGVM parameter area is inserted there instead
@@ -235,11 +240,11 @@ class _Builder:
             plan.claim(sec.mem_base, sec.mem_size, f"TDVF section {sec.type_name} at {sec.mem_base:#x}")
             if sec.raw_size:
                 data = view[sec.data_offset : sec.data_offset + sec.raw_size]
-                flags = 0 if sec.mr_extend else PageDataFlags.UNMEASURED
+                flags = 0 if sec.mr_extend else _UNMEASURED
                 plan.pages_from(sec.mem_base, data, sec.mem_size, flags=flags, zero_fill=False)
             else:
                 for off in range(0, sec.mem_size, PAGE):
-                    plan.page(sec.mem_base + off, flags=PageDataFlags.UNMEASURED)
+                    plan.page(sec.mem_base + off, flags=_UNMEASURED)
 
     # ---- kernel launches
 
@@ -271,20 +276,61 @@ class _Builder:
             self._elf(view, k.path, cmd, initrd, initrd_name)
         else:
             self._bzimage(view, k.path, cmd, initrd, initrd_name)
+        if self.cfg.memory_prevalidate:
+            self._prevalidate()
         # What this image does not do for a confidential guest (no firmware runs before the
         # kernel); said in the reference values and by the CLI, documented in docs/CONFIG.md.
+        see = "(docs/CONFIG.md, 'What a directly booted confidential guest still needs')"
         if PlatformType.SEV_SNP in self.plans:
             blob = ("" if fmt == "bzimage" else
-                    " and, booted as an ELF (no boot_params), finds no SEV CC blob (secrets and CPUID pages)")
-            self.notes.append(
-                "snp: the kernel starts without firmware: guest RAM outside this image is not validated "
-                f"(PVALIDATE){blob}; a Linux guest expects its RAM validated by firmware or a boot shim "
-                "(docs/CONFIG.md, 'What a directly booted confidential guest still needs')")
+                    "; booted as an ELF (no boot_params), it finds no SEV CC blob (secrets and CPUID pages)")
+            if self.cfg.memory_prevalidate:
+                self.notes.append("snp: guest RAM outside this image is imported unmeasured, so the loader "
+                                  f"validates it at launch (memory.prevalidate; not tried on hardware){blob} {see}")
+            else:
+                self.notes.append(
+                    "snp: the kernel starts without firmware: guest RAM outside this image is not validated "
+                    f"(PVALIDATE){blob}; a Linux guest expects its RAM validated by firmware, a boot shim or "
+                    f"memory.prevalidate {see}")
         if PlatformType.TDX in self.plans:
-            self.notes.append(
-                "tdx: the kernel starts without TDVF or td-shim: private memory outside this image is not "
-                "accepted and no TD HOB describes it; a Linux TD expects both from its firmware or boot shim "
-                "(docs/CONFIG.md, 'What a directly booted confidential guest still needs')")
+            if self.cfg.memory_prevalidate:
+                self.notes.append("tdx: guest RAM outside this image is added unmeasured (PAGE.ADD), so it is "
+                                  f"accepted at launch (memory.prevalidate; not tried on hardware) {see}")
+            else:
+                self.notes.append(
+                    "tdx: the kernel starts without TDVF or td-shim: private memory outside this image is not "
+                    "accepted; a Linux TD expects its RAM accepted (or listed as unaccepted by EFI) by its "
+                    f"firmware, a boot shim or memory.prevalidate {see}")
+
+    def _prevalidate(self) -> None:
+        """``memory.prevalidate``: on SNP and TDX, every page of guest RAM (the memory map's RAM
+        entries) that the plan does not import becomes a data-less, unmeasured PAGE_DATA, which
+        the loader imports like the rest of the image: validated (SNP_LAUNCH_UPDATE, page type
+        UNMEASURED) or added (TDH.MEM.PAGE.ADD without MR.EXTEND) before the guest runs.  Runs
+        of such pages that are the same on both platforms are one run, stored once in the file."""
+        runs: dict[tuple[int, int], _PageRun] = {}
+        ram = [(start, start + size) for start, size, kind in self._memory_map() if kind == E820_RAM]
+        for p, plan in self.plans.items():
+            if p not in (PlatformType.SEV_SNP, PlatformType.TDX):
+                continue
+            imported: set[int] = set()
+            for d in plan.directives:
+                imported.update(_page_gpas(d))
+            for start, end in ram:
+                gpa = start
+                while gpa < end:
+                    if gpa in imported:
+                        gpa += PAGE
+                        continue
+                    first = gpa
+                    while gpa < end and gpa not in imported:
+                        gpa += PAGE
+                    key = (first, gpa - first)
+                    run = runs.get(key)
+                    if run is None:
+                        run = runs[key] = _PageRun(first, memoryview(b""), mem_size=gpa - first,
+                                                   flags=_UNMEASURED, zero_fill=False)
+                    plan.add_pages(run)
 
     def _common_low(self, plan: _PlatformPlan, cmd: bytes) -> None:
         plan.claim(GDT_GPA, PAGE, "GDT")
@@ -461,6 +507,18 @@ class _Builder:
                 plan.policy = self.cfg.snp.policy
             elif plan.ptype == PlatformType.TDX:
                 plan.policy = self.cfg.tdx.policy
+
+
+def _page_gpas(d: H.Header | _PageRun) -> Iterable[int]:
+    """The 4 KiB GPAs a planned directive imports."""
+    if isinstance(d, _PageRun):
+        if d.prepared is not None:
+            return (gpa for gpa, _data in d.prepared)
+        n = len(d.view) - d.start if d.length is None else d.length
+        return range(d.gpa, d.gpa + max(n, d.mem_size or 0), PAGE)
+    if isinstance(d, H.PageData):
+        return (d.gpa,)
+    return ()
 
 
 def _elf_pages(elf: Any, view: memoryview) -> list[tuple[int, bytes | FileSlice]]:

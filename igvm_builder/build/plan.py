@@ -156,8 +156,10 @@ def page_headers(gpa: int, view: memoryview, mem_size: int | None = None, *, fla
             data: bytes = bytes(view[start + off : start + n]) + bytes(PAGE - (n - off))
         else:
             data = ZERO_PAGE if zero_fill else b""
-        out.append(page_data(gpa=gpa + off, compatibility_mask=mask, flags=flags, data_type=PageDataType.NORMAL,
-                             data=data))
+        if off > full and off >= n:  # a page like the one before: the fast constructor
+            out.append(_new_page(gpa + off, mask, flags, normal, data))
+        else:
+            out.append(page_data(gpa=gpa + off, compatibility_mask=mask, flags=flags, data_type=normal, data=data))
     return out
 
 
