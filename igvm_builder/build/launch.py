@@ -43,6 +43,22 @@ from igvm_builder.format.defs import (
 from igvm_builder.format.file import IgvmFile
 from igvm_builder.platforms.cpu import CpuState, gdt_bytes, identity_page_tables, tdx_reset_trampoline
 
+_SEE = "(docs/CONFIG.md, 'What a directly booted confidential guest still needs')"
+_ELF_NO_CC_BLOB = "; booted as an ELF (no boot_params), it finds no SEV CC blob (secrets and CPUID pages)"
+#: Build notes of SNP and TDX kernel launches, by (platform, memory.prevalidate).
+_DIRECT_BOOT_NOTES = {
+    (PlatformType.SEV_SNP, False): "snp: the kernel starts without firmware: guest RAM outside this image is not "
+                                   "validated (PVALIDATE){blob}; a Linux guest expects its RAM validated by "
+                                   f"firmware, a boot shim or memory.prevalidate {_SEE}",
+    (PlatformType.SEV_SNP, True): "snp: guest RAM outside this image is imported unmeasured, so the loader "
+                                  f"validates it at launch (memory.prevalidate; not tried on hardware){{blob}} {_SEE}",
+    (PlatformType.TDX, False): "tdx: the kernel starts without TDVF or td-shim: private memory outside this image "
+                               "is not accepted; a Linux TD expects its RAM accepted (or listed as unaccepted by "
+                               f"EFI) by its firmware, a boot shim or memory.prevalidate {_SEE}",
+    (PlatformType.TDX, True): "tdx: guest RAM outside this image is added unmeasured (PAGE.ADD), so it is accepted "
+                              f"at launch (memory.prevalidate; not tried on hardware) {_SEE}",
+}
+
 #: PAGE_DATA flag of pages the loader imports without measuring them (a plain int: IntFlag's ``&``
 #: is a Python call, and the measurements test the flags of every page).
 _UNMEASURED = int(PageDataFlags.UNMEASURED)
@@ -280,27 +296,10 @@ class _Builder:
             self._prevalidate()
         # What this image does not do for a confidential guest (no firmware runs before the
         # kernel); said in the reference values and by the CLI, documented in docs/CONFIG.md.
-        see = "(docs/CONFIG.md, 'What a directly booted confidential guest still needs')"
-        if PlatformType.SEV_SNP in self.plans:
-            blob = ("" if fmt == "bzimage" else
-                    "; booted as an ELF (no boot_params), it finds no SEV CC blob (secrets and CPUID pages)")
-            if self.cfg.memory_prevalidate:
-                self.notes.append("snp: guest RAM outside this image is imported unmeasured, so the loader "
-                                  f"validates it at launch (memory.prevalidate; not tried on hardware){blob} {see}")
-            else:
-                self.notes.append(
-                    "snp: the kernel starts without firmware: guest RAM outside this image is not validated "
-                    f"(PVALIDATE){blob}; a Linux guest expects its RAM validated by firmware, a boot shim or "
-                    f"memory.prevalidate {see}")
-        if PlatformType.TDX in self.plans:
-            if self.cfg.memory_prevalidate:
-                self.notes.append("tdx: guest RAM outside this image is added unmeasured (PAGE.ADD), so it is "
-                                  f"accepted at launch (memory.prevalidate; not tried on hardware) {see}")
-            else:
-                self.notes.append(
-                    "tdx: the kernel starts without TDVF or td-shim: private memory outside this image is not "
-                    "accepted; a Linux TD expects its RAM accepted (or listed as unaccepted by EFI) by its "
-                    f"firmware, a boot shim or memory.prevalidate {see}")
+        blob = "" if fmt == "bzimage" else _ELF_NO_CC_BLOB
+        for p in (PlatformType.SEV_SNP, PlatformType.TDX):
+            if p in self.plans:
+                self.notes.append(_DIRECT_BOOT_NOTES[p, self.cfg.memory_prevalidate].format(blob=blob))
 
     def _prevalidate(self) -> None:
         """``memory.prevalidate``: on SNP and TDX, every page of guest RAM (the memory map's RAM
