@@ -280,6 +280,32 @@ def test_uki_builds_the_same_image(tmp_path: Path, efi_stub: Path, initrd: Path,
     assert read_cstring(pages, struct.unpack_from("<I", bp, HDR_CMD_LINE_PTR)[0]) == b"console=hvc0"
 
 
+def test_uki_ucode_goes_in_front_of_the_initrd(tmp_path: Path, efi_stub: Path, initrd: Path) -> None:
+    """systemd-stub hands a UKI's .ucode (an early-microcode cpio) to the kernel in front of every
+    other initrd.  Here it is padded with NUL bytes to a whole page, which the kernel's initramfs
+    unpacker skips between archives (init/initramfs.c), so the initrd after it stays page-aligned
+    (zero-copy); boot_params covers both.  A config initrd replaces .initrd, not .ucode."""
+    ucode = b"070701" + bytes(range(256)) * 5 + b"TRAILER!!!"  # any bytes: placement is what is checked
+    uki_initrd = random.Random(3).randbytes(3 * PAGE + 17)
+    uki = make_uki(efi_stub, tmp_path, {".cmdline": CMDLINE.encode(), ".linux": VMLINUZ.read_bytes(),
+                                        ".initrd": uki_initrd, ".ucode": ucode})
+    padded = -(-len(ucode) // PAGE) * PAGE
+    for body, expected in (
+            (f'[image]\nplatforms = ["native", "snp"]\n[kernel]\npath = {q(uki)}\n[memory]\nsize = "1G"\n',
+             uki_initrd),
+            (f'[image]\nplatforms = ["native", "snp"]\n[kernel]\npath = {q(uki)}\ninitrd = {q(initrd)}\n'
+             '[memory]\nsize = "1G"\n', initrd.read_bytes())):
+        f = build_igvm(config(tmp_path, body, "uki.toml"))
+        for platform in ("native", "snp"):
+            pages = page_map(f, platform)
+            rsi = native_context(f)["rsi"] if platform == "native" else vmsa_fields(f)["rsi"]
+            bp = read_guest(pages, rsi, PAGE)
+            addr, size = struct.unpack_from("<II", bp, HDR_RAMDISK_IMAGE)
+            assert addr % PAGE == 0 and size == padded + len(expected)
+            ramdisk = read_guest(pages, addr, size)
+            assert ramdisk == ucode + bytes(padded - len(ucode)) + expected
+
+
 # --------------------------------------------------------------------------- what the image leaves undone
 
 

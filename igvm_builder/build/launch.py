@@ -274,6 +274,7 @@ class _Builder:
         cmdline = k.cmdline
         initrd: memoryview | None = self.inputs.get(k.initrd, "initrd") if k.initrd else None
         initrd_name = k.initrd or ""
+        early = b""
         if fmt == "uki":
             from igvm_builder.inputs.uki import parse_uki
 
@@ -283,6 +284,7 @@ class _Builder:
                 initrd, initrd_name = memoryview(uki.initrd), f"{k.path} (.initrd)"
             if uki.cmdline and not cmdline:
                 cmdline = uki.cmdline
+            early = uki.ucode or b""  # systemd-stub passes it in front of every other initrd
             fmt = "bzimage"
         cmd = cmdline.encode() + b"\0"
         if len(cmd) > PAGE:
@@ -291,7 +293,7 @@ class _Builder:
         if fmt == "elf":
             self._elf(view, k.path, cmd, initrd, initrd_name)
         else:
-            self._bzimage(view, k.path, cmd, initrd, initrd_name)
+            self._bzimage(view, k.path, cmd, initrd, initrd_name, early=early)
         if self.cfg.memory_prevalidate:
             self._prevalidate()
         # What this image does not do for a confidential guest (no firmware runs before the
@@ -424,7 +426,11 @@ class _Builder:
             plan.page(gpa, data)
         return CpuState.long64(rip=rip, gdt=GDT_GPA, cr3=PAGE_TABLES_GPA, rsi=rsi)
 
-    def _bzimage(self, view: memoryview, name: str, cmd: bytes, initrd: memoryview | None, initrd_name: str) -> None:
+    def _bzimage(self, view: memoryview, name: str, cmd: bytes, initrd: memoryview | None, initrd_name: str,
+                 *, early: bytes = b"") -> None:
+        """``early``: a cpio archive loaded in front of the initrd (a UKI's ``.ucode``), padded with
+        zeros to whole pages (the kernel's initramfs unpacker skips NUL bytes between archives), so
+        the initrd itself stays page-aligned and is never copied."""
         from igvm_builder.inputs.bzimage import (
             CC_BLOB_OFFSET,
             E820Entry,
@@ -442,12 +448,15 @@ class _Builder:
         if kernel_end > self.cfg.memory_size:
             raise LayoutError(f"kernel needs memory up to {kernel_end:#x} but memory.size is "
                               f"{self.cfg.memory_size:#x}", source=self.cfg.source, key="memory.size")
-        initrd_gpa = 0
-        if initrd is not None:
-            initrd_gpa = self._place_initrd(len(initrd), kernel_end, (bz.initrd_addr_max or 0x37FFFFFF) + 1)
+        early = early + bytes(-len(early) % PAGE)
+        ramdisk_size = len(early) + (len(initrd) if initrd is not None else 0)
+        ramdisk_gpa = 0
+        if ramdisk_size:
+            ramdisk_gpa = self._place_initrd(ramdisk_size, kernel_end, (bz.initrd_addr_max or 0x37FFFFFF) + 1)
+        initrd_gpa = ramdisk_gpa + len(early)
         e820 = [E820Entry(a, s, t) for a, s, t in self._memory_map()]
-        boot = {"cmdline_ptr": CMDLINE_GPA, "cmdline_size": len(cmd) - 1, "initrd_addr": initrd_gpa,
-                "initrd_size": len(initrd) if initrd is not None else 0}
+        boot = {"cmdline_ptr": CMDLINE_GPA, "cmdline_size": len(cmd) - 1, "initrd_addr": ramdisk_gpa,
+                "initrd_size": ramdisk_size}
         boot_params = build_boot_params(bz, **boot, e820=e820)
         snp_boot_params = cc_blob = b""
         if PlatformType.SEV_SNP in self.plans:
@@ -461,6 +470,7 @@ class _Builder:
                 setup_data=SNP_CC_BLOB_GPA if setup else 0, cc_blob_address=SNP_CC_BLOB_GPA + CC_BLOB_OFFSET)
         kernel_pages = _PageRun(load, view, start=bz.setup_size, length=len(bz.kernel))
         initrd_pages = _PageRun(initrd_gpa, initrd) if initrd is not None else None
+        early_pages = _PageRun(ramdisk_gpa, memoryview(early)) if early else None
         for p, plan in self.plans.items():
             self._common_low(plan, cmd)
             plan.claim(BOOT_INFO_GPA, PAGE, "boot_params (zero page)")
@@ -472,6 +482,9 @@ class _Builder:
                 plan.page(BOOT_INFO_GPA, boot_params)
             plan.claim(load, kernel_end - load, f"kernel {name} (protected-mode part and init_size)")
             plan.add_pages(kernel_pages)
+            if early_pages is not None:
+                plan.claim(ramdisk_gpa, len(early), f"{name} (.ucode)")
+                plan.add_pages(early_pages)
             if initrd is not None and initrd_pages is not None:
                 plan.claim(initrd_gpa, -(-len(initrd) // PAGE) * PAGE, f"initrd {initrd_name}")
                 plan.add_pages(initrd_pages)
