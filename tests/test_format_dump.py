@@ -244,11 +244,12 @@ def test_file_sha256_of_a_mapped_file(tmp_path) -> None:  # type: ignore[no-unty
     import mmap
     import random
 
-    from igvm_builder.format.dump import _sha256_released
+    from igvm_builder.format.blob import sha256_released
 
     path = tmp_path / "big.bin"
     path.write_bytes(random.Random(9).randbytes((20 << 20) + 123))  # windows of 8 MiB, a short last one
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
         view = memoryview(m).cast("B")
-        assert _sha256_released(view) == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert sha256_released(view) == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert sha256_released(view, stop=lambda: True) is None  # a cancelled hash gives no digest
         view.release()

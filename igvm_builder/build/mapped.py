@@ -3,7 +3,6 @@ and zero-copy windows over them whose pages leave the resident set once consumed
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import threading
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 
 from igvm_builder.errors import InputError
 from igvm_builder.format import headers as H
-from igvm_builder.format.blob import FileSlice, as_view, dontneed
+from igvm_builder.format.blob import FileSlice, as_view, dontneed, sha256_released
 
 # --------------------------------------------------------------------------- resident-set control
 
@@ -144,16 +143,7 @@ class _Hasher:
             self.error = exc
 
     def _hash(self) -> str:
-        view = self.view
-        h = hashlib.sha256()
-        src = _source_of(view, 0)
-        for off in range(0, len(view), WINDOW):
-            if self.stop:
-                return ""
-            h.update(view[off : off + WINDOW])
-            if src is not None:
-                dontneed(src.buf, off, min(WINDOW, len(view) - off))
-        return h.hexdigest()
+        return sha256_released(self.view, window=WINDOW, stop=lambda: self.stop) or ""
 
     def result(self) -> str:
         if self.thread is None:

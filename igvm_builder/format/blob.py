@@ -8,7 +8,9 @@ Built files use plain ``bytes``.  Code that needs the contents calls :func:`as_v
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import mmap
+from collections.abc import Callable
 
 Blob = "bytes | FileSlice"
 
@@ -90,6 +92,28 @@ def dontneed(buf: mmap.mmap, offset: int, length: int) -> None:
     start = offset - offset % mmap.PAGESIZE
     with contextlib.suppress(OSError, ValueError, AttributeError):
         buf.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
+
+
+def sha256_released(view: memoryview, *, window: int = 8 << 20,
+                    stop: Callable[[], bool] | None = None) -> str | None:
+    """SHA-256 (hex) of ``view``, hashed ``window`` bytes at a time.  When ``view`` is a whole
+    read-only mmap, each window leaves the resident set once hashed (:func:`dontneed`), so a
+    large file is never resident as a whole.  ``stop()`` is asked before each window: None once
+    it says so (a cancelled build)."""
+    buf = view.obj if isinstance(view.obj, mmap.mmap) and view.nbytes == len(view.obj) else None
+    if buf is not None:
+        with memoryview(buf) as whole:
+            if not whole.readonly:
+                buf = None
+    h = hashlib.sha256()
+    n = view.nbytes
+    for off in range(0, n, window):
+        if stop is not None and stop():
+            return None
+        h.update(view[off : off + window])
+        if buf is not None:
+            dontneed(buf, off, min(window, n - off))
+    return h.hexdigest()
 
 
 class PageReleaser:

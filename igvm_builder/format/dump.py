@@ -25,7 +25,7 @@ from typing import Any
 
 from igvm_builder import sev_vmsa
 from igvm_builder.format import headers as H
-from igvm_builder.format.blob import FileSlice, PageReleaser, as_view, dontneed
+from igvm_builder.format.blob import FileSlice, PageReleaser, as_view, sha256_released
 from igvm_builder.format.defs import (
     FIXED_HEADER_SIZE_V1,
     PAGE_SIZE_4K,
@@ -605,7 +605,7 @@ def _document(f: IgvmFile, buf: memoryview | None, platform: PlatformType | None
     }
     if buf is not None:
         file_info["size"] = len(buf)
-        file_info["sha256"] = _sha256_released(buf)
+        file_info["sha256"] = sha256_released(buf)  # the mapped file never resident whole
         file_info["fixed_header"] = _fixed_header(buf)
     by_type = Counter(h.TYPE.name for h in f.headers)
     with_data = sum(1 for h in f.directives if isinstance(h, H.PageData) and len(h.data))
@@ -629,19 +629,6 @@ def _document(f: IgvmFile, buf: memoryview | None, platform: PlatformType | None
         },
         "warnings": list(f.warnings),
     }
-
-
-def _sha256_released(buf: memoryview) -> str:
-    """SHA-256 of ``buf``; 8 MiB at a time, each window of an mmap dropped from the resident
-    set once hashed (a 1 GiB file would otherwise stay mapped, counted in the RSS)."""
-    h = hashlib.sha256()
-    window = 8 << 20
-    mapped = buf.obj if isinstance(buf.obj, mmap.mmap) else None
-    for off in range(0, len(buf), window):
-        h.update(buf[off : off + window])
-        if mapped is not None:
-            dontneed(mapped, off, min(window, len(buf) - off))
-    return h.hexdigest()
 
 
 def _buffer(source_bytes: Buffer | None) -> memoryview | None:
