@@ -167,22 +167,15 @@ def atomic_outputs(*paths: str | os.PathLike[str] | None) -> Iterator[tuple[Atom
     (:func:`commit_together`) when the block succeeds, all discarded when it raises."""
     made: list[AtomicFile | None] = []
     try:
-        for p in paths:
+        for p in paths:  # a second output that cannot be created drops the first one too
             made.append(AtomicFile(p) if p is not None else None)
-    except BaseException:  # e.g. the second output's directory is missing: drop the first
+        yield tuple(made)
+    except BaseException:
         for f in made:
             if f is not None:
                 f.discard()
         raise
-    files = tuple(made)
-    try:
-        yield files
-    except BaseException:
-        for f in files:
-            if f is not None:
-                f.discard()
-        raise
-    commit_together(*files)
+    commit_together(*made)
 
 
 def _sync_directory(directory: str) -> None:

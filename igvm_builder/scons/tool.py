@@ -151,21 +151,14 @@ def _fail(env: Any, exc: IgvmError, default_source: Any) -> SCons.Errors.UserErr
     return SCons.Errors.UserError(first)
 
 
-def _write_outputs(outputs: Sequence[tuple[Any, bytes]]) -> None:
-    """Write every (node, bytes) atomically; on failure remove the ones already written."""
+def _write_output(env: Any, node: Any, data: bytes, source: Any) -> None:
+    """Write ``data`` to ``node`` atomically; a failure is the tool's one-line error."""
     from igvm_builder.io import atomic_write
 
-    written: list[str] = []
     try:
-        for node, data in outputs:
-            path = node.get_abspath()
-            atomic_write(path, data)
-            written.append(path)
-    except BaseException:
-        for path in written:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        raise
+        atomic_write(node.get_abspath(), data)
+    except IgvmError as exc:
+        raise _fail(env, exc, source) from None
 
 
 @contextlib.contextmanager
@@ -387,7 +380,7 @@ def _igvm_sign(target: list[Any], source: list[Any], env: Any) -> None:
             )
         except IgvmError as exc:
             raise _fail(env, exc, source[0]) from None
-        _write_outputs([(target[0], signed)])
+        _write_output(env, target[0], signed, source[0])
 
 
 _igvm_sign.strfunction = _strfunction("igvm_sign")  # type: ignore[attr-defined]
@@ -447,7 +440,7 @@ def _igvm_repro(target: list[Any], source: list[Any], env: Any) -> None:
             "loader": loader,
             "result": "reproducible",
         }
-        _write_outputs([(target[0], (json.dumps(stamp, sort_keys=True, indent=2) + "\n").encode())])
+        _write_output(env, target[0], (json.dumps(stamp, sort_keys=True, indent=2) + "\n").encode(), config)
 
 
 _igvm_repro.strfunction = _strfunction("igvm_repro_check")  # type: ignore[attr-defined]
@@ -490,7 +483,7 @@ def _cpio_build(target: list[Any], source: list[Any], env: Any) -> None:
         data = pack_directory(_cpio_root(source[0]))
     except IgvmError as exc:
         raise _fail(env, exc, source[0]) from None
-    _write_outputs([(target[0], data)])
+    _write_output(env, target[0], data, source[0])
 
 
 _cpio_build.strfunction = _strfunction("cpio_pack")  # type: ignore[attr-defined]
