@@ -310,10 +310,10 @@ def _tdx_policy(ctx: _Ctx, key: str, value: Any) -> int:
     """An IGVM ``TdxPolicy``: bit 0 debug_allowed, bit 1 sept_ve_disable, bit 2 migratable; the
     other bits are reserved.  (Not the TD ATTRIBUTES of the TDX module, where SEPT_VE_DISABLE is
     bit 28: the loader derives those from this policy.)"""
-    from igvm_builder.format.defs import TdxPolicyBits
+    from igvm_builder.format.defs import tdx_policy_reserved
 
     policy = ctx.int_(key, value)
-    reserved = policy & ~int(TdxPolicyBits.DEBUG_ALLOWED | TdxPolicyBits.SEPT_VE_DISABLE | TdxPolicyBits.MIGRATABLE)
+    reserved = tdx_policy_reserved(policy)
     if reserved:
         hint = " (TD ATTRIBUTES.SEPT_VE_DISABLE is bit 28 there; here it is 0x2)" if reserved & (1 << 28) else ""
         raise ctx.err(key, f"{policy:#x} sets reserved bits {reserved:#x}: the IGVM TdxPolicy defines only "

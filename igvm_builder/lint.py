@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from igvm_builder.format import headers as H
-from igvm_builder.format.defs import IGVM_VHT_OPTIONAL_BIT, PlatformType, SnpPolicyBits, TdxPolicyBits
+from igvm_builder.format.defs import IGVM_VHT_OPTIONAL_BIT, PlatformType, SnpPolicyBits, tdx_policy_reserved
 from igvm_builder.format.file import IgvmFile
 from igvm_builder.measure.profiles import KVM_VMSA_GPA, get_profile
 
@@ -38,21 +38,21 @@ def lint(f: IgvmFile, loader: str) -> list[Finding]:
         if p.platform_type not in supported and not loader.startswith("igvmmeasure"):
             out.append(Finding("warning", f"{loader} does not load the {p.platform_type.name} platform; it is "
                                           "ignored there"))
-    snp_masks = [p.compatibility_mask for p in f.platforms if p.platform_type == PlatformType.SEV_SNP]
-    for i, h in enumerate(f.initializations):
-        if isinstance(h, H.GuestPolicy) and any(h.compatibility_mask & m for m in snp_masks) \
+    # GUEST_POLICY headers, by the platform they apply to (the same header may serve both)
+    masks = {t: [p.compatibility_mask for p in f.platforms if p.platform_type == t]
+             for t in (PlatformType.SEV_SNP, PlatformType.TDX)}
+    for i, h in enumerate(f.initializations, start=len(f.platforms)):
+        if not isinstance(h, H.GuestPolicy):
+            continue
+        if any(h.compatibility_mask & m for m in masks[PlatformType.SEV_SNP]) \
                 and not h.policy & SnpPolicyBits.RESERVED_MUST_BE_ONE:
             out.append(Finding("error", f"SEV-SNP guest policy {h.policy:#x} has bit 17 (0x20000) clear: the SNP "
-                                        "ABI reserves it as must-be-one and the firmware refuses the launch",
-                               len(f.platforms) + i))
-    tdx_masks = [p.compatibility_mask for p in f.platforms if p.platform_type == PlatformType.TDX]
-    tdx_known = int(TdxPolicyBits.DEBUG_ALLOWED | TdxPolicyBits.SEPT_VE_DISABLE | TdxPolicyBits.MIGRATABLE)
-    for i, h in enumerate(f.initializations):
-        if isinstance(h, H.GuestPolicy) and any(h.compatibility_mask & m for m in tdx_masks) \
-                and h.policy & ~tdx_known:
-            out.append(Finding("warning", f"TDX guest policy {h.policy:#x} sets bits {h.policy & ~tdx_known:#x} that "
-                                          "IGVM's TdxPolicy reserves (only 0x1 debug_allowed, 0x2 sept_ve_disable, "
-                                          "0x4 migratable are defined)", len(f.platforms) + i))
+                                        "ABI reserves it as must-be-one and the firmware refuses the launch", i))
+        reserved = tdx_policy_reserved(h.policy)
+        if reserved and any(h.compatibility_mask & m for m in masks[PlatformType.TDX]):
+            out.append(Finding("warning", f"TDX guest policy {h.policy:#x} sets bits {reserved:#x} that IGVM's "
+                                          "TdxPolicy reserves (only 0x1 debug_allowed, 0x2 sept_ve_disable, "
+                                          "0x4 migratable are defined)", i))
     last_page = -1
     first_vmsa = None
     vmsas: list[H.SnpVpContext] = []

@@ -166,12 +166,20 @@ def decode_tdx_policy(policy: int) -> dict[str, Any]:
     return _policy_flags(policy, TdxPolicyBits)
 
 
+def tdx_policy_reserved(policy: int) -> int:
+    """The bits of an IGVM ``TdxPolicy`` that it does not define (a valid policy has none)."""
+    return policy & ~_defined(TdxPolicyBits)
+
+
+def _defined(flags: type[enum.IntFlag]) -> int:
+    return sum(flag.value for flag in flags)
+
+
 def _policy_flags(policy: int, flags: type[enum.IntFlag], also_known: int = 0) -> dict[str, Any]:
     """Each of ``flags`` by lower-case name (set or not), then ``reserved``: the bits that are neither
     a flag nor in ``also_known`` (decoded by the caller), as hex."""
     out: dict[str, Any] = {flag.name.lower(): bool(policy & flag) for flag in flags}
-    known = also_known | sum(flag.value for flag in flags)
-    out["reserved"] = f"{policy & ~known:#x}"
+    out["reserved"] = f"{policy & ~(also_known | _defined(flags)):#x}"
     return out
 
 
