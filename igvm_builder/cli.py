@@ -12,7 +12,8 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("check", "validate an IGVM file (exit 0 valid, 1 invalid)"),
@@ -72,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from igvm_builder.errors import IgvmError
 
     module = importlib.import_module(f"igvm_builder.commands.{COMMANDS[args.command][0]}")
+    restore = _exit_on_signals()
     try:
         return int(module.run(args) or 0)
     except IgvmError as exc:
@@ -87,6 +89,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        restore()
+
+
+def _exit_on_signals() -> Callable[[], None]:
+    """Make SIGTERM and SIGHUP (what ``timeout``, CI cancellation and a closed terminal send)
+    end the command the way Ctrl-C does: ``SystemExit(128 + signal)`` is raised in the main
+    thread, so every output under way is discarded (no temporary file is left) before the
+    process exits with the usual status (143 for SIGTERM, 129 for SIGHUP).  A signal the
+    caller ignores (``nohup``) stays ignored.  Returns the function that puts the previous
+    handlers back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is None:
+            continue
+        current = signal.getsignal(sig)
+        if current is signal.SIG_DFL:
+            previous[sig] = current
+            signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
 
 
 if __name__ == "__main__":

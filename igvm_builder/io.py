@@ -1,22 +1,66 @@
-"""The only module of the core that touches the file system: atomic writes.
+"""The only module of the core that touches the file system: atomic writes, guarded reads.
 
 A build's outputs appear complete or not at all: each is written under a temporary name in
 its target directory, flushed to disk, then renamed over the target.  On any error the
 temporary file is removed and the target is untouched, so a failed build leaves nothing
 behind.  File modes are fixed (not umask-dependent) so outputs are identical whatever the
 caller's umask.
+
+What an output path may name (docs/ARCHITECTURE.md, "Outputs"):
+
+* a regular file, or a path that does not exist yet: replaced atomically as above;
+* a symbolic link: the file it points to is replaced atomically (the link itself stays);
+* ``-``: standard output; a character device (``/dev/null``, ``/dev/stdout``, a terminal) or a
+  FIFO: written directly, and only once everything succeeded (the data waits in an unnamed
+  temporary file until then), never replaced by a regular file;
+* anything else (a directory, a block device, a socket) is refused before any work.
+
+Two outputs of one command, or an output and an input, that are the same file are refused
+before any work (:func:`check_distinct`); the outputs of one command are published under a
+lock on their directories, so concurrent commands writing the same paths never leave a mixed
+set (the ``.igvm`` of one and the ``.ref.json`` of the other).
+
+Inputs are read through :func:`open_input` / :func:`read_input`: only regular files (a FIFO
+would block forever, ``/dev/zero`` never ends), with a size limit for the small ones.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import stat
+import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import BinaryIO
 
-from igvm_builder.errors import OutputError
+from igvm_builder.errors import IgvmError, InputError, OutputError
+
+#: The output path that means standard output.
+STDOUT = "-"
+
+
+def _kind(mode: int) -> str:
+    """What a file of ``mode`` is, for an error message."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def is_direct(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is an output written directly: ``-``, a character device or a FIFO."""
+    name = os.fspath(path)
+    if name == STDOUT:
+        return True
+    try:
+        mode = os.stat(name).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
 
 
 class AtomicFile:
@@ -41,9 +85,39 @@ class AtomicFile:
         self.mode = mode
         self._tmp = ""
         self._fh: BinaryIO | None = None
-        if os.path.isdir(self.path):  # found now, not after the work: the rename would fail
-            raise OutputError("is a directory; name the file to write", source=self.path)
-        directory = os.path.dirname(os.path.abspath(self.path))
+        #: Written directly at commit (``-``, a character device, a FIFO), not renamed into place.
+        self.direct = False
+        #: The file renamed over at commit: ``path``, or the file a symbolic link points to.
+        self.target = self.path
+        if self.path == STDOUT:
+            self.direct = True
+        else:
+            try:
+                st = os.stat(self.path)  # follows symbolic links: what the path names now
+            except FileNotFoundError:
+                st = None
+            except OSError as exc:
+                raise OutputError(f"cannot write: {exc.strerror}", source=self.path) from None
+            if st is not None and stat.S_ISDIR(st.st_mode):  # found now, not after the work
+                raise OutputError("is a directory; name the file to write", source=self.path)
+            if st is not None and (stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+                self.direct = True
+            elif st is not None and not stat.S_ISREG(st.st_mode):
+                raise OutputError(f"is {_kind(st.st_mode)}; outputs are regular files, character devices, "
+                                  "FIFOs or '-'", source=self.path)
+            elif os.path.islink(self.path):
+                self.target = os.path.realpath(self.path)  # replace what the link points to, keep the link
+        if self.direct:
+            # the data waits in an unnamed temporary file (gone with the process, however it ends)
+            # and is copied to the device only once everything succeeded
+            try:
+                self._fh = tempfile.TemporaryFile()  # noqa: SIM115 - closed by sync()/discard()
+            except OSError as exc:
+                raise OutputError(f"cannot create a temporary file: {exc.strerror}", source=self.path) from None
+            self._started = 0
+            self._advise = None
+            return
+        directory = os.path.dirname(os.path.abspath(self.target))
         try:
             fd, self._tmp = tempfile.mkstemp(prefix=".igvm-", suffix=".tmp", dir=directory)
         except OSError as exc:
@@ -90,8 +164,15 @@ class AtomicFile:
     # ---- finishing
 
     def sync(self) -> None:
-        """Flush, fsync and close the temporary file (it is not yet at ``path``)."""
+        """Flush, fsync and close the temporary file (it is not yet at ``path``).  For a
+        direct output, only flush: the data is copied to the device by :meth:`publish`."""
         fh = self._open()
+        if self.direct:
+            try:
+                fh.flush()
+            except OSError as exc:
+                raise self._error(exc) from None
+            return
         try:
             fh.flush()
             os.fsync(fh.fileno())
@@ -102,18 +183,42 @@ class AtomicFile:
         self._fh = None
 
     def publish(self) -> None:
-        """Rename the synced temporary file to ``path`` and sync the directory entry."""
+        """Rename the synced temporary file to ``path`` and sync the directory entry; for a
+        direct output, copy the data to it."""
+        if self.direct:
+            self._copy_out()
+            return
         try:
-            os.replace(self._tmp, self.path)
+            os.replace(self._tmp, self.target)
         except OSError as exc:
             raise OutputError(f"cannot put the file in place: {exc.strerror or exc}", source=self.path) from None
         self._tmp = ""
-        _sync_directory(os.path.dirname(os.path.abspath(self.path)))
+        _sync_directory(os.path.dirname(os.path.abspath(self.target)))
+
+    def _copy_out(self) -> None:
+        fh = self._open()
+        try:
+            fh.seek(0)
+            if self.path == STDOUT:
+                sys.stdout.flush()
+                dest = sys.stdout.buffer
+                shutil.copyfileobj(fh, dest, 1 << 20)
+                dest.flush()
+            else:
+                # no O_TRUNC, no O_CREAT: a device is written, never created or replaced; a FIFO
+                # blocks here until it has a reader (as ``cat > fifo`` does)
+                with open(os.open(self.path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)), "wb") as dest:
+                    shutil.copyfileobj(fh, dest, 1 << 20)
+        except OSError as exc:
+            raise self._error(exc) from None
+        finally:
+            self.discard()
 
     def commit(self) -> None:
         try:
             self.sync()
-            self.publish()
+            with _locked_directories([self]):
+                self.publish()
         except BaseException:
             self.discard()
             raise
@@ -146,13 +251,19 @@ def commit_together(*files: AtomicFile | None) -> None:
     publishes none; should a rename fail, the files already renamed are removed again, so no
     output is left without its companion."""
     todo = [f for f in files if f is not None]
+    # direct outputs first: a device that fails (``/dev/full``) then publishes no file
+    todo.sort(key=lambda f: not f.direct)
     published: list[str] = []
     try:
         for f in todo:
             f.sync()
-        for f in todo:
-            f.publish()
-            published.append(f.path)
+        # one lock per directory, taken in a fixed order, held while the set is published: a
+        # concurrent command writing the same paths publishes its set before or after this one
+        with _locked_directories(todo):
+            for f in todo:
+                f.publish()
+                if not f.direct:
+                    published.append(f.target)
     except BaseException:
         for f in todo:
             f.discard()
@@ -162,9 +273,46 @@ def commit_together(*files: AtomicFile | None) -> None:
 
 
 @contextlib.contextmanager
-def atomic_outputs(*paths: str | os.PathLike[str] | None) -> Iterator[tuple[AtomicFile | None, ...]]:
+def _locked_directories(files: Sequence[AtomicFile]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the directory of every renamed output (none where the
+    file system cannot lock: the publication is then unordered, as before)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    dirs: dict[tuple[int, int], int] = {}
+    try:
+        for f in files:
+            if f.direct:
+                continue
+            try:
+                fd = os.open(os.path.dirname(os.path.abspath(f.target)), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                continue
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in dirs:
+                os.close(fd)
+            else:
+                dirs[(st.st_dev, st.st_ino)] = fd
+        for key in sorted(dirs):  # one order for every process: no deadlock
+            with contextlib.suppress(OSError):
+                fcntl.flock(dirs[key], fcntl.LOCK_EX)
+        yield
+    finally:
+        for fd in dirs.values():
+            os.close(fd)  # closing releases the lock
+
+
+@contextlib.contextmanager
+def atomic_outputs(*paths: str | os.PathLike[str] | None, inputs: Iterable[str | os.PathLike[str]] = ()
+                   ) -> Iterator[tuple[AtomicFile | None, ...]]:
     """One :class:`AtomicFile` per path (None for a None path), committed together
-    (:func:`commit_together`) when the block succeeds, all discarded when it raises."""
+    (:func:`commit_together`) when the block succeeds, all discarded when it raises.
+
+    Outputs that are the same file, or an output that is one of ``inputs``, are refused
+    first (:func:`check_distinct`)."""
+    check_distinct([p for p in paths if p is not None], inputs)
     made: list[AtomicFile | None] = []
     try:
         for p in paths:  # a second output that cannot be created drops the first one too
@@ -188,9 +336,11 @@ def _sync_directory(directory: str) -> None:
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | Iterable[bytes | memoryview] |
-                 Callable[[BinaryIO], object], *, mode: int = 0o644) -> None:
+                 Callable[[BinaryIO], object], *, mode: int = 0o644,
+                 inputs: Iterable[str | os.PathLike[str]] = ()) -> None:
     """Write ``data`` (bytes, an iterable of chunks, or a function given the file) to ``path``
-    atomically (:class:`AtomicFile`)."""
+    atomically (:class:`AtomicFile`); ``path`` naming one of ``inputs`` is refused first."""
+    check_distinct([path], inputs)
     with AtomicFile(path, mode=mode) as out:
         if callable(data):
             data(out)  # type: ignore[arg-type]
@@ -204,3 +354,96 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Iterable[bytes | me
 def remove_if_exists(path: str | os.PathLike[str]) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def _identity(path: str) -> tuple[object, ...]:
+    """What makes two paths the same file: device and inode when it exists, else the resolved path."""
+    if path == STDOUT:
+        return ("stdout",)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ("path", os.path.realpath(path))
+    return ("file", st.st_dev, st.st_ino)
+
+
+def check_distinct(outputs: Sequence[str | os.PathLike[str]], inputs: Iterable[str | os.PathLike[str]] = ()) -> None:
+    """Refuse, before any work, outputs that are the same file (through symbolic links, hard
+    links, ``..``) and an output that is one of ``inputs``: the last write would silently win,
+    or an input would be overwritten.  Several outputs to one character device (``/dev/null``)
+    are allowed; ``-`` twice is not (the data would be interleaved on standard output)."""
+    seen: dict[tuple[object, ...], str] = {}
+    for out in outputs:
+        name = os.fspath(out)
+        ident = _identity(name)
+        other = seen.get(ident)
+        if other is not None and not (name != STDOUT and _is_chr(name)):
+            raise OutputError(f"is the same file as the output {other}; name different files", source=name)
+        seen[ident] = name
+    for inp in inputs:
+        name = os.fspath(inp)
+        other = seen.get(_identity(name))
+        if other is not None and not _is_chr(name):
+            raise OutputError(f"is the input {name}; writing it would destroy it (name another output)",
+                              source=other)
+
+
+def _is_chr(path: str) -> bool:
+    try:
+        return stat.S_ISCHR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- inputs
+
+#: Size limit of a config file or an included config (bytes).
+CONFIG_LIMIT = 1 << 20
+#: Size limit of a key file, a public key, a certificate or a PIN file (bytes).
+KEY_LIMIT = 1 << 20
+#: Size limit of a JSON document read (reference values, a to-be-signed document), bytes.
+JSON_LIMIT = 64 << 20
+#: Size limit of a signature file (bytes).
+SIGNATURE_LIMIT = 1 << 16
+
+
+def open_input(path: str | os.PathLike[str], what: str, *, limit: int | None = None,
+               error: type[IgvmError] = InputError) -> BinaryIO:
+    """Open ``path`` (an input: ``what`` names it in errors) for reading in binary.
+
+    Only a regular file is accepted, and this is found before anything is read: a FIFO would
+    block forever, a device such as ``/dev/zero`` never ends.  A file larger than ``limit``
+    bytes is refused.  Errors are ``error`` (default :class:`InputError`), one line naming the
+    file and the limit."""
+    name = os.fspath(path)
+    try:  # O_NONBLOCK: opening a FIFO does not wait for a writer
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise error(f"cannot read {what}: {exc.strerror}", source=name) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"the {what} is {_kind(st.st_mode)}; give a regular file", source=name)
+        if limit is not None and st.st_size > limit:
+            raise error(f"the {what} is {st.st_size} bytes; the limit is {limit} bytes", source=name)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_input(path: str | os.PathLike[str], what: str, *, limit: int,
+               error: type[IgvmError] = InputError) -> bytes:
+    """The contents of the regular file ``path`` (:func:`open_input`), at most ``limit`` bytes
+    (a file that grows past it while read, or a ``/proc`` file that reports size 0 and has more,
+    is refused too)."""
+    name = os.fspath(path)
+    with open_input(name, what, limit=limit, error=error) as fh:
+        try:
+            data = fh.read(limit + 1)
+        except OSError as exc:
+            raise error(f"cannot read {what}: {exc.strerror}", source=name) from None
+    if len(data) > limit:
+        raise error(f"the {what} is more than {limit} bytes; the limit is {limit} bytes", source=name)
+    return data

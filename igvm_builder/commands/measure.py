@@ -150,6 +150,10 @@ def _sha256_file(path: str) -> tuple[str, int]:
 def run(args: argparse.Namespace) -> int:
     from igvm_builder.measure import measure_file
 
+    if args.reference_values:  # before any work: the output must not be the file measured
+        from igvm_builder.io import check_distinct
+
+        check_distinct([args.reference_values], [args.file])
     f = _load(args.file)
     if args.all_loaders:
         if args.reference_values:
@@ -170,7 +174,11 @@ def run(args: argparse.Namespace) -> int:
         full = ms if targets is None else None  # measure every platform for the reference values
         refs = reference_values(f, sha256, loader=args.loader, tdx_two_pass=args.tdx_two_pass,
                                 file_size=size, measurements=full)
-        atomic_write(args.reference_values, (json.dumps(refs, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write(args.reference_values, (json.dumps(refs, indent=2, sort_keys=True) + "\n").encode(),
+                     inputs=(args.file,))
+    if args.reference_values == "-":  # the reference values are on standard output: nothing else goes there
+        sys.stdout.flush()
+        return 0
     if args.json:
         print_json({"file": args.file, "platforms": [_json_entry(m) for m in ms]})
     else:

@@ -139,6 +139,24 @@ def _check_usage(args: argparse.Namespace) -> None:
         _usage(args, "--id-signature/--author-signature go with --import-signature")
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an output that is one of the inputs (the IGVM file, the config,
+    the document, a signature or key file): sign writes a new file, never over what it reads."""
+    from igvm_builder.io import check_distinct
+
+    inputs = [args.input]
+    for value in (args.config, args.import_signature, args.id_signature, args.author_signature):
+        if value and value != "-":
+            inputs.append(value)
+    for spec in (args.id_key, args.author_key):
+        if spec:
+            scheme, sep, rest = spec.partition(":")
+            path = rest if sep and scheme.lower() == "file" else spec
+            if os.path.exists(path):
+                inputs.append(path)
+    check_distinct([p for p in (args.output, args.export_tbs) if p], inputs)
+
+
 def _config_defaults(args: argparse.Namespace) -> dict[str, Any]:
     """Sign options from ``--config`` ([sign] table, image.loader); key paths relative to the config."""
     if not args.config:
@@ -223,12 +241,14 @@ def _load_public(spec: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from igvm_builder.format import IgvmFile
-    from igvm_builder.io import atomic_write
+    from igvm_builder.io import STDOUT, atomic_write
     from igvm_builder.measure.profiles import DEFAULT_LOADER
     from igvm_builder.sign import ExportedTbs, key_digest, key_source_from_spec
     from igvm_builder.sign.image import export_igvm_tbs, import_igvm_signature, sign_igvm
 
     _check_usage(args)
+    _check_paths(args)
+    report = sys.stderr if STDOUT in (args.output, args.export_tbs) else sys.stdout  # keep stdout for the data
     if args.remove:
         from igvm_builder.sign.image import remove_id_block
 
@@ -236,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         atomic_write(args.output, out.iter_chunks())
         if not args.quiet:
             print(f"{args.output}: removed the SEV-SNP ID block" if removed else
-                  f"{args.output}: {args.input} has no SEV-SNP ID block; written unchanged")
+                  f"{args.output}: {args.input} has no SEV-SNP ID block; written unchanged", file=report)
         return 0
     if args.import_signature:
         with open(args.import_signature, "rb") as fh:
@@ -289,10 +309,10 @@ def run(args: argparse.Namespace) -> int:
             if not args.quiet:
                 print(
                     f"{args.export_tbs}: to-be-signed document for {args.input} (loader {loader}, launch digest "
-                    f"{tbs.fields.ld.hex()}, policy {tbs.fields.policy:#x})"
+                    f"{tbs.fields.ld.hex()}, policy {tbs.fields.policy:#x})", file=report
                 )
                 for line in _key_lines(id_digest, author_digest):
-                    print(line)
+                    print(line, file=report)
             if warning:
                 print(warning, file=sys.stderr)
             return 0
@@ -313,10 +333,10 @@ def run(args: argparse.Namespace) -> int:
         action = "replaced the" if replaced else "added an"
         print(
             f"{args.output}: {action} SEV-SNP ID block (loader {loader}, launch digest {signed.fields.ld.hex()}, "
-            f"policy {signed.fields.policy:#x}, guest svn {signed.fields.guest_svn})"
+            f"policy {signed.fields.policy:#x}, guest svn {signed.fields.guest_svn})", file=report
         )
         for line in _key_lines(signed.id_key_digest, signed.author_key_digest):
-            print(line)
+            print(line, file=report)
     if warning:
         print(warning, file=sys.stderr)
     return 0
