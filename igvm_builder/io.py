@@ -111,7 +111,7 @@ class AtomicFile:
             # the data waits in an unnamed temporary file (gone with the process, however it ends)
             # and is copied to the device only once everything succeeded
             try:
-                self._fh = tempfile.TemporaryFile()  # noqa: SIM115 - closed by sync()/discard()
+                self._fh = tempfile.TemporaryFile()  # closed by sync()/discard()
             except OSError as exc:
                 raise OutputError(f"cannot create a temporary file: {exc.strerror}", source=self.path) from None
             self._started = 0
