@@ -1,0 +1,111 @@
+"""Start-up cost of the CLI, guarded deterministically (timings are in benchmarks/bench_startup.py).
+
+Small jobs (``check``, ``measure`` of a small file, ``--help``) are start-up bound: their cost is
+the modules they import.  Each case runs in a fresh interpreter started with ``-S -E`` (no
+``site``, no environment: the count does not depend on how the package is installed), with the
+checkout and the environment's site-packages on ``sys.path``, and lists the modules that importing a
+command module, or running a command on a small vector, added to ``sys.modules``.  It checks that
+
+* no heavy module the job does not need is among them (numpy, cryptography, lief, pyelftools,
+  SCons, PKCS#11, ``importlib.metadata``: each costs 10-200 ms and belongs to the command that
+  uses it, imported when that command runs);
+* their number stays within a budget set from the count measured when the budget was set (the
+  value in the comment), with room for a few more: a jump means some module started importing
+  something big at its top.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from igvm_builder.cli import COMMANDS
+
+REPO = Path(__file__).resolve().parents[1]
+VECTORS = REPO.parent / "shared" / "vectors" / "igvm"
+SNP = VECTORS / "snp_v1.igvm"
+TDX = VECTORS / "tdx_v1.igvm"
+
+#: Modules no start-up-bound job needs; each is imported by the command that uses it, when it runs.
+HEAVY = ("numpy", "cryptography", "lief", "elftools", "SCons", "pkcs11", "hypothesis",
+         "importlib.metadata", "email", "tomllib", "subprocess", "concurrent.futures", "tempfile",
+         "multiprocessing", "asyncio", "ctypes", "xml", "decimal", "zipfile", "unittest")
+
+#: A command's module alone (what ``igvm-builder COMMAND --help`` imports).  Measured: 75-79 for
+#: the commands that read IGVM files (the format package), 46 for build.
+COMMAND_MODULE_BUDGET = 88
+#: ``igvm_builder.cli`` alone (``--help``, ``--version``).  Measured: 40.
+CLI_BUDGET = 45
+#: Whole runs on a small file.  Measured: check 86, measure 90.
+RUN_BUDGET = {"check": 96, "measure": 100}
+
+_PROBE = r"""
+import contextlib, io, json, sys
+sys.path[:0] = json.loads(sys.argv[1])
+before = set(sys.modules)
+what, args = sys.argv[2], sys.argv[3:]
+if what == "run":
+    from igvm_builder.cli import main
+    with contextlib.redirect_stdout(io.StringIO()):
+        status = main(args)
+    if status:
+        raise SystemExit(f"exit status {status}")
+else:
+    __import__(what)
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+def _new_modules(what: str, *args: str) -> list[str]:
+    paths = [str(REPO)] + [p for p in sys.path if p.endswith("site-packages")]
+    # the probe's own imports (contextlib, io, json) are made before `before` is taken
+    out = subprocess.run([sys.executable, "-S", "-E", "-c", _PROBE, json.dumps(paths), what, *args],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return list(json.loads(out.stdout))
+
+
+def _heavy(modules: list[str]) -> list[str]:
+    return [m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)]
+
+
+def test_cli_alone_is_small() -> None:
+    new = _new_modules("igvm_builder.cli")
+    assert _heavy(new) == []
+    assert not [m for m in new if m.startswith("igvm_builder.") and m != "igvm_builder.cli"], new
+    assert len(new) <= CLI_BUDGET, new
+
+
+@pytest.mark.parametrize("module", sorted({m for m, _help in COMMANDS.values()}))
+def test_command_module_imports_nothing_heavy(module: str) -> None:
+    new = _new_modules(f"igvm_builder.commands.{module}")
+    assert f"igvm_builder.commands.{module}" in new
+    assert _heavy(new) == [], f"importing the {module} command pulls in {_heavy(new)}"
+    assert len(new) <= COMMAND_MODULE_BUDGET, f"{len(new)} modules: {new}"
+
+
+@pytest.mark.parametrize(("command", "args"), [
+    ("check", ["-q", str(SNP)]),
+    ("check", [str(TDX), "--platform", "tdx"]),
+    ("measure", [str(SNP)]),
+    ("measure", ["--loader", "qemu", "--json", str(TDX)]),
+])
+def test_small_job_imports_nothing_heavy(command: str, args: list[str]) -> None:
+    new = _new_modules("run", command, *args)
+    assert "igvm_builder.format.file" in new  # it did read the file
+    assert _heavy(new) == [], f"{command} pulls in {_heavy(new)}"
+    assert len(new) <= RUN_BUDGET[command], f"{len(new)} modules: {new}"
+
+
+def test_version_is_looked_up_only_when_asked() -> None:
+    """``--version`` reads the installed metadata (importlib.metadata) only when given."""
+    out = subprocess.run([sys.executable, "-m", "igvm_builder", "--version"], capture_output=True, text=True,
+                         cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    from igvm_builder import __version__
+
+    assert out.stdout == f"igvm-builder {__version__}\n"
