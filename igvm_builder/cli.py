@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def _version() -> str:
     from igvm_builder import __version__
 
-    return __version__
+    return str(__version__)
 
 
 class _VersionAction(argparse.Action):

@@ -232,7 +232,7 @@ class _Ctx:
                 raise self.err(key, f"expected an integer, got {type(value).__name__}")
         if not lo <= value <= hi:
             raise self.err(key, f"value {value:#x} is out of range ({lo:#x}..{hi:#x})")
-        return value
+        return int(value)
 
     def size(self, key: str, value: Any) -> int:
         if isinstance(value, str):
@@ -331,7 +331,7 @@ def _vcpu_type(ctx: _Ctx, key: str, value: Any) -> str | int:
         vcpu_signature(value)
     except ConfigError as exc:
         raise ctx.err(key, exc.message) from None
-    return value
+    return value if isinstance(value, int) else str(value)
 
 
 _Schema = Mapping[str, Callable[[_Ctx, str, Any], Any]]

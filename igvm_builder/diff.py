@@ -236,7 +236,7 @@ class FileDiff:
 
     def as_dict(self) -> dict[str, Any]:
         """The stable JSON document (``schema_version`` 1, docs/REPRODUCIBLE_RELEASES.md)."""
-        kinds = defaultdict(int)
+        kinds: defaultdict[str, int] = defaultdict(int)
         for h in self.headers:
             kinds[h.change] += 1
         return {

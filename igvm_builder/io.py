@@ -34,7 +34,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from igvm_builder.errors import IgvmError, InputError, OutputError
 
@@ -61,6 +61,18 @@ def is_direct(path: str | os.PathLike[str]) -> bool:
     except OSError:
         return False
     return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+
+
+class SeekableOutput(Protocol):
+    """What ``build(output=...)`` writes to: a seekable binary file opened for writing.
+
+    :class:`AtomicFile` is one; so is any file from ``open(path, "wb")`` or an
+    :class:`io.BytesIO`.
+    """
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
+
+    def seek(self, offset: int, whence: int = ..., /) -> int: ...
 
 
 class AtomicFile:

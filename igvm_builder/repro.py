@@ -70,9 +70,9 @@ PERTURBATIONS: tuple[dict[str, Any], dict[str, Any]] = (
      "umask": 0o077, "env_order": "reversed", "mtime": 2_000_000_000, "mode": 0o444, "create_order": "reversed",
      "config_arg": "absolute"},
 )
-SUBPROCESS_PERTURBED = ("absolute paths", "working directory", "TZ", "LC_ALL/LANG", "umask", "PYTHONHASHSEED",
+SUBPROCESS_PERTURBED: tuple[str, ...] = ("absolute paths", "working directory", "TZ", "LC_ALL/LANG", "umask", "PYTHONHASHSEED",
                         "TMPDIR", "environment order", "input mtimes", "input modes", "file creation order")
-IN_PROCESS_PERTURBED = ("absolute paths", "input mtimes", "input modes", "file creation order",
+IN_PROCESS_PERTURBED: tuple[str, ...] = ("absolute paths", "input mtimes", "input modes", "file creation order",
                         "warm process (second build)")
 
 
@@ -583,7 +583,7 @@ def verify_release(config_path: str | os.PathLike[str], reference: Mapping[str, 
     if not isinstance(reference, Mapping):
         raise VerificationError("the reference values are not a JSON object", source=ref_name)
     path, plats = _params(config_path, platforms, loader)
-    build_info = reference.get("build") if isinstance(reference.get("build"), Mapping) else {}
+    build_info: Mapping[str, Any] = _mapping(reference.get("build"))
     if plats is None and build_info.get("platforms"):
         plats = tuple(build_info["platforms"])
     if loader is None and build_info.get("loader"):
@@ -592,7 +592,7 @@ def verify_release(config_path: str | os.PathLike[str], reference: Mapping[str, 
     checks: list[ReleaseCheck] = []
     cfg = load_config(path)
     base = os.path.dirname(cfg.source)
-    published = reference.get("inputs") if isinstance(reference.get("inputs"), Mapping) else {}
+    published: Mapping[str, Any] = _mapping(reference.get("inputs"))
     # ---- inputs first
     current: dict[str, tuple[str, str, str | None]] = {}  # key -> (role, shown path, sha256)
     current["config"] = ("config", os.path.basename(cfg.source), _sha256_file(cfg.source))
@@ -630,7 +630,7 @@ def verify_release(config_path: str | os.PathLike[str], reference: Mapping[str, 
     except IgvmError as exc:
         checks.append(ReleaseCheck("build", "rebuild", False, f"the rebuild failed: {exc}"))
         return ReleaseReport(path, ref_name, None, tuple(checks))
-    pub_file = reference.get("file") if isinstance(reference.get("file"), Mapping) else {}
+    pub_file: Mapping[str, Any] = _mapping(reference.get("file"))
     pub_sha = pub_file.get("sha256")
     checks.append(ReleaseCheck("file", "sha256", result.sha256 == pub_sha,
                                f"file sha256 {_short(result.sha256)} != published {_short(pub_sha)}"
@@ -680,3 +680,8 @@ def verify_release(config_path: str | os.PathLike[str], reference: Mapping[str, 
                 except ReproducibilityError as exc:
                     checks.append(ReleaseCheck("igvm", igvm_path, False, f"released file {igvm_path}: {exc}"))
     return ReleaseReport(path, ref_name, result.sha256, tuple(checks), d)
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    """``value`` when it is a JSON object, else an empty one."""
+    return value if isinstance(value, Mapping) else {}

@@ -526,6 +526,7 @@ def _page_gpas(d: H.Header | _PageRun) -> Iterable[int]:
     if isinstance(d, _PageRun):
         if d.prepared is not None:
             return (gpa for gpa, _data in d.prepared)
+        assert d.view is not None
         n = len(d.view) - d.start if d.length is None else d.length
         return range(d.gpa, d.gpa + max(n, d.mem_size or 0), PAGE)
     if isinstance(d, H.PageData):

@@ -42,10 +42,15 @@ def _with_mask(h: H.Header, mask: int) -> H.Header:
         return h
     from dataclasses import replace
 
-    return replace(h, compatibility_mask=mask)
+    changes: dict[str, Any] = {"compatibility_mask": mask}  # every header with HAS_MASK has the field
+    return replace(h, **changes)
 
 
-def merge_directives(lists: Sequence[tuple[int, Sequence[H.Header]]]) -> list[H.Header]:
+#: A planned directive: a header, or a run of pages expanded into headers after the merge.
+Planned = H.Header | _PageRun
+
+
+def merge_directives(lists: Sequence[tuple[int, Sequence[Planned]]]) -> list[H.Header]:
     """Merge per-platform directive lists into one; equal headers share one multi-bit mask.
 
     Guarantees: for every (mask, list) input, the headers whose mask contains ``mask`` are
@@ -54,10 +59,10 @@ def merge_directives(lists: Sequence[tuple[int, Sequence[H.Header]]]) -> list[H.
     is one item (equal only to itself) and is expanded into its pages in the result.
     """
     keys: list[Any] = []
-    hdrs: list[H.Header] = []
+    hdrs: list[Planned] = []
     masks: list[int] = []
     key_of: dict[int, Any] = {}  # id(header) -> key: headers shared by platforms are keyed once
-    alive: list[list[H.Header]] = []  # keeps every header alive while its id() is a cache key
+    alive: list[list[Planned]] = []  # keeps every header alive while its id() is a cache key
     for mask, items in lists:
         items = list(items)
         alive.append(items)
@@ -68,7 +73,7 @@ def merge_directives(lists: Sequence[tuple[int, Sequence[H.Header]]]) -> list[H.
         keys, hdrs, masks = _merge_two(keys, hdrs, masks, bkeys, items, mask)
     out: list[H.Header] = []
     for h, m in zip(hdrs, masks, strict=True):
-        if type(h) is _PageRun:
+        if isinstance(h, _PageRun):
             out += h.headers(m)
         else:
             out.append(_with_mask(h, m))
@@ -76,7 +81,7 @@ def merge_directives(lists: Sequence[tuple[int, Sequence[H.Header]]]) -> list[H.
 
 
 def _directive_key(h: H.Header | _PageRun, mask: int) -> Any:
-    if type(h) is _PageRun:
+    if isinstance(h, _PageRun):
         return (_PageRun, id(h))  # kept alive by merge_directives while keys are compared
     if isinstance(h, H.VpContextBase):
         # A VP context must carry exactly one platform's mask (IGVM_FORMAT.md; the reference
@@ -130,8 +135,8 @@ def _lookup(pos: dict[Any, int | list[int]], key: Any, start: int) -> int | None
     return found[i] if i < len(found) else None
 
 
-def _merge_two(a_keys: list[Any], a_hdrs: list[H.Header], a_masks: list[int], b_keys: list[Any],
-               b_hdrs: list[H.Header], b_mask: int) -> tuple[list[Any], list[H.Header], list[int]]:
+def _merge_two(a_keys: list[Any], a_hdrs: list[Planned], a_masks: list[int], b_keys: list[Any],
+               b_hdrs: list[Planned], b_mask: int) -> tuple[list[Any], list[Planned], list[int]]:
     """Merge list ``b`` (all with mask ``b_mask``) into the merged list ``a``.
 
     Runs of equal keys (the bulk of any multi-platform build) are found by comparing windows
@@ -142,7 +147,7 @@ def _merge_two(a_keys: list[Any], a_hdrs: list[H.Header], a_masks: list[int], b_
         return list(b_keys), list(b_hdrs), [b_mask] * len(b_keys)
     na, nb = len(a_keys), len(b_keys)
     out_k: list[Any] = []
-    out_h: list[H.Header] = []
+    out_h: list[Planned] = []
     out_m: list[int] = []
     pos_a: dict[Any, int | list[int]] | None = None
     pos_b: dict[Any, int | list[int]] | None = None

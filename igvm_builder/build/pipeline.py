@@ -10,7 +10,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from igvm_builder.build.launch import _Builder
 from igvm_builder.build.mapped import _coalesce, _Inputs, _Mapped, _windows
@@ -20,6 +20,9 @@ from igvm_builder.format.defs import (
     PlatformType,
 )
 from igvm_builder.format.file import IgvmFile
+
+if TYPE_CHECKING:
+    from igvm_builder.io import SeekableOutput
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ def _build_model(cfg: BuildConfig) -> tuple[IgvmFile, _Inputs, list[str]]:
 
 
 def build(cfg: BuildConfig, *, platforms: Sequence[str] | None = None, loader: str | None = None,
-          output: BinaryIO | None = None) -> BuildResult:
+          output: SeekableOutput | None = None) -> BuildResult:
     """Build, serialize and measure ``cfg`` (optionally overriding platforms/loader).
 
     With ``output`` (a seekable binary file opened for writing, e.g.
@@ -136,7 +139,7 @@ def build(cfg: BuildConfig, *, platforms: Sequence[str] | None = None, loader: s
         return _build(cfg, output)
 
 
-def _build(cfg: BuildConfig, output: BinaryIO | None) -> BuildResult:
+def _build(cfg: BuildConfig, output: SeekableOutput | None) -> BuildResult:
     f, inputs, notes = _build_model(cfg)  # the inputs' SHA-256s are computed meanwhile
     from igvm_builder.measure import measure_file, measure_platform
 
@@ -207,7 +210,7 @@ class _Writer:
     (:meth:`put`), then the headers at the start of the file, then computes the SHA-256 of
     the whole file (headers first) from the same views."""
 
-    def __init__(self, output: BinaryIO | None) -> None:
+    def __init__(self, output: SeekableOutput | None) -> None:
         import queue
 
         self.output = output

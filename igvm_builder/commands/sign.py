@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from igvm_builder.measure.profiles import PROFILES
 
@@ -88,8 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_sign_parser=parser)
 
 
-def _usage(args: argparse.Namespace, message: str) -> None:
+def _usage(args: argparse.Namespace, message: str) -> NoReturn:
     args._sign_parser.error(message)  # exits with status 2
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _check_usage(args: argparse.Namespace) -> None:

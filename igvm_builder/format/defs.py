@@ -178,7 +178,7 @@ def _defined(flags: type[enum.IntFlag]) -> int:
 def _policy_flags(policy: int, flags: type[enum.IntFlag], also_known: int = 0) -> dict[str, Any]:
     """Each of ``flags`` by lower-case name (set or not), then ``reserved``: the bits that are neither
     a flag nor in ``also_known`` (decoded by the caller), as hex."""
-    out: dict[str, Any] = {flag.name.lower(): bool(policy & flag) for flag in flags}
+    out: dict[str, Any] = {str(flag.name).lower(): bool(policy & flag) for flag in flags}
     out["reserved"] = f"{policy & ~(also_known | _defined(flags)):#x}"
     return out
 

@@ -199,7 +199,7 @@ def _sha256(data: bytes | memoryview | FileSlice) -> str:
 
 
 def _flag_dict(value: int, bits: type[SevFeatures]) -> dict[str, bool]:
-    return {b.name.lower(): bool(value & b) for b in bits}
+    return {str(b.name).lower(): bool(value & b) for b in bits}
 
 
 def _page_data_type_name(value: int) -> str:

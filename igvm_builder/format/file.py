@@ -662,9 +662,9 @@ def _validate(f: IgvmFile, indices: Sequence[int] | None = None, n_platforms: in
     page_cls = H.PageData
     not_all_bits = ~all_bits
     for pos, h in enumerate(body):
-        m = h.compatibility_mask if type(h) is page_cls else h.mask
-        if m is not None and m & not_all_bits:
-            warnings.append(f"header {indices[pos]}: {h.TYPE.name} compatibility_mask {m:#x} names bits of no "
+        hm = h.compatibility_mask if type(h) is page_cls else h.mask
+        if hm is not None and hm & not_all_bits:
+            warnings.append(f"header {indices[pos]}: {h.TYPE.name} compatibility_mask {hm:#x} names bits of no "
                             "declared platform (accepted by the reference parser)")
 
     # ---- initialization rules
@@ -678,8 +678,8 @@ def _validate(f: IgvmFile, indices: Sequence[int] | None = None, n_platforms: in
             if f.architecture != Architecture.AARCH64:
                 raise fail("CCA_POLICY is only valid in AArch64 files", pos)
             for bit in _bits(h.compatibility_mask):
-                p = masks.get(bit)
-                if p is None or p.platform_type != PlatformType.CCA:
+                cp = masks.get(bit)
+                if cp is None or cp.platform_type != PlatformType.CCA:
                     raise fail(f"CCA policy compatibility mask {bit:#x} does not reference a CCA platform", pos)
         elif isinstance(h, H.RelocatableRegion | H.PageTableRelocation):
             if isinstance(h, H.RelocatableRegion):
@@ -739,8 +739,8 @@ def _validate(f: IgvmFile, indices: Sequence[int] | None = None, n_platforms: in
                     if pmask & h.compatibility_mask and pgpa <= h.gpa < pgpa + psize:
                         raise fail(f"parameter insert at GPA {h.gpa:#x} inside the page table region", pos)
         elif isinstance(h, H.VpContextBase):
-            p = masks.get(h.compatibility_mask)
-            if p is None:
+            vp = masks.get(h.compatibility_mask)
+            if vp is None:
                 raise fail(f"VP_CONTEXT compatibility_mask {h.compatibility_mask:#x} is not exactly one "
                            "platform's mask", pos)
             ok = {
@@ -749,8 +749,8 @@ def _validate(f: IgvmFile, indices: Sequence[int] | None = None, n_platforms: in
                 H.CcaVpContext: {PlatformType.CCA},
                 H.VbsVpContext: {PlatformType.VSM_ISOLATION},
             }.get(type(h), set())
-            if p.platform_type not in ok:
-                raise fail(f"{type(h).__name__} does not fit platform {p.platform_type.name}", pos)
+            if vp.platform_type not in ok:
+                raise fail(f"{type(h).__name__} does not fit platform {vp.platform_type.name}", pos)
             if isinstance(h, H.NativeVpContext) and f.architecture != Architecture.X64:
                 raise fail("x64 native VP context in an AArch64 file", pos)
             if isinstance(h, H.CcaVpContext) and f.architecture != Architecture.AARCH64:

@@ -673,11 +673,10 @@ class VbsVpContext(VpContextBase):
 
 
 #: Header classes decoded straight from their TLV body, by type.
-SIMPLE_HEADERS: dict[int, type[Header]] = {
-    c.TYPE: c
-    for c in (SupportedPlatform, GuestPolicy, RelocatableRegion, PageTableRelocation, CcaPolicy,
-              ParameterInsert, RequiredMemory, ErrorRange, SnpIdBlock, VbsMeasurement, *PARAMETER_USAGES.values())
-}
+_SIMPLE: tuple[type[Header], ...] = (
+    SupportedPlatform, GuestPolicy, RelocatableRegion, PageTableRelocation, CcaPolicy, ParameterInsert,
+    RequiredMemory, ErrorRange, SnpIdBlock, VbsMeasurement, *PARAMETER_USAGES.values())
+SIMPLE_HEADERS: dict[int, type[Header]] = {c.TYPE: c for c in _SIMPLE}
 
 #: Body size for every type the parser knows.
 BODY_SIZES: dict[int, int] = {
@@ -689,7 +688,8 @@ BODY_SIZES: dict[int, int] = {
     HeaderType.CORIM_SIGNATURE: 16,
 }
 
-for _cls in (*SIMPLE_HEADERS.values(), ParameterArea, PageData, VpContextBase, CorimDocument):
+_ALL: tuple[type[Header], ...] = (*SIMPLE_HEADERS.values(), ParameterArea, PageData, VpContextBase, CorimDocument)
+for _cls in _ALL:
     if _cls.STRUCT.size != _cls.SIZE:  # import-time layout check (survives python -O)
         raise ImportError(f"{_cls.__name__} layout is {_cls.STRUCT.size} bytes, spec says {_cls.SIZE}")
 if VBS_REGISTER_STRUCT.size != 32:

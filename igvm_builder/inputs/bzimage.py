@@ -306,7 +306,8 @@ def _proto(version: int) -> str:
 
 
 def _u(buf: memoryview, offset: int, fmt: str) -> int:
-    return struct.unpack_from("<" + fmt, buf, offset)[0]
+    value: int = struct.unpack_from("<" + fmt, buf, offset)[0]
+    return value
 
 
 def parse_bzimage(

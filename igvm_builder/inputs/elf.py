@@ -17,6 +17,7 @@ import io
 import struct
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO, cast
 
 from igvm_builder.errors import InputError
 
@@ -190,7 +191,7 @@ def _read_elf(view: memoryview, name: str) -> _RawElf:
     from elftools.elf.elffile import ELFFile
 
     try:
-        stream = _ViewStream(view)
+        stream = cast(BinaryIO, _ViewStream(view))  # a read-only binary stream, as ELFFile needs
         elf = ELFFile(stream)
         # Only the program headers themselves: ELFFile.iter_segments() would build
         # DynamicSegment objects, which parse (and choke on) the section tables too.
@@ -257,6 +258,7 @@ def _find_pvh_entry(view: memoryview, raw: _RawElf, name: str) -> int | None:
         for owner, ntype, desc in _iter_notes(area, align):
             if owner != b"Xen" or ntype != XEN_ELFNOTE_PHYS32_ENTRY:
                 continue
+            value: int
             if len(desc) == 4:
                 (value,) = struct.unpack("<I", desc)
             elif len(desc) == 8:  # Linux emits it with _ASM_PTR, i.e. .quad on x86-64
@@ -307,7 +309,7 @@ def load_elf(
             overlapping ``PT_LOAD`` segments, or a malformed PVH note.
     """
     view = memoryview(data).cast("B").toreadonly()
-    if len(view) < 4 or view[:4] != b"\x7fELF":
+    if len(view) < 4 or bytes(view[:4]) != b"\x7fELF":
         raise InputError("not an ELF file (no \\x7fELF magic)", source=name)
     if len(view) < 6 or view[4] not in (1, 2):
         raise InputError("truncated ELF identification or invalid EI_CLASS", source=name)

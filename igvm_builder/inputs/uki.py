@@ -94,7 +94,7 @@ def _parse_pe(view: memoryview, name: str) -> list[UkiSection]:
     if binary is None or not isinstance(binary, lief.PE.Binary):
         raise InputError("not a valid PE/COFF file (lief could not parse it)", source=name)
     return [
-        UkiSection(name=sec.name, offset=sec.pointerto_raw_data, raw_size=sec.sizeof_raw_data,
+        UkiSection(name=str(sec.name), offset=sec.pointerto_raw_data, raw_size=sec.sizeof_raw_data,
                    virtual_size=sec.virtual_size)
         for sec in binary.sections
     ]

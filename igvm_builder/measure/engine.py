@@ -352,8 +352,9 @@ class _Sev:
     def page(self, h: H.PageData) -> None:
         if h.flags & (_UNMEASURED | _SHARED) or h.data_type != _DT_NORMAL:
             return
-        if len(h.data):
-            self.h.update(as_view(h.blob()))
+        blob = h.blob()
+        if blob is not None:
+            self.h.update(as_view(blob))
             self.steps += 1
 
     def finish(self) -> bytes:
@@ -394,6 +395,9 @@ def _area_pages(f: IgvmFile) -> _Areas:
                    for h in f.directives if isinstance(h, H.ParameterArea)})
 
 
+_NO_DIGESTS: dict[int, bytes] = {}
+
+
 def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, two_pass: bool,
          digests: dict[int, bytes] | None = None) -> Measurement:
     areas = _area_pages(f)
@@ -406,7 +410,7 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
         normal_tail = _PAGE_INFO_TAIL.pack(0x70, SNP_NORMAL, 0, 0, 0)[:-8]  # + the page's GPA
         fast = not profile.sort_by_gpa
         note = acc.releaser.note
-        known = digests.get if digests else {}.get
+        known = (digests or _NO_DIGESTS).get
         ld = acc.ld  # the chain, kept in a local on the fast path (acc.ld when acc works)
         steps = 0
         for h in f.directives:
@@ -499,6 +503,7 @@ def _measure_tdx(f: IgvmFile, mask: int, areas: _Areas, two_pass: bool, *, vecto
         nonlocal run_buf, run_n, runs, vectorize
         if not run_n:
             return
+        assert run_buf is not None
         if vectorize and runs is None and run_n >= _TDX_MIN_RUN:
             np = _numpy()
             runs = _TdxRuns(np) if np is not None else None

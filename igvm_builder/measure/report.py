@@ -200,8 +200,9 @@ def reference_values(
         if p.platform_type == PlatformType.TDX and m.variant != ("two-pass" if tdx_two_pass else "single-pass"):
             raise MeasurementError(f"the TDX measurement given is {m.variant}, not the page order asked for")
         platforms[PLATFORM_SHORT[p.platform_type]] = _platform_entry(f, p, m, profile.name)
-    return _sorted({
+    doc: dict[str, Any] = _sorted({
         "schema_version": SCHEMA_VERSION,
         "file": {"sha256": sha256, "size": _canonical_size(f) if file_size is None else file_size},
         "platforms": platforms,
     })
+    return doc

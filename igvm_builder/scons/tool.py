@@ -114,7 +114,7 @@ def _defaults() -> dict[str, Any]:
 
 
 def _subst(env: Any, text: str, target: Sequence[Any], source: Sequence[Any]) -> str:
-    return env.subst(text, target=target, source=source).strip()
+    return str(env.subst(text, target=target, source=source)).strip()
 
 
 def _build_params(
@@ -206,7 +206,7 @@ def _strfunction(name: str) -> Any:
 
 
 def _config_path(node: Any) -> str:
-    return node.rfile().get_abspath()
+    return str(node.rfile().get_abspath())
 
 
 def _scan_config(node: Any, env: Any, path: Any = ()) -> list[Any]:
@@ -284,7 +284,7 @@ def _resolve_key(env: Any, spec: str) -> str:
     prefix, path = ("file:", rest) if scheme == "file" else ("", spec)
     if not path:
         return spec
-    return prefix + env.Dir("#").File(path).get_abspath()
+    return prefix + str(env.Dir("#").File(path).get_abspath())
 
 
 def _key_dependencies(env: Any, spec: str) -> list[Any]:
@@ -451,7 +451,7 @@ _igvm_repro.strfunction = _strfunction("igvm_repro_check")  # type: ignore[attr-
 
 
 def _cpio_root(node: Any) -> str:
-    return node.srcnode().get_abspath()
+    return str(node.srcnode().get_abspath())
 
 
 def _scan_cpio_dir(node: Any, env: Any, path: Any = ()) -> list[Any]:

@@ -829,7 +829,7 @@ for _cls, _size in (
     (IgvmSnpIdBlock, IGVM_ID_BLOCK_SIZE),
     (IgvmSnpIdBlockPublicKey, IGVM_PUBLIC_KEY_SIZE),
 ):
-    if _cls.STRUCT.size != _size:  # type: ignore[attr-defined]
+    if _cls.STRUCT.size != _size:
         raise ImportError(f"{_cls.__name__} layout does not match the spec size {_size}")
 if SnpPublicKey.STRUCT.size != 148:
     raise ImportError("SnpPublicKey layout does not match the spec")

@@ -497,8 +497,8 @@ def _parse_reference(ref: Any) -> _Reference:
     entry: Any = None
     plats = ref.get("platforms")
     if isinstance(plats, Mapping):
-        for key, value in plats.items():
-            if str(key).lower() in _SNP_NAMES:
+        for name, value in plats.items():
+            if str(name).lower() in _SNP_NAMES:
                 entry = value
     elif isinstance(plats, list):
         for value in plats:
@@ -518,16 +518,16 @@ def _parse_reference(ref: Any) -> _Reference:
     if isinstance(table, Mapping):
         for name, value in table.items():
             digests[str(name)] = _ref_hex(value, f"platforms.snp.digests.{name}")
-    build = ref.get("build") if isinstance(ref.get("build"), Mapping) else {}
+    build: Mapping[str, Any] = _mapping(ref.get("build"))
     loader = entry.get("loader") or ref.get("loader") or build.get("loader")
     if loader is not None and not isinstance(loader, str):
         raise VerificationError("reference values: loader must be a string")
     policy = _ref_int(entry["policy"], "platforms.snp.policy") if entry.get("policy") is not None else None
 
     def key(name: str) -> bytes | None:
-        for table in (entry, *(ref.get(t) for t in ("signing", "sign", "id_block")), ref):
-            if isinstance(table, Mapping) and table.get(name):
-                return _ref_hex(table[name], name)
+        for where in (entry, *(ref.get(t) for t in ("signing", "sign", "id_block")), ref):
+            if isinstance(where, Mapping) and where.get(name):
+                return _ref_hex(where[name], name)
         return None
 
     if digest is None and not digests and policy is None and key("id_key_digest") is None:
@@ -755,8 +755,13 @@ def _check_reference(
             f"ID key digest is {id_digest.hex()}, the reference values say {ref.id_key_digest.hex()}",
         )
     if ref.author_key_digest is not None and ref.author_key_digest != author_digest:
-        got = author_digest.hex() if author_digest is not None else "none (no author key)"
+        shown = author_digest.hex() if author_digest is not None else "none (no author key)"
         fail(
             "author-key-digest",
-            f"author key digest is {got}, the reference values say {ref.author_key_digest.hex()}",
+            f"author key digest is {shown}, the reference values say {ref.author_key_digest.hex()}",
         )
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    """``value`` when it is a JSON object, else an empty one."""
+    return value if isinstance(value, Mapping) else {}
