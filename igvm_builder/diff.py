@@ -20,7 +20,10 @@ Matching:
   platform's loader imports are matched by GPA (the n-th page at a GPA against the n-th),
   and differences found on several platforms at the same GPA are reported once with the
   set of platforms.  A change of a page's compatibility mask therefore shows up as the page
-  being added or removed *for the platforms concerned*.
+  being added or removed *for the platforms concerned*;
+* pages whose compatibility mask names no platform of their file (no loader imports them,
+  but they are in the file) are matched the same way among themselves and reported under the
+  platform name ``no platform``, so such a page added to a file is a difference.
 
 Page contents are compared as ``memoryview`` windows into the two files (``FileSlice``):
 nothing is copied, and the model is walked once per platform, so large files diff in
@@ -547,7 +550,7 @@ def _data_type_name(v: int) -> str:
 def _diff_pages(a: IgvmFile, b: IgvmFile, sa: _Side, sb: _Side
                 ) -> tuple[list[PageRange], list[PageOrderChange]]:
     # (aspect, a, b, gpa) -> platforms on which the page differs that way
-    records: dict[tuple[str, Any, Any, int], set[PlatformType]] = defaultdict(set)
+    records: dict[tuple[str, Any, Any, int], set[PlatformType | str]] = defaultdict(set)
     order: list[PageOrderChange] = []
     common = [p for p in sa.mask_of if p in sb.mask_of]
     # A header shared by several platforms is one pair of pages: compared once (a 3-platform
@@ -596,15 +599,54 @@ def _diff_pages(a: IgvmFile, b: IgvmFile, sa: _Side, sb: _Side
             records[("removed", None, None, gpa)].add(ptype)
         if first_moved is not None:
             order.append(PageOrderChange(ptype.name, first_moved, moved))
+    _diff_unclaimed_pages(a, b, sa, sb, records)
     release_a.release(last_a)
     release_b.release(last_b)
     return _coalesce(records), order
 
 
-def _coalesce(records: dict[tuple[str, Any, Any, int], set[PlatformType]]) -> list[PageRange]:
+#: The platform name under which pages whose mask names no platform of their file are reported.
+NO_PLATFORM = "no platform"
+
+
+def _unclaimed(f: IgvmFile, side: _Side) -> Iterator[H.PageData]:
+    claimed = 0
+    for mask in side.by_mask:
+        claimed |= mask
+    for h in f.directives:
+        if isinstance(h, H.PageData) and not h.compatibility_mask & claimed:
+            yield h
+
+
+def _diff_unclaimed_pages(a: IgvmFile, b: IgvmFile, sa: _Side, sb: _Side,
+                          records: dict[tuple[str, Any, Any, int], set[PlatformType | str]]) -> None:
+    """Pages no platform of their file claims, matched by GPA (the n-th against the n-th): no
+    loader imports them, yet a file that gained one is not the same file."""
+    index: dict[tuple[int, int], H.PageData] = {}
+    occ: dict[int, int] = defaultdict(int)
+    for h in _unclaimed(a, sa):
+        n = occ[h.gpa]
+        occ[h.gpa] = n + 1
+        index[(h.gpa, n)] = h
+    occ.clear()
+    for hb in _unclaimed(b, sb):
+        n = occ[hb.gpa]
+        occ[hb.gpa] = n + 1
+        ha = index.pop((hb.gpa, n), None)
+        if ha is None:
+            records[("added", None, None, hb.gpa)].add(NO_PLATFORM)
+            continue
+        for aspect, va, vb in _page_aspects(ha, hb):
+            records[(aspect, va, vb, hb.gpa)].add(NO_PLATFORM)
+    for gpa, _n in index:
+        records[("removed", None, None, gpa)].add(NO_PLATFORM)
+
+
+def _coalesce(records: dict[tuple[str, Any, Any, int], set[PlatformType | str]]) -> list[PageRange]:
     groups: dict[tuple[str, Any, Any, tuple[str, ...]], list[int]] = defaultdict(list)
     for (aspect, va, vb, gpa), plats in records.items():
-        names = tuple(p.name for p in sorted(plats))
+        typed = sorted(p for p in plats if isinstance(p, PlatformType))
+        names = tuple([p.name for p in typed] + sorted(p for p in plats if isinstance(p, str)))
         groups[(aspect, va, vb, names)].append(gpa)
     out: list[PageRange] = []
     for (aspect, va, vb, names), gpas in groups.items():

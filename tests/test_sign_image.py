@@ -438,12 +438,17 @@ def test_verify_against_reference_values(signed_bytes: bytes) -> None:
     ref = _reference(unsigned, id_key_digest=ID_DIGEST.hex(), author_key_digest=AUTHOR_DIGEST.hex())
     report = verify_igvm(f, reference=ref)
     assert report.reference_checked and "reference values match" in report.summary()
+    # every platform the reference records is named (the file has NATIVE and SEV_SNP)
+    assert report.reference_platforms == ("snp", "native (no launch measurement)")
     # A per-loader table and other spellings of the SNP entry are read too.
     qemu = measure_platform(unsigned, PlatformType.SEV_SNP, loader="qemu").hex
-    verify_igvm(f, reference={"platforms": [{"platform": "SEV_SNP", "digests": {"qemu": qemu}}]})
+    verify_igvm(f, reference={"platforms": [{"platform": "SEV_SNP", "digests": {"qemu": qemu}},
+                                            {"platform": "NATIVE"}]})
     hyperv = ref["platforms"]["snp"]["digest"]
-    verify_igvm(f, reference={"platforms": {"SEV_SNP": hyperv}, "build": {"loader": "hyperv"}})
-    verify_igvm(f, reference={"snp": {"launch_digest": hyperv, "policy": {"value": "0x30000"}}})
+    verify_igvm(f, reference={"platforms": {"SEV_SNP": hyperv, "native": {}}, "build": {"loader": "hyperv"}})
+    # issue #15 finding 4: a reference that does not record the file's NATIVE platform is refused
+    err = fails(f, reference={"snp": {"launch_digest": hyperv, "policy": {"value": "0x30000"}}})
+    assert err.kinds == ("reference",) and "NATIVE platform the reference values do not record" in str(err)
 
     err = fails(f, reference=_reference(unsigned, digest="00" * 48))
     assert err.kinds == ("reference",)
@@ -457,7 +462,7 @@ def test_verify_against_reference_values(signed_bytes: bytes) -> None:
     assert err.kinds == ("reference",) and "no SEV-SNP entry" in str(err)
     # The reference's loader is the default loader of the check.
     signed_qemu, _ = sign_igvm(unsigned, id_key=id_key(), loader="qemu")
-    ref = {"platforms": {"snp": {"digest": qemu, "loader": "qemu"}}}
+    ref = {"platforms": {"snp": {"digest": qemu, "loader": "qemu"}, "native": {}}}
     assert verify_igvm(signed_qemu, reference=ref).loader == "qemu"
 
 

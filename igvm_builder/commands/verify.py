@@ -72,6 +72,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"igvm-builder verify: error: {args.file}: {failure.message}", file=sys.stderr)
         return 1
     print(f"{args.file}: OK: {report.summary()}")
+    # what a valid ID block proves, and what it does not (docs/SIGNING.md, "What verify proves")
+    covered = "the SEV-SNP launch only: the pages, VMSAs and directives an SEV-SNP launch measures"
+    if report.uncovered_pages:
+        print(f"igvm-builder verify: note: {args.file}: the ID block covers {covered}; not covered: "
+              f"{report.uncovered_detail}", file=sys.stderr)
+    else:
+        print(f"igvm-builder verify: note: {args.file}: the ID block covers {covered}; every page of this "
+              "file is among them", file=sys.stderr)
     if report.uses_test_only_key:
         print(
             f"igvm-builder verify: warning: {args.file}: signed with a public TEST-ONLY key: it proves nothing",

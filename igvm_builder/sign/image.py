@@ -34,7 +34,7 @@ from typing import Any
 
 from igvm_builder.errors import IgvmError, SigningError, VerificationError
 from igvm_builder.format import headers as H
-from igvm_builder.format.defs import PlatformType
+from igvm_builder.format.defs import PLATFORM_NAMES, PLATFORM_SHORT, PageDataFlags, PlatformType
 from igvm_builder.format.file import IgvmFile
 from igvm_builder.measure.engine import measure_platform
 from igvm_builder.measure.profiles import PROFILES, get_profile
@@ -423,6 +423,14 @@ class VerifyReport:
     id_key_digest: bytes
     author_key_digest: bytes | None
     reference_checked: bool = False
+    #: What the reference values were checked for, one item per platform they record (``snp``,
+    #: ``tdx``, ``native (no launch measurement)``...).
+    reference_platforms: tuple[str, ...] = ()
+    #: Pages of the file the ID block does not cover: pages for other platforms only (their
+    #: compatibility mask lacks the SEV-SNP bit) and SEV-SNP pages whose contents are not
+    #: measured (UNMEASURED, SHARED, or a loader-filled SECRETS/CPUID page).
+    uncovered_pages: int = 0
+    uncovered_detail: str = ""
 
     @property
     def uses_test_only_key(self) -> bool:
@@ -432,7 +440,10 @@ class VerifyReport:
     def summary(self) -> str:
         """One line for people: what verified, under which loader, with which keys."""
         author = self.author_key_digest.hex() if self.author_key_digest is not None else "none"
-        ref = ", reference values match" if self.reference_checked else ""
+        ref = ""
+        if self.reference_checked:
+            ref = ", reference values match" + (f" for {', '.join(self.reference_platforms)}"
+                                                if self.reference_platforms else "")
         return (
             f"SEV-SNP ID block verifies (loader {self.loader}, launch digest {self.launch_digest.hex()}, "
             f"policy {self.policy:#x}, guest svn {self.guest_svn}, ID key digest {self.id_key_digest.hex()}, "
@@ -701,9 +712,13 @@ def verify_igvm(
         got = author_digest.hex() if author_digest is not None else "none (no author key)"
         fail("author-key-digest", f"author key digest is {got}, expected {author_key_digest.hex()}")
 
+    checked: tuple[str, ...] = ()
     if ref is not None:
         _check_reference(ref, name, policy, id_digest, author_digest, measure, fail)
+        assert reference is not None
+        checked = ("snp", *_check_other_platforms(f, reference, name, fail))
 
+    uncovered, detail = _uncovered_pages(f, mask, name)
     if failures:
         raise IdBlockVerificationError(failures)
     return VerifyReport(
@@ -717,7 +732,107 @@ def verify_igvm(
         id_key_digest=id_digest,
         author_key_digest=author_digest,
         reference_checked=ref is not None,
+        reference_platforms=checked,
+        uncovered_pages=uncovered,
+        uncovered_detail=detail,
     )
+
+
+def _uncovered_pages(f: IgvmFile, snp_mask: int, loader: str) -> tuple[int, str]:
+    """How many pages of ``f`` the SEV-SNP launch digest (under ``loader``) does not cover, and
+    what they are."""
+    other = unmeasured = 0
+    not_measured = int(PageDataFlags.UNMEASURED)
+    if get_profile(loader).skip_shared:
+        not_measured |= int(PageDataFlags.SHARED)
+    for h in f.directives:
+        if not isinstance(h, H.PageData):
+            continue
+        if not h.compatibility_mask & snp_mask:
+            other += 1
+        elif h.flags & not_measured or h.data_type != 0:
+            unmeasured += 1
+    parts = []
+    if other:
+        parts.append(f"{other} page(s) for other platforms only")
+    if unmeasured:
+        parts.append(f"{unmeasured} SEV-SNP page(s) whose contents are not measured (unmeasured, "
+                     f"{'shared, ' if not_measured & int(PageDataFlags.SHARED) else ''}secrets or CPUID)")
+    return other + unmeasured, " and ".join(parts)
+
+
+def _reference_platforms(reference: Mapping[str, Any]) -> tuple[dict[PlatformType, Any], list[str]]:
+    """The platforms a reference-values document records (``platforms`` object or list), and the
+    names it records that are no platform.  A document in one of the SEV-SNP-only forms
+    :func:`_parse_reference` accepts records SEV-SNP only."""
+    plats = reference.get("platforms")
+    items: list[tuple[str, Any]] = []
+    if isinstance(plats, Mapping):
+        items = [(str(k), v) for k, v in plats.items()]
+    elif isinstance(plats, list):
+        items = [(str(v.get("platform", "")), v) for v in plats if isinstance(v, Mapping)]
+    by_name = {**{k: v for k, v in PLATFORM_NAMES.items()}, **{t.name.lower(): t for t in PlatformType},
+               "sev_snp": PlatformType.SEV_SNP, "sev_es": PlatformType.SEV_ES, "vsm_isolation": PlatformType.VSM_ISOLATION}
+    recorded: dict[PlatformType, Any] = {}
+    unknown: list[str] = []
+    for key, value in items:
+        ptype = by_name.get(key.lower())
+        if ptype is None:
+            unknown.append(key)
+        else:
+            recorded[ptype] = value
+    recorded.setdefault(PlatformType.SEV_SNP, None)  # _parse_reference found an SEV-SNP entry
+    return recorded, unknown
+
+
+def _check_other_platforms(f: IgvmFile, reference: Mapping[str, Any], loader: str,
+                           fail: Callable[[str, str], None]) -> list[str]:
+    """Check every platform other than SEV-SNP that the reference values record against the
+    file, and refuse the file's platforms they do not record.  Returns what was checked."""
+    recorded, unknown = _reference_platforms(reference)
+    for name in unknown:
+        fail("reference", f"the reference values record an unknown platform '{name}'")
+    have = {p.platform_type: p for p in f.platforms}
+    for ptype in have:
+        if ptype not in recorded:
+            fail("reference", f"the file has a {ptype.name} platform the reference values do not record "
+                              "(it cannot be checked against them)")
+    checked: list[str] = []
+    for ptype, entry in sorted(recorded.items()):
+        if ptype == PlatformType.SEV_SNP:
+            continue
+        short = PLATFORM_SHORT.get(ptype, ptype.name.lower())
+        if ptype not in have:
+            fail("reference", f"the reference values record a {ptype.name} platform the file does not have")
+            continue
+        value = entry.get("digest") if isinstance(entry, Mapping) else entry
+        if value is None:
+            checked.append(f"{short} (no launch measurement)")
+            continue
+        if not isinstance(value, str):
+            fail("reference", f"reference values: platforms.{short}.digest must be a hex string")
+            continue
+        text = value.strip().lower()
+        try:
+            expected = bytes.fromhex(text[2:] if text.startswith("0x") else text)
+        except ValueError:
+            fail("reference", f"reference values: platforms.{short}.digest is not hexadecimal")
+            continue
+        two_pass = isinstance(entry, Mapping) and entry.get("pass_order") == "two-pass"
+        try:
+            m = measure_platform(f, ptype, loader=loader, tdx_two_pass=two_pass)
+        except IgvmError as exc:
+            fail("reference", f"cannot measure the file's {ptype.name} platform: {exc}")
+            continue
+        if m.digest is None:
+            fail("reference", f"the reference values record a {ptype.name} digest, but the platform has no "
+                              "launch measurement")
+        elif m.digest != expected:
+            fail("reference", f"the file's {ptype.name} digest is {m.digest.hex()}, the reference values say "
+                              f"{expected.hex()}")
+        else:
+            checked.append(short)
+    return checked
 
 
 def _check_reference(
