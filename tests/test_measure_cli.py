@@ -63,10 +63,10 @@ def write(tmp_path: Path, name: str, f: IgvmFile) -> Path:
 
 
 def vmsa(features: int = 0x1) -> bytes:
-    b = bytearray(4096)
-    b[0x178:0x180] = (0xFFF0).to_bytes(8, "little")
-    b[0x3B0:0x3B8] = features.to_bytes(8, "little")
-    return bytes(b)
+    """A reset-state VMSA, which QEMU and Cloud Hypervisor on KVM measure unchanged."""
+    from igvm_builder.sev_vmsa import build_reset_vmsa
+
+    return build_reset_vmsa(0xFFFFFFF0, vcpu_signature=0x800F12, sev_features=features)
 
 
 def portable_snp_tdx(*, id_block: H.SnpIdBlock | None = None, vcpus: int = 2) -> IgvmFile:
@@ -120,7 +120,8 @@ def test_measure_platform_and_loader(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     f = IgvmFile.load(path)
     digest = measure_platform(f, PlatformType.SEV_SNP, loader="cloud-hypervisor").hex
-    assert proc.stdout == f"SEV_SNP sha384 {digest} loader=cloud-hypervisor\n"
+    assert proc.stdout == (f"SEV_SNP sha384 {digest} loader=cloud-hypervisor vcpus=2  (vcpus = the file's VP "
+                           "contexts; --vcpus N for -smp N)\n")
     proc = run_cli(str(path), "--platform", "tdx")
     assert proc.stdout == f"TDX sha384 {measure_platform(f, PlatformType.TDX).hex} order=single-pass\n"
 

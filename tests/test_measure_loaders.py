@@ -78,10 +78,11 @@ def page(n: int) -> bytes:
 
 
 def vmsa_page(rip: int = 0xFFF0) -> bytes:
-    b = bytearray(4096)
-    b[0x178:0x180] = rip.to_bytes(8, "little")  # rip
-    b[0x3B0:0x3B8] = (1).to_bytes(8, "little")  # sev_features = SNP
-    return bytes(b)
+    """A reset-state VMSA (sev-snp-measure's QEMU model): one KVM measures unchanged on QEMU and
+    Cloud Hypervisor (KVM_VMSA.md §9), so the KVM profiles' digests differ here only by page rules."""
+    from igvm_builder.sev_vmsa import build_vmsa, reset_vmsa_fields
+
+    return build_vmsa(reset_vmsa_fields(0xFFFFFFF0, vcpu_signature=0x800F12, sev_features=1) | {"rip": rip})
 
 
 def snp_file(directives: Sequence[H.Header], *, policy: bool = True) -> IgvmFile:

@@ -22,7 +22,7 @@ from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice
 from igvm_builder.format.defs import PageDataFlags, PlatformType
 from igvm_builder.measure import measure_platform
-from igvm_builder.sev_vmsa import build_vmsa
+from igvm_builder.sev_vmsa import build_vmsa, reset_vmsa_fields
 from igvm_builder.sign import ExportedTbs, PemFileKey
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +36,10 @@ AUTHOR_DIGEST = KEYS["author_key_digest"]
 SNP_V1 = SHARED / "vectors" / "igvm" / "snp_v1.igvm"
 
 
+#: Reset-state VMSA fields: what QEMU and Cloud Hypervisor on KVM measure unchanged (KVM_VMSA.md §9).
+KVM_FIXED = reset_vmsa_fields(0xFFFFFFF0, vcpu_signature=0x800F12, sev_features=1)
+
+
 def write_file(path: Path, *, policy: int | None = 0x30000) -> Path:
     """A small SNP file measurable by every loader (VMSA at the KVM GPA, one shared page)."""
     directives: list[H.Header] = [
@@ -44,7 +48,7 @@ def write_file(path: Path, *, policy: int | None = 0x30000) -> Path:
     ]
     directives += [
         H.PageData(gpa=0x20000, compatibility_mask=1, flags=PageDataFlags.SHARED),
-        H.SnpVpContext(gpa=0xFFFF_FFFF_F000, compatibility_mask=1, vmsa=build_vmsa({"rip": 0x10000})),
+        H.SnpVpContext(gpa=0xFFFF_FFFF_F000, compatibility_mask=1, vmsa=build_vmsa(KVM_FIXED | {"rip": 0x10000})),
     ]
     f = IgvmFile(
         platforms=(H.SupportedPlatform(compatibility_mask=1, platform_type=PlatformType.SEV_SNP),),

@@ -22,7 +22,7 @@ from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice
 from igvm_builder.format.defs import PageDataFlags, PageDataType, PlatformType
 from igvm_builder.measure import DEFAULT_LOADER, measure_file, measure_platform
-from igvm_builder.sev_vmsa import build_vmsa
+from igvm_builder.sev_vmsa import build_vmsa, reset_vmsa_fields
 from igvm_builder.sign import (
     CommandKey,
     ExportedTbs,
@@ -86,7 +86,8 @@ def make_file(*, policy: int = 0x30000, with_policy: bool = True, snp: bool = Tr
             H.SnpVpContext(
                 gpa=KVM_VMSA_GPA,
                 compatibility_mask=SNP_MASK,
-                vmsa=build_vmsa({"rip": 0x100000, "cs.selector": 0x8, "sev_features": 1, "efer": 0x1000}),
+                vmsa=build_vmsa(reset_vmsa_fields(0xFFFFFFF0, vcpu_signature=0x800F12, sev_features=1)
+                                | {"rip": 0x100000, "cs.selector": 0x8}),
             ),
         ]
     directives += [

@@ -237,6 +237,8 @@ class _Builder:
                 eip = BSP_RESET_EIP if vp == 0 else img.sev_es_reset_eip
                 vmsa = build_reset_vmsa(eip, vcpu_signature=sig, sev_features=features, vmm_type=snp.vmm_type,
                                         cr0=snp.cr0)
+                if p == PlatformType.SEV_SNP and snp.vmm_type == "qemu":  # ec2/gce reproduce other hosts
+                    _check_kvm_fixed_point(vmsa, vp, features)
                 plan.tail.append(H.SnpVpContext(gpa=KVM_VMSA_GPA, compatibility_mask=0, vp_index=vp, vmsa=vmsa))
         elif p in (PlatformType.NATIVE, PlatformType.SEV):
             # Architectural reset state: real mode, CS base 0xffff0000, IP 0xfff0.
@@ -502,8 +504,17 @@ class _Builder:
             plan.tail.append(H.NativeVpContext(compatibility_mask=0, vp_index=0, context=state.native_context()))
         elif p in (PlatformType.SEV_SNP, PlatformType.SEV_ES):
             features = self.cfg.snp.guest_features if p == PlatformType.SEV_SNP else 0
-            plan.tail.append(H.SnpVpContext(gpa=KVM_VMSA_GPA, compatibility_mask=0, vp_index=0,
-                                            vmsa=state.vmsa(sev_features=features)))
+            vmsa = state.vmsa(sev_features=features)
+            if p == PlatformType.SEV_SNP:
+                _check_kvm_fixed_point(vmsa, 0, features)
+                n = self.cfg.snp.vcpus
+                if n > 1:
+                    self.notes.append(
+                        f"snp: {n} vCPUs: the image has a VP context for vCPU 0 only; on qemu and cloud-hypervisor "
+                        f"KVM measures {n - 1} reset-state AP VMSA(s) after it (CPU model {self.cfg.snp.vcpu_type} "
+                        "on qemu), which the reference values' digest includes for those loaders; launch with "
+                        f"-smp {n} (docs/MEASUREMENT.md, 'vCPUs')")
+            plan.tail.append(H.SnpVpContext(gpa=KVM_VMSA_GPA, compatibility_mask=0, vp_index=0, vmsa=vmsa))
         elif p == PlatformType.VSM_ISOLATION:
             plan.tail.append(H.VbsVpContext(compatibility_mask=0, vp_index=0, vtl=self.cfg.vbs.vtl,
                                             registers=state.vbs_registers()))
@@ -568,6 +579,20 @@ def _page_runs(pages: list[tuple[int, Any]]) -> list[tuple[int, int]]:
         else:
             runs.append((gpa, gpa + PAGE))
     return runs
+
+
+def _check_kvm_fixed_point(vmsa: bytes, vp: int, features: int) -> None:
+    """Every SNP VMSA the builder writes is what QEMU/KVM and Cloud Hypervisor/KVM measure for it
+    (shared/spec/KVM_VMSA.md §9): a guard against a change that breaks it, not a user error."""
+    from igvm_builder.kvm_vmsa import KVM_VMMS, changes, refusals
+
+    for vmm in KVM_VMMS:
+        vp0 = None if vp == 0 else features
+        bad = [r.field for r in refusals(vmsa, vmm, vp_index=vp, vp0_features=vp0)] + \
+              [c.field for c in changes(vmsa, vmm, vp0_features=vp0)]
+        if bad:
+            raise LayoutError(f"internal error: the VMSA of vCPU {vp} is not what {vmm}/KVM measures "
+                              f"(fields {', '.join(bad)})")
 
 
 def _state_dict(state: CpuState) -> dict[str, Any]:

@@ -160,7 +160,8 @@ def _build(cfg: BuildConfig, output: SeekableOutput | None) -> BuildResult:
         sources = (None, *data_sources)
         writer.finish(head, chunks, sources)
         snp_result = (measure_platform(f, PlatformType.SEV_SNP, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass,
-                                       page_digests=digests),) if snp else ()
+                                       page_digests=digests, vcpus=cfg.snp.vcpus,
+                                       vcpu_type=cfg.snp.vcpu_type),) if snp else ()
     except BaseException:
         writer.cancel()
         inputs.cancel()

@@ -44,6 +44,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="print the SEV-SNP digest under every loader profile and warn when they differ",
     )
     parser.add_argument(
+        "--vcpus", type=_positive, metavar="N",
+        help=("SEV-SNP on qemu / cloud-hypervisor: the launch's vCPU count (-smp N). KVM measures one VMSA "
+              "per vCPU; vCPUs the file has no VP context for get the VMM's reset state. Default: the "
+              "file's VP contexts"),
+    )
+    parser.add_argument(
+        "--vcpu-type", metavar="T",
+        help=("SEV-SNP on qemu: the -cpu model (or CPUID(1).EAX) of the reset-state VMSAs, whose RDX is its "
+              "signature (default EPYC-v4)"),
+    )
+    parser.add_argument(
         "--tdx-two-pass", action="store_true",
         help=("TDX MRTD in two-pass order (per region all PAGE.ADDs, then all MR.EXTENDs: older Intel "
               "host stacks); default single pass (upstream KVM/QEMU, microsoft/igvm)"),
@@ -54,6 +65,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=("also write the reference values a verifier needs (digests, policies, guest features, "
               "vCPU count, ID-block key digests, file SHA-256) to OUT.json"),
     )
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _load(path: str) -> IgvmFile:
@@ -81,6 +102,12 @@ def _line(m: Measurement) -> str:
         note = f"  ({'; '.join(m.notes)})" if m.notes else ""
         return f"{m.platform.name} - -{note}"
     extra = f"loader={m.loader}" if m.loader else f"order={m.variant}" if m.variant else ""
+    if m.vcpus is not None:
+        extra += f" vcpus={m.vcpus}"
+        if m.loader == "qemu" and m.vcpus > (m.vp_contexts or 0):
+            extra += f" vcpu_type={m.vcpu_type}"
+        if m.vcpus_source == "file":
+            extra += "  (vcpus = the file's VP contexts; --vcpus N for -smp N)"
     return f"{m.platform.name} {m.algorithm} {m.hex}" + (f" {extra}" if extra else "")
 
 
@@ -98,6 +125,9 @@ def _json_entry(m: Measurement) -> dict[str, Any]:
         out["loader"] = m.loader
     if m.variant:
         out["pass_order"] = m.variant
+    if m.vcpus is not None:
+        out |= {"vcpus": m.vcpus, "vcpus_source": m.vcpus_source, "vp_contexts": m.vp_contexts,
+                "vcpu_type": m.vcpu_type if m.loader == "qemu" and m.vcpus > (m.vp_contexts or 0) else None}
     if m.notes:
         out["notes"] = list(m.notes)
     return out
@@ -110,7 +140,7 @@ def _all_loaders(f: IgvmFile, args: argparse.Namespace) -> int:
     if args.platform is not None and args.platform != PlatformType.SEV_SNP:
         return _usage_error(f"--all-loaders measures the SEV-SNP platform only, not {args.platform.name}")
     _require_platform(f, PlatformType.SEV_SNP, args.file)
-    results = all_loader_digests(f, PROFILES)
+    results = all_loader_digests(f, PROFILES, vcpus=args.vcpus, vcpu_type=args.vcpu_type)
     digests = {name: r for name, r in results.items() if isinstance(r, bytes)}
     distinct = set(digests.values())
     agree = len(distinct) <= 1 and len(digests) == len(results)
@@ -159,11 +189,23 @@ def run(args: argparse.Namespace) -> int:
         if args.reference_values:
             return _usage_error("--reference-values needs one loader; use --loader instead of --all-loaders")
         return _all_loaders(f, args)
+    if args.vcpu_type is not None:
+        from igvm_builder.errors import ConfigError
+        from igvm_builder.sev_vmsa import vcpu_signature
+
+        try:
+            vcpu_signature(args.vcpu_type)
+        except ConfigError as exc:
+            return _usage_error(f"--vcpu-type: {exc.message}")
+    if (args.vcpus is not None or args.vcpu_type is not None) and not PROFILES[args.loader].kvm_vmm:
+        warn(_CMD, f"--vcpus/--vcpu-type apply to the KVM loaders (qemu, cloud-hypervisor); loader {args.loader} "
+                   "measures the file's VMSAs as they are and ignores them")
     if args.platform is not None:
         _require_platform(f, args.platform, args.file)
     targets = [args.platform] if args.platform is not None else None
     try:
-        ms = measure_file(f, platforms=targets, loader=args.loader, tdx_two_pass=args.tdx_two_pass)
+        ms = measure_file(f, platforms=targets, loader=args.loader, tdx_two_pass=args.tdx_two_pass,
+                          vcpus=args.vcpus, vcpu_type=args.vcpu_type)
     except IgvmError as exc:
         raise exc.with_source(args.file) from None
     if args.reference_values:
@@ -173,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         sha256, size = _sha256_file(args.file)
         full = ms if targets is None else None  # measure every platform for the reference values
         refs = reference_values(f, sha256, loader=args.loader, tdx_two_pass=args.tdx_two_pass,
-                                file_size=size, measurements=full)
+                                file_size=size, measurements=full, vcpus=args.vcpus, vcpu_type=args.vcpu_type)
         atomic_write(args.reference_values, (json.dumps(refs, indent=2, sort_keys=True) + "\n").encode(),
                      inputs=(args.file,))
     if args.reference_values == "-":  # the reference values are on standard output: nothing else goes there

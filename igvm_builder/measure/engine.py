@@ -62,6 +62,13 @@ class Measurement:
     variant: str | None = None
     steps: int = 0
     notes: tuple[str, ...] = field(default=())
+    #: SEV-SNP on a KVM loader (``qemu``, ``cloud-hypervisor``): the vCPU count measured (one VMSA
+    #: each), the CPU model of the reset-state VMSAs, the file's VP contexts, and whether the
+    #: count was given (``"given"``) or is the file's (``"file"``).  None elsewhere.
+    vcpus: int | None = None
+    vcpu_type: str | None = None
+    vp_contexts: int | None = None
+    vcpus_source: str | None = None
 
     @property
     def hex(self) -> str | None:
@@ -81,10 +88,18 @@ def _page_view(data: H.BlobLike) -> memoryview | bytes:
 # --------------------------------------------------------------------------- per-platform state
 
 
+#: CPU model of reset-state VMSAs when none is given (the config's ``snp.vcpu_type`` default).
+DEFAULT_VCPU_TYPE = "EPYC-v4"
+
+
 class _Snp:
-    def __init__(self, profile: LoaderProfile, mask: int) -> None:
+    def __init__(self, profile: LoaderProfile, mask: int, vcpus: int | None = None,
+                 vcpu_type: str | int | None = None) -> None:
         self.p = profile
         self.mask = mask
+        self.vcpus = vcpus
+        self.vcpu_type = DEFAULT_VCPU_TYPE if vcpu_type is None else vcpu_type
+        self.contexts: dict[int, bytes] = {}  # KVM loaders: vp_index -> the file's VMSA page
         self.ld = _ZERO48
         self.steps = 0
         self.deferred_vmsa: list[tuple[int, bytes]] = []
@@ -133,21 +148,55 @@ class _Snp:
             self.step(gpa + i * PAGE_SIZE_4K, SNP_UNMEASURED, _ZERO48)
 
     def vmsa(self, h: H.SnpVpContext) -> None:
-        digest = hashlib.sha384(as_view(h.blob())).digest()
         if self.p.vmsa_last_at_kvm_gpa:
             if h.gpa != KVM_VMSA_GPA:
                 raise MeasurementError(
                     f"loader '{self.p.name}' rejects the VMSA of vp {h.vp_index} at GPA {h.gpa:#x}: KVM measures "
                     f"VMSAs at {KVM_VMSA_GPA:#x} only", gpa=h.gpa)
-            self.deferred_vmsa.append((KVM_VMSA_GPA, digest))
+            if self.p.kvm_vmm:
+                if h.vp_index in self.contexts:
+                    raise MeasurementError(f"loader '{self.p.name}': two VP contexts for vp {h.vp_index}")
+                self.contexts[h.vp_index] = bytes(as_view(h.blob()))
+                return
+            self.deferred_vmsa.append((KVM_VMSA_GPA, hashlib.sha384(as_view(h.blob())).digest()))
         else:
-            self.step(h.gpa, SNP_VMSA, digest)
+            self.step(h.gpa, SNP_VMSA, hashlib.sha384(as_view(h.blob())).digest())
+
+    def kvm_vmsas(self) -> None:
+        """One measured VMSA per vCPU, in vCPU order (KVM ``snp_launch_update_vmsa``): the VMM's
+        transform of the file's VP context, or its reset state for a vCPU without one."""
+        from igvm_builder.kvm_vmsa import measured_vmsa, reset_vmsa
+
+        vmm = self.p.kvm_vmm
+        assert vmm is not None
+        n = self.vcpus
+        if n is None:
+            n = max(self.contexts) + 1 if self.contexts else 0
+        beyond = sorted(i for i in self.contexts if i >= n)
+        if beyond:
+            raise MeasurementError(f"loader '{self.p.name}': the file has a VP context for vp {beyond[0]} but the "
+                                   f"launch has {n} vCPU(s) (the VMM has no such vCPU); give --vcpus "
+                                   f"{max(self.contexts) + 1} or more")
+        if n and 0 not in self.contexts:
+            raise MeasurementError(f"loader '{self.p.name}': no VP context for vp 0, whose sev_features KVM "
+                                   "applies to every vCPU")
+        vp0 = int.from_bytes(self.contexts[0][0x3B0:0x3B8], "little") if n else 0
+        for i in range(n):
+            page = self.contexts.get(i)
+            if page is None:
+                measured = reset_vmsa(vmm, sev_features=vp0, vcpu_signature=self.vcpu_type)
+            else:
+                measured = measured_vmsa(page, vmm, vp_index=i, vp0_features=None if i == 0 else vp0)
+            self.deferred_vmsa.append((KVM_VMSA_GPA, hashlib.sha384(measured).digest()))
+        self.vcpus = n
 
     def finish(self) -> bytes:
         self.releaser.release(self.last_slice)
         for gpa, _seq, ptype, contents in sorted(self.sorted_steps):  # GPA-sorting loaders only
             self._extend(gpa, ptype, contents)
         self.sorted_steps = []
+        if self.p.kvm_vmm:
+            self.kvm_vmsas()
         for gpa, digest in self.deferred_vmsa:
             self._extend(gpa, SNP_VMSA, digest)
         return self.ld
@@ -399,13 +448,14 @@ _NO_DIGESTS: dict[int, bytes] = {}
 
 
 def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, two_pass: bool,
-         digests: dict[int, bytes] | None = None) -> Measurement:
+         digests: dict[int, bytes] | None = None, vcpus: int | None = None,
+         vcpu_type: str | int | None = None) -> Measurement:
     areas = _area_pages(f)
     if ptype == PlatformType.SEV_SNP:
         if not any(isinstance(h, H.GuestPolicy) and h.compatibility_mask & mask == mask for h in f.initializations):
             raise MeasurementError(f"no GUEST_POLICY for the SEV_SNP platform (mask {mask:#x}); the loader "
                                    "cannot launch it")
-        acc = _Snp(profile, mask)
+        acc = _Snp(profile, mask, vcpus, vcpu_type)
         page_data, file_slice, sha384 = H.PageData, FileSlice, hashlib.sha384
         normal_tail = _PAGE_INFO_TAIL.pack(0x70, SNP_NORMAL, 0, 0, 0)[:-8]  # + the page's GPA
         fast = not profile.sort_by_gpa
@@ -448,7 +498,11 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
         acc.ld = ld
         acc.steps += steps
         digest = acc.finish()
-        return Measurement(ptype, mask, "sha384", digest, loader=profile.name, steps=acc.steps)
+        if not profile.kvm_vmm:
+            return Measurement(ptype, mask, "sha384", digest, loader=profile.name, steps=acc.steps)
+        return Measurement(ptype, mask, "sha384", digest, loader=profile.name, steps=acc.steps, vcpus=acc.vcpus,
+                           vcpu_type=str(acc.vcpu_type), vp_contexts=len(acc.contexts),
+                           vcpus_source="file" if vcpus is None else "given", notes=_kvm_notes(acc))
     if ptype == PlatformType.TDX:
         return _measure_tdx(f, mask, areas, two_pass)
     if ptype == PlatformType.VSM_ISOLATION:
@@ -483,6 +537,19 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
             sev.steps += 1
         return Measurement(ptype, mask, "sha256", sev.finish(), steps=sev.steps)
     return Measurement(ptype, mask, None, None, notes=(f"{ptype.name} launches have no measurement",))
+
+
+def _kvm_notes(acc: _Snp) -> tuple[str, ...]:
+    n, k = acc.vcpus or 0, len(acc.contexts)
+    notes = []
+    if n > k:
+        flavour = (f"QEMU's reset state, CPU model {acc.vcpu_type}" if acc.p.kvm_vmm == "qemu"
+                   else "KVM's reset state")
+        notes.append(f"{n} vCPUs: {n - k} reset-state VMSA(s) ({flavour}) measured after the file's {k} VP "
+                     "context(s)")
+    notes.append("VMSAs measured as the VMM and KVM rebuild them (shared/spec/KVM_VMSA.md; read from source, "
+                 "not checked on SNP hardware)")
+    return tuple(notes)
 
 
 def _measure_tdx(f: IgvmFile, mask: int, areas: _Areas, two_pass: bool, *, vectorize: bool = True
@@ -563,21 +630,27 @@ def _measure_tdx(f: IgvmFile, mask: int, areas: _Areas, two_pass: bool, *, vecto
 
 
 def measure_platform(f: IgvmFile, platform: PlatformType, *, loader: str | None = None,
-                     tdx_two_pass: bool = False, page_digests: dict[int, bytes] | None = None) -> Measurement:
+                     tdx_two_pass: bool = False, page_digests: dict[int, bytes] | None = None,
+                     vcpus: int | None = None, vcpu_type: str | int | None = None) -> Measurement:
     """Measure one platform of ``f``; :class:`MeasurementError` if the file lacks it.
 
     ``page_digests`` (``id(FileSlice) -> SHA-384`` of that 4 KiB window, as recorded by
-    ``IgvmFile._layout``) spares SEV-SNP hashing those pages again.
+    ``IgvmFile._layout``) spares SEV-SNP hashing those pages again.  ``vcpus`` (the VMM's
+    ``-smp``; default: the file's VP contexts) and ``vcpu_type`` (the ``-cpu`` model of the
+    reset-state VMSAs; default EPYC-v4) matter for SEV-SNP on the KVM loaders only.
     """
+    if vcpus is not None and vcpus < 1:
+        raise MeasurementError(f"vCPU count must be at least 1, got {vcpus}")
     p = f.platform(platform)
     if p is None:
         have = ", ".join(x.platform_type.name for x in f.platforms)
         raise MeasurementError(f"the file has no {platform.name} platform (it has: {have})")
-    return _run(f, platform, p.compatibility_mask, get_profile(loader), tdx_two_pass, page_digests)
+    return _run(f, platform, p.compatibility_mask, get_profile(loader), tdx_two_pass, page_digests, vcpus, vcpu_type)
 
 
 def measure_file(f: IgvmFile, *, platforms: Sequence[PlatformType] | None = None, loader: str | None = None,
-                 tdx_two_pass: bool = False, parallel: bool = True) -> tuple[Measurement, ...]:
+                 tdx_two_pass: bool = False, parallel: bool = True, vcpus: int | None = None,
+                 vcpu_type: str | int | None = None) -> tuple[Measurement, ...]:
     """Measure every (or the given) platform; platforms are hashed in parallel threads.
 
     hashlib releases the GIL while it hashes, so an SNP+TDX file measures in roughly the
@@ -585,12 +658,14 @@ def measure_file(f: IgvmFile, *, platforms: Sequence[PlatformType] | None = None
     """
     targets = list(platforms) if platforms is not None else [p.platform_type for p in f.platforms]
     if not parallel or len(targets) < 2:
-        return tuple(measure_platform(f, t, loader=loader, tdx_two_pass=tdx_two_pass) for t in targets)
+        return tuple(measure_platform(f, t, loader=loader, tdx_two_pass=tdx_two_pass, vcpus=vcpus,
+                                      vcpu_type=vcpu_type) for t in targets)
     results: list[Measurement | BaseException | None] = [None] * len(targets)
 
     def work(i: int, t: PlatformType) -> None:
         try:
-            results[i] = measure_platform(f, t, loader=loader, tdx_two_pass=tdx_two_pass)
+            results[i] = measure_platform(f, t, loader=loader, tdx_two_pass=tdx_two_pass, vcpus=vcpus,
+                                          vcpu_type=vcpu_type)
         except BaseException as exc:  # re-raised in the caller's thread
             results[i] = exc
 
@@ -605,12 +680,14 @@ def measure_file(f: IgvmFile, *, platforms: Sequence[PlatformType] | None = None
     return tuple(r for r in results if isinstance(r, Measurement))
 
 
-def all_loader_digests(f: IgvmFile, loaders: Iterable[str]) -> dict[str, bytes | MeasurementError]:
+def all_loader_digests(f: IgvmFile, loaders: Iterable[str], *, vcpus: int | None = None,
+                       vcpu_type: str | int | None = None) -> dict[str, bytes | MeasurementError]:
     """SNP digest under each loader profile (or the error that loader would give)."""
     out: dict[str, bytes | MeasurementError] = {}
     for name in loaders:
         try:
-            out[name] = measure_platform(f, PlatformType.SEV_SNP, loader=name).digest or b""
+            out[name] = measure_platform(f, PlatformType.SEV_SNP, loader=name, vcpus=vcpus,
+                                         vcpu_type=vcpu_type).digest or b""
         except MeasurementError as exc:
             out[name] = exc
     return out

@@ -30,6 +30,9 @@ class LoaderProfile:
     vmsa_last_at_kvm_gpa: bool
     #: Pages imported in ascending GPA order rather than file order.
     sort_by_gpa: bool = False
+    #: The VMM whose KVM transform of each VMSA is measured, plus one reset-state VMSA per vCPU
+    #: without a VP context (:mod:`igvm_builder.kvm_vmsa`); None: the file's VMSA bytes as they are.
+    kvm_vmm: str | None = None
 
 
 PROFILES: dict[str, LoaderProfile] = {
@@ -38,9 +41,9 @@ PROFILES: dict[str, LoaderProfile] = {
         LoaderProfile("hyperv", "Hyper-V / OpenVMM (microsoft/igvm measurement model; the default)",
                       dataless_page_type=1, skip_shared=True, insert_all_pages=True, vmsa_last_at_kvm_gpa=False),
         LoaderProfile("qemu", "QEMU >= 10.1 IGVM loader on KVM", dataless_page_type=1, skip_shared=False,
-                      insert_all_pages=True, vmsa_last_at_kvm_gpa=True),
+                      insert_all_pages=True, vmsa_last_at_kvm_gpa=True, kvm_vmm="qemu"),
         LoaderProfile("cloud-hypervisor", "Cloud Hypervisor on KVM", dataless_page_type=3, skip_shared=False,
-                      insert_all_pages=True, vmsa_last_at_kvm_gpa=True),
+                      insert_all_pages=True, vmsa_last_at_kvm_gpa=True, kvm_vmm="cloud-hypervisor"),
         LoaderProfile("cloud-hypervisor-mshv", "Cloud Hypervisor on MSHV (read from source only)",
                       dataless_page_type=1, skip_shared=False, insert_all_pages=False,
                       vmsa_last_at_kvm_gpa=False, sort_by_gpa=True),

@@ -37,6 +37,12 @@ SCHEMA_VERSION = 1
 _VMSA_SEV_FEATURES = 0x3B0
 
 
+#: shared/spec/KVM_VMSA.md §8: how to settle the predicted KVM VMSAs on an SNP host.
+_HOW_TO_CHECK = ("on the SNP host run `echo 'func sev_es_sync_vmsa +p' > /sys/kernel/debug/dynamic_debug/control` "
+                 "before the launch: KVM then hex-dumps every VMSA before SNP_LAUNCH_UPDATE; compare the dumps with "
+                 "the predicted pages (igvm_builder.kvm_vmsa), offsets 0x408 (MXCSR) and 0x410 (x87 FCW) first")
+
+
 def _hex(value: int) -> str:
     return f"{value:#x}"
 
@@ -132,12 +138,22 @@ def _platform_entry(f: IgvmFile, p: H.SupportedPlatform, m: Measurement, loader:
             "loader": get_profile(loader).name,
             "policy": _policy_entry(_guest_policy(f, mask), ptype),
             "guest_features": _guest_features(vmsas),
-            "vcpus": len(vmsas),
+            "vcpus": len(vmsas) if m.vcpus is None else m.vcpus,
             "id_block": idb,
             # Also at this level, where verifiers look for them (sign/image.py reads both).
             "id_key_digest": idb.get("id_key_digest"),
             "author_key_digest": idb.get("author_key_digest"),
         }
+        if m.vcpus is not None:  # KVM loaders: one VMSA per vCPU, reset state without a VP context
+            reset = m.vcpus - (m.vp_contexts or 0)
+            entry["kvm_vmsas"] = {
+                "vp_contexts": m.vp_contexts,
+                "reset_state_vcpus": reset,
+                "vcpus_source": m.vcpus_source,
+                "vcpu_type": m.vcpu_type if m.loader == "qemu" and reset else None,
+                "checked_on_hardware": False,
+                "how_to_check": _HOW_TO_CHECK,
+            }
     elif ptype == PlatformType.TDX:
         entry |= {
             "pass_order": m.variant,
@@ -168,6 +184,8 @@ def reference_values(
     tdx_two_pass: bool,
     file_size: int | None = None,
     measurements: Sequence[Measurement] | None = None,
+    vcpus: int | None = None,
+    vcpu_type: str | int | None = None,
 ) -> dict[str, Any]:
     """The reference values of ``f`` for every platform it declares (schema_version 1).
 
@@ -175,7 +193,8 @@ def reference_values(
     ``file_size`` its length (default: the length of ``f``'s canonical serialization).
     ``loader`` is the SEV-SNP loader profile (``None`` = :data:`DEFAULT_LOADER`) and
     ``tdx_two_pass`` the TDX page order.  ``measurements``, when the caller already has
-    them for this loader and page order, are used instead of measuring again.  Raises
+    them for this loader and page order, are used instead of measuring again.  ``vcpus`` and
+    ``vcpu_type``: the launch's vCPU count and CPU model on the KVM loaders (``measure_file``).  Raises
     :class:`MeasurementError` when a platform cannot be measured (e.g. no SNP
     GUEST_POLICY, or the loader rejects the file).
     """
@@ -187,7 +206,8 @@ def reference_values(
         raise MeasurementError(f"file SHA-256 must be 32 bytes or 64 hex digits, got {file_bytes_sha256!r}")
     profile = get_profile(loader)
     if measurements is None:
-        measurements = measure_file(f, loader=profile.name, tdx_two_pass=tdx_two_pass)
+        measurements = measure_file(f, loader=profile.name, tdx_two_pass=tdx_two_pass, vcpus=vcpus,
+                                    vcpu_type=vcpu_type)
     by_type = {m.platform: m for m in measurements}
     platforms: dict[str, Any] = {}
     for p in f.platforms:

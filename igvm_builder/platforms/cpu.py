@@ -19,7 +19,7 @@ CODE64_ATTR = 0xA09B
 DATA_ATTR = 0xC093
 CODE32_SEL, CODE64_SEL, DATA_SEL = 0x08, 0x10, 0x18
 
-CR0_PE, CR0_ET, CR0_PG = 0x1, 0x10, 0x80000000
+CR0_PE, CR0_ET, CR0_NE, CR0_PG = 0x1, 0x10, 0x20, 0x80000000
 CR4_PAE = 0x20
 EFER_LME, EFER_LMA, EFER_NXE, EFER_SVME = 0x100, 0x400, 0x800, 0x1000
 
@@ -56,8 +56,13 @@ class CpuState:
 
     @classmethod
     def protected32(cls, *, rip: int, gdt: int, rbx: int = 0, rsi: int = 0) -> CpuState:
-        """Flat 32-bit protected mode, paging off (PVH and Linux 32-bit entries)."""
-        return cls(rip=rip, rbx=rbx, rsi=rsi, gdtr_base=gdt)
+        """Flat 32-bit protected mode, paging off (PVH and Linux 32-bit entries).
+
+        CR0 = PE | ET | NE (0x31), as COCONUT's igvmbuilder writes it: a fixed point of the QEMU
+        and Cloud Hypervisor KVM transforms (``shared/spec/KVM_VMSA.md`` §3) that COCONUT
+        ``igvmmeasure --check-kvm`` also accepts.
+        """
+        return cls(rip=rip, rbx=rbx, rsi=rsi, gdtr_base=gdt, cr0=CR0_PE | CR0_ET | CR0_NE)
 
     @classmethod
     def long64(cls, *, rip: int, gdt: int, cr3: int, rsi: int = 0) -> CpuState:
@@ -77,6 +82,8 @@ class CpuState:
                             self.cr0, self.cr3, self.cr4, self.efer)
 
     def vmsa(self, *, sev_features: int) -> bytes:
+        """The SEV VMSA page: every field a fixed point of the QEMU and Cloud Hypervisor KVM
+        transforms (:mod:`igvm_builder.kvm_vmsa`; ``shared/spec/KVM_VMSA.md`` §9 builder table)."""
         from igvm_builder.sev_vmsa import build_vmsa
 
         fields: dict[str, int] = {
