@@ -160,7 +160,7 @@ def _build(cfg: BuildConfig, output: SeekableOutput | None) -> BuildResult:
         sources = (None, *data_sources)
         writer.finish(head, chunks, sources)
         snp_result = (measure_platform(f, PlatformType.SEV_SNP, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass,
-                                       page_digests=digests, vcpus=cfg.snp.vcpus,
+                                       page_digests=digests, vcpus=_snp_vcpus(cfg, f),
                                        vcpu_type=cfg.snp.vcpu_type),) if snp else ()
     except BaseException:
         writer.cancel()
@@ -178,6 +178,12 @@ def _build(cfg: BuildConfig, output: SeekableOutput | None) -> BuildResult:
     refs = reference_values_for(cfg, f, sha256, size, input_hashes, notes, measurements=measurements)
     return BuildResult(file=f, reference_values=refs, _chunks=chunks, size=size, sha256=sha256,
                        _sources=sources)
+
+
+def _snp_vcpus(cfg: BuildConfig, f: IgvmFile) -> int | None:
+    """The launch's vCPU count for the KVM loaders' SNP digest: ``snp.vcpus`` when the image starts
+    a vCPU (an image of blobs only has no VP context, and nothing to count)."""
+    return cfg.snp.vcpus if any(isinstance(h, H.SnpVpContext) for h in f.directives) else None
 
 
 class _Task:
