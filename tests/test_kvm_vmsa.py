@@ -543,3 +543,59 @@ def test_measure_cli_vcpus(tmp_path: Path) -> None:
     proc = run_measure(str(bad), "--loader", "qemu")
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "refuses the VMSA of vp 0: field pkru" in proc.stderr
+
+
+# --------------------------------------------------------------------------- lint
+
+
+def lint_text(f: IgvmFile, loader: str) -> list[tuple[str, str]]:
+    from igvm_builder.lint import lint
+
+    return [(fd.severity, fd.message) for fd in lint(f, loader)]
+
+
+def test_lint_names_each_changed_field_refusal_and_the_vcpu_count() -> None:
+    page = build_vmsa(reset_vmsa_fields(0xFFFFFFF0, vcpu_signature=0x800F12, sev_features=1)
+                      | {"cr0": 0x1, "x87_fcw": 0, "mxcsr": 0})
+    q = lint_text(small_file(page), "qemu")
+    assert ("warning", "VMSA of vp 0: x87_fcw 0x0 is measured as 0x37f on qemu") in q
+    assert ("warning", "VMSA of vp 0: mxcsr 0x0 is measured as 0x1f80 on qemu") in q
+    assert ("warning", "VMSA of vp 0: cr0 0x1 is measured as 0x11 on qemu") in q
+    assert not [m for s, m in q if s == "error"]
+    assert [m for _, m in q if "depends on the vCPU count" in m] == [
+        "the SEV-SNP digest on qemu depends on the vCPU count: KVM measures one VMSA per vCPU, so the file's 1 VP "
+        "context(s) give its digest only for -smp 1; every further vCPU adds a reset-state VMSA (its RDX is the -cpu "
+        "model's signature): `measure --vcpus N` gives the digest of -smp N"]
+    ch = lint_text(small_file(page), "cloud-hypervisor")
+    assert not [m for _, m in ch if "cr0" in m]  # CH keeps 0x1, and 0x1 is no ET fixed point to defend
+    assert ("warning", "VMSA of vp 0: x87_fcw 0x0 is measured as 0x37f on cloud-hypervisor") in ch
+    # every refusal is its own error, with the reason
+    bad = lint_text(small_file(base_page(dr7=0x401, pkru=1, sev_features=0x9)), "qemu")
+    errors = [m for s, m in bad if s == "error"]
+    assert len(errors) == 3
+    assert any("dr7 = 0x401: KVM launches only with dr7 0 or 0x400" in m for m in errors)
+    assert any("pkru = 0x1: QEMU accepts no non-zero pkru" in m for m in errors)
+    assert any("sev_features = 0x9 has bits 0x8 that upstream KVM does not support" in m for m in errors)
+    # the byte-hashing loaders have nothing to say about it
+    assert not [m for _, m in lint_text(small_file(page), "hyperv") if "measured as" in m or "vCPU" in m]
+
+
+def test_lint_explains_the_over_strict_cr0_rule_for_long_mode(tmp_path: Path) -> None:
+    lm, _ = build_to(kernel_config(UBOOT), tmp_path, "lm.igvm")
+    for loader in ("qemu", "cloud-hypervisor"):
+        found = lint_text(IgvmFile.load(lm), loader)
+        assert [s for s, _ in found] == ["warning"] * len(found)
+        cr0 = [m for _, m in found if "cr0" in m]
+        assert len(cr0) == 1 and "--check-kvm refuses cr0 0x80000011" in cr0[0] and "over-strict" in cr0[0]
+        assert len(found) == 2  # and the vCPU count
+    pvh, _ = build_to(kernel_config(GRUB), tmp_path, "pvh.igvm")
+    assert [m for _, m in lint_text(IgvmFile.load(pvh), "qemu") if "cr0" in m or "measured as" in m] == []
+
+
+def test_lint_names_the_fields_kvm_changes_in_ec2_vmsas(tmp_path: Path) -> None:
+    f = build_igvm(config(tmp_path, ovmf_config(OVMF_BOOKWORM, vcpus=2, vmm="ec2")))
+    found = [m for _, m in lint_text(f, "qemu") if "measured as" in m]
+    assert found == [f"VMSA of vp {vp}: {field} 0x0 is measured as {v} on qemu" for vp in (0, 1)
+                     for field, v in (("mxcsr", "0x1f80"), ("x87_fcw", "0x37f"))]
+    ok = build_igvm(config(tmp_path, ovmf_config(OVMF_BOOKWORM, vcpus=2)))
+    assert [m for _, m in lint_text(ok, "qemu") if "measured as" in m] == []
