@@ -223,6 +223,8 @@ class _Ctx:
 
     def int_(self, key: str, value: Any, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and len(value) > _MAX_NUMBER_TEXT:
+                raise self.err(key, f"expected an integer, got a string of {len(value)} characters")
             if isinstance(value, str):
                 try:
                     value = int(value, 0)
@@ -235,6 +237,8 @@ class _Ctx:
         return int(value)
 
     def size(self, key: str, value: Any) -> int:
+        if isinstance(value, str) and len(value) > _MAX_NUMBER_TEXT:
+            raise self.err(key, f"a size of {len(value)} characters is not a size (e.g. 512M, 2G, 0x100000)")
         if isinstance(value, str):
             m = _SIZE_RE.match(value)
             if m:
@@ -384,21 +388,34 @@ def _unknown(ctx: _Ctx, key: str, known: tuple[str, ...] | list[str], what: str)
     return ctx.err(key, f"unknown {what}{hint}")
 
 
+#: How deep ``include`` may nest (a config including one including one ...).
+MAX_INCLUDE_DEPTH = 16
+#: Longest size or integer string accepted (``"512M"``, ``"0x100000"``): a 5,000-digit string is
+#: no size, and Python refuses to convert more than 4,300 digits anyway.
+_MAX_NUMBER_TEXT = 64
+
+
 def _load_toml(path: str) -> tuple[str, dict[str, Any]]:
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config: {exc.strerror}", source=path) from None
+    from igvm_builder.io import CONFIG_LIMIT, MAX_NESTING, check_nesting, read_input
+
+    # a regular file of at most CONFIG_LIMIT bytes: a FIFO or /dev/zero is refused before any read
+    raw = read_input(path, "config", limit=CONFIG_LIMIT, error=ConfigError)
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (some Windows editors write one)
+        raw = raw[3:]
     text = raw.decode("utf-8", errors="replace")
     try:
         data = tomllib.loads(text)
+    except RecursionError:
+        raise ConfigError(f"the config nests more than {MAX_NESTING} levels deep", source=path) from None
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"line (\d+)", str(exc))
         line = int(m.group(1)) if m else None
         if line is None and "end of document" in str(exc):
             line = max(1, len(text.splitlines()))  # e.g. an unclosed array: report the last line
         raise ConfigError(f"invalid TOML: {exc}", source=path, line=line) from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"invalid TOML: {exc}", source=path) from None
+    check_nesting(data, source=path, error=ConfigError, what="config")
     return text, data
 
 
@@ -465,6 +482,8 @@ def _collect(data: Mapping[str, Any], ctx: _Ctx, stack: tuple[str, ...]
         p = ctx.path("include", item)
         if p in stack:
             raise ctx.err("include", "include cycle: " + " -> ".join((*stack, p)))
+        if len(stack) > MAX_INCLUDE_DEPTH:
+            raise ctx.err("include", f"includes nested more than {MAX_INCLUDE_DEPTH} levels deep")
         text, sub_data = _load_toml(p)
         sub_values, sub_blobs, sub_includes = _collect(sub_data, ctx.child(p, text), (*stack, p))
         values.update(sub_values)

@@ -27,14 +27,13 @@ would block forever, ``/dev/zero`` never ends), with a size limit for the small 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
-import shutil
 import stat
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from igvm_builder.errors import IgvmError, InputError, OutputError
 
@@ -119,6 +118,8 @@ class AtomicFile:
                                   "FIFOs or '-'", source=self.path)
             elif os.path.islink(self.path):
                 self.target = os.path.realpath(self.path)  # replace what the link points to, keep the link
+        import tempfile  # here, not at the top: reading commands import this module too
+
         if self.direct:
             # the data waits in an unnamed temporary file (gone with the process, however it ends)
             # and is copied to the device only once everything succeeded
@@ -208,6 +209,8 @@ class AtomicFile:
         _sync_directory(os.path.dirname(os.path.abspath(self.target)))
 
     def _copy_out(self) -> None:
+        import shutil
+
         fh = self._open()
         try:
             fh.seek(0)
@@ -420,7 +423,7 @@ SIGNATURE_LIMIT = 1 << 16
 
 
 def open_input(path: str | os.PathLike[str], what: str, *, limit: int | None = None,
-               error: type[IgvmError] = InputError) -> BinaryIO:
+               error: type[IgvmError] = InputError) -> io.BufferedReader:
     """Open ``path`` (an input: ``what`` names it in errors) for reading in binary.
 
     Only a regular file is accepted, and this is found before anything is read: a FIFO would
@@ -439,7 +442,7 @@ def open_input(path: str | os.PathLike[str], what: str, *, limit: int | None = N
         if limit is not None and st.st_size > limit:
             raise error(f"the {what} is {st.st_size} bytes; the limit is {limit} bytes", source=name)
         os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+        return open(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
@@ -459,3 +462,46 @@ def read_input(path: str | os.PathLike[str], what: str, *, limit: int,
     if len(data) > limit:
         raise error(f"the {what} is more than {limit} bytes; the limit is {limit} bytes", source=name)
     return data
+
+
+# --------------------------------------------------------------------------- documents
+
+#: Deepest nesting of arrays/objects (tables) accepted in a JSON document or a TOML config;
+#: nothing igvm-builder reads nests more than a few levels.
+MAX_NESTING = 64
+
+
+def check_nesting(doc: object, *, source: str | None, error: type[IgvmError], what: str = "document") -> None:
+    """Refuse ``doc`` (decoded JSON or TOML) if it nests deeper than :data:`MAX_NESTING`
+    (walked without recursion)."""
+    stack: list[tuple[object, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > MAX_NESTING:
+                raise error(f"the {what} nests more than {MAX_NESTING} levels deep", source=source)
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+
+
+def parse_json(data: bytes | str, *, source: str | None, error: type[IgvmError], what: str = "JSON document"
+               ) -> Any:
+    """Decode JSON ``data``: one-line ``error`` naming ``source`` for text that is not JSON, that
+    nests deeper than :data:`MAX_NESTING` (and deeper than the interpreter can decode), or
+    whose numbers are too long to convert."""
+    import json
+
+    try:
+        doc = json.loads(data)
+    except RecursionError:
+        raise error(f"the {what} nests more than {MAX_NESTING} levels deep", source=source) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise error(f"not JSON: {exc}", source=source) from None
+    check_nesting(doc, source=source, error=error, what=what)
+    return doc
+
+
+def load_json(path: str | os.PathLike[str], what: str, *, error: type[IgvmError], limit: int = JSON_LIMIT) -> Any:
+    """:func:`read_input` then :func:`parse_json`."""
+    name = os.fspath(path)
+    return parse_json(read_input(name, what, limit=limit, error=error), source=name, error=error, what=what)

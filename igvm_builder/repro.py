@@ -110,7 +110,9 @@ def _buffer(data: bytes | bytearray | memoryview | mmap.mmap | str | os.PathLike
             ) -> tuple[bytes | bytearray | memoryview | mmap.mmap, str | None]:
     if isinstance(data, str | os.PathLike):
         name = os.fspath(data)
-        with open(name, "rb") as fh:
+        from igvm_builder.io import open_input
+
+        with open_input(name, "IGVM file", error=ReproducibilityError) as fh:  # regular files only
             size = os.fstat(fh.fileno()).st_size
             return (mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""), name
     return data, None
@@ -575,11 +577,9 @@ def verify_release(config_path: str | os.PathLike[str], reference: Mapping[str, 
     ref_name = "reference values"
     if isinstance(reference, str | os.PathLike):
         ref_name = os.fspath(reference)
-        try:
-            with open(ref_name, encoding="utf-8") as fh:
-                reference = json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise VerificationError(f"cannot read the reference values: {exc}", source=ref_name) from None
+        from igvm_builder.io import load_json
+
+        reference = load_json(ref_name, "reference values", error=VerificationError)
     if not isinstance(reference, Mapping):
         raise VerificationError("the reference values are not a JSON object", source=ref_name)
     path, plats = _params(config_path, platforms, loader)

@@ -97,10 +97,14 @@ class _Inputs:
     def get(self, path: str, role: str) -> memoryview:
         view = self._maps.get(path)
         if view is None:
-            try:
-                with open(path, "rb") as fh:
+            from igvm_builder.io import open_input
+
+            try:  # a regular file only: a FIFO would block, /dev/zero never ends, /proc files look empty
+                with open_input(path, role) as fh:
                     size = os.fstat(fh.fileno()).st_size
-                    buf: bytes | mmap.mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+                    if not size:
+                        raise InputError(f"the {role} is empty (0 bytes); nothing to load", source=path)
+                    buf: bytes | mmap.mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
             except OSError as exc:
                 raise InputError(f"cannot read {role}: {exc.strerror}", source=path) from None
             view = memoryview(buf).toreadonly()

@@ -172,7 +172,10 @@ def _all_loaders(f: IgvmFile, args: argparse.Namespace) -> int:
 
 
 def _sha256_file(path: str) -> tuple[str, int]:
-    with open(path, "rb") as fh:
+    from igvm_builder.errors import IgvmFormatError
+    from igvm_builder.io import open_input
+
+    with open_input(path, "IGVM file", error=IgvmFormatError) as fh:
         size = os.fstat(fh.fileno()).st_size
         return hashlib.file_digest(fh, "sha256").hexdigest(), size
 

@@ -193,11 +193,10 @@ def _read_signature(path: str, what: str) -> bytes:
     if path == "-":
         data = sys.stdin.buffer.read(_MAX_SIGNATURE + 1)
     else:
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read(_MAX_SIGNATURE + 1)
-        except OSError as exc:
-            raise SigningError(f"cannot read the {what}: {exc.strerror}", source=path) from None
+        from igvm_builder.io import open_input
+
+        with open_input(path, what, error=SigningError) as fh:  # a regular file: a FIFO would block
+            data = fh.read(_MAX_SIGNATURE + 1)
     if len(data) > _MAX_SIGNATURE or not data.strip():
         raise SigningError(f"the {what} is empty or too large to be a signature", source=path)
     return data
@@ -232,9 +231,11 @@ def _load_public(spec: str) -> Any:
 
     scheme, sep, rest = spec.partition(":")
     path = rest if sep and scheme.lower() == "file" and not rest.startswith("//") else spec
-    if (not sep or scheme.lower() == "file") and os.path.isfile(path):
-        with open(path, "rb") as fh:
-            data = fh.read()
+    if (not sep or scheme.lower() == "file") and os.path.exists(path):
+        from igvm_builder.errors import SigningError
+        from igvm_builder.io import KEY_LIMIT, read_input
+
+        data = read_input(path, "key file", limit=KEY_LIMIT, error=SigningError)
         if b"PRIVATE KEY" not in data and (b"PUBLIC KEY" in data or b"CERTIFICATE" in data):
             return _ecdsa.load_public_key(data, source=path)
     return key_source_from_spec(spec)
@@ -260,8 +261,10 @@ def run(args: argparse.Namespace) -> int:
                   f"{args.output}: {args.input} has no SEV-SNP ID block; written unchanged", file=report)
         return 0
     if args.import_signature:
-        with open(args.import_signature, "rb") as fh:
-            document = fh.read()
+        from igvm_builder.errors import SigningError
+        from igvm_builder.io import JSON_LIMIT, read_input
+
+        document = read_input(args.import_signature, "to-be-signed document", limit=JSON_LIMIT, error=SigningError)
         tbs = ExportedTbs.from_json(document)
         loader = args.loader or _document_loader(document) or DEFAULT_LOADER
         warning = _refuse_test_keys(
@@ -347,7 +350,7 @@ def _document_loader(document: bytes) -> str | None:
     """The ``loader`` igvm-builder records in an exported document (None if absent or unknown)."""
     try:
         loader = json.loads(document).get("loader")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     return loader if isinstance(loader, str) and loader in PROFILES else None
 

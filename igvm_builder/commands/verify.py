@@ -7,7 +7,6 @@ failed check otherwise (what is checked: ``docs/SIGNING.md``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from igvm_builder.measure.profiles import PROFILES
@@ -53,11 +52,9 @@ def run(args: argparse.Namespace) -> int:
 
     reference = None
     if args.reference:
-        with open(args.reference, "rb") as fh:
-            try:
-                reference = json.loads(fh.read())
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise VerificationError(f"not JSON: {exc}", source=args.reference) from None
+        from igvm_builder.io import load_json
+
+        reference = load_json(args.reference, "reference values", error=VerificationError)
     f = IgvmFile.load(args.file)
     try:
         report = verify_igvm(

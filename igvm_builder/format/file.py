@@ -124,8 +124,10 @@ class IgvmFile:
     def load(cls, path: str | os.PathLike[str], *, platform: PlatformType | None = None) -> IgvmFile:
         """mmap ``path`` read-only and parse it; page data is not copied."""
         name = os.fspath(path)
+        from igvm_builder.io import open_input
+
         try:
-            with open(name, "rb") as fh:
+            with open_input(name, "IGVM file", error=IgvmFormatError) as fh:  # regular files only
                 size = os.fstat(fh.fileno()).st_size
                 buf: bytes | mmap.mmap = (
                     mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""

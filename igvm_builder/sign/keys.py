@@ -121,11 +121,10 @@ def _public_key_from_input(value: PublicKeyInput, *, source: str) -> _ecdsa.Publ
     if isinstance(value, str) and value.lstrip().startswith("-----BEGIN"):
         return _ecdsa.load_public_key(value.encode("ascii"), source=source)
     if isinstance(value, str | os.PathLike):
+        from igvm_builder.io import KEY_LIMIT, read_input
+
         path = Path(value)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise SigningError(f"cannot read public key file: {exc.strerror}", source=str(path)) from exc
+        data = read_input(path, "public key file", limit=KEY_LIMIT, error=SigningError)
         return _ecdsa.load_public_key(data, source=str(path))
     raise SigningError(f"unsupported public key value of type {type(value).__name__}", source=source)
 
@@ -207,10 +206,12 @@ class PemFileKey(_SoftwareKey):
         return f"file:{self.path}"
 
     def _load(self) -> _ecdsa.PrivateKey:
+        from igvm_builder.io import KEY_LIMIT, read_input
+
         try:
-            data = self.path.read_bytes()
-        except OSError as exc:
-            raise SigningError(f"cannot read key file: {exc.strerror}", source=self.description) from exc
+            data = read_input(self.path, "key file", limit=KEY_LIMIT, error=SigningError)
+        except SigningError as exc:  # named as the key source, file:PATH
+            raise SigningError(exc.message, source=self.description) from None
         return _ecdsa.load_private_key(data, password=self._password, source=self.description)
 
 
@@ -264,17 +265,73 @@ class EnvPemKey(_SoftwareKey):
 # External command
 
 
-_OUTPUT_LIMIT = 300
+#: Bytes of standard output a signer command may print (a signature or a public key needs a few
+#: KiB; a signer that prints more is stopped, so endless output cannot exhaust memory).
+SIGNER_OUTPUT_LIMIT = 1 << 20
 
 
-def _stderr_hint(stderr: bytes) -> str:
-    lines = [ln.strip() for ln in stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
-    if not lines:
-        return ""
-    last = lines[-1]
-    if len(last) > _OUTPUT_LIMIT:
-        last = last[:_OUTPUT_LIMIT] + "..."
-    return f": {last}"
+def _stderr_summary(stderr_bytes: int) -> str:
+    """What an error says about a failed signer's standard error: only how much there was.
+
+    Its content is never repeated (a signer's diagnostics can carry a PIN, a token or key
+    material); run the command by hand to read it."""
+    if not stderr_bytes:
+        return " (it wrote nothing to stderr)"
+    return f" (it wrote {stderr_bytes} bytes to stderr, not shown: they may hold secrets; run the command to see them)"
+
+
+def _run_bounded(argv: Sequence[str], stdin: bytes, env: Mapping[str, str], timeout: float, limit: int
+                 ) -> tuple[int | None, bytes, int, str | None]:
+    """Run ``argv``; returns (exit status, stdout, stderr byte count, problem).  Standard output
+    is kept up to ``limit`` bytes and standard error is counted, never kept; a command that
+    prints more than ``limit`` bytes or runs past ``timeout`` is killed (``problem`` says which)."""
+    import threading
+
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(env))
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    out = bytearray()
+    err_count = [0]
+    problem: list[str] = []
+
+    def pump_out() -> None:
+        assert proc.stdout is not None
+        while chunk := os.read(proc.stdout.fileno(), 1 << 16):
+            if len(out) + len(chunk) > limit:
+                problem.append(f"printed more than {limit} bytes on stdout")
+                proc.kill()
+                break
+            out.extend(chunk)
+
+    def pump_err() -> None:
+        assert proc.stderr is not None
+        while chunk := os.read(proc.stderr.fileno(), 1 << 16):
+            err_count[0] += len(chunk)
+
+    threads = [threading.Thread(target=pump_out, daemon=True), threading.Thread(target=pump_err, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        proc.stdin.write(stdin)
+    except (BrokenPipeError, OSError):
+        pass
+    finally:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+    try:
+        status: int | None = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        problem.append(f"did not finish within {timeout:g} s")
+        status = None
+    for t in threads:
+        t.join(timeout=5)
+    proc.stdout.close()
+    proc.stderr.close()
+    return status, bytes(out), err_count[0], (problem[0] if problem else None)
 
 
 class CommandKey(KeySource):
@@ -300,7 +357,12 @@ class CommandKey(KeySource):
     * stdout: one signature, either DER ``ECDSA-Sig-Value`` or raw ``r || s`` (96
       bytes, big-endian), as binary, hex, or base64 (standard or URL-safe);
       surrounding whitespace is ignored;
-    * exit status 0; anything else is a SigningError quoting the last stderr line.
+    * exit status 0; anything else is a SigningError that says how many bytes the command wrote
+      to stderr but never what (a signer's diagnostics can hold a PIN or key material);
+    * at most :data:`SIGNER_OUTPUT_LIMIT` bytes on stdout (more: the command is killed, an error).
+
+    Errors name the command by its program's file name only (``cmd:NAME``): its arguments
+    are never repeated, since they can carry a PIN or a token.
 
     The signature is the ECDSA P-384 signature over the *digest* (i.e. "sign
     prehashed SHA-384").  Examples::
@@ -342,40 +404,30 @@ class CommandKey(KeySource):
 
     @property
     def description(self) -> str:
-        return f"cmd:{shlex.join(self.argv)}"
+        # the program's file name only: arguments (and a path) can carry a PIN or a token
+        return f"cmd:{os.path.basename(self.argv[0]) or 'signer'}"
 
     def _run(self, operation: str, args: Sequence[str], stdin: bytes, env: Mapping[str, str]) -> bytes:
         full_env = dict(os.environ)
         full_env.update(env)
         full_env["IGVM_SIGN_OPERATION"] = operation
         try:
-            proc = subprocess.run(
-                [*self.argv, *args],
-                input=stdin,
-                capture_output=True,
-                timeout=self.timeout,
-                env=full_env,
-                check=False,
-            )
-        except FileNotFoundError as exc:
-            raise SigningError(f"signer command not found: {self.argv[0]}", source=self.description) from exc
-        except PermissionError as exc:
-            raise SigningError(
-                f"signer command is not executable: {self.argv[0]}", source=self.description
-            ) from exc
-        except subprocess.TimeoutExpired as exc:
-            raise SigningError(
-                f"signer command ({operation}) did not finish within {self.timeout:g} s",
-                source=self.description,
-            ) from exc
+            status, out, err_bytes, problem = _run_bounded(
+                [*self.argv, *args], stdin, full_env, self.timeout, SIGNER_OUTPUT_LIMIT)
+        except FileNotFoundError:
+            raise SigningError("signer command not found", source=self.description) from None
+        except PermissionError:
+            raise SigningError("signer command is not executable", source=self.description) from None
         except OSError as exc:
-            raise SigningError(f"cannot run signer command: {exc.strerror}", source=self.description) from exc
-        if proc.returncode != 0:
+            raise SigningError(f"cannot run signer command: {exc.strerror}", source=self.description) from None
+        if problem is not None:
+            raise SigningError(f"signer command ({operation}) {problem}; it was stopped", source=self.description)
+        if status != 0:
             raise SigningError(
-                f"signer command ({operation}) exited with status {proc.returncode}{_stderr_hint(proc.stderr)}",
+                f"signer command ({operation}) exited with status {status}{_stderr_summary(err_bytes)}",
                 source=self.description,
             )
-        return proc.stdout
+        return out
 
     def public_key(self) -> _ecdsa.PublicKey:
         if self._public is None:
@@ -609,9 +661,12 @@ class Pkcs11Key(KeySource):
             if src.lower().startswith("file:"):
                 parsed = urllib.parse.urlparse(src)
                 src = urllib.parse.unquote(parsed.path)
+            from igvm_builder.io import KEY_LIMIT, read_input
+
             try:
-                lines = Path(src).read_text(encoding="utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as exc:
+                lines = read_input(src, "pin-source file", limit=KEY_LIMIT, error=SigningError
+                                   ).decode("utf-8").splitlines()
+            except (SigningError, UnicodeDecodeError) as exc:
                 raise SigningError(f"cannot read pin-source file {src}", source=self.description) from exc
             return lines[0] if lines else ""
         if self._pin_arg is not None:

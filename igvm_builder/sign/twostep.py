@@ -151,10 +151,9 @@ class ExportedTbs:
     @classmethod
     def from_json(cls, data: bytes | str) -> ExportedTbs:
         """Parse and cross-check a document written by :meth:`to_json`."""
-        try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise SigningError(f"not JSON: {exc}", source=_SOURCE) from exc
+        from igvm_builder.io import parse_json
+
+        doc = parse_json(data, source=_SOURCE, error=SigningError, what="to-be-signed document")
         if not isinstance(doc, dict) or doc.get("format") != TBS_FORMAT:
             raise SigningError(f"not an {TBS_FORMAT} document", source=_SOURCE)
         if doc.get("algorithm") != _ALGORITHM:
