@@ -29,7 +29,11 @@ ratio of the best of each and the median of the paired ratios are printed.  The 
 and rename: the disk's flush latency, 0.1-0.4 s on the development VM even for a file written
 back a second earlier) is reported next to it and in the "with the commit" ratio.
 
-Targets (kernel case): build <= 1.5 x floor (best of each), peak RSS <= 150 MiB.  Exit status 0 when met.
+Targets (kernel case): build <= 1.2 x floor (best of each), peak RSS <= 150 MiB.  Exit status 0 when met.
+
+The CPU time of the build (every thread) and of the floor is printed too: on a machine whose
+cores other jobs share, the build cannot spread its work over two cores, and its wall time
+then tends to its CPU time; the CPU ratio says how much work the build does beyond the floor.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ OVMF = SHARED / "firmware" / "bookworm-OVMF.fd"
 OVMF_SID = SHARED / "firmware" / "sid-OVMF.amdsev.fd"  # has the kernel-hashes page (and TDX metadata)
 VMLINUZ = SHARED / "inputs" / "vmlinuz-6.1.0-56-cloud-amd64"
 
-FLOOR_FACTOR = 1.5
+FLOOR_FACTOR = 1.2
 RSS_LIMIT_MIB = 150
 INITRD_MIB = 256
 PAGE = 4096
@@ -142,15 +146,18 @@ def child_build(config: str, output: str, profile: bool) -> dict[str, object]:
 
         prof = cProfile.Profile()
         prof.enable()
+    c1 = time.process_time()
     cfg = load_config(config)
     out = AtomicFile(output)
     result = build(cfg, output=out)  # as `igvm-builder build` does: written while measured
     t2 = time.perf_counter()
+    c2 = time.process_time()
     out.commit()  # fsync + rename
     t3 = time.perf_counter()
     out: dict[str, object] = {
         "import_s": t1 - t0,
         "build_s": t2 - t1,
+        "build_cpu_s": c2 - c1,
         "write_s": t3 - t2,
         "wall_s": t3 - t1,
         "peak_rss_mib": _peak_rss_mib(),
@@ -243,6 +250,7 @@ def child_floor(kind: str, config: str, scratch: str) -> dict[str, object]:
                 yield view[pos : min(pos + PAGE, off + n)]
 
     t0 = time.perf_counter()
+    c0 = time.process_time()
     snp_pages = 0
     ld, info_tail = bytes(48), bytes(16)
     for page in pages(per_platform["snp"]):
@@ -258,6 +266,7 @@ def child_floor(kind: str, config: str, scratch: str) -> dict[str, object]:
     for name in whole_files:
         hashlib.sha256(maps[name]).digest()
     t1 = time.perf_counter()
+    c1 = time.process_time()
     passes = 0
     for ranges in per_platform.values():
         for page in pages(ranges):
@@ -276,7 +285,7 @@ def child_floor(kind: str, config: str, scratch: str) -> dict[str, object]:
         os.fsync(out.fileno())
     t3 = time.perf_counter()
     os.unlink(scratch)
-    return {"wall_s": t1 - t0, "snp_pages": snp_pages, "tdx_pages": tdx_pages,
+    return {"wall_s": t1 - t0, "cpu_s": c1 - c0, "snp_pages": snp_pages, "tdx_pages": tdx_pages,
             "tdx_record_bytes": tdx_pages * TDX_RECORD_BYTES, "sha256_files": len(whole_files),
             "passes_s": t2 - t1, "pages_hashed": passes,
             "peak_rss_mib": _peak_rss_mib(), "write_fsync_s": t3 - t2, "bytes_written": written}
@@ -323,6 +332,8 @@ def bench(workdir: Path, runs: int, profile: bool) -> dict[str, object]:
             "passes_s": passes,
             "ratio_to_passes": float(best["build_s"]) / passes,
             "median_paired_ratio": paired[len(paired) // 2],
+            "build_cpu_s": min(float(b["build_cpu_s"]) for b in builds),
+            "floor_cpu_s": min(float(f["cpu_s"]) for f in floors),
             "paired_ratios": paired,
             "with_commit_ratio_to_floor": min(float(b["wall_s"]) for b in builds) / float(floor["wall_s"]),
             "write_fsync_floor_s": min(float(f["write_fsync_s"]) for f in floors),
@@ -331,6 +342,7 @@ def bench(workdir: Path, runs: int, profile: bool) -> dict[str, object]:
         if profile and kind == "kernel":
             entry["profile"] = _child(["build", str(cfg), str(out), "profile"]).get("profile")
             out.unlink(missing_ok=True)
+        entry["cpu_ratio"] = float(entry["build_cpu_s"]) / float(entry["floor_cpu_s"])
         results[kind] = entry
     return results
 
@@ -381,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({fl['tdx_record_bytes']:,} bytes){extra}: {fl['wall_s']:.2f} s -> build "
               f"{e['ratio_to_floor']:.2f}x floor (paired runs: {paired}; median {e['median_paired_ratio']:.2f}x); "
               f"with the commit {e['with_commit_ratio_to_floor']:.2f}x")
+        print(f"  cpu (least of the runs; the build's in every thread): build {e['build_cpu_s']:.2f} s, "
+              f"floor {e['floor_cpu_s']:.2f} s -> {e['cpu_ratio']:.2f}x")
         print(f"  one SHA-384 pass over the pages per platform ({fl['pages_hashed']:,} pages){extra}: "
               f"{e['passes_s']:.2f} s -> build {e['ratio_to_passes']:.2f}x that")
         print(f"  for reference: writing the {fl['bytes_written']:,} measured input bytes + fsync takes "

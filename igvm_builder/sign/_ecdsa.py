@@ -17,7 +17,6 @@ import base64
 import binascii
 import hashlib
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
@@ -144,6 +143,10 @@ def load_private_key(data: bytes, *, password: bytes | None, source: str) -> ec.
 
 def load_public_key(data: bytes, *, source: str) -> ec.EllipticCurvePublicKey:
     """Load a P-384 public key: SubjectPublicKeyInfo or X.509 certificate, PEM or DER."""
+    # cryptography.x509 costs ~18 ms to import (its name parser compiles regexes at import);
+    # only a certificate needs it, so signing with a key does not pay for it
+    from cryptography import x509
+
     stripped = data.lstrip()
     is_pem = stripped.startswith(b"-----BEGIN")
     try:
