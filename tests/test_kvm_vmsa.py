@@ -599,3 +599,43 @@ def test_lint_names_the_fields_kvm_changes_in_ec2_vmsas(tmp_path: Path) -> None:
                      for field, v in (("mxcsr", "0x1f80"), ("x87_fcw", "0x37f"))]
     ok = build_igvm(config(tmp_path, ovmf_config(OVMF_BOOKWORM, vcpus=2)))
     assert [m for _, m in lint_text(ok, "qemu") if "measured as" in m] == []
+
+
+# --------------------------------------------------------------------------- sign / verify for -smp N
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "igvm_builder", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd)
+
+
+def test_sign_and_verify_a_kernel_launch_for_its_vcpu_count(tmp_path: Path) -> None:
+    """A kernel image built for 4 vCPUs on qemu: sign --config signs the 4-vCPU digest of the reference
+    values (vp 0 + 3 reset-state APs), verify --reference checks it, verify without the count refuses."""
+    id_pem = SHARED / "keys" / "test-only-id-p384.pem"
+    body = kernel_config(GRUB, vcpus=4) + f"[sign]\nid_key = {q(id_pem)}\n"
+    cfg = tmp_path / "g.toml"
+    cfg.write_text(body)
+    img, refs = tmp_path / "g.igvm", tmp_path / "g.json"
+    assert run_cli("build", str(cfg), "-o", str(img), "--reference-values", str(refs)).returncode == 0
+    ref_digest = json.loads(refs.read_text())["platforms"]["snp"]["digest"]
+    signed = tmp_path / "s.igvm"
+    proc = run_cli("sign", str(img), "-o", str(signed), "--config", str(cfg), "--allow-test-keys")
+    assert proc.returncode == 0, proc.stderr
+    assert f"launch digest {ref_digest}" in proc.stdout
+    ld = next(h for h in IgvmFile.load(signed).directives if isinstance(h, H.SnpIdBlock)).ld
+    assert bytes(ld).hex() == ref_digest
+    assert run_cli("verify", str(signed), "--reference", str(refs)).returncode == 0
+    proc = run_cli("verify", str(signed), "--loader", "qemu")  # -smp 1: not what was signed
+    assert proc.returncode == 1 and "launch digest mismatch" in proc.stderr
+    proc = run_cli("verify", str(signed), "--loader", "qemu", "--vcpus", "4", "--vcpu-type", "EPYC-Genoa")
+    assert proc.returncode == 0, proc.stderr
+    # the two-step flow records the count in the document, so the import measures alike
+    tbs = tmp_path / "tbs.json"
+    proc = run_cli("sign", str(img), "--export-tbs", str(tbs), "--config", str(cfg), "--allow-test-keys")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(tbs.read_text())
+    assert (doc["vcpus"], doc["vcpu_type"], doc["loader"]) == (4, "EPYC-Genoa", "qemu")
+    assert f"launch digest {ref_digest}" in proc.stdout

@@ -15,6 +15,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from igvm_builder.commands._common import add_platform_option, print_json, warn
+from igvm_builder.commands._vcpus import add_vcpu_options
 from igvm_builder.errors import IgvmError, MeasurementError
 from igvm_builder.measure.profiles import DEFAULT_LOADER, PROFILES
 
@@ -43,17 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--all-loaders", action="store_true",
         help="print the SEV-SNP digest under every loader profile and warn when they differ",
     )
-    parser.add_argument(
-        "--vcpus", type=_positive, metavar="N",
-        help=("SEV-SNP on qemu / cloud-hypervisor: the launch's vCPU count (-smp N). KVM measures one VMSA "
-              "per vCPU; vCPUs the file has no VP context for get the VMM's reset state. Default: the "
-              "file's VP contexts"),
-    )
-    parser.add_argument(
-        "--vcpu-type", metavar="T",
-        help=("SEV-SNP on qemu: the -cpu model (or CPUID(1).EAX) of the reset-state VMSAs, whose RDX is its "
-              "signature (default EPYC-v4)"),
-    )
+    add_vcpu_options(parser)
     parser.add_argument(
         "--tdx-two-pass", action="store_true",
         help=("TDX MRTD in two-pass order (per region all PAGE.ADDs, then all MR.EXTENDs: older Intel "
@@ -65,16 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=("also write the reference values a verifier needs (digests, policies, guest features, "
               "vCPU count, ID-block key digests, file SHA-256) to OUT.json"),
     )
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _load(path: str) -> IgvmFile:
@@ -192,14 +173,6 @@ def run(args: argparse.Namespace) -> int:
         if args.reference_values:
             return _usage_error("--reference-values needs one loader; use --loader instead of --all-loaders")
         return _all_loaders(f, args)
-    if args.vcpu_type is not None:
-        from igvm_builder.errors import ConfigError
-        from igvm_builder.sev_vmsa import vcpu_signature
-
-        try:
-            vcpu_signature(args.vcpu_type)
-        except ConfigError as exc:
-            return _usage_error(f"--vcpu-type: {exc.message}")
     if (args.vcpus is not None or args.vcpu_type is not None) and not PROFILES[args.loader].kvm_vmm:
         warn(_CMD, f"--vcpus/--vcpu-type apply to the KVM loaders (qemu, cloud-hypervisor); loader {args.loader} "
                    "measures the file's VMSAs as they are and ignores them")

@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from igvm_builder.commands._vcpus import add_vcpu_options
 from igvm_builder.measure.profiles import PROFILES
 
 _MAX_SIGNATURE = 64 * 1024
@@ -57,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="loader profile of the launch digest to sign (default: the config's image.loader with "
         "--config, else hyperv)",
     )
+    add_vcpu_options(parser, "the config's snp.vcpus with --config, else the file's VP contexts")
     parser.add_argument("--family-id", type=_id16, metavar="HEX", help="FAMILY_ID, 32 hex digits")
     parser.add_argument("--image-id", type=_id16, metavar="HEX", help="IMAGE_ID, 32 hex digits")
     parser.add_argument("--guest-svn", type=_svn, metavar="N", help="GUEST_SVN (default 0)")
@@ -100,7 +102,8 @@ def _check_usage(args: argparse.Namespace) -> None:
             ("--image-id", args.image_id), ("--guest-svn", args.guest_svn), ("--config", args.config),
             ("--export-tbs", args.export_tbs), ("--import-signature", args.import_signature),
             ("--id-signature", args.id_signature), ("--author-signature", args.author_signature),
-            ("--loader", args.loader)) if value is not None]
+            ("--loader", args.loader), ("--vcpus", args.vcpus), ("--vcpu-type", args.vcpu_type))
+            if value is not None]
         if given:
             _usage(args, f"--remove signs nothing: do not give {', '.join(given)}")
         if not args.output:
@@ -184,6 +187,8 @@ def _config_defaults(args: argparse.Namespace) -> dict[str, Any]:
         "image_id": cfg.sign.image_id,
         "guest_svn": cfg.sign.guest_svn,
         "loader": cfg.loader,
+        "vcpus": cfg.snp.vcpus,
+        "vcpu_type": cfg.snp.vcpu_type,
     }
 
 
@@ -267,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
         document = read_input(args.import_signature, "to-be-signed document", limit=JSON_LIMIT, error=SigningError)
         tbs = ExportedTbs.from_json(document)
         loader = args.loader or _document_loader(document) or DEFAULT_LOADER
+        vcpus = _document_vcpus(document) if args.vcpus is None and args.vcpu_type is None \
+            else (args.vcpus, args.vcpu_type)
         warning = _refuse_test_keys(
             args,
             {
@@ -281,7 +288,8 @@ def run(args: argparse.Namespace) -> int:
         f = IgvmFile.load(args.input)
         replaced = _has_id_block(f)
         out, signed = import_igvm_signature(
-            f, tbs, id_block_signature=id_sig, id_key_signature=author_sig, loader=loader
+            f, tbs, id_block_signature=id_sig, id_key_signature=author_sig, loader=loader, vcpus=vcpus[0],
+            vcpu_type=vcpus[1]
         )
     else:
         defaults = _config_defaults(args)
@@ -299,16 +307,22 @@ def run(args: argparse.Namespace) -> int:
             )
         }
         f = IgvmFile.load(args.input)
+        vcpus = (args.vcpus, args.vcpu_type)
+        if vcpus == (None, None) and _starts_a_vcpu(f):  # the build's vCPU count (as in its reference values)
+            vcpus = (defaults.get("vcpus"), defaults.get("vcpu_type"))
         if args.export_tbs:
             id_pub = _load_public(id_spec)
             author_pub = _load_public(author_spec) if author_spec else None
-            tbs = export_igvm_tbs(f, id_key=id_pub, author_key=author_pub, loader=loader, **fields)
+            tbs = export_igvm_tbs(f, id_key=id_pub, author_key=author_pub, loader=loader, vcpus=vcpus[0],
+                                  vcpu_type=vcpus[1], **fields)
             id_digest = key_digest(tbs.id_key)
             author_digest = key_digest(tbs.author_key) if tbs.author_key is not None else None
             warning = _refuse_test_keys(args, {"ID": id_digest, "author": author_digest})
             # The loader is recorded beside the standard fields so that the import measures alike.
             doc = json.loads(tbs.to_json())
             doc["loader"] = loader
+            if vcpus != (None, None):
+                doc["vcpus"], doc["vcpu_type"] = vcpus
             atomic_write(args.export_tbs, (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode("utf-8"))
             if not args.quiet:
                 print(
@@ -330,7 +344,8 @@ def run(args: argparse.Namespace) -> int:
             },
         )
         replaced = _has_id_block(f)
-        out, signed = sign_igvm(f, id_key=id_key, author_key=author_key, loader=loader, **fields)
+        out, signed = sign_igvm(f, id_key=id_key, author_key=author_key, loader=loader, vcpus=vcpus[0],
+                                vcpu_type=vcpus[1], **fields)
 
     atomic_write(args.output, out.iter_chunks())
     if not args.quiet:
@@ -344,6 +359,26 @@ def run(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr)
     return 0
+
+
+def _starts_a_vcpu(f: Any) -> bool:
+    from igvm_builder.format import headers as H
+
+    return any(isinstance(h, H.SnpVpContext) for h in f.directives)
+
+
+def _document_vcpus(document: bytes) -> tuple[int | None, str | int | None]:
+    """The vCPU count and model igvm-builder records in an exported document ((None, None) if absent)."""
+    try:
+        doc = json.loads(document)
+    except ValueError:
+        return None, None
+    if not isinstance(doc, dict):
+        return None, None
+    count, model = doc.get("vcpus"), doc.get("vcpu_type")
+    ok_count = isinstance(count, int) and not isinstance(count, bool) and count >= 1
+    return (count if ok_count else None), (model if isinstance(model, str | int) and not isinstance(model, bool)
+                                           else None)
 
 
 def _document_loader(document: bytes) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from igvm_builder.commands._vcpus import add_vcpu_options
 from igvm_builder.measure.profiles import PROFILES
 
 
@@ -43,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="REF.json",
         help="reference values (build/measure --reference-values): SNP digest, policy, key digests",
     )
+    add_vcpu_options(parser, "the reference values' (kvm_vmsas), else the file's VP contexts")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
             id_key_digest=args.id_key_digest,
             author_key_digest=args.author_key_digest,
             reference=reference,
+            vcpus=args.vcpus,
+            vcpu_type=args.vcpu_type,
         )
     except IdBlockVerificationError as exc:
         for failure in exc.failures:

@@ -122,8 +122,13 @@ def find_id_blocks(f: IgvmFile, mask: int) -> list[H.SnpIdBlock]:
     return [h for h in f.directives if isinstance(h, H.SnpIdBlock) and h.compatibility_mask & mask]
 
 
-def _measure(f: IgvmFile, loader: str) -> bytes:
-    digest = measure_platform(f, _SNP, loader=loader).digest
+#: A launch's vCPU count and CPU model (``-smp``, ``-cpu``): what the KVM loaders' digest depends
+#: on (``measure --vcpus``); (None, None) = the file's VP contexts.
+Vcpus = tuple[int | None, str | int | None]
+
+
+def _measure(f: IgvmFile, loader: str, vcpus: Vcpus = (None, None)) -> bytes:
+    digest = measure_platform(f, _SNP, loader=loader, vcpus=vcpus[0], vcpu_type=vcpus[1]).digest
     if digest is None:  # pragma: no cover - SNP always has a digest
         raise SigningError("the SEV_SNP platform has no launch digest")
     return digest
@@ -255,11 +260,14 @@ def sign_igvm(
     image_id: bytes = bytes(16),
     guest_svn: int = 0,
     ld: bytes | None = None,
+    vcpus: int | None = None,
+    vcpu_type: str | int | None = None,
 ) -> tuple[IgvmFile, SignedIdBlock]:
     """Sign the SEV-SNP launch of ``f``; return the signed file and the signed ID block.
 
     ``ld`` is the launch digest to sign; by default the SNP digest of ``f`` under
-    ``loader`` (default :data:`~igvm_builder.measure.profiles.DEFAULT_LOADER`).
+    ``loader`` (default :data:`~igvm_builder.measure.profiles.DEFAULT_LOADER`), for
+    ``vcpus`` vCPUs of model ``vcpu_type`` on the KVM loaders (default: the file's VP contexts).
     The policy is the GUEST_POLICY of the SEV_SNP platform.  The returned file has
     exactly one SNP_ID_BLOCK for the SNP mask, after the last directive; every other
     header is unchanged.  SigningError when the file has no SEV_SNP platform or no
@@ -267,7 +275,7 @@ def sign_igvm(
     """
     platform, policy = snp_target(f, SigningError)
     if ld is None:
-        ld = _measure(f, _loader_name(loader))
+        ld = _measure(f, _loader_name(loader), (vcpus, vcpu_type))
     elif not isinstance(ld, bytes | bytearray) or len(ld) != 48:
         raise SigningError("ld (the launch digest to sign) must be 48 bytes")
     signed = sign_id_block(
@@ -322,11 +330,13 @@ def export_igvm_tbs(
     family_id: bytes = bytes(16),
     image_id: bytes = bytes(16),
     guest_svn: int = 0,
+    vcpus: int | None = None,
+    vcpu_type: str | int | None = None,
 ) -> ExportedTbs:
     """What must be signed for ``f`` (two-step flow); only the public keys are needed."""
     platform, policy = snp_target(f, SigningError)
     return export_tbs(
-        _measure(f, _loader_name(loader)),
+        _measure(f, _loader_name(loader), (vcpus, vcpu_type)),
         policy=policy,
         family_id=parse_id16(family_id, "family_id"),
         image_id=parse_id16(image_id, "image_id"),
@@ -344,6 +354,8 @@ def import_igvm_signature(
     id_block_signature: bytes | str | tuple[int, int],
     id_key_signature: bytes | str | tuple[int, int] | None = None,
     loader: str | None = None,
+    vcpus: int | None = None,
+    vcpu_type: str | int | None = None,
 ) -> tuple[IgvmFile, SignedIdBlock]:
     """Put signatures made elsewhere into ``f`` (second half of the two-step flow).
 
@@ -366,7 +378,7 @@ def import_igvm_signature(
             f"is {policy:#x}: not the file it was exported from"
         )
     name = _loader_name(loader)
-    measured = _measure(f, name)
+    measured = _measure(f, name, (vcpus, vcpu_type))
     if tbs.fields.ld != measured:
         raise SigningError(
             f"the to-be-signed document is for launch digest {tbs.fields.ld.hex()}, but the file measures "
@@ -459,6 +471,8 @@ class _Reference:
     policy: int | None
     id_key_digest: bytes | None
     author_key_digest: bytes | None
+    #: the vCPU count and CPU model the KVM loaders' digest was computed for (``kvm_vmsas``)
+    vcpus: Vcpus = (None, None)
 
 
 _SNP_NAMES = ("snp", "sev-snp", "sev_snp")
@@ -543,6 +557,15 @@ def _parse_reference(ref: Any) -> _Reference:
 
     if digest is None and not digests and policy is None and key("id_key_digest") is None:
         raise VerificationError("the reference values' SEV-SNP entry has no digest, policy or key digest")
+    vcpus: Vcpus = (None, None)
+    kvm = entry.get("kvm_vmsas")
+    if isinstance(kvm, Mapping) and kvm.get("vcpus_source") == "given":
+        count, model = entry.get("vcpus"), kvm.get("vcpu_type")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise VerificationError("reference values: platforms.snp.vcpus must be a positive integer")
+        if model is not None and not isinstance(model, str | int):
+            raise VerificationError("reference values: platforms.snp.kvm_vmsas.vcpu_type must be a string")
+        vcpus = (count, model)
     return _Reference(
         digest=digest,
         digests=digests,
@@ -550,6 +573,7 @@ def _parse_reference(ref: Any) -> _Reference:
         policy=policy,
         id_key_digest=key("id_key_digest"),
         author_key_digest=key("author_key_digest"),
+        vcpus=vcpus,
     )
 
 
@@ -576,12 +600,12 @@ def _signed_policy(parsed: IgvmSnpIdBlock, candidates: Iterable[int]) -> int | N
     return None
 
 
-def _loader_hint(f: IgvmFile, ld: bytes, loader: str) -> str | None:
+def _loader_hint(f: IgvmFile, ld: bytes, loader: str, vcpus: Vcpus = (None, None)) -> str | None:
     for name in PROFILES:
         if name == loader:
             continue
         try:
-            if _measure(f, name) == ld:
+            if _measure(f, name, vcpus) == ld:
                 return name
         except IgvmError:
             continue
@@ -604,6 +628,8 @@ def verify_igvm(
     id_key_digest: bytes | None = None,
     author_key_digest: bytes | None = None,
     reference: Mapping[str, Any] | None = None,
+    vcpus: int | None = None,
+    vcpu_type: str | int | None = None,
 ) -> VerifyReport:
     """Verify the SEV-SNP ID block of ``f`` as a loader and the SNP firmware would use it.
 
@@ -611,7 +637,9 @@ def verify_igvm(
     the reference values' loader, else :data:`DEFAULT_LOADER`).  ``id_key_digest`` /
     ``author_key_digest`` (48 bytes) pin the keys.  ``reference`` is a parsed
     reference-values document (``--reference-values`` JSON): its SNP digest, policy
-    and key digests must match the file.
+    and key digests must match the file.  ``vcpus`` / ``vcpu_type``: the launch's vCPU count
+    and CPU model on the KVM loaders (default: the reference values' when they record them,
+    else the file's VP contexts).
 
     Raises :class:`IdBlockVerificationError` (a VerificationError) listing every
     failed check, each with a kind from :data:`FAILURE_KINDS` and one line of text.
@@ -639,6 +667,9 @@ def verify_igvm(
         else:
             fail("reference", f"the reference values name an unknown loader '{ref.loader}'")
     name = _loader_name(loader)
+    launch: Vcpus = (vcpus, vcpu_type)
+    if vcpus is None and vcpu_type is None and ref is not None:
+        launch = ref.vcpus
 
     try:
         platform, policy = snp_target(f, VerificationError)
@@ -684,7 +715,7 @@ def verify_igvm(
     def measure(loader_name: str) -> bytes | None:
         if loader_name not in measured:
             try:
-                measured[loader_name] = _measure(f, loader_name)
+                measured[loader_name] = _measure(f, loader_name, launch)
             except IgvmError as exc:
                 fail("launch-digest", f"cannot recompute the launch digest under loader {loader_name}: {exc}")
                 return None
@@ -692,7 +723,7 @@ def verify_igvm(
 
     digest = measure(name)
     if digest is not None and parsed.ld != digest:
-        other = _loader_hint(f, parsed.ld, name)
+        other = _loader_hint(f, parsed.ld, name, launch)
         if other is not None:
             fail(
                 "launch-digest",
