@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 from test_build_helpers import (
     GRUB,
+    IPXE,
+    MEMTEST,
     OVMF_BOOKWORM,
     OVMF_SID,
     OVMF_TRIXIE,
@@ -400,6 +402,8 @@ def test_vcpu_count_rules() -> None:
         measure_platform(two, SNP, loader="qemu", vcpus=1)
     with pytest.raises(MeasurementError, match="at least 1"):
         measure_platform(two, SNP, loader="qemu", vcpus=0)
+    with pytest.raises(MeasurementError, match="unknown vCPU type 'EPYC-Bergamo'"):
+        measure_platform(two, SNP, loader="qemu", vcpus=3, vcpu_type="EPYC-Bergamo")
     # an AP's own sev_features are replaced by vp 0's (KVM applies vp 0's to every vCPU)
     odd = small_file(bsp, base_page(sev_features=0x21))
     assert measure_platform(odd, SNP, loader="qemu").digest == measure_platform(
@@ -448,7 +452,7 @@ def check_kvm(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_igvmmeasure_check_kvm_accepts_protected_mode_kernels_and_cr0_0x30_ovmf(tmp_path: Path) -> None:
-    cases = {"pvh": kernel_config(GRUB), "ovmf-bookworm": ovmf_config(OVMF_BOOKWORM, cr0=0x30),
+    cases = {"pvh": kernel_config(GRUB), "bzimage32": kernel_config(IPXE), "ovmf-bookworm": ovmf_config(OVMF_BOOKWORM, cr0=0x30),
              "ovmf-sid": ovmf_config(OVMF_SID, cr0=0x30, features=0x21, vcpu_type="EPYC-Milan")}
     for name, body in cases.items():
         d = tmp_path / name
@@ -458,13 +462,14 @@ def test_igvmmeasure_check_kvm_accepts_protected_mode_kernels_and_cr0_0x30_ovmf(
         assert proc.returncode == 0, (name, proc.stderr)
         f = IgvmFile.load(out)
         regs = parse_vmsa(as_view(next(h for h in f.directives if isinstance(h, H.SnpVpContext)).blob()))
-        assert regs["cr0"] == (0x31 if name == "pvh" else 0x30)
+        assert regs["cr0"] == (0x30 if name.startswith("ovmf") else 0x31)
         # igvmmeasure hashes the bytes; they are what QEMU/KVM measure, so its digest is ours on qemu
         assert proc.stdout.strip().lower() == measure_platform(f, SNP, loader="qemu").hex, name
 
 
-def test_igvmmeasure_check_kvm_refuses_long_mode_only_for_cr0(tmp_path: Path) -> None:
-    out, _ = build_to(kernel_config(UBOOT), tmp_path, "lm.igvm")
+@pytest.mark.parametrize("kernel", [UBOOT, MEMTEST], ids=["elf64", "bzimage64"])
+def test_igvmmeasure_check_kvm_refuses_long_mode_only_for_cr0(tmp_path: Path, kernel: Path) -> None:
+    out, _ = build_to(kernel_config(kernel), tmp_path, "lm.igvm")
     proc = check_kvm(out)
     assert proc.returncode == 1 and "CR0 in the VMSA" in proc.stderr and "0x80000011" in proc.stderr
     f = IgvmFile.load(out)
@@ -535,7 +540,7 @@ def test_measure_cli_vcpus(tmp_path: Path) -> None:
     proc = run_measure(str(path), "--vcpus", "4")  # hyperv: said to be ignored
     assert proc.returncode == 0 and "apply to the KVM loaders" in proc.stderr
     proc = run_measure(str(path), "--loader", "qemu", "--vcpu-type", "EPYC-Bergamo")
-    assert proc.returncode == 2 and "--vcpu-type: unknown vCPU type 'EPYC-Bergamo'" in proc.stderr
+    assert proc.returncode == 2 and "unknown vCPU type 'EPYC-Bergamo'" in proc.stderr
     proc = run_measure(str(path), "--loader", "qemu", "--vcpus", "0")
     assert proc.returncode == 2
     bad = tmp_path / "bad.igvm"

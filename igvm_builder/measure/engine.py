@@ -641,6 +641,14 @@ def measure_platform(f: IgvmFile, platform: PlatformType, *, loader: str | None 
     """
     if vcpus is not None and vcpus < 1:
         raise MeasurementError(f"vCPU count must be at least 1, got {vcpus}")
+    if vcpu_type is not None:
+        from igvm_builder.errors import ConfigError
+        from igvm_builder.sev_vmsa import vcpu_signature
+
+        try:
+            vcpu_signature(vcpu_type)
+        except ConfigError as exc:
+            raise MeasurementError(exc.message) from None
     p = f.platform(platform)
     if p is None:
         have = ", ".join(x.platform_type.name for x in f.platforms)
