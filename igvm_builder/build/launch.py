@@ -244,11 +244,8 @@ class _Builder:
             # Architectural reset state: real mode, CS base 0xffff0000, IP 0xfff0.
             state = CpuState(rip=0xFFF0, cr0=0x10, gdtr_limit=0xFFFF, code_selector=0xF000, code_attributes=0x9B,
                              data_selector=0, data_attributes=0x93)
-            ctx = bytearray(state.native_context())
-            struct.pack_into("<I", ctx, 172, 0xFFFF0000)  # code_base
-            struct.pack_into("<I", ctx, 176, 0xFFFF)  # code_limit
-            struct.pack_into("<I", ctx, 188, 0xFFFF)  # data_limit
-            plan.tail.append(H.NativeVpContext(compatibility_mask=0, vp_index=0, context=bytes(ctx)))
+            ctx = state.native_context(code_base=0xFFFF0000, code_limit=0xFFFF, data_limit=0xFFFF)
+            plan.tail.append(H.NativeVpContext(compatibility_mask=0, vp_index=0, context=ctx))
 
     def _ovmf_tdx(self, plan: _PlatformPlan, img: Any, view: memoryview) -> None:
         plan.policy = self.cfg.tdx.policy

@@ -27,7 +27,6 @@ from igvm_builder import sev_vmsa
 from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice, PageReleaser, as_view, sha256_released
 from igvm_builder.format.defs import (
-    FIXED_HEADER_SIZE_V1,
     PAGE_SIZE_4K,
     Architecture,
     HeaderType,
@@ -40,7 +39,7 @@ from igvm_builder.format.defs import (
     decode_snp_policy,
     decode_tdx_policy,
 )
-from igvm_builder.format.file import IgvmFile
+from igvm_builder.format.file import FixedHeader, IgvmFile
 
 __all__ = [
     "AARCH64_VBS_REGISTER_NAMES",
@@ -114,54 +113,14 @@ AARCH64_VBS_REGISTER_NAMES: dict[int, str] = {
 }
 
 #: ``IgvmNativeVpContextX64`` (232 bytes, IGVM_FORMAT.md Appendix A.1): (name, offset, size).
-NATIVE_CONTEXT_FIELDS: tuple[tuple[str, int, int], ...] = (
-    *((name, 8 * i, 8) for i, name in enumerate(
-        "rax rcx rdx rbx rsp rbp rsi rdi r8 r9 r10 r11 r12 r13 r14 r15 rip rflags idtr_base".split())),
-    ("idtr_limit", 152, 2),
-    ("reserved0", 154, 2),
-    ("reserved1", 156, 2),
-    ("gdtr_limit", 158, 2),
-    ("gdtr_base", 160, 8),
-    ("code_selector", 168, 2),
-    ("code_attributes", 170, 2),
-    ("code_base", 172, 4),
-    ("code_limit", 176, 4),
-    ("data_selector", 180, 2),
-    ("data_attributes", 182, 2),
-    ("data_base", 184, 4),
-    ("data_limit", 188, 4),
-    ("gs_base", 192, 8),
-    ("cr0", 200, 8),
-    ("cr3", 208, 8),
-    ("cr4", 216, 8),
-    ("efer", 224, 8),
-)
+NATIVE_CONTEXT_FIELDS: tuple[tuple[str, int, int], ...] = H.NATIVE_CONTEXT.table()
 #: ``IgvmVpContextAArch64Cca`` (80 bytes).
-CCA_CONTEXT_FIELDS: tuple[tuple[str, int, int], ...] = tuple(
-    (name, 8 * i, 8) for i, name in enumerate("x0 x1 x2 x3 x4 x5 x6 x7 pc flags".split()))
-
-
-def _check_tables() -> None:
-    end = 0
-    for name, off, size in NATIVE_CONTEXT_FIELDS:
-        if off != end:
-            raise ImportError(f"IgvmNativeVpContextX64 field table has a gap or overlap at {name}")
-        end = off + size
-    if end != 232 or dict((n, o) for n, o, _ in NATIVE_CONTEXT_FIELDS)["code_selector"] != 168:
-        raise ImportError("IgvmNativeVpContextX64 field table does not match IGVM_FORMAT.md Appendix A.1")
-
-
-_check_tables()  # import-time layout check (survives python -O)
-
-
-def _decode_fields(data: bytes | memoryview, table: Sequence[tuple[str, int, int]]) -> dict[str, int]:
-    view = memoryview(data)
-    return {name: int.from_bytes(view[off : off + size], "little") for name, off, size in table}
+CCA_CONTEXT_FIELDS: tuple[tuple[str, int, int], ...] = H.CCA_CONTEXT.table()
 
 
 def decode_native_context(context: bytes | memoryview) -> dict[str, int]:
     """Every field of an ``IgvmNativeVpContextX64`` by name (reserved as ``reserved0/1``)."""
-    return _decode_fields(context, NATIVE_CONTEXT_FIELDS)
+    return {name: int(value) for name, value in H.NATIVE_CONTEXT.decode(context).items()}
 
 
 def decode_vbs_register(name: int, value: bytes, architecture: Architecture) -> dict[str, Any]:
@@ -229,24 +188,30 @@ class _Ctx:
 # --------------------------------------------------------------------------- per-header decoders
 
 
-def _masked(h: H.Header, ctx: _Ctx) -> dict[str, Any]:
-    mask = h.compatibility_mask  # type: ignore[attr-defined]
-    return {"compatibility_mask": _hex(mask), "mask_platforms": ctx.mask_platforms(mask)}
+def _fields(h: H.Header, ctx: _Ctx, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The header's own fields, from its description: integers as numbers, or as "0x..." strings
+    (addresses, sizes, masks, flags), byte strings as ``<name>_hex``; a masked non-platform
+    header also lists the platforms of its mask."""
+    out: dict[str, Any] = {}
+    for f in h.BODY.values:
+        if f.name in skip:
+            continue
+        value = getattr(h, f.name)
+        if f.is_bytes:
+            out[f"{f.name}_hex"] = bytes(value).hex()
+        else:
+            out[f.name] = _hex(value) if f.hex else int(value)
+    if h.HAS_MASK and h.SECTION != Section.PLATFORM:
+        out["mask_platforms"] = ctx.mask_platforms(getattr(h, "compatibility_mask"))  # noqa: B009
+    return out
 
 
 def _d_platform(h: H.SupportedPlatform, ctx: _Ctx) -> dict[str, Any]:
-    return {
-        "compatibility_mask": _hex(h.compatibility_mask),
-        "highest_vtl": h.highest_vtl,
-        "platform_type": int(h.platform_type),
-        "platform_type_name": PlatformType(h.platform_type).name,
-        "platform_version": h.platform_version,
-        "shared_gpa_boundary": _hex(h.shared_gpa_boundary),
-    }
+    return {**_fields(h, ctx), "platform_type_name": PlatformType(h.platform_type).name}
 
 
 def _d_guest_policy(h: H.GuestPolicy, ctx: _Ctx) -> dict[str, Any]:
-    out = {**_masked(h, ctx), "policy": _hex(h.policy)}
+    out = _fields(h, ctx)
     types = ctx.platform_types(h.compatibility_mask)
     if types and types <= {PlatformType.SEV_SNP, PlatformType.SEV_ES, PlatformType.SEV}:
         out["policy_decoded"] = {"format": "snp", **decode_snp_policy(h.policy)}
@@ -256,25 +221,12 @@ def _d_guest_policy(h: H.GuestPolicy, ctx: _Ctx) -> dict[str, Any]:
 
 
 def _d_reloc(h: H.RelocatableRegion, ctx: _Ctx) -> dict[str, Any]:
-    return {
-        **_masked(h, ctx),
-        "vp_index": h.vp_index,
-        "vtl": h.vtl,
-        "flags": _hex(h.flags),
-        "is_vtl2": h.is_vtl2,
-        "apply_rip_offset": h.apply_rip_offset,
-        "apply_gdtr_offset": h.apply_gdtr_offset,
-        "relocation_alignment": _hex(h.relocation_alignment),
-        "relocation_region_gpa": _hex(h.relocation_region_gpa),
-        "relocation_region_size": _hex(h.relocation_region_size),
-        "minimum_relocation_gpa": _hex(h.minimum_relocation_gpa),
-        "maximum_relocation_gpa": _hex(h.maximum_relocation_gpa),
-    }
+    return {**_fields(h, ctx), "is_vtl2": h.is_vtl2, "apply_rip_offset": h.apply_rip_offset,
+            "apply_gdtr_offset": h.apply_gdtr_offset}
 
 
 def _d_pt_reloc(h: H.PageTableRelocation, ctx: _Ctx) -> dict[str, Any]:
-    return {**_masked(h, ctx), "vp_index": h.vp_index, "vtl": h.vtl, "gpa": _hex(h.gpa), "size": _hex(h.size),
-            "used_size": _hex(h.used_size)}
+    return _fields(h, ctx)
 
 
 def _cca_attrs(value: int) -> dict[str, bool]:
@@ -283,40 +235,33 @@ def _cca_attrs(value: int) -> dict[str, bool]:
 
 def _d_cca_policy(h: H.CcaPolicy, ctx: _Ctx) -> dict[str, Any]:
     return {
-        **_masked(h, ctx),
-        "attributes_required_zeroes": _hex(h.attributes_required_zeroes),
+        **_fields(h, ctx),
         "attributes_required_zeroes_decoded": _cca_attrs(h.attributes_required_zeroes),
-        "attributes_required_ones": _hex(h.attributes_required_ones),
         "attributes_required_ones_decoded": _cca_attrs(h.attributes_required_ones),
-        "hash_algorithm": h.hash_algorithm,
-        "hash_algorithm_name": {0: "SHA256", 1: "SHA512", 2: "SHA384"}.get(h.hash_algorithm, "UNKNOWN"),
-        "lfa_policy": h.lfa_policy,
-        "lfa_policy_name": {0: "DISALLOW", 1: "ALLOW"}.get(h.lfa_policy, "UNKNOWN"),
+        "hash_algorithm_name": H.CCA_HASH_ALGORITHMS.get(h.hash_algorithm, "UNKNOWN"),
+        "lfa_policy_name": H.CCA_LFA_POLICIES.get(h.lfa_policy, "UNKNOWN"),
     }
 
 
 def _d_corim(h: H.CorimDocument, ctx: _Ctx) -> dict[str, Any]:
-    return {**_masked(h, ctx), "data_len": len(h.data), "data_sha256": _sha256(h.data)}
+    return {**_fields(h, ctx), "data_len": len(h.data), "data_sha256": _sha256(h.data)}
 
 
 def _d_param_area(h: H.ParameterArea, ctx: _Ctx) -> dict[str, Any]:
     blob = h.blob()
     data = blob if blob is not None else b""
-    return {
-        "number_of_bytes": _hex(h.number_of_bytes),
-        "parameter_area_index": h.parameter_area_index,
-        "initial_data_len": len(data),
-        "initial_data_sha256": _sha256(data),
-    }
+    return {**_fields(h, ctx), "initial_data_len": len(data), "initial_data_sha256": _sha256(data)}
 
 
 def _d_page(h: H.PageData, ctx: _Ctx) -> dict[str, Any]:
+    # (written out rather than _fields(): a file has a quarter million of these)
     blob = h.blob()
     data = blob if blob is not None else b""
     flags = h.flags
     entry = {
         "gpa": _hex(h.gpa),
-        **_masked(h, ctx),
+        "compatibility_mask": _hex(h.compatibility_mask),
+        "mask_platforms": ctx.mask_platforms(h.compatibility_mask),
         "flags": _hex(flags),
         "is_2mb_page": bool(flags & 1),
         "unmeasured": bool(flags & 2),
@@ -334,44 +279,39 @@ def _d_page(h: H.PageData, ctx: _Ctx) -> dict[str, Any]:
 
 
 def _d_insert(h: H.ParameterInsert, ctx: _Ctx) -> dict[str, Any]:
-    return {"gpa": _hex(h.gpa), **_masked(h, ctx), "parameter_area_index": h.parameter_area_index}
+    return _fields(h, ctx)
 
 
 def _d_usage(h: H.ParameterUsage, ctx: _Ctx) -> dict[str, Any]:
-    return {"parameter_area_index": h.parameter_area_index, "byte_offset": h.byte_offset}
+    return _fields(h, ctx)
 
 
 def _d_required(h: H.RequiredMemory, ctx: _Ctx) -> dict[str, Any]:
-    return {"gpa": _hex(h.gpa), **_masked(h, ctx), "number_of_bytes": _hex(h.number_of_bytes),
-            "flags": _hex(h.flags), "vtl2_protectable": h.vtl2_protectable}
+    return {**_fields(h, ctx), "vtl2_protectable": h.vtl2_protectable}
 
 
 def _d_error_range(h: H.ErrorRange, ctx: _Ctx) -> dict[str, Any]:
-    return {"gpa": _hex(h.gpa), **_masked(h, ctx), "size_bytes": _hex(h.size_bytes)}
+    return _fields(h, ctx)
 
 
 def _signature(raw: bytes) -> dict[str, Any]:
-    return {"len": len(raw), "sha256": _sha256(raw), "r_comp_hex": raw[:72].hex(), "s_comp_hex": raw[72:144].hex()}
+    sig = H.SNP_ID_BLOCK_SIGNATURE.decode(raw)
+    return {"len": len(raw), "sha256": _sha256(raw), "r_comp_hex": bytes(sig["r_comp"]).hex(),
+            "s_comp_hex": bytes(sig["s_comp"]).hex()}
 
 
 def _public_key(raw: bytes) -> dict[str, Any]:
-    curve, reserved = struct.unpack_from("<II", raw)
-    return {"len": len(raw), "sha256": _sha256(raw), "curve": curve, "reserved": reserved,
-            "qx_hex": raw[8:80].hex(), "qy_hex": raw[80:152].hex()}
+    key = H.SNP_ID_BLOCK_PUBLIC_KEY.decode(raw)
+    return {"len": len(raw), "sha256": _sha256(raw), "curve": key["curve"], "reserved": key["reserved"],
+            "qx_hex": bytes(key["qx"]).hex(), "qy_hex": bytes(key["qy"]).hex()}
+
+
+_KEYS = ("id_key_signature", "id_public_key", "author_key_signature", "author_public_key")
 
 
 def _d_id_block(h: H.SnpIdBlock, ctx: _Ctx) -> dict[str, Any]:
     return {
-        **_masked(h, ctx),
-        "author_key_enabled": h.author_key_enabled,
-        "reserved_hex": bytes(h.reserved).hex(),
-        "ld_hex": bytes(h.ld).hex(),
-        "family_id_hex": bytes(h.family_id).hex(),
-        "image_id_hex": bytes(h.image_id).hex(),
-        "version": h.version,
-        "guest_svn": h.guest_svn,
-        "id_key_algorithm": h.id_key_algorithm,
-        "author_key_algorithm": h.author_key_algorithm,
+        **_fields(h, ctx, skip=_KEYS),
         "id_key_signature": _signature(bytes(h.id_key_signature)),
         "id_public_key": _public_key(bytes(h.id_public_key)),
         "author_key_signature": _signature(bytes(h.author_key_signature)),
@@ -388,24 +328,16 @@ def _enum_name(enum_cls: type[VbsDigestAlgorithm] | type[VbsSigningAlgorithm], v
 
 def _d_vbs_measurement(h: H.VbsMeasurement, ctx: _Ctx) -> dict[str, Any]:
     return {
-        **_masked(h, ctx),
-        "version": h.version,
-        "product_id": h.product_id,
-        "module_id": h.module_id,
-        "security_version": h.security_version,
-        "policy_flags": _hex(h.policy_flags),
-        "boot_digest_algo": h.boot_digest_algo,
+        **_fields(h, ctx, skip=("signature", "public_key")),
         "boot_digest_algo_name": _enum_name(VbsDigestAlgorithm, h.boot_digest_algo),
-        "signing_algo": h.signing_algo,
         "signing_algo_name": _enum_name(VbsSigningAlgorithm, h.signing_algo),
-        "boot_measurement_digest_hex": bytes(h.boot_measurement_digest).hex(),
         "signature": {"len": len(h.signature), "sha256": _sha256(bytes(h.signature))},
         "public_key": {"len": len(h.public_key), "sha256": _sha256(bytes(h.public_key))},
     }
 
 
 def _vp_common(h: H.VpContextBase, ctx: _Ctx) -> dict[str, Any]:
-    return {"gpa": _hex(h.gpa), **_masked(h, ctx), "vp_index": h.vp_index}
+    return _fields(h, ctx)
 
 
 def _d_snp_vp(h: H.SnpVpContext, ctx: _Ctx) -> dict[str, Any]:
@@ -437,7 +369,7 @@ def _d_cca_vp(h: H.CcaVpContext, ctx: _Ctx) -> dict[str, Any]:
         **_vp_common(h, ctx),
         "context_len": len(context),
         "context_sha256": _sha256(context),
-        "context": {name: _hex(value) for name, value in _decode_fields(context, CCA_CONTEXT_FIELDS).items()},
+        "context": {name: _hex(int(value)) for name, value in H.CCA_CONTEXT.decode(context).items()},
     }
 
 
@@ -493,79 +425,40 @@ def _decode_header(h: H.Header, ctx: _Ctx) -> tuple[str, dict[str, Any]]:
 
 # --------------------------------------------------------------------------- raw TLV records
 
-_DATA_OFFSET_FIELD = {  # where a header body keeps its absolute file_offset (u32)
-    HeaderType.PAGE_DATA: 12,
-    HeaderType.PARAMETER_AREA: 12,
-    HeaderType.VP_CONTEXT: 12,
-    HeaderType.CORIM_DOCUMENT: 4,
-    HeaderType.CORIM_SIGNATURE: 4,
-}
-
-
-def _raw_records(buf: memoryview) -> list[tuple[int, int, int]]:
-    """(offset, type, length) of every TLV record in the variable header area."""
-    if len(buf) < FIXED_HEADER_SIZE_V1:
-        return []
-    voff, vsize = struct.unpack_from("<II", buf, 8)
-    end = min(voff + vsize, len(buf))
-    out = []
-    pos = voff
-    while pos + 8 <= end:
-        typ, length = struct.unpack_from("<II", buf, pos)
-        out.append((pos, typ, length))
-        pos += 8 + ((length + 7) & ~7)
-    return out
-
-
-def _attach_records(hdrs: Sequence[H.Header], buf: memoryview) -> Iterator[tuple[int, int, int | None] | None]:
-    """For every model header, its (tlv offset, tlv length, file_offset) in ``buf`` if found.
-
-    Headers are matched in order against the TLV records; a record matches when its type is
-    the header's and its body equals the header packed with the record's own file_offset, so
-    headers dropped by a ``--platform`` filter are skipped correctly.
-    """
-    records = _raw_records(buf)
-    j = 0
-    for h in hdrs:
-        typ = int(h.TYPE)
-        found = None
-        k = j
-        while k < len(records):
-            pos, rtyp, length = records[k]
-            k += 1
-            if rtyp != typ or length != h.SIZE or pos + 8 + length > len(buf):
-                continue
-            body = buf[pos + 8 : pos + 8 + length]
-            foff_at = _DATA_OFFSET_FIELD.get(HeaderType(typ))
-            foff = struct.unpack_from("<I", body, foff_at)[0] if foff_at is not None else None
-            try:
-                packed = h.pack_body(foff or 0)
-            except (struct.error, TypeError, ValueError):
-                break
-            cmp_len = 18 if typ == HeaderType.VP_CONTEXT else length  # VP_CONTEXT reserved is not parsed
-            if packed[:cmp_len] == body[:cmp_len]:
-                found = (pos, length, foff)
-                j = k
-                break
-        yield found
+def _attach_records(f: IgvmFile, buf: memoryview) -> Iterator[tuple[int, int, int | None] | None]:
+    """For every model header, its (tlv offset, tlv length, file_offset) in ``buf``, or None
+    when ``buf`` has no record of that header's type where the parser found it."""
+    head = FixedHeader.read(buf)
+    records = list(head.records(buf)) if head is not None else []
+    indices = f.header_indices or range(len(records))
+    for index, h in zip(indices, f.headers, strict=False):
+        if index >= len(records):
+            yield None
+            continue
+        pos, typ, length = records[index]
+        if typ != h.TYPE or length != h.SIZE or pos + 8 + length > len(buf):
+            yield None
+            continue
+        where = h.BODY.by_name.get("file_offset")
+        foff = struct.unpack_from("<I", buf, pos + 8 + where.offset)[0] if where is not None else None
+        yield pos, length, foff
 
 
 def _fixed_header(buf: memoryview) -> dict[str, Any] | None:
-    if len(buf) < FIXED_HEADER_SIZE_V1:
+    head = FixedHeader.read(buf)
+    if head is None:
         return None
-    magic, version, voff, vsize, total, checksum = struct.unpack_from("<6I", buf)
     out: dict[str, Any] = {
-        "magic": _hex(magic),
-        "format_version": version,
-        "variable_header_offset": voff,
-        "variable_header_size": vsize,
-        "total_file_size": total,
-        "checksum": f"{checksum:#010x}",
+        "magic": _hex(head.magic),
+        "format_version": head.format_version,
+        "variable_header_offset": head.variable_header_offset,
+        "variable_header_size": head.variable_header_size,
+        "total_file_size": head.total_file_size,
+        "checksum": f"{head.checksum:#010x}",
     }
-    if version == 2 and len(buf) >= 32:
-        arch, page_size = struct.unpack_from("<II", buf, 24)
-        out["architecture"] = arch
-        out["page_size"] = page_size
+    if head.architecture is not None:
+        out["architecture"] = head.architecture
+        out["page_size"] = head.page_size
     return out
 
 
@@ -576,7 +469,7 @@ def _entries(f: IgvmFile, buf: memoryview | None) -> Iterator[dict[str, Any]]:
     """The ``headers`` elements, produced one at a time (a 1 GiB file has 262,144 of them)."""
     ctx = _Ctx(f)
     hdrs = f.headers
-    records = _attach_records(hdrs, buf) if buf is not None else itertools.repeat(None)
+    records = _attach_records(f, buf) if buf is not None else itertools.repeat(None)
     for index, (h, rec) in enumerate(zip(hdrs, records, strict=False)):
         kind, fields = _decode_header(h, ctx)
         entry: dict[str, Any] = {

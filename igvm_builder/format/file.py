@@ -36,15 +36,28 @@ from igvm_builder.format.defs import (
     VMSA_PLATFORMS,
     Architecture,
     HeaderType,
-    PageDataType,
     PlatformType,
     Section,
     section_of,
 )
+from igvm_builder.format.record import Record, u32
 
-_FIXED_V1 = struct.Struct("<6I")
-_FIXED_V2 = struct.Struct("<8I")
-_TLV = struct.Struct("<II")
+#: IGVM_FIXED_HEADER (format version 1, 24 bytes) and IGVM_FIXED_HEADER_V2 (32 bytes).
+FIXED_HEADER_V1 = Record(
+    "IGVM_FIXED_HEADER",
+    u32("magic", hex=True),
+    u32("format_version"),
+    u32("variable_header_offset"),
+    u32("variable_header_size"),
+    u32("total_file_size"),
+    u32("checksum", hex=True),
+    size=FIXED_HEADER_SIZE_V1,
+)
+FIXED_HEADER_V2 = Record("IGVM_FIXED_HEADER_V2", *FIXED_HEADER_V1.fields, u32("architecture"), u32("page_size"),
+                         size=FIXED_HEADER_SIZE_V2)
+#: IGVM_VHS_VARIABLE_HEADER: the type and body length before every variable header.
+VARIABLE_HEADER = Record("IGVM_VHS_VARIABLE_HEADER", u32("typ", hex=True), u32("length"), size=8)
+_FIXED_V1, _FIXED_V2, _TLV = FIXED_HEADER_V1.struct, FIXED_HEADER_V2.struct, VARIABLE_HEADER.struct
 _PAGE_TLV = struct.Struct("<IIQIIIHH")  # TLV header + IGVM_VHS_PAGE_DATA, 32 bytes
 
 X64_VBS_REGISTERS = frozenset(
@@ -73,6 +86,49 @@ def _pad8(n: int) -> int:
     return (n + 7) & ~7
 
 
+@dataclass(frozen=True, slots=True)
+class FixedHeader:
+    """The fixed header as stored (nothing checked: :meth:`IgvmFile.from_bytes` does that)."""
+
+    magic: int
+    format_version: int
+    variable_header_offset: int
+    variable_header_size: int
+    total_file_size: int
+    checksum: int
+    #: version 2 only
+    architecture: int | None = None
+    page_size: int | None = None
+
+    @property
+    def size(self) -> int:
+        return FIXED_HEADER_SIZE_V2 if self.format_version == 2 else FIXED_HEADER_SIZE_V1
+
+    @classmethod
+    def read(cls, buf: bytes | bytearray | memoryview | mmap.mmap) -> FixedHeader | None:
+        """The fixed header at the start of ``buf`` (None if ``buf`` is too short to hold one)."""
+        if len(buf) < FIXED_HEADER_SIZE_V1:
+            return None
+        head = cls(*_FIXED_V1.unpack_from(buf))
+        if head.format_version == 2 and len(buf) >= FIXED_HEADER_SIZE_V2:
+            return cls(*_FIXED_V2.unpack_from(buf))
+        return head
+
+    def pack(self) -> bytes:
+        record = FIXED_HEADER_V2 if self.format_version == 2 else FIXED_HEADER_V1
+        return record.pack(self)
+
+    def records(self, buf: bytes | bytearray | memoryview | mmap.mmap) -> Iterator[tuple[int, int, int]]:
+        """(offset, type, body length) of each variable header in ``buf``, in file order, as far
+        as they lie inside both the variable header area and ``buf``."""
+        end = min(self.variable_header_offset + self.variable_header_size, len(buf))
+        pos = self.variable_header_offset
+        while pos + 8 <= end:
+            typ, length = _TLV.unpack_from(buf, pos)
+            yield pos, typ, length
+            pos += 8 + _pad8(length)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IgvmFile:
     """A whole IGVM file: platform, initialization and directive headers (with their data)."""
@@ -83,6 +139,9 @@ class IgvmFile:
     initializations: tuple[H.Header, ...] = ()
     directives: tuple[H.Header, ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    #: Parsed with a platform filter: the index in the file of each header kept (None: every
+    #: header was kept, header ``i`` is the file's ``i``-th).  Not part of equality.
+    header_indices: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
 
     # ------------------------------------------------------------------ access
 
@@ -270,12 +329,9 @@ class IgvmFile:
             cursor += 1
         if on_data is not None and len(blobs) > sent:
             on_data(sent_offset, blobs[sent:])
-        if self.revision == 1:
-            fixed = _FIXED_V1.pack(IGVM_MAGIC_VALUE, 1, fixed_size, var_size, cursor, 0)
-        else:
-            fixed = _FIXED_V2.pack(IGVM_MAGIC_VALUE, 2, fixed_size, var_size, cursor, 0,
-                                   int(self.architecture), PAGE_SIZE_4K)
-        out[:fixed_size] = fixed
+        out[:fixed_size] = FixedHeader(
+            IGVM_MAGIC_VALUE, self.revision, fixed_size, var_size, cursor, 0,
+            *((int(self.architecture), PAGE_SIZE_4K) if self.revision == 2 else ())).pack()
         crc = zlib.crc32(out)
         out[20:24] = struct.pack("<I", crc)
         return bytes(out), blobs
@@ -335,7 +391,10 @@ class _Parser:
         n = len(buf)
         if n < FIXED_HEADER_SIZE_V1:
             raise self.fail(f"file is {n} bytes, shorter than the 24-byte IGVM fixed header", offset=0)
-        magic, version, voff, vsize, total, checksum = _FIXED_V1.unpack_from(buf, 0)
+        head = FixedHeader.read(buf)
+        assert head is not None
+        magic, version, total, checksum = head.magic, head.format_version, head.total_file_size, head.checksum
+        voff, vsize = head.variable_header_offset, head.variable_header_size
         if magic != IGVM_MAGIC_VALUE:
             raise self.fail(f"bad magic {magic:#010x} (not an IGVM file; expected 'IGVM')", offset=0)
         arch = Architecture.X64
@@ -345,8 +404,8 @@ class _Parser:
             fixed_size = FIXED_HEADER_SIZE_V2
             if n < fixed_size:
                 raise self.fail("file too short for the 32-byte v2 fixed header", offset=0)
-            arch_raw, page_size = struct.unpack_from("<II", buf, 24)
-            if arch_raw not in (0, 1):
+            arch_raw, page_size = head.architecture, head.page_size
+            if arch_raw is None or arch_raw not in (0, 1):
                 raise self.fail(f"invalid architecture {arch_raw} in the v2 fixed header", offset=24)
             if page_size != PAGE_SIZE_4K:
                 raise self.fail(f"page size of {page_size:#x} unsupported (only 0x1000)", offset=28)
@@ -487,8 +546,9 @@ class _Parser:
                 inits = [h for _, h in kept if h.SECTION == Section.INITIALIZATION]
                 directives = [h for _, h in kept if h.SECTION == Section.DIRECTIVE]
         f = IgvmFile(revision=version, architecture=arch, platforms=tuple(platforms),
-                     initializations=tuple(inits), directives=tuple(directives))
-        warnings = _validate(f, indices, n_plat)
+                     initializations=tuple(inits), directives=tuple(directives),
+                     header_indices=None if isinstance(indices, range) else (*range(n_plat), *indices))
+        warnings = _validate(f, indices, n_plat, fields=False)  # decoding checked every field
         return _replace_warnings(f, (*self.warnings, *warnings))
 
     def _page_error(self, index: int, pos: int, gpa: int, dtype: int, reserved: int, foff: int) -> IgvmFormatError:
@@ -515,39 +575,32 @@ class _Parser:
         if cls is not None:
             return cls.unpack_body(body)
         if typ == HeaderType.PAGE_DATA:
-            gpa, mask, foff, flags, dtype, reserved = H.PageData.STRUCT.unpack(body)
-            if gpa & 0xFFF:
-                raise self.fail(f"PAGE_DATA gpa {gpa:#x} is not 4 KiB aligned")
-            if reserved:
-                raise self.fail("PAGE_DATA reserved field must be zero")
-            if dtype > 3:
-                raise self.fail(f"PAGE_DATA data_type {dtype} is invalid")
-            if flags & ~7 or flags & 1:
-                self._page_flag_warning(index, gpa, flags)
-            data = self._data(foff, 4096, "PAGE_DATA", index, pos) if foff else b""
-            return H.PageData(gpa=gpa, compatibility_mask=mask, flags=flags, data_type=PageDataType(dtype), data=data)
+            v = H.PageData.BODY.unpack(body)
+            foff = v.pop("file_offset")
+            if v["flags"] & ~7 or v["flags"] & 1:
+                self._page_flag_warning(index, v["gpa"], v["flags"])
+            return H.PageData(**v, data=self._data(foff, PAGE_SIZE_4K, "PAGE_DATA", index, pos) if foff else b"")
         if typ == HeaderType.PARAMETER_AREA:
-            size, pindex, foff = H.ParameterArea.STRUCT.unpack(body)
-            if size % PAGE_SIZE_4K:
-                raise self.fail(f"PARAMETER_AREA number_of_bytes {size:#x} is not a multiple of 4 KiB")
-            data = self._data(foff, size, "PARAMETER_AREA", index, pos) if foff else b""
-            return H.ParameterArea(number_of_bytes=size, parameter_area_index=pindex, initial_data=data)
+            v = H.ParameterArea.BODY.unpack(body)
+            foff, size = v.pop("file_offset"), v["number_of_bytes"]
+            return H.ParameterArea(**v, initial_data=self._data(foff, size, "PARAMETER_AREA", index, pos)
+                                   if foff else b"")
         if typ in (HeaderType.CORIM_DOCUMENT, HeaderType.CORIM_SIGNATURE):
-            mask, foff, size, reserved = H.CorimDocument.STRUCT.unpack(body)
-            if reserved:
-                raise self.fail("CORIM reserved field must be zero")
+            v = H.CorimDocument.BODY.unpack(body)
+            foff, size = v.pop("file_offset"), v.pop("size_bytes")
             if foff == 0 and size:
                 raise self.fail(f"file_offset is 0 (no data) but size_bytes is {size}")
             data = self._data(foff, size, "CORIM payload", index, pos) if foff else b""
             ccls = H.CorimDocument if typ == HeaderType.CORIM_DOCUMENT else H.CorimSignature
-            return ccls(compatibility_mask=mask, data=data)
+            return ccls(**v, data=data)
         if typ == HeaderType.VP_CONTEXT:
             return self._decode_vp_context(body, index, pos, arch, platforms, buf)
         raise self.fail(f"unknown variable header type {typ:#x}")
 
     def _decode_vp_context(self, body: memoryview, index: int, pos: int, arch: Architecture,
                            platforms: dict[int, H.SupportedPlatform], buf: memoryview) -> H.Header:
-        gpa, mask, foff, vp_index, _reserved = H.VP_CONTEXT_STRUCT.unpack(body)
+        v = H.VP_CONTEXT.unpack(body)
+        gpa, mask, foff, vp_index = v["gpa"], v["compatibility_mask"], v["file_offset"], v["vp_index"]
         if any(buf[pos + 28 : pos + 32]):
             self.warnings.append(f"header {index}: non-zero padding after the 20-byte VP_CONTEXT "
                                  "(the reference parser does not read it)")
@@ -613,169 +666,226 @@ def _type_name(typ: int) -> str:
 # =========================================================================== whole-file rules
 
 
-def _validate(f: IgvmFile, indices: Sequence[int] | None = None, n_platforms: int | None = None) -> tuple[str, ...]:
-    """Apply the reference crate's whole-file rules; return warnings, raise on errors."""
-    warnings: list[str] = []
-    n_plat = len(f.platforms) if n_platforms is None else n_platforms
-    body = (*f.initializations, *f.directives)
-    if indices is None:
-        indices = range(n_plat, n_plat + len(body))
+def _validate(f: IgvmFile, indices: Sequence[int] | None = None, n_platforms: int | None = None, *,
+              fields: bool = True) -> tuple[str, ...]:
+    """Apply the reference crate's rules; return warnings, raise on errors.
 
-    def fail(msg: str, pos: int | None = None) -> IgvmFormatError:
-        return IgvmFormatError(msg, header_index=indices[pos] if pos is not None else None)
+    ``fields``: also check every header's fields against its description (what a writer is
+    given; a parser has done that already while decoding).  ``indices``: each non-platform
+    header's index in the file (a platform filter drops some).
+    """
+    rules = _Rules(f, indices, n_platforms)
+    rules.platforms()
+    rules.sections()
+    if fields:
+        rules.fields()
+    rules.undeclared_bits()
+    rules.initializations()
+    rules.directives()
+    rules.vp_contexts_exist()
+    return tuple(rules.warnings)
 
-    if f.revision not in (1, 2):
-        raise IgvmFormatError(f"revision {f.revision} is not 1 or 2")
-    if f.revision == 1 and f.architecture != Architecture.X64:
-        raise IgvmFormatError("format version 1 files are x64 only; use revision 2 for AArch64")
-    if not f.platforms:
-        raise IgvmFormatError("no valid platform headers")
-    allowed = _X64_PLATFORMS if f.architecture == Architecture.X64 else _AARCH64_PLATFORMS
-    types: dict[PlatformType, int] = {}
-    masks: dict[int, H.SupportedPlatform] = {}
-    for i, p in enumerate(f.platforms):
-        if not isinstance(p, H.SupportedPlatform):
-            raise IgvmFormatError(f"{type(p).__name__} is not a platform header", header_index=i)
-        m = p.compatibility_mask
-        if m == 0 or m & (m - 1):
-            raise IgvmFormatError(f"platform compatibility_mask {m:#x} must have exactly one bit", header_index=i)
-        if p.platform_type in types:
-            raise IgvmFormatError(f"multiple platform headers with the same isolation type {p.platform_type.name}",
-                                  header_index=i)
-        if m in masks:
-            raise IgvmFormatError(f"platform headers share compatibility_mask {m:#x}", header_index=i)
-        if p.platform_type not in allowed:
-            raise IgvmFormatError(f"platform {p.platform_type.name} not supported on architecture "
-                                  f"{f.architecture.name}", header_index=i)
-        types[p.platform_type] = i
-        masks[m] = p
-    all_bits = 0
-    for m in masks:
-        all_bits |= m
 
-    for pos, h in enumerate(f.initializations):
-        if h.SECTION != Section.INITIALIZATION:
-            raise fail(f"{type(h).__name__} is not an initialization header", pos)
-    nd = len(f.initializations)
-    for pos, h in enumerate(f.directives):
-        if h.SECTION != Section.DIRECTIVE:
-            raise fail(f"{type(h).__name__} is not a directive header", nd + pos)
+# A PAGE_DATA whose fields are all in range has none of these bits set: a 4 KiB-aligned u64
+# GPA, u32 mask and flags, a data type 0-3 (negative numbers have all of them set).
+_PAGE_GPA_BAD = ~0xFFFF_FFFF_FFFF_F000
+_U32_BAD = ~0xFFFF_FFFF
+_DATA_TYPE_BAD = ~3
 
-    page_cls = H.PageData
-    not_all_bits = ~all_bits
-    for pos, h in enumerate(body):
-        hm = h.compatibility_mask if type(h) is page_cls else h.mask
-        if hm is not None and hm & not_all_bits:
-            warnings.append(f"header {indices[pos]}: {h.TYPE.name} compatibility_mask {hm:#x} names bits of no "
-                            "declared platform (accepted by the reference parser)")
 
-    # ---- initialization rules
-    relocs: dict[int, list[tuple[int, int]]] = {}
-    pt_bits: set[int] = set()
-    needs_vp: list[tuple[int, int, int, int]] = []  # (pos, mask, vp_index, vtl)
-    corim_docs: set[int] = set()
-    corim_sigs: set[int] = set()
-    for pos, h in enumerate(f.initializations):
-        if isinstance(h, H.CcaPolicy):
-            if f.architecture != Architecture.AARCH64:
-                raise fail("CCA_POLICY is only valid in AArch64 files", pos)
-            for bit in _bits(h.compatibility_mask):
-                cp = masks.get(bit)
-                if cp is None or cp.platform_type != PlatformType.CCA:
-                    raise fail(f"CCA policy compatibility mask {bit:#x} does not reference a CCA platform", pos)
-        elif isinstance(h, H.RelocatableRegion | H.PageTableRelocation):
-            if isinstance(h, H.RelocatableRegion):
-                start, size = h.relocation_region_gpa, h.relocation_region_size
-            else:
-                start, size = h.gpa, h.size
+class _Rules:
+    """The whole-file rules of ``IgvmFile::new_from_binary``, one method per concern."""
+
+    def __init__(self, f: IgvmFile, indices: Sequence[int] | None, n_platforms: int | None) -> None:
+        self.f = f
+        self.warnings: list[str] = []
+        self.n_plat = len(f.platforms) if n_platforms is None else n_platforms
+        self.body = (*f.initializations, *f.directives)
+        self.indices = range(self.n_plat, self.n_plat + len(self.body)) if indices is None else indices
+        self.masks: dict[int, H.SupportedPlatform] = {}
+        #: (mask, vp_index, vtl) of the relocation headers, which need a matching VBS VP context
+        self.needs_vp: list[tuple[int, int, int, int]] = []
+
+    def fail(self, msg: str, pos: int | None = None) -> IgvmFormatError:
+        """An error at ``pos`` in ``body`` (initializations, then directives)."""
+        return IgvmFormatError(msg, header_index=self.indices[pos] if pos is not None else None)
+
+    def platforms(self) -> None:
+        f = self.f
+        if f.revision not in (1, 2):
+            raise IgvmFormatError(f"revision {f.revision} is not 1 or 2")
+        if f.architecture not in (Architecture.X64, Architecture.AARCH64):
+            raise IgvmFormatError(f"architecture {f.architecture!r} is not X64 or AARCH64")
+        if f.revision == 1 and f.architecture != Architecture.X64:
+            raise IgvmFormatError("format version 1 files are x64 only; use revision 2 for AArch64")
+        if not f.platforms:
+            raise IgvmFormatError("no valid platform headers")
+        allowed = _X64_PLATFORMS if f.architecture == Architecture.X64 else _AARCH64_PLATFORMS
+        types: set[PlatformType] = set()
+        for i, p in enumerate(f.platforms):
+            if not isinstance(p, H.SupportedPlatform):
+                raise IgvmFormatError(f"{type(p).__name__} is not a platform header", header_index=i)
+            for message in p.problems():
+                raise IgvmFormatError(message, header_index=i)
+            m = p.compatibility_mask
+            if p.platform_type in types:
+                raise IgvmFormatError(f"multiple platform headers with the same isolation type "
+                                      f"{p.platform_type.name}", header_index=i)
+            if m in self.masks:
+                raise IgvmFormatError(f"platform headers share compatibility_mask {m:#x}", header_index=i)
+            if p.platform_type not in allowed:
+                raise IgvmFormatError(f"platform {p.platform_type.name} not supported on architecture "
+                                      f"{f.architecture.name}", header_index=i)
+            types.add(p.platform_type)
+            self.masks[m] = p
+
+    def sections(self) -> None:
+        for pos, h in enumerate(self.f.initializations):
+            if getattr(h, "SECTION", None) != Section.INITIALIZATION:
+                raise self.fail(f"{type(h).__name__} is not an initialization header", pos)
+        nd = len(self.f.initializations)
+        for pos, h in enumerate(self.f.directives):
+            if getattr(h, "SECTION", None) != Section.DIRECTIVE:
+                raise self.fail(f"{type(h).__name__} is not a directive header", nd + pos)
+
+    def fields(self) -> None:
+        """Every header's fields by its description, as the reader would find them."""
+        page_cls = H.PageData
+        for pos, h in enumerate(self.body):
+            if type(h) is page_cls:  # by far the most common header: one cheap test of every field
+                try:
+                    if not (h.gpa & _PAGE_GPA_BAD or (h.compatibility_mask | h.flags) & _U32_BAD
+                            or h.data_type & _DATA_TYPE_BAD):
+                        continue
+                except TypeError:  # not an integer: problems() names the field
+                    pass
+            for message in h.problems():
+                raise self.fail(message, pos)
+
+    def undeclared_bits(self) -> None:
+        all_bits = 0
+        for m in self.masks:
+            all_bits |= m
+        page_cls = H.PageData
+        not_all_bits = ~all_bits
+        for pos, h in enumerate(self.body):
+            hm = h.compatibility_mask if type(h) is page_cls else h.mask
+            if hm is not None and hm & not_all_bits:
+                self.warnings.append(f"header {self.indices[pos]}: {h.TYPE.name} compatibility_mask {hm:#x} names "
+                                     "bits of no declared platform (accepted by the reference parser)")
+
+    def initializations(self) -> None:
+        relocs: dict[int, list[tuple[int, int]]] = {}
+        pt_bits: set[int] = set()
+        corim_docs: set[int] = set()
+        corim_sigs: set[int] = set()
+        fail = self.fail
+        for pos, h in enumerate(self.f.initializations):
+            if isinstance(h, H.CcaPolicy):
+                if self.f.architecture != Architecture.AARCH64:
+                    raise fail("CCA_POLICY is only valid in AArch64 files", pos)
                 for bit in _bits(h.compatibility_mask):
-                    if bit in pt_bits:
-                        raise fail("page table relocation header specified twice for compatibility mask "
-                                   f"{bit:#x}", pos)
-                    pt_bits.add(bit)
-            for bit in _bits(h.compatibility_mask):
-                for ostart, osize in relocs.get(bit, ()):
-                    if start < ostart + osize and ostart < start + size:
-                        raise fail(f"relocation regions overlap at GPA {max(start, ostart):#x}", pos)
-                relocs.setdefault(bit, []).append((start, size))
-            needs_vp.append((pos, h.compatibility_mask, h.vp_index, h.vtl))
-        elif isinstance(h, H.CorimDocument | H.CorimSignature):
-            for bit in _bits(h.compatibility_mask):
-                if isinstance(h, H.CorimDocument):
-                    if bit in corim_docs:
-                        raise fail(f"multiple CoRIM documents for compatibility mask {bit:#x}", pos)
-                    corim_docs.add(bit)
+                    cp = self.masks.get(bit)
+                    if cp is None or cp.platform_type != PlatformType.CCA:
+                        raise fail(f"CCA policy compatibility mask {bit:#x} does not reference a CCA platform", pos)
+            elif isinstance(h, H.RelocatableRegion | H.PageTableRelocation):
+                if isinstance(h, H.RelocatableRegion):
+                    start, size = h.relocation_region_gpa, h.relocation_region_size
                 else:
-                    if bit not in corim_docs:
+                    start, size = h.gpa, h.size
+                    for bit in _bits(h.compatibility_mask):
+                        if bit in pt_bits:
+                            raise fail("page table relocation header specified twice for compatibility mask "
+                                       f"{bit:#x}", pos)
+                        pt_bits.add(bit)
+                for bit in _bits(h.compatibility_mask):
+                    for ostart, osize in relocs.get(bit, ()):
+                        if start < ostart + osize and ostart < start + size:
+                            raise fail(f"relocation regions overlap at GPA {max(start, ostart):#x}", pos)
+                    relocs.setdefault(bit, []).append((start, size))
+                self.needs_vp.append((pos, h.compatibility_mask, h.vp_index, h.vtl))
+            elif isinstance(h, H.CorimDocument | H.CorimSignature):
+                docs = isinstance(h, H.CorimDocument)
+                for bit in _bits(h.compatibility_mask):
+                    if docs:
+                        if bit in corim_docs:
+                            raise fail(f"multiple CoRIM documents for compatibility mask {bit:#x}", pos)
+                        corim_docs.add(bit)
+                    elif bit not in corim_docs:
                         raise fail(f"CoRIM signature for mask {bit:#x} has no earlier CoRIM document", pos)
-                    if bit in corim_sigs:
+                    elif bit in corim_sigs:
                         raise fail(f"multiple CoRIM signatures for compatibility mask {bit:#x}", pos)
-                    corim_sigs.add(bit)
+                    else:
+                        corim_sigs.add(bit)
 
-    # ---- directive rules
-    area_state: dict[int, int] = {}  # 1 allocated, 2 inserted
-    area_size: dict[int, int] = {}
-    pt_regions = [(h.compatibility_mask, h.gpa, h.size) for h in f.initializations
-                  if isinstance(h, H.PageTableRelocation)]
-    vbs_contexts: list[tuple[int, int, int]] = []
-    for dpos, h in enumerate(f.directives):
-        if type(h) is page_cls:  # by far the most common directive
-            if h.data_type not in (0, 1, 2, 3):
-                raise fail(f"PAGE_DATA data_type {h.data_type} is invalid", nd + dpos)
-            continue
-        pos = nd + dpos
-        if isinstance(h, H.ParameterArea):
-            if h.parameter_area_index in area_state:
-                raise fail(f"invalid parameter area index {h.parameter_area_index}: declared twice", pos)
-            area_state[h.parameter_area_index] = 1
-            area_size[h.parameter_area_index] = h.number_of_bytes
-        elif isinstance(h, (H.ParameterUsage, H.ParameterInsert)):
-            state = area_state.get(h.parameter_area_index)
-            if state != 1:
-                why = "already inserted" if state == 2 else "not declared"
-                raise fail(f"invalid parameter area index {h.parameter_area_index} in {h.TYPE.name}: "
-                           f"the area is {why}", pos)
-            if isinstance(h, H.ParameterInsert):
-                area_state[h.parameter_area_index] = 2
-                for pmask, pgpa, psize in pt_regions:
-                    if pmask & h.compatibility_mask and pgpa <= h.gpa < pgpa + psize:
-                        raise fail(f"parameter insert at GPA {h.gpa:#x} inside the page table region", pos)
-        elif isinstance(h, H.VpContextBase):
-            vp = masks.get(h.compatibility_mask)
-            if vp is None:
-                raise fail(f"VP_CONTEXT compatibility_mask {h.compatibility_mask:#x} is not exactly one "
-                           "platform's mask", pos)
-            ok = {
-                H.SnpVpContext: VMSA_PLATFORMS,
-                H.NativeVpContext: NATIVE_CONTEXT_PLATFORMS,
-                H.CcaVpContext: {PlatformType.CCA},
-                H.VbsVpContext: {PlatformType.VSM_ISOLATION},
-            }.get(type(h), set())
-            if vp.platform_type not in ok:
-                raise fail(f"{type(h).__name__} does not fit platform {vp.platform_type.name}", pos)
-            if isinstance(h, H.NativeVpContext) and f.architecture != Architecture.X64:
-                raise fail("x64 native VP context in an AArch64 file", pos)
-            if isinstance(h, H.CcaVpContext) and f.architecture != Architecture.AARCH64:
-                raise fail("CCA VP context in an x64 file", pos)
-            if isinstance(h, H.VbsVpContext):
-                if not h.registers:
-                    raise fail("VBS vp context has no registers", pos)
-                if h.vp_index != 0:
-                    raise fail(f"VBS VP_CONTEXT vp_index is {h.vp_index}; only 0 is allowed", pos)
-                allowed_regs = X64_VBS_REGISTERS if f.architecture == Architecture.X64 else AARCH64_VBS_REGISTERS
-                for r in h.registers:
-                    if r.name not in allowed_regs:
-                        raise fail(f"unsupported {f.architecture.name} register {r.name:#x} in VBS VP context", pos)
-                    if len(r.value) != 16:
-                        raise fail("VBS register value must be 16 bytes", pos)
-                vbs_contexts.append((h.compatibility_mask, h.vp_index, h.vtl))
-        elif isinstance(h, H.PageData) and h.data_type not in (0, 1, 2, 3):
-            raise fail(f"PAGE_DATA data_type {h.data_type} is invalid", pos)
+    def directives(self) -> None:
+        area_state: dict[int, int] = {}  # 1 allocated, 2 inserted
+        pt_regions = [(h.compatibility_mask, h.gpa, h.size) for h in self.f.initializations
+                      if isinstance(h, H.PageTableRelocation)]
+        self.vbs_contexts: list[tuple[int, int, int]] = []
+        page_cls = H.PageData
+        nd = len(self.f.initializations)
+        fail = self.fail
+        for dpos, h in enumerate(self.f.directives):
+            if type(h) is page_cls:  # by far the most common directive; fields() checked it
+                continue
+            pos = nd + dpos
+            if isinstance(h, H.ParameterArea):
+                if h.parameter_area_index in area_state:
+                    raise fail(f"invalid parameter area index {h.parameter_area_index}: declared twice", pos)
+                area_state[h.parameter_area_index] = 1
+            elif isinstance(h, H.ParameterUsage | H.ParameterInsert):
+                state = area_state.get(h.parameter_area_index)
+                if state != 1:
+                    why = "already inserted" if state == 2 else "not declared"
+                    raise fail(f"invalid parameter area index {h.parameter_area_index} in {h.TYPE.name}: "
+                               f"the area is {why}", pos)
+                if isinstance(h, H.ParameterInsert):
+                    area_state[h.parameter_area_index] = 2
+                    for pmask, pgpa, psize in pt_regions:
+                        if pmask & h.compatibility_mask and pgpa <= h.gpa < pgpa + psize:
+                            raise fail(f"parameter insert at GPA {h.gpa:#x} inside the page table region", pos)
+            elif isinstance(h, H.VpContextBase):
+                self.vp_context(h, pos)
 
-    for pos, mask, vp_index, vtl in needs_vp:
-        if not any(cm & mask and cvp == vp_index and cvtl == vtl for cm, cvp, cvtl in vbs_contexts):
-            raise fail(f"no matching vp context for vp index {vp_index} and vtl {vtl}", pos)
-    return tuple(warnings)
+    def vp_context(self, h: H.VpContextBase, pos: int) -> None:
+        arch = self.f.architecture
+        vp = self.masks.get(h.compatibility_mask)
+        if vp is None:
+            raise self.fail(f"VP_CONTEXT compatibility_mask {h.compatibility_mask:#x} is not exactly one "
+                            "platform's mask", pos)
+        ok = _VP_CONTEXT_PLATFORMS.get(type(h), frozenset())
+        if vp.platform_type not in ok:
+            raise self.fail(f"{type(h).__name__} does not fit platform {vp.platform_type.name}", pos)
+        if isinstance(h, H.NativeVpContext) and arch != Architecture.X64:
+            raise self.fail("x64 native VP context in an AArch64 file", pos)
+        if isinstance(h, H.CcaVpContext) and arch != Architecture.AARCH64:
+            raise self.fail("CCA VP context in an x64 file", pos)
+        if isinstance(h, H.VbsVpContext):
+            if not h.registers:
+                raise self.fail("VBS vp context has no registers", pos)
+            if h.vp_index != 0:
+                raise self.fail(f"VBS VP_CONTEXT vp_index is {h.vp_index}; only 0 is allowed", pos)
+            allowed_regs = X64_VBS_REGISTERS if arch == Architecture.X64 else AARCH64_VBS_REGISTERS
+            for r in h.registers:
+                if r.name not in allowed_regs:
+                    raise self.fail(f"unsupported {arch.name} register {r.name:#x} in VBS VP context", pos)
+                if len(r.value) != 16:
+                    raise self.fail("VBS register value must be 16 bytes", pos)
+            self.vbs_contexts.append((h.compatibility_mask, h.vp_index, h.vtl))
+
+    def vp_contexts_exist(self) -> None:
+        for pos, mask, vp_index, vtl in self.needs_vp:
+            if not any(cm & mask and cvp == vp_index and cvtl == vtl for cm, cvp, cvtl in self.vbs_contexts):
+                raise self.fail(f"no matching vp context for vp index {vp_index} and vtl {vtl}", pos)
+
+
+_VP_CONTEXT_PLATFORMS: dict[type[H.Header], frozenset[PlatformType]] = {
+    H.SnpVpContext: frozenset(VMSA_PLATFORMS),
+    H.NativeVpContext: frozenset(NATIVE_CONTEXT_PLATFORMS),
+    H.CcaVpContext: frozenset({PlatformType.CCA}),
+    H.VbsVpContext: frozenset({PlatformType.VSM_ISOLATION}),
+}
 
 
 def _bits(mask: int) -> Iterator[int]:

@@ -1,18 +1,23 @@
-"""Every IGVM variable header as a frozen dataclass with exact little-endian packing.
+"""Every IGVM variable header as a frozen dataclass, described once.
 
-Each class mirrors one ``IGVM_VHS_*`` struct of ``igvm_defs/src/lib.rs`` field for
-field.  ``pack_body(file_offset)`` returns the TLV body (without the 8-byte
-``IGVM_VHS_VARIABLE_HEADER`` and without padding); ``unpack_body`` is the inverse and
-applies the per-header rules the reference parser enforces.  Headers that carry file
-data expose it through :meth:`Header.blob` (already padded the way the reference
+Each class mirrors one ``IGVM_VHS_*`` struct of ``igvm_defs/src/lib.rs`` field for field:
+its :attr:`Header.BODY` (a :class:`~igvm_builder.format.record.Record`) lists the fields in
+layout order with the rules the reference parser enforces on them (alignment, allowed
+values, reserved-must-be-zero), and :meth:`Header.rule` adds the rules that span fields.
+That one description drives :meth:`~Header.pack_body` (the TLV body, without the 8-byte
+``IGVM_VHS_VARIABLE_HEADER`` and without padding), :meth:`~Header.unpack_body`, the
+writer's :meth:`~Header.check` (run by ``IgvmFile.validate()`` before anything is written)
+and the dumps, so a header the writer accepts is one the reader accepts.  Headers that
+carry file data expose it through :meth:`Header.blob` (already padded the way the reference
 serializer stores it) so the file writer can place and deduplicate it.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, Self
 
 from igvm_builder.errors import IgvmFormatError
 from igvm_builder.format.blob import FileSlice, as_view
@@ -24,22 +29,24 @@ from igvm_builder.format.defs import (
     PlatformType,
     Section,
 )
+from igvm_builder.format.record import (
+    Record,
+    data_length,
+    file_offset,
+    pad,
+    raw,
+    reserved,
+    u8,
+    u16,
+    u32,
+    u64,
+)
 
 BlobLike = bytes | FileSlice
 
 
 def _err(msg: str) -> IgvmFormatError:
     return IgvmFormatError(msg)
-
-
-def _aligned(value: int, what: str, align: int = PAGE_SIZE_4K) -> None:
-    if value % align:
-        raise _err(f"{what} {value:#x} is not aligned to {align:#x}")
-
-
-def _zero(value: int, what: str) -> None:
-    if value:
-        raise _err(f"{what} must be zero, found {value:#x}")
 
 
 def _pad(data: BlobLike, size: int, what: str) -> bytes | FileSlice:
@@ -52,26 +59,75 @@ def _pad(data: BlobLike, size: int, what: str) -> bytes | FileSlice:
     return bytes(as_view(data)) + bytes(size - n)
 
 
+def _mask() -> Any:
+    return u32("compatibility_mask", hex=True)
+
+
+def _page_gpa() -> Any:
+    return u64("gpa", hex=True, align=PAGE_SIZE_4K)
+
+
+_VTL = (0, 1, 2)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Header:
     """Base of every variable header."""
 
     TYPE: ClassVar[HeaderType]
     SECTION: ClassVar[Section]
+    #: The wire layout of the TLV body and the rules of each field.
+    BODY: ClassVar[Record]
     STRUCT: ClassVar[struct.Struct]
     SIZE: ClassVar[int]
     HAS_MASK: ClassVar[bool] = True
+
+    def __init_subclass__(cls) -> None:
+        # (no zero-argument super() here: dataclass(slots=True) replaces the class it names)
+        body = cls.__dict__.get("BODY")
+        if body is not None:
+            cls.STRUCT, cls.SIZE = body.struct, body.size
 
     def blob(self) -> BlobLike | None:
         """File data this header stores (padded as the reference serializer pads it)."""
         return None
 
+    def data_length(self) -> int:
+        """The value of a LENGTH field (headers whose body records their data's size)."""
+        return 0
+
     def pack_body(self, file_offset: int = 0) -> bytes:
-        raise NotImplementedError
+        return self.BODY.pack(self, file_offset=file_offset, length=self.data_length())
 
     @classmethod
-    def unpack_body(cls, body: memoryview) -> Header:
-        raise NotImplementedError
+    def unpack_body(cls, body: memoryview) -> Self:
+        """The header of a TLV body (headers without file data), with every reader rule applied."""
+        hdr = cls(**cls.BODY.unpack(body))
+        message = hdr.rule()
+        if message is not None:
+            raise _err(f"{cls.TYPE.name} {message}")
+        return hdr
+
+    def rule(self) -> str | None:
+        """The first rule spanning several fields that this header breaks (None if none)."""
+        return None
+
+    def problems(self) -> Iterator[str]:
+        """Why a writer cannot store this header as it is (what a reader would reject)."""
+        name = self.TYPE.name
+        found = False
+        for _field, message in self.BODY.problems(self):
+            found = True
+            yield f"{name} {message}"
+        if not found:  # the cross-field rules assume in-range fields
+            broken = self.rule()
+            if broken is not None:
+                yield f"{name} {broken}"
+
+    def check(self) -> None:
+        """Raise IgvmFormatError (naming the field) if the reader would reject this header."""
+        for message in self.problems():
+            raise _err(message)
 
     @property
     def mask(self) -> int | None:
@@ -87,8 +143,15 @@ class SupportedPlatform(Header):
 
     TYPE = HeaderType.SUPPORTED_PLATFORM
     SECTION = Section.PLATFORM
-    STRUCT = struct.Struct("<IBBHQ")
-    SIZE = 16
+    BODY = Record(
+        "SUPPORTED_PLATFORM",
+        u32("compatibility_mask", hex=True, one_bit=True),
+        u8("highest_vtl", choices=(0, 2)),
+        u8("platform_type", enum=PlatformType),
+        u16("platform_version", choices=(1,)),
+        u64("shared_gpa_boundary", hex=True),
+        size=16,
+    )
 
     compatibility_mask: int
     highest_vtl: int = 0
@@ -96,27 +159,11 @@ class SupportedPlatform(Header):
     platform_version: int = 1
     shared_gpa_boundary: int = 0
 
-    def pack_body(self, file_offset: int = 0) -> bytes:
-        return self.STRUCT.pack(self.compatibility_mask, self.highest_vtl, int(self.platform_type),
-                                self.platform_version, self.shared_gpa_boundary)
-
-    @classmethod
-    def unpack_body(cls, body: memoryview) -> SupportedPlatform:
-        mask, vtl, ptype, version, boundary = cls.STRUCT.unpack(body)
-        if mask == 0 or mask & (mask - 1):
-            raise _err(f"platform compatibility_mask {mask:#x} must have exactly one bit set")
-        if vtl not in (0, 2):
-            raise _err(f"platform highest_vtl {vtl} is invalid (must be 0 or 2)")
-        try:
-            ptype = PlatformType(ptype)
-        except ValueError:
-            raise _err(f"unknown platform_type {ptype:#x}") from None
-        if version != 1:
-            raise _err(f"platform_version {version} is invalid (must be 1)")
-        if ptype in (PlatformType.NATIVE, PlatformType.VSM_ISOLATION) and boundary:
-            raise _err(f"shared_gpa_boundary {boundary:#x} must be 0 on a {ptype.name} platform")
-        return cls(compatibility_mask=mask, highest_vtl=vtl, platform_type=ptype,
-                   platform_version=version, shared_gpa_boundary=boundary)
+    def rule(self) -> str | None:
+        if self.platform_type in (PlatformType.NATIVE, PlatformType.VSM_ISOLATION) and self.shared_gpa_boundary:
+            return (f"shared_gpa_boundary {self.shared_gpa_boundary:#x} must be 0 on a "
+                    f"{PlatformType(self.platform_type).name} platform")
+        return None
 
 
 # --------------------------------------------------------------------------- initialization
@@ -128,20 +175,10 @@ class GuestPolicy(Header):
 
     TYPE = HeaderType.GUEST_POLICY
     SECTION = Section.INITIALIZATION
-    STRUCT = struct.Struct("<QII")
-    SIZE = 16
+    BODY = Record("GUEST_POLICY", u64("policy", hex=True), _mask(), reserved("I"), size=16)
 
     policy: int
     compatibility_mask: int
-
-    def pack_body(self, file_offset: int = 0) -> bytes:
-        return self.STRUCT.pack(self.policy, self.compatibility_mask, 0)
-
-    @classmethod
-    def unpack_body(cls, body: memoryview) -> GuestPolicy:
-        policy, mask, reserved = cls.STRUCT.unpack(body)
-        _zero(reserved, "GUEST_POLICY reserved")
-        return cls(policy=policy, compatibility_mask=mask)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,8 +187,21 @@ class RelocatableRegion(Header):
 
     TYPE = HeaderType.RELOCATABLE_REGION
     SECTION = Section.INITIALIZATION
-    STRUCT = struct.Struct("<IHBBQQQQQ")
-    SIZE = 48
+    BODY = Record(
+        "RELOCATABLE_REGION",
+        _mask(),
+        u16("vp_index"),
+        u8("vtl", choices=_VTL),
+        u8("flags", hex=True),
+        u64("relocation_alignment", hex=True, align=PAGE_SIZE_4K,
+            nonzero="the reference crate divides by it and panics"),
+        u64("relocation_region_gpa", hex=True),
+        u64("relocation_region_size", hex=True, align=PAGE_SIZE_4K,
+            nonzero="an empty relocatable region; the reference crate panics"),
+        u64("minimum_relocation_gpa", hex=True),
+        u64("maximum_relocation_gpa", hex=True),
+        size=48,
+    )
 
     compatibility_mask: int
     vp_index: int = 0
@@ -175,29 +225,13 @@ class RelocatableRegion(Header):
     def apply_gdtr_offset(self) -> bool:
         return bool(self.flags & 4)
 
-    def pack_body(self, file_offset: int = 0) -> bytes:
-        return self.STRUCT.pack(self.compatibility_mask, self.vp_index, self.vtl, self.flags,
-                                self.relocation_alignment, self.relocation_region_gpa,
-                                self.relocation_region_size, self.minimum_relocation_gpa,
-                                self.maximum_relocation_gpa)
-
-    @classmethod
-    def unpack_body(cls, body: memoryview) -> RelocatableRegion:
-        f = cls.STRUCT.unpack(body)
-        hdr = cls(compatibility_mask=f[0], vp_index=f[1], vtl=f[2], flags=f[3], relocation_alignment=f[4],
-                  relocation_region_gpa=f[5], relocation_region_size=f[6], minimum_relocation_gpa=f[7],
-                  maximum_relocation_gpa=f[8])
-        if hdr.relocation_region_size == 0:
-            raise _err("relocation_region_size is 0 (an empty relocatable region; the reference crate panics)")
-        _aligned(hdr.relocation_region_size, "relocation_region_size")
-        if hdr.relocation_alignment == 0:
-            raise _err("relocation_alignment is 0 (the reference crate divides by it and panics)")
-        _aligned(hdr.relocation_alignment, "relocation_alignment")
+    def rule(self) -> str | None:
+        align = self.relocation_alignment
         for name in ("relocation_region_gpa", "minimum_relocation_gpa", "maximum_relocation_gpa"):
-            _aligned(getattr(hdr, name), name, hdr.relocation_alignment)
-        if hdr.vtl not in (0, 1, 2):
-            raise _err(f"relocatable region vtl {hdr.vtl} is invalid")
-        return hdr
+            value = getattr(self, name)
+            if value % align:
+                return f"{name} {value:#x} is not aligned to relocation_alignment {align:#x}"
+        return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,8 +240,17 @@ class PageTableRelocation(Header):
 
     TYPE = HeaderType.PAGE_TABLE_RELOCATION_REGION
     SECTION = Section.INITIALIZATION
-    STRUCT = struct.Struct("<IHBBQQQ")
-    SIZE = 32
+    BODY = Record(
+        "PAGE_TABLE_RELOCATION",
+        _mask(),
+        u16("vp_index"),
+        u8("vtl", choices=_VTL),
+        reserved("B"),
+        _page_gpa(),
+        u64("size", hex=True, align=PAGE_SIZE_4K, nonzero="the reference crate panics"),
+        u64("used_size", hex=True, align=PAGE_SIZE_4K),
+        size=32,
+    )
 
     compatibility_mask: int
     vp_index: int = 0
@@ -216,24 +259,10 @@ class PageTableRelocation(Header):
     size: int
     used_size: int
 
-    def pack_body(self, file_offset: int = 0) -> bytes:
-        return self.STRUCT.pack(self.compatibility_mask, self.vp_index, self.vtl, 0, self.gpa, self.size,
-                                self.used_size)
-
-    @classmethod
-    def unpack_body(cls, body: memoryview) -> PageTableRelocation:
-        mask, vp, vtl, reserved, gpa, size, used = cls.STRUCT.unpack(body)
-        _zero(reserved, "PAGE_TABLE_RELOCATION reserved")
-        _aligned(gpa, "page table region gpa")
-        _aligned(size, "page table region size")
-        _aligned(used, "page table region used_size")
-        if size == 0:
-            raise _err("page table region size is 0 (the reference crate panics)")
-        if used > size:
-            raise _err(f"page table region used_size {used:#x} exceeds size {size:#x}")
-        if vtl not in (0, 1, 2):
-            raise _err(f"page table region vtl {vtl} is invalid")
-        return cls(compatibility_mask=mask, vp_index=vp, vtl=vtl, gpa=gpa, size=size, used_size=used)
+    def rule(self) -> str | None:
+        if self.used_size > self.size:
+            return f"used_size {self.used_size:#x} exceeds size {self.size:#x}"
+        return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -241,8 +270,7 @@ class _CorimData(Header):
     """IGVM_VHS_CORIM_DATA (16 bytes) + an opaque payload in file data."""
 
     SECTION = Section.INITIALIZATION
-    STRUCT = struct.Struct("<IIII")
-    SIZE = 16
+    BODY = Record("CORIM", _mask(), file_offset(), data_length("size_bytes"), reserved("I"), size=16)
 
     compatibility_mask: int
     data: BlobLike = b""
@@ -250,11 +278,16 @@ class _CorimData(Header):
     def blob(self) -> BlobLike | None:
         return self.data if len(self.data) else None
 
-    def pack_body(self, file_offset: int = 0) -> bytes:
-        return self.STRUCT.pack(self.compatibility_mask, file_offset, len(self.data), 0)
+    def data_length(self) -> int:
+        return len(self.data)
+
+    def rule(self) -> str | None:
+        if len(self.data) > 0xFFFF_FFFF:
+            return f"data is {len(self.data)} bytes (size_bytes is 32-bit)"
+        return None
 
     @classmethod
-    def unpack_body(cls, body: memoryview) -> _CorimData:  # data attached by the file parser
+    def unpack_body(cls, body: memoryview) -> Self:  # data attached by the file parser
         raise NotImplementedError
 
 
@@ -272,14 +305,28 @@ class CorimSignature(_CorimData):
     TYPE = HeaderType.CORIM_SIGNATURE
 
 
+#: CCA_POLICY hash_algorithm and lfa_policy values (IGVM_FORMAT.md).
+CCA_HASH_ALGORITHMS = {0: "SHA256", 1: "SHA512", 2: "SHA384"}
+CCA_LFA_POLICIES = {0: "DISALLOW", 1: "ALLOW"}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CcaPolicy(Header):
     """IGVM_VHS_CCA_POLICY (32 bytes)."""
 
     TYPE = HeaderType.CCA_POLICY
     SECTION = Section.INITIALIZATION
-    STRUCT = struct.Struct("<IIQQBB6s")
-    SIZE = 32
+    BODY = Record(
+        "CCA_POLICY",
+        _mask(),
+        reserved("I"),
+        u64("attributes_required_zeroes", hex=True),
+        u64("attributes_required_ones", hex=True),
+        u8("hash_algorithm", choices=tuple(CCA_HASH_ALGORITHMS)),
+        u8("lfa_policy", choices=tuple(CCA_LFA_POLICIES)),
+        reserved("6s", "reserved2"),
+        size=32,
+    )
 
     compatibility_mask: int
     attributes_required_zeroes: int = 0
@@ -287,23 +334,11 @@ class CcaPolicy(Header):
     hash_algorithm: int = 0
     lfa_policy: int = 0
 
-    def pack_body(self, file_offset: int = 0) -> bytes:
-        return self.STRUCT.pack(self.compatibility_mask, 0, self.attributes_required_zeroes,
-                                self.attributes_required_ones, self.hash_algorithm, self.lfa_policy, bytes(6))
-
-    @classmethod
-    def unpack_body(cls, body: memoryview) -> CcaPolicy:
-        mask, res, zeroes, ones, halg, lfa, res2 = cls.STRUCT.unpack(body)
-        _zero(res, "CCA_POLICY reserved")
-        if any(res2):
-            raise _err("CCA_POLICY reserved2 must be zero")
+    def rule(self) -> str | None:
+        zeroes, ones = self.attributes_required_zeroes, self.attributes_required_ones
         if zeroes & ones:
-            raise _err(f"CCA_POLICY attributes_required_zeroes {zeroes:#x} and attributes_required_ones "
-                       f"{ones:#x} overlap")
-        if halg > 2 or lfa > 1:
-            raise _err(f"CCA_POLICY hash_algorithm {halg} / lfa_policy {lfa} is invalid")
-        return cls(compatibility_mask=mask, attributes_required_zeroes=zeroes, attributes_required_ones=ones,
-                   hash_algorithm=halg, lfa_policy=lfa)
+            return f"attributes_required_zeroes {zeroes:#x} and attributes_required_ones {ones:#x} overlap"
+        return None
 
 
 # --------------------------------------------------------------------------- directives
@@ -315,8 +350,13 @@ class ParameterArea(Header):
 
     TYPE = HeaderType.PARAMETER_AREA
     SECTION = Section.DIRECTIVE
-    STRUCT = struct.Struct("<QII")
-    SIZE = 16
+    BODY = Record(
+        "PARAMETER_AREA",
+        u64("number_of_bytes", hex=True, align=PAGE_SIZE_4K),
+        u32("parameter_area_index"),
+        file_offset(),
+        size=16,
+    )
     HAS_MASK = False
 
     number_of_bytes: int
@@ -324,18 +364,25 @@ class ParameterArea(Header):
     initial_data: BlobLike = b""
 
     def __post_init__(self) -> None:
-        _aligned(self.number_of_bytes, "parameter area number_of_bytes")
+        message = self.rule()
+        if message is not None:
+            raise _err(f"PARAMETER_AREA {message}")
+
+    def rule(self) -> str | None:
+        if not isinstance(self.number_of_bytes, int) or self.number_of_bytes % PAGE_SIZE_4K:
+            return f"number_of_bytes {self.number_of_bytes!r} is not a multiple of 4 KiB"
         if len(self.initial_data) > self.number_of_bytes:
-            raise _err(f"parameter area {self.parameter_area_index} initial data ({len(self.initial_data)} "
-                       f"bytes) exceeds its size {self.number_of_bytes:#x}")
+            return (f"{self.parameter_area_index}: initial data ({len(self.initial_data)} bytes) exceeds the "
+                    f"area's number_of_bytes {self.number_of_bytes:#x}")
+        if len(self.initial_data) and self.number_of_bytes > 0xFFFF_FFFF:
+            return (f"{self.parameter_area_index}: an area of {self.number_of_bytes:#x} bytes with initial data "
+                    "cannot be stored (file offsets and sizes are 32-bit)")
+        return None
 
     def blob(self) -> BlobLike | None:
         if not len(self.initial_data):
             return None
         return _pad(self.initial_data, self.number_of_bytes, "parameter area initial data")
-
-    def pack_body(self, file_offset: int = 0) -> bytes:
-        return self.STRUCT.pack(self.number_of_bytes, self.parameter_area_index, file_offset)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -344,8 +391,16 @@ class PageData(Header):
 
     TYPE = HeaderType.PAGE_DATA
     SECTION = Section.DIRECTIVE
-    STRUCT = struct.Struct("<QIIIHH")
-    SIZE = 24
+    BODY = Record(
+        "PAGE_DATA",
+        _page_gpa(),
+        _mask(),
+        file_offset(),
+        u32("flags", hex=True),
+        u16("data_type", choices=tuple(int(t) for t in PageDataType)),
+        reserved("H"),
+        size=24,
+    )
 
     gpa: int
     compatibility_mask: int
@@ -354,10 +409,16 @@ class PageData(Header):
     data: BlobLike = b""
 
     def __post_init__(self) -> None:
-        if self.gpa & 0xFFF:
-            raise _err(f"PAGE_DATA gpa {self.gpa:#x} is not 4 KiB aligned")
+        message = self.rule()
+        if message is not None:
+            raise _err(f"PAGE_DATA {message}")
+
+    def rule(self) -> str | None:
+        if not isinstance(self.gpa, int) or self.gpa & 0xFFF:
+            return f"gpa {self.gpa!r} is not 4 KiB aligned"
         if len(self.data) > PAGE_SIZE_4K:
-            raise _err(f"PAGE_DATA at GPA {self.gpa:#x} has {len(self.data)} bytes of data (at most 4096)")
+            return f"at GPA {self.gpa:#x} has {len(self.data)} bytes of data (at most 4096)"
+        return None
 
     @property
     def unmeasured(self) -> bool:
@@ -376,9 +437,6 @@ class PageData(Header):
             return None
         return _pad(self.data, PAGE_SIZE_4K, "page data")
 
-    def pack_body(self, file_offset: int = 0) -> bytes:
-        return self.STRUCT.pack(self.gpa, self.compatibility_mask, file_offset, self.flags, int(self.data_type), 0)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ParameterInsert(Header):
@@ -386,24 +444,15 @@ class ParameterInsert(Header):
 
     TYPE = HeaderType.PARAMETER_INSERT
     SECTION = Section.DIRECTIVE
-    STRUCT = struct.Struct("<QII")
-    SIZE = 16
+    BODY = Record("PARAMETER_INSERT", _page_gpa(), _mask(), u32("parameter_area_index"), size=16)
 
     gpa: int
     compatibility_mask: int
     parameter_area_index: int
 
     def __post_init__(self) -> None:
-        if self.gpa & 0xFFF:
-            raise _err(f"PARAMETER_INSERT gpa {self.gpa:#x} is not 4 KiB aligned")
-
-    def pack_body(self, file_offset: int = 0) -> bytes:
-        return self.STRUCT.pack(self.gpa, self.compatibility_mask, self.parameter_area_index)
-
-    @classmethod
-    def unpack_body(cls, body: memoryview) -> ParameterInsert:
-        gpa, mask, index = cls.STRUCT.unpack(body)
-        return cls(gpa=gpa, compatibility_mask=mask, parameter_area_index=index)
+        if not isinstance(self.gpa, int) or self.gpa & 0xFFF:
+            raise _err(f"PARAMETER_INSERT gpa {self.gpa!r} is not 4 KiB aligned")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -412,8 +461,15 @@ class RequiredMemory(Header):
 
     TYPE = HeaderType.REQUIRED_MEMORY
     SECTION = Section.DIRECTIVE
-    STRUCT = struct.Struct("<QIIII")
-    SIZE = 24
+    BODY = Record(
+        "REQUIRED_MEMORY",
+        _page_gpa(),
+        _mask(),
+        u32("number_of_bytes", hex=True, align=PAGE_SIZE_4K),
+        u32("flags", hex=True),
+        reserved("I"),
+        size=24,
+    )
 
     gpa: int
     compatibility_mask: int
@@ -425,17 +481,10 @@ class RequiredMemory(Header):
         return bool(self.flags & 1)
 
     def __post_init__(self) -> None:
-        _aligned(self.gpa, "REQUIRED_MEMORY gpa")
-        _aligned(self.number_of_bytes, "REQUIRED_MEMORY number_of_bytes")
-
-    def pack_body(self, file_offset: int = 0) -> bytes:
-        return self.STRUCT.pack(self.gpa, self.compatibility_mask, self.number_of_bytes, self.flags, 0)
-
-    @classmethod
-    def unpack_body(cls, body: memoryview) -> RequiredMemory:
-        gpa, mask, size, flags, reserved = cls.STRUCT.unpack(body)
-        _zero(reserved, "REQUIRED_MEMORY reserved")
-        return cls(gpa=gpa, compatibility_mask=mask, number_of_bytes=size, flags=flags)
+        for name in ("gpa", "number_of_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value % PAGE_SIZE_4K:
+                raise _err(f"REQUIRED_MEMORY {name} {value!r} is not aligned to 0x1000")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -443,20 +492,11 @@ class ParameterUsage(Header):
     """IGVM_VHS_PARAMETER (8 bytes): where in a parameter area the loader writes something."""
 
     SECTION = Section.DIRECTIVE
-    STRUCT = struct.Struct("<II")
-    SIZE = 8
+    BODY = Record("PARAMETER", u32("parameter_area_index"), u32("byte_offset"), size=8)
     HAS_MASK = False
 
     parameter_area_index: int
     byte_offset: int = 0
-
-    def pack_body(self, file_offset: int = 0) -> bytes:
-        return self.STRUCT.pack(self.parameter_area_index, self.byte_offset)
-
-    @classmethod
-    def unpack_body(cls, body: memoryview) -> ParameterUsage:
-        index, offset = cls.STRUCT.unpack(body)
-        return cls(parameter_area_index=index, byte_offset=offset)
 
 
 def _usage(name: str, typ: HeaderType, doc: str) -> type[ParameterUsage]:
@@ -489,34 +529,48 @@ class ErrorRange(Header):
 
     TYPE = HeaderType.ERROR_RANGE
     SECTION = Section.DIRECTIVE
-    STRUCT = struct.Struct("<QII")
-    SIZE = 16
+    BODY = Record("ERROR_RANGE", u64("gpa", hex=True), _mask(), u32("size_bytes", hex=True), size=16)
 
     gpa: int
     compatibility_mask: int
     size_bytes: int
 
-    def pack_body(self, file_offset: int = 0) -> bytes:
-        return self.STRUCT.pack(self.gpa, self.compatibility_mask, self.size_bytes)
 
-    @classmethod
-    def unpack_body(cls, body: memoryview) -> ErrorRange:
-        gpa, mask, size = cls.STRUCT.unpack(body)
-        return cls(gpa=gpa, compatibility_mask=mask, size_bytes=size)
+#: ``IGVM_VHS_SNP_ID_BLOCK_SIGNATURE`` (144 bytes): r and s, 72 bytes each, little-endian.
+SNP_ID_BLOCK_SIGNATURE = Record("SNP_ID_BLOCK_SIGNATURE", raw("r_comp", 72), raw("s_comp", 72), size=144)
+#: ``IGVM_VHS_SNP_ID_BLOCK_PUBLIC_KEY`` (152 bytes): curve, reserved, qx and qy (72 bytes each).
+SNP_ID_BLOCK_PUBLIC_KEY = Record("SNP_ID_BLOCK_PUBLIC_KEY", u32("curve"), u32("reserved"), raw("qx", 72),
+                                 raw("qy", 72), size=152)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SnpIdBlock(Header):
     """IGVM_VHS_SNP_ID_BLOCK (696 bytes).
 
-    Signatures are ``IGVM_VHS_SNP_ID_BLOCK_SIGNATURE`` (144 bytes: r[72] s[72], little-endian)
-    and public keys ``IGVM_VHS_SNP_ID_BLOCK_PUBLIC_KEY`` (152 bytes: curve, reserved, qx[72], qy[72]).
+    Signatures are :data:`SNP_ID_BLOCK_SIGNATURE` records and public keys
+    :data:`SNP_ID_BLOCK_PUBLIC_KEY` records, kept here as their raw bytes.
     """
 
     TYPE = HeaderType.SNP_ID_BLOCK
     SECTION = Section.DIRECTIVE
-    STRUCT = struct.Struct("<IB3s48s16s16sIIII144s152s144s152s")
-    SIZE = 696
+    BODY = Record(
+        "SNP_ID_BLOCK",
+        _mask(),
+        u8("author_key_enabled"),
+        raw("reserved", 3),
+        raw("ld", 48),
+        raw("family_id", 16),
+        raw("image_id", 16),
+        u32("version"),
+        u32("guest_svn"),
+        u32("id_key_algorithm"),
+        u32("author_key_algorithm"),
+        raw("id_key_signature", SNP_ID_BLOCK_SIGNATURE.size),
+        raw("id_public_key", SNP_ID_BLOCK_PUBLIC_KEY.size),
+        raw("author_key_signature", SNP_ID_BLOCK_SIGNATURE.size),
+        raw("author_public_key", SNP_ID_BLOCK_PUBLIC_KEY.size),
+        size=696,
+    )
 
     compatibility_mask: int
     author_key_enabled: int = 0
@@ -533,20 +587,6 @@ class SnpIdBlock(Header):
     author_key_signature: bytes = bytes(144)
     author_public_key: bytes = bytes(152)
 
-    def pack_body(self, file_offset: int = 0) -> bytes:
-        return self.STRUCT.pack(self.compatibility_mask, self.author_key_enabled, self.reserved, self.ld,
-                                self.family_id, self.image_id, self.version, self.guest_svn,
-                                self.id_key_algorithm, self.author_key_algorithm, self.id_key_signature,
-                                self.id_public_key, self.author_key_signature, self.author_public_key)
-
-    @classmethod
-    def unpack_body(cls, body: memoryview) -> SnpIdBlock:
-        f = cls.STRUCT.unpack(body)
-        return cls(compatibility_mask=f[0], author_key_enabled=f[1], reserved=f[2], ld=f[3], family_id=f[4],
-                   image_id=f[5], version=f[6], guest_svn=f[7], id_key_algorithm=f[8],
-                   author_key_algorithm=f[9], id_key_signature=f[10], id_public_key=f[11],
-                   author_key_signature=f[12], author_public_key=f[13])
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VbsMeasurement(Header):
@@ -554,8 +594,21 @@ class VbsMeasurement(Header):
 
     TYPE = HeaderType.VBS_MEASUREMENT
     SECTION = Section.DIRECTIVE
-    STRUCT = struct.Struct("<8I64s256s512s")
-    SIZE = 864
+    BODY = Record(
+        "VBS_MEASUREMENT",
+        _mask(),
+        u32("version"),
+        u32("product_id"),
+        u32("module_id"),
+        u32("security_version"),
+        u32("policy_flags", hex=True),
+        u32("boot_digest_algo"),
+        u32("signing_algo"),
+        raw("boot_measurement_digest", 64),
+        raw("signature", 256),
+        raw("public_key", 512),
+        size=864,
+    )
 
     compatibility_mask: int
     version: int = 1
@@ -569,22 +622,41 @@ class VbsMeasurement(Header):
     signature: bytes = bytes(256)
     public_key: bytes = bytes(512)
 
-    def pack_body(self, file_offset: int = 0) -> bytes:
-        return self.STRUCT.pack(self.compatibility_mask, self.version, self.product_id, self.module_id,
-                                self.security_version, self.policy_flags, self.boot_digest_algo,
-                                self.signing_algo, self.boot_measurement_digest, self.signature, self.public_key)
-
-    @classmethod
-    def unpack_body(cls, body: memoryview) -> VbsMeasurement:
-        f = cls.STRUCT.unpack(body)
-        return cls(compatibility_mask=f[0], version=f[1], product_id=f[2], module_id=f[3],
-                   security_version=f[4], policy_flags=f[5], boot_digest_algo=f[6], signing_algo=f[7],
-                   boot_measurement_digest=f[8], signature=f[9], public_key=f[10])
-
 
 # --------------------------------------------------------------------------- VP contexts
 
-VP_CONTEXT_STRUCT = struct.Struct("<QIIHH")  # IGVM_VHS_VP_CONTEXT, 20 bytes (+4 pad in the file)
+#: IGVM_VHS_VP_CONTEXT, 20 bytes (+4 pad in the file); the reference parser reads no reserved field.
+VP_CONTEXT = Record("VP_CONTEXT", u64("gpa", hex=True), _mask(), file_offset(), u16("vp_index"), pad("H"), size=20)
+VP_CONTEXT_STRUCT = VP_CONTEXT.struct
+
+#: ``IgvmNativeVpContextX64`` (232 bytes, IGVM_FORMAT.md Appendix A.1).
+NATIVE_CONTEXT = Record(
+    "IgvmNativeVpContextX64",
+    *(u64(name, hex=True) for name in
+      "rax rcx rdx rbx rsp rbp rsi rdi r8 r9 r10 r11 r12 r13 r14 r15 rip rflags idtr_base".split()),
+    u16("idtr_limit", hex=True),
+    u16("reserved0", hex=True),
+    u16("reserved1", hex=True),
+    u16("gdtr_limit", hex=True),
+    u64("gdtr_base", hex=True),
+    u16("code_selector", hex=True),
+    u16("code_attributes", hex=True),
+    u32("code_base", hex=True),
+    u32("code_limit", hex=True),
+    u16("data_selector", hex=True),
+    u16("data_attributes", hex=True),
+    u32("data_base", hex=True),
+    u32("data_limit", hex=True),
+    u64("gs_base", hex=True),
+    u64("cr0", hex=True),
+    u64("cr3", hex=True),
+    u64("cr4", hex=True),
+    u64("efer", hex=True),
+    size=232,
+)
+#: ``IgvmVpContextAArch64Cca`` (80 bytes).
+CCA_CONTEXT = Record("IgvmVpContextAArch64Cca", *(u64(name, hex=True) for name in
+                                                   "x0 x1 x2 x3 x4 x5 x6 x7 pc flags".split()), size=80)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -593,15 +665,11 @@ class VpContextBase(Header):
 
     TYPE = HeaderType.VP_CONTEXT
     SECTION = Section.DIRECTIVE
-    STRUCT = VP_CONTEXT_STRUCT
-    SIZE = 20
+    BODY = VP_CONTEXT
 
     gpa: int = 0
     compatibility_mask: int
     vp_index: int = 0
-
-    def pack_body(self, file_offset: int = 0) -> bytes:
-        return self.STRUCT.pack(self.gpa, self.compatibility_mask, file_offset, self.vp_index, 0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -611,10 +679,16 @@ class SnpVpContext(VpContextBase):
     vmsa: BlobLike
 
     def __post_init__(self) -> None:
-        if self.gpa & 0xFFF:
-            raise _err(f"SNP VP_CONTEXT gpa {self.gpa:#x} is not 4 KiB aligned")
+        message = self.rule()
+        if message is not None:
+            raise _err(f"SNP VP_CONTEXT {message}")
+
+    def rule(self) -> str | None:
+        if not isinstance(self.gpa, int) or self.gpa & 0xFFF:
+            return f"gpa {self.gpa!r} is not 4 KiB aligned"
         if len(self.vmsa) > PAGE_SIZE_4K:
-            raise _err(f"VMSA is {len(self.vmsa)} bytes (at most 4096)")
+            return f"VMSA is {len(self.vmsa)} bytes (at most 4096)"
+        return None
 
     def blob(self) -> BlobLike:
         return _pad(self.vmsa, PAGE_SIZE_4K, "VMSA")
@@ -627,11 +701,11 @@ class NativeVpContext(VpContextBase):
     context: bytes
 
     def __post_init__(self) -> None:
-        if len(self.context) != 232:
-            raise _err(f"native x64 VP context must be 232 bytes, got {len(self.context)}")
+        if len(self.context) != NATIVE_CONTEXT.size:
+            raise _err(f"native x64 VP context must be {NATIVE_CONTEXT.size} bytes, got {len(self.context)}")
 
     def blob(self) -> bytes:
-        return bytes(self.context) + bytes(PAGE_SIZE_4K - 232)
+        return bytes(self.context) + bytes(PAGE_SIZE_4K - NATIVE_CONTEXT.size)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -641,14 +715,17 @@ class CcaVpContext(VpContextBase):
     context: bytes
 
     def __post_init__(self) -> None:
-        if len(self.context) != 80:
-            raise _err(f"CCA VP context must be 80 bytes, got {len(self.context)}")
+        if len(self.context) != CCA_CONTEXT.size:
+            raise _err(f"CCA VP context must be {CCA_CONTEXT.size} bytes, got {len(self.context)}")
 
     def blob(self) -> bytes:
-        return bytes(self.context) + bytes(PAGE_SIZE_4K - 80)
+        return bytes(self.context) + bytes(PAGE_SIZE_4K - CCA_CONTEXT.size)
 
 
-VBS_REGISTER_STRUCT = struct.Struct("<BI11s16s")  # VbsVpContextRegister, 32 bytes
+#: ``VbsVpContextRegister`` (32 bytes).
+VBS_REGISTER = Record("VbsVpContextRegister", u8("vtl", choices=_VTL), u32("register_name", hex=True),
+                      reserved("11s"), raw("value", 16), size=32)
+VBS_REGISTER_STRUCT = VBS_REGISTER.struct
 
 
 @dataclass(frozen=True, slots=True)
@@ -666,31 +743,33 @@ class VbsVpContext(VpContextBase):
     vtl: int
     registers: tuple[VbsRegister, ...] = field(default_factory=tuple)
 
+    def rule(self) -> str | None:
+        for i, r in enumerate(self.registers):
+            message = VBS_REGISTER.by_name["vtl"].problem(self.vtl) \
+                or VBS_REGISTER.by_name["register_name"].problem(r.name) \
+                or VBS_REGISTER.by_name["value"].problem(r.value)
+            if message is not None:
+                return f"register {i}: {message}"
+        return None
+
     def blob(self) -> bytes:
         out = [struct.pack("<I", len(self.registers))]
-        out += [VBS_REGISTER_STRUCT.pack(self.vtl, r.name, bytes(11), r.value) for r in self.registers]
+        out += [VBS_REGISTER_STRUCT.pack(self.vtl, r.name, bytes(11), bytes(r.value)) for r in self.registers]
         return b"".join(out)
 
 
-#: Header classes decoded straight from their TLV body, by type.
 _SIMPLE: tuple[type[Header], ...] = (
     SupportedPlatform, GuestPolicy, RelocatableRegion, PageTableRelocation, CcaPolicy, ParameterInsert,
     RequiredMemory, ErrorRange, SnpIdBlock, VbsMeasurement, *PARAMETER_USAGES.values())
+#: Header classes decoded straight from their TLV body, by type.
 SIMPLE_HEADERS: dict[int, type[Header]] = {c.TYPE: c for c in _SIMPLE}
 
 #: Body size for every type the parser knows.
 BODY_SIZES: dict[int, int] = {
     **{t: c.SIZE for t, c in SIMPLE_HEADERS.items()},
-    HeaderType.PARAMETER_AREA: 16,
-    HeaderType.PAGE_DATA: 24,
-    HeaderType.VP_CONTEXT: 20,
-    HeaderType.CORIM_DOCUMENT: 16,
-    HeaderType.CORIM_SIGNATURE: 16,
+    HeaderType.PARAMETER_AREA: ParameterArea.SIZE,
+    HeaderType.PAGE_DATA: PageData.SIZE,
+    HeaderType.VP_CONTEXT: VpContextBase.SIZE,
+    HeaderType.CORIM_DOCUMENT: CorimDocument.SIZE,
+    HeaderType.CORIM_SIGNATURE: CorimSignature.SIZE,
 }
-
-_ALL: tuple[type[Header], ...] = (*SIMPLE_HEADERS.values(), ParameterArea, PageData, VpContextBase, CorimDocument)
-for _cls in _ALL:
-    if _cls.STRUCT.size != _cls.SIZE:  # import-time layout check (survives python -O)
-        raise ImportError(f"{_cls.__name__} layout is {_cls.STRUCT.size} bytes, spec says {_cls.SIZE}")
-if VBS_REGISTER_STRUCT.size != 32:
-    raise ImportError("VbsVpContextRegister layout is wrong")

@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 
 from igvm_builder.errors import LayoutError
-from igvm_builder.format.headers import VbsRegister
+from igvm_builder.format.headers import NATIVE_CONTEXT, VbsRegister
 
 # Descriptor "access + flags" words (bits 40..55 of a GDT entry, limit 19:16 zero).
 CODE32_ATTR = 0xC09B
@@ -22,11 +22,6 @@ CODE32_SEL, CODE64_SEL, DATA_SEL = 0x08, 0x10, 0x18
 CR0_PE, CR0_ET, CR0_NE, CR0_PG = 0x1, 0x10, 0x20, 0x80000000
 CR4_PAE = 0x20
 EFER_LME, EFER_LMA, EFER_NXE, EFER_SVME = 0x100, 0x400, 0x800, 0x1000
-
-_NATIVE = struct.Struct("<16QQQQH4xHQHHIIHHIIQQQQQ")
-if _NATIVE.size != 232:
-    raise ImportError("IgvmNativeVpContextX64 layout is not 232 bytes")
-
 
 def gdt_bytes() -> bytes:
     """Flat GDT: null, 0x08 32-bit code, 0x10 64-bit code (__BOOT_CS), 0x18 data (__BOOT_DS)."""
@@ -73,13 +68,18 @@ class CpuState:
 
     # ------------------------------------------------------------------ encodings
 
-    def native_context(self) -> bytes:
-        regs = [0] * 16
-        regs[3], regs[4], regs[6] = self.rbx, self.rsp, self.rsi  # rbx, rsp, rsi
-        return _NATIVE.pack(*regs, self.rip, self.rflags, 0, 0, self.gdtr_limit, self.gdtr_base,
-                            self.code_selector, self.code_attributes, 0, 0xFFFFFFFF,
-                            self.data_selector, self.data_attributes, 0, 0xFFFFFFFF, 0,
-                            self.cr0, self.cr3, self.cr4, self.efer)
+    def native_context(self, **fields: int) -> bytes:
+        """This state as an ``IgvmNativeVpContextX64``; ``fields`` set others by name (e.g. ``code_base``)."""
+        unknown = fields.keys() - NATIVE_CONTEXT.by_name.keys()
+        if unknown:
+            raise TypeError(f"IgvmNativeVpContextX64 has no field {', '.join(sorted(unknown))}")
+        return NATIVE_CONTEXT.pack({
+            "rbx": self.rbx, "rsp": self.rsp, "rsi": self.rsi, "rip": self.rip, "rflags": self.rflags,
+            "gdtr_limit": self.gdtr_limit, "gdtr_base": self.gdtr_base,
+            "code_selector": self.code_selector, "code_attributes": self.code_attributes, "code_limit": 0xFFFFFFFF,
+            "data_selector": self.data_selector, "data_attributes": self.data_attributes, "data_limit": 0xFFFFFFFF,
+            "cr0": self.cr0, "cr3": self.cr3, "cr4": self.cr4, "efer": self.efer, **fields,
+        })
 
     def vmsa(self, *, sev_features: int) -> bytes:
         """The SEV VMSA page: every field a fixed point of the QEMU and Cloud Hypervisor KVM

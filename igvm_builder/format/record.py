@@ -1,0 +1,211 @@
+"""Declarative little-endian wire structures: one description per structure.
+
+A :class:`Record` lists a structure's fields in layout order, each with its struct code and
+the rules its value obeys (alignment, allowed values, an enum, non-zero, exactly one bit,
+reserved-must-be-zero).  The same description packs, unpacks, checks what a writer is
+given (:meth:`Record.problems`) and what a reader finds (:meth:`Record.unpack`), and names
+every field and its byte offset for dumps; so what the writer accepts is what the reader
+accepts.  Building a record is a few list operations (no dataclass machinery), so a module
+that describes twenty structures still imports in well under a millisecond.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Mapping
+from enum import IntEnum
+from typing import Any
+
+from igvm_builder.errors import IgvmFormatError
+
+#: Field kinds.  VALUE: a model field.  RESERVED: written as zero, must be zero when read.
+#: PAD: written as zero, not read (the reference parser ignores it).  OFFSET: the absolute
+#: file offset of the structure's data.  LENGTH: the byte length of that data.
+VALUE, RESERVED, PAD, OFFSET, LENGTH = range(5)
+
+_SIZES = {"B": 1, "H": 2, "I": 4, "Q": 8}
+
+
+class Field:
+    """One field of a :class:`Record` (use the constructors :func:`u8` ... :func:`raw`)."""
+
+    __slots__ = ("align", "choices", "code", "enum", "hex", "kind", "limit", "name", "nonzero", "offset", "one_bit",
+                 "size")
+
+    def __init__(self, name: str, code: str, kind: int = VALUE, *, hex: bool = False, align: int = 0,
+                 choices: tuple[int, ...] = (), enum: type[IntEnum] | None = None, nonzero: str = "",
+                 one_bit: bool = False) -> None:
+        self.name, self.code, self.kind, self.hex = name, code, kind, hex
+        self.align, self.choices, self.enum, self.nonzero, self.one_bit = align, choices, enum, nonzero, one_bit
+        if code[-1] == "s":
+            self.size = int(code[:-1])
+            self.limit = -1  # a byte string
+        else:
+            self.size = _SIZES[code]
+            self.limit = (1 << (8 * self.size)) - 1
+        self.offset = 0  # set by the Record
+
+    @property
+    def is_bytes(self) -> bool:
+        return self.limit < 0
+
+    def zero(self) -> int | bytes:
+        return bytes(self.size) if self.limit < 0 else 0
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` cannot be this field's value (None if it can)."""
+        name = self.name
+        if self.limit < 0:
+            if not isinstance(value, bytes | bytearray | memoryview):
+                return f"{name} must be {self.size} bytes, got {type(value).__name__}"
+            if len(value) != self.size:
+                return f"{name} must be {self.size} bytes, got {len(value)}"
+            return None
+        if not isinstance(value, int):
+            return f"{name} must be an integer, got {type(value).__name__}"
+        if value < 0 or value > self.limit:
+            return f"{name} {value:#x} does not fit in {8 * self.size} bits"
+        if self.nonzero and not value:
+            return f"{name} is 0 ({self.nonzero})"
+        if self.align and value % self.align:
+            return f"{name} {value:#x} is not aligned to {self.align:#x}"
+        if self.choices and value not in self.choices:
+            allowed = " or ".join(str(c) for c in self.choices)
+            return f"{name} {value} is invalid (must be {allowed})"
+        if self.one_bit and (value == 0 or value & (value - 1)):
+            return f"{name} {value:#x} must have exactly one bit set"
+        if self.enum is not None and value not in self.enum._value2member_map_:
+            return f"unknown {name} {value:#x}"
+        return None
+
+
+def u8(name: str, **rules: Any) -> Field:
+    return Field(name, "B", **rules)
+
+
+def u16(name: str, **rules: Any) -> Field:
+    return Field(name, "H", **rules)
+
+
+def u32(name: str, **rules: Any) -> Field:
+    return Field(name, "I", **rules)
+
+
+def u64(name: str, **rules: Any) -> Field:
+    return Field(name, "Q", **rules)
+
+
+def raw(name: str, size: int) -> Field:
+    """A byte string of exactly ``size`` bytes."""
+    return Field(name, f"{size}s")
+
+
+def reserved(code: str, name: str = "reserved") -> Field:
+    """Written as zero; a reader rejects a non-zero value."""
+    return Field(name, code, RESERVED)
+
+
+def pad(code: str, name: str = "reserved") -> Field:
+    """Written as zero; a reader ignores it (the reference parser does not read it)."""
+    return Field(name, code, PAD)
+
+
+def file_offset(name: str = "file_offset") -> Field:
+    return Field(name, "I", OFFSET, hex=True)
+
+
+def data_length(name: str) -> Field:
+    return Field(name, "I", LENGTH)
+
+
+class Record:
+    """A fixed-size little-endian structure described field by field.
+
+    ``size`` is the size the specification gives; a description that does not add up to it
+    fails at import time (the check survives ``python -O``).
+    """
+
+    __slots__ = ("by_name", "fields", "name", "size", "struct", "values")
+
+    def __init__(self, name: str, *fields: Field, size: int) -> None:
+        self.name = name
+        self.fields = fields
+        self.struct = struct.Struct("<" + "".join(f.code for f in fields))
+        offset = 0
+        for f in fields:
+            f.offset = offset
+            offset += f.size
+        if offset != size or self.struct.size != size:
+            raise ImportError(f"{name} is described as {offset} bytes; the specification says {size}")
+        self.size = size
+        self.values = tuple(f for f in fields if f.kind == VALUE)
+        self.by_name = {f.name: f for f in fields}
+
+    # ------------------------------------------------------------------ writing
+
+    def pack(self, source: object, *, file_offset: int = 0, length: int = 0) -> bytes:
+        """Pack the VALUE fields read from ``source`` (a mapping, missing names are zero, or an
+        object's attributes); OFFSET and LENGTH fields take ``file_offset`` and ``length``."""
+        get = _getter(source)
+        out: list[Any] = []
+        for f in self.fields:
+            kind = f.kind
+            if kind == VALUE:
+                value = get(f)
+                out.append(bytes(value) if f.limit < 0 else value)
+            elif kind == OFFSET:
+                out.append(file_offset)
+            elif kind == LENGTH:
+                out.append(length)
+            else:
+                out.append(f.zero())
+        try:
+            return self.struct.pack(*out)
+        except struct.error:  # a value the caller did not check: name it
+            for _field, message in self.problems(source):
+                raise IgvmFormatError(f"{self.name} {message}") from None
+            raise
+
+    def problems(self, source: object) -> Iterator[tuple[Field, str]]:
+        """Every VALUE field of ``source`` that the structure cannot hold, with the reason."""
+        get = _getter(source)
+        for f in self.values:
+            message = f.problem(get(f))
+            if message is not None:
+                yield f, message
+
+    # ------------------------------------------------------------------ reading
+
+    def unpack(self, buf: bytes | bytearray | memoryview, offset: int = 0) -> dict[str, Any]:
+        """Every field but the RESERVED and PAD ones by name; a VALUE field with an ``enum``
+        becomes its member.  Raises IgvmFormatError (naming the field) for a non-zero
+        reserved field or a value its rules forbid."""
+        out: dict[str, Any] = {}
+        for f, value in zip(self.fields, self.struct.unpack_from(buf, offset), strict=True):
+            kind = f.kind
+            if kind == VALUE:
+                message = f.problem(value)
+                if message is not None:
+                    raise IgvmFormatError(f"{self.name} {message}")
+                out[f.name] = f.enum(value) if f.enum is not None else value
+            elif kind == RESERVED:
+                if value if f.limit >= 0 else any(value):
+                    shown = f"{value:#x}" if f.limit >= 0 else bytes(value).hex()
+                    raise IgvmFormatError(f"{self.name} {f.name} must be zero, found {shown}")
+            elif kind != PAD:
+                out[f.name] = value
+        return out
+
+    def decode(self, buf: bytes | bytearray | memoryview, offset: int = 0) -> dict[str, int | bytes]:
+        """Every field by name, as stored (no rule applied): for dumps of what a file holds."""
+        return {f.name: value for f, value in zip(self.fields, self.struct.unpack_from(buf, offset), strict=True)}
+
+    def table(self) -> tuple[tuple[str, int, int], ...]:
+        """(name, offset, size) of every field."""
+        return tuple((f.name, f.offset, f.size) for f in self.fields)
+
+
+def _getter(source: object) -> Any:
+    if isinstance(source, Mapping):
+        return lambda f: source.get(f.name, f.zero())
+    return lambda f: getattr(source, f.name)
