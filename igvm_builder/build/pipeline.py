@@ -149,11 +149,10 @@ def _build(cfg: BuildConfig, output: SeekableOutput | None) -> BuildResult:
     measure_others = _Task("igvm-build-measure", lambda: measure_file(
         f, platforms=others, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass)) if others else None
     writer = _Writer(output)
-    digests: dict[int, bytes] | None = {} if snp else None
     try:
         with _gc_paused():
-            head, blobs = f._layout(validate=False, page_digests=digests,  # _build_model() validated it
-                                    on_data=writer.put if output is not None else None)
+            head, blobs, digests = f.layout(validate=False, page_digests=snp,  # _build_model() validated it
+                                            on_data=writer.put if output is not None else None)
         data, data_sources = _coalesce(blobs)
         del blobs
         chunks = (head, *data)

@@ -21,7 +21,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from igvm_builder.errors import IgvmError, IgvmFormatError
 from igvm_builder.format import headers as H
@@ -208,25 +208,27 @@ class IgvmFile:
         warnings = _validate(self)
         return _replace_warnings(self, warnings)
 
-    def _layout(self, *, validate: bool = True, page_digests: dict[int, bytes] | None = None,
-                on_data: Callable[[int, list[H.BlobLike]], object] | None = None,
-                ) -> tuple[bytes, list[H.BlobLike]]:
-        """Return (fixed header + variable headers, blobs to append in order).
+    def layout(self, *, validate: bool = True, page_digests: bool = False,
+               on_data: Callable[[int, list[H.BlobLike]], object] | None = None) -> Layout:
+        """The canonical serialization: headers and the blobs of the data section (:class:`Layout`).
 
         Identical blobs are stored once.  They are found by a content hash: Python's ``hash``,
-        or, given a ``page_digests`` dict, SHA-384, recorded there for every 4 KiB file window
-        (:class:`FileSlice`) as ``page_digests[id(window)]``: a builder that measures SEV-SNP
-        needs that digest of every page anyway (``measure_platform(..., page_digests=)``), and
-        hashlib lets other threads run while it hashes.  Either way a match is confirmed byte
-        for byte.
+        or, with ``page_digests``, SHA-384 for every 4 KiB page of file data (a :class:`FileSlice`
+        window), which the result keeps (:attr:`Layout.page_digests`): a builder that measures
+        SEV-SNP needs that digest of every page anyway (``measure_platform(...,
+        page_digests=)``), and hashlib lets other threads run while it hashes.  Either way a
+        match is confirmed byte for byte.
 
         ``on_data(file_offset, blobs)``, if given, receives the data section as it is laid
         out, in batches of :data:`STREAM_BLOBS` blobs (the last batch may be shorter): a
         writer can store the data while the headers, which precede it, are still being made.
+        ``validate=False`` skips :meth:`validate` (for a model that has just been validated).
         """
         if validate:
             _validate(self)
         hdrs = self.headers
+        n_before = len(self.platforms) + len(self.initializations)  # headers before the first directive
+        digests: list[bytes | None] | None = [None] * len(self.directives) if page_digests else None
         fixed_size = FIXED_HEADER_SIZE_V1 if self.revision == 1 else FIXED_HEADER_SIZE_V2
         var_size = sum(8 + _pad8(h.SIZE) for h in hdrs)
         data_start = fixed_size + var_size
@@ -264,7 +266,7 @@ class IgvmFile:
             """File offset of ``blob``: an identical earlier blob's, or the next free one."""
             view = as_view(blob)
             size = len(view)
-            if page_digests is not None and size == PAGE_SIZE_4K:
+            if digests is not None and size == PAGE_SIZE_4K:
                 if digest is None:
                     digest = sha384(view).digest()
                 i = pages.get(digest)
@@ -281,15 +283,15 @@ class IgvmFile:
             same.append(len(blobs))
             return append(blob, size)
 
-        for h in hdrs:
+        for index, h in enumerate(hdrs):
             if type(h) is page_data:
                 # Fast path for the common header (same bytes as blob() + pack_body()).
                 data = h.data
                 if type(data) is file_slice and data.length == PAGE_SIZE_4K:
                     note(data)
                     last_slice = data
-                    if page_digests is not None:
-                        digest = page_digests[id(data)] = sha384(data._buf[data.start : data.start + PAGE_SIZE_4K]
+                    if digests is not None:
+                        digest = digests[index - n_before] = sha384(data._buf[data.start : data.start + PAGE_SIZE_4K]
                                                                  ).digest()
                         if digest not in pages and cursor + PAGE_SIZE_4K <= 0xFFFF_FFFF:
                             # place() for a page not seen before (most pages), inlined
@@ -334,15 +336,15 @@ class IgvmFile:
             *((int(self.architecture), PAGE_SIZE_4K) if self.revision == 2 else ())).pack()
         crc = zlib.crc32(out)
         out[20:24] = struct.pack("<I", crc)
-        return bytes(out), blobs
+        return Layout(bytes(out), blobs, digests)
 
     def to_bytes(self) -> bytes:
-        head, blobs = self._layout()
+        head, blobs, _ = self.layout()
         return head + b"".join(as_view(b) for b in blobs)
 
     def write(self, fileobj: BinaryIO) -> int:
         """Stream the canonical bytes to ``fileobj``; returns the number of bytes written."""
-        head, blobs = self._layout()
+        head, blobs, _ = self.layout()
         fileobj.write(head)
         total = len(head)
         for b in blobs:
@@ -352,14 +354,27 @@ class IgvmFile:
         return total
 
     def iter_chunks(self) -> Iterable[bytes | memoryview]:
-        head, blobs = self._layout()
+        head, blobs, _ = self.layout()
         yield head
         for b in blobs:
             yield as_view(b)
 
 
-#: Blobs per batch handed to ``_layout``'s ``on_data`` (8 MiB of 4 KiB pages).
+#: Blobs per batch handed to ``layout``'s ``on_data`` (8 MiB of 4 KiB pages).
 STREAM_BLOBS = 2048
+
+
+class Layout(NamedTuple):
+    """What :meth:`IgvmFile.layout` returns: the file is ``head`` followed by ``blobs``."""
+
+    #: The fixed header and the variable headers.
+    head: bytes
+    #: The data section, in file order (each blob stored once).
+    blobs: list[H.BlobLike]
+    #: With ``layout(page_digests=True)``: for each directive (``IgvmFile.directives`` order) the
+    #: SHA-384 of its page when it is a PAGE_DATA whose data is a 4 KiB :class:`FileSlice`, else
+    #: None (what ``measure_platform(page_digests=)`` takes).
+    page_digests: list[bytes | None] | None
 
 
 def _content_hash(view: memoryview) -> int:
@@ -677,9 +692,7 @@ def _validate(f: IgvmFile, indices: Sequence[int] | None = None, n_platforms: in
     rules = _Rules(f, indices, n_platforms)
     rules.platforms()
     rules.sections()
-    if fields:
-        rules.fields()
-    rules.undeclared_bits()
+    rules.masks_and_fields(fields)
     rules.initializations()
     rules.directives()
     rules.vp_contexts_exist()
@@ -748,31 +761,36 @@ class _Rules:
             if getattr(h, "SECTION", None) != Section.DIRECTIVE:
                 raise self.fail(f"{type(h).__name__} is not a directive header", nd + pos)
 
-    def fields(self) -> None:
-        """Every header's fields by its description, as the reader would find them."""
-        page_cls = H.PageData
-        for pos, h in enumerate(self.body):
-            if type(h) is page_cls:  # by far the most common header: one cheap test of every field
-                try:
-                    if not (h.gpa & _PAGE_GPA_BAD or (h.compatibility_mask | h.flags) & _U32_BAD
-                            or h.data_type & _DATA_TYPE_BAD):
-                        continue
-                except TypeError:  # not an integer: problems() names the field
-                    pass
-            for message in h.problems():
-                raise self.fail(message, pos)
-
-    def undeclared_bits(self) -> None:
+    def masks_and_fields(self, fields: bool) -> None:
+        """Warn about mask bits of no platform; with ``fields``, check every header's fields by
+        its description, as the reader would find them (one pass: a file has 262,144 pages a GiB)."""
         all_bits = 0
         for m in self.masks:
             all_bits |= m
         page_cls = H.PageData
         not_all_bits = ~all_bits
-        for pos, h in enumerate(self.body):
-            hm = h.compatibility_mask if type(h) is page_cls else h.mask
-            if hm is not None and hm & not_all_bits:
-                self.warnings.append(f"header {self.indices[pos]}: {h.TYPE.name} compatibility_mask {hm:#x} names "
-                                     "bits of no declared platform (accepted by the reference parser)")
+        hm: int | None
+        try:
+            for pos, h in enumerate(self.body):
+                if type(h) is page_cls:  # by far the most common header: one cheap test of every field
+                    hm = h.compatibility_mask
+                    if fields and (h.gpa & _PAGE_GPA_BAD or (hm | h.flags) & _U32_BAD or h.data_type & _DATA_TYPE_BAD):
+                        self.field_error(pos)
+                else:
+                    if fields:
+                        self.field_error(pos)
+                    hm = h.mask
+                if hm is not None and hm & not_all_bits:
+                    self.warnings.append(f"header {self.indices[pos]}: {h.TYPE.name} compatibility_mask {hm:#x} "
+                                         "names bits of no declared platform (accepted by the reference parser)")
+        except TypeError:  # a field that is no integer: find it and name it
+            for pos in range(len(self.body)):
+                self.field_error(pos)
+            raise
+
+    def field_error(self, pos: int) -> None:
+        for message in self.body[pos].problems():
+            raise self.fail(message, pos)
 
     def initializations(self) -> None:
         relocs: dict[int, list[tuple[int, int]]] = {}

@@ -543,6 +543,31 @@ SNP_ID_BLOCK_PUBLIC_KEY = Record("SNP_ID_BLOCK_PUBLIC_KEY", u32("curve"), u32("r
                                  raw("qy", 72), size=152)
 
 
+#: The SEV ``PUBLIC_KEY`` structure (0x404 bytes) a loader rebuilds from an IGVM public key (the
+#: IGVM ``reserved`` word is dropped); what ``ID_KEY_DIGEST`` / ``AUTHOR_KEY_DIGEST`` hash.
+SEV_PUBLIC_KEY = Record("SEV_PUBLIC_KEY", u32("curve"), raw("qx", 72), raw("qy", 72), pad("880s"), size=0x404)
+
+
+def key_digest(public_key: bytes | bytearray | memoryview | object) -> bytes:
+    """SHA-384 of the SEV ``PUBLIC_KEY`` form of ``public_key`` (48 bytes), as the attestation
+    report's ``ID_KEY_DIGEST`` / ``AUTHOR_KEY_DIGEST``: ``public_key`` is a 152-byte
+    :data:`SNP_ID_BLOCK_PUBLIC_KEY` (as stored in :class:`SnpIdBlock`), a 0x404-byte SEV
+    structure, or an object with ``curve``, ``qx`` and ``qy``."""
+    import hashlib
+
+    if isinstance(public_key, bytes | bytearray | memoryview):
+        if len(public_key) == SNP_ID_BLOCK_PUBLIC_KEY.size:
+            source: Any = SNP_ID_BLOCK_PUBLIC_KEY.decode(public_key)
+        elif len(public_key) == SEV_PUBLIC_KEY.size:
+            source = SEV_PUBLIC_KEY.decode(public_key)
+        else:
+            raise _err(f"a public key is {SNP_ID_BLOCK_PUBLIC_KEY.size} (IGVM) or {SEV_PUBLIC_KEY.size} (SEV) "
+                       f"bytes, not {len(public_key)}")
+    else:
+        source = public_key
+    return hashlib.sha384(SEV_PUBLIC_KEY.pack(source)).digest()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SnpIdBlock(Header):
     """IGVM_VHS_SNP_ID_BLOCK (696 bytes).

@@ -20,6 +20,7 @@ the file's data.  ``benchmarks/bench_measure.py`` measures it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import struct
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -444,11 +445,8 @@ def _area_pages(f: IgvmFile) -> _Areas:
                    for h in f.directives if isinstance(h, H.ParameterArea)})
 
 
-_NO_DIGESTS: dict[int, bytes] = {}
-
-
 def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, two_pass: bool,
-         digests: dict[int, bytes] | None = None, vcpus: int | None = None,
+         digests: Sequence[bytes | None] | None = None, vcpus: int | None = None,
          vcpu_type: str | int | None = None) -> Measurement:
     areas = _area_pages(f)
     if ptype == PlatformType.SEV_SNP:
@@ -460,10 +458,10 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
         normal_tail = _PAGE_INFO_TAIL.pack(0x70, SNP_NORMAL, 0, 0, 0)[:-8]  # + the page's GPA
         fast = not profile.sort_by_gpa
         note = acc.releaser.note
-        known = (digests or _NO_DIGESTS).get
         ld = acc.ld  # the chain, kept in a local on the fast path (acc.ld when acc works)
         steps = 0
-        for h in f.directives:
+        known = itertools.repeat(None, len(f.directives)) if digests is None else digests
+        for h, contents in zip(f.directives, known, strict=True):
             if type(h) is page_data:
                 if h.compatibility_mask & mask != mask:
                     continue
@@ -472,7 +470,6 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
                 # step as _Snp.page, inlined.
                 if fast and not h.flags and not h.data_type and type(data) is file_slice and data.length == 4096:
                     # the page's contents digest: the serializer's, when it computed them
-                    contents = known(id(data))
                     if contents is None:  # hashed here: the page is touched, release it later
                         contents = sha384(data.view()).digest()
                         note(data)
@@ -630,12 +627,12 @@ def _measure_tdx(f: IgvmFile, mask: int, areas: _Areas, two_pass: bool, *, vecto
 
 
 def measure_platform(f: IgvmFile, platform: PlatformType, *, loader: str | None = None,
-                     tdx_two_pass: bool = False, page_digests: dict[int, bytes] | None = None,
+                     tdx_two_pass: bool = False, page_digests: Sequence[bytes | None] | None = None,
                      vcpus: int | None = None, vcpu_type: str | int | None = None) -> Measurement:
     """Measure one platform of ``f``; :class:`MeasurementError` if the file lacks it.
 
-    ``page_digests`` (``id(FileSlice) -> SHA-384`` of that 4 KiB window, as recorded by
-    ``IgvmFile._layout``) spares SEV-SNP hashing those pages again.  ``vcpus`` (the VMM's
+    ``page_digests`` (for each directive, the SHA-384 of its 4 KiB page or None:
+    ``IgvmFile.layout(page_digests=True).page_digests``) spares SEV-SNP hashing those pages again.  ``vcpus`` (the VMM's
     ``-smp``; default: the file's VP contexts) and ``vcpu_type`` (the ``-cpu`` model of the
     reset-state VMSAs; default EPYC-v4) matter for SEV-SNP on the KVM loaders only.
     """

@@ -96,9 +96,7 @@ def _guest_features(vmsas: Sequence[H.SnpVpContext]) -> dict[str, Any]:
 
 def _key_digest(igvm_public_key: bytes) -> str:
     """SHA-384 of the SEV-format 0x404-byte public key (ID_KEY_DIGEST / AUTHOR_KEY_DIGEST)."""
-    from igvm_builder.sign.idblock import IgvmSnpIdBlockPublicKey, key_digest
-
-    return key_digest(IgvmSnpIdBlockPublicKey.unpack(igvm_public_key).to_sev()).hex()
+    return H.key_digest(igvm_public_key).hex()
 
 
 def _id_block(f: IgvmFile, mask: int, digest: bytes | None) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from typing import ClassVar
 
 from igvm_builder.errors import IgvmFormatError, SigningError, VerificationError
 from igvm_builder.format.headers import SnpIdBlock as _FormatSnpIdBlock
+from igvm_builder.format.headers import key_digest as _format_key_digest
 from igvm_builder.sign import _ecdsa
 
 __all__ = [
@@ -339,10 +340,11 @@ def sev_public_key(public_key: _ecdsa.PublicKey) -> bytes:
 
 
 def key_digest(public_key: _ecdsa.PublicKey | SnpPublicKey) -> bytes:
-    """SHA-384 of the 0x404-byte SEV public-key structure (48 bytes), as in the attestation report."""
+    """SHA-384 of the 0x404-byte SEV public-key structure (48 bytes), as in the attestation report
+    (:func:`igvm_builder.format.headers.key_digest`, here also for a ``cryptography`` key)."""
     if not isinstance(public_key, SnpPublicKey):
         public_key = SnpPublicKey.from_public_key(public_key)
-    return public_key.digest()
+    return _format_key_digest(public_key)
 
 
 def igvm_public_key_to_sev(buf: bytes) -> bytes:
