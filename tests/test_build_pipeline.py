@@ -5,7 +5,7 @@
   and every way a run can end.
 * Layout: finding identical pages by their kept SHA-384 (``page_digests``) gives the same bytes
   as finding them with Python's hash, including identical pages of different kinds of data.
-* Streaming: the batches ``_layout`` hands to ``on_data`` are the data section, at its offsets.
+* Streaming: the batches ``layout`` hands to ``on_data`` are the data section, at its offsets.
 * ``build(output=...)``: the file written while measuring is the file; its SHA-256 and
   reference values are those of the bytes on disk.
 * :class:`~igvm_builder.io.AtomicFile` and :func:`~igvm_builder.io.commit_together`: nothing is
@@ -154,8 +154,8 @@ def _dedup_file(reverse: bool = False) -> IgvmFile:
 @pytest.mark.parametrize("reverse", [False, True])
 def test_page_digest_dedup_gives_the_canonical_bytes(reverse: bool) -> None:
     f = _dedup_file(reverse)
-    plain_head, plain_blobs = f._layout()
-    head, blobs = _dedup_file(reverse)._layout(page_digests={})
+    plain_head, plain_blobs, _ = f.layout()
+    head, blobs, _ = _dedup_file(reverse).layout(page_digests=True)
     plain = plain_head + b"".join(bytes(b) for b in plain_blobs)
     assert head + b"".join(bytes(b) for b in blobs) == plain
     parsed = IgvmFile.from_bytes(plain)
@@ -184,16 +184,16 @@ def test_same_bytes_compares_contents() -> None:
 def test_snp_digest_is_the_same_with_the_layouts_page_digests() -> None:
     f = _dedup_file()
     before = measure_platform(f, PlatformType.SEV_SNP, loader="qemu").digest
-    digests: dict[int, bytes] = {}
-    f._layout(page_digests=digests)  # records the SHA-384 of every 4 KiB window
-    windows = [h.data for h in f.directives if isinstance(h.data, FileSlice) and len(h.data) == PAGE]
-    assert set(digests) == {id(w) for w in windows}
-    assert all(digests[id(w)] == hashlib.sha384(bytes(w)).digest() for w in windows)
+    digests = f.layout(page_digests=True).page_digests  # the SHA-384 of every 4 KiB window, by directive
+    assert digests is not None and len(digests) == len(f.directives)
+    windows = [i for i, h in enumerate(f.directives) if isinstance(h.data, FileSlice) and len(h.data) == PAGE]
+    assert [i for i, d in enumerate(digests) if d is not None] == windows
+    assert all(digests[i] == hashlib.sha384(bytes(f.directives[i].data)).digest() for i in windows)
     after = measure_platform(f, PlatformType.SEV_SNP, loader="qemu", page_digests=digests).digest
     steps = [(1, h.gpa, bytes(h.data).ljust(PAGE, b"\0")) for h in f.directives]
     assert before == after == snp_ld(steps)
     # the digests are used, not recomputed: a wrong one changes the result
-    digests[id(windows[0])] = bytes(48)
+    digests[windows[0]] = bytes(48)
     assert measure_platform(f, PlatformType.SEV_SNP, loader="qemu", page_digests=digests).digest != before
 
 
@@ -209,7 +209,7 @@ def test_layout_streams_the_data_section(monkeypatch: pytest.MonkeyPatch) -> Non
         image[offset : offset + len(data)] = data
         batches.append((offset, len(blobs)))
 
-    head, blobs = _dedup_file()._layout(page_digests={}, on_data=on_data)
+    head, blobs, _ = _dedup_file().layout(page_digests=True, on_data=on_data)
     image[: len(head)] = head
     assert bytes(image) == whole
     assert sum(n for _, n in batches) == len(blobs)
@@ -264,13 +264,13 @@ def test_build_restores_the_switch_interval(tmp_path: Path, monkeypatch: pytest.
     cfg = _kernel_config(tmp_path)
     before = sys.getswitchinterval()
     seen: list[float] = []
-    layout = IgvmFile._layout
+    layout = IgvmFile.layout
 
     def spy(self: IgvmFile, **kw: object) -> object:
         seen.append(sys.getswitchinterval())
         return layout(self, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(IgvmFile, "_layout", spy)
+    monkeypatch.setattr(IgvmFile, "layout", spy)
     build(cfg)  # type: ignore[arg-type]
     assert seen == [pytest.approx(build_mod.BUILD_SWITCH_INTERVAL)]
     assert sys.getswitchinterval() == before
@@ -378,6 +378,6 @@ def test_digest_dedup_matches_hash_dedup_on_random_files(f: IgvmFile, rnd: rando
     for n, i in enumerate(chosen):
         directives[i] = dataclasses.replace(directives[i], data=FileSlice(view, n * PAGE, PAGE))
     windowed = dataclasses.replace(f, directives=tuple(directives))
-    plain_head, plain_blobs = f._layout(validate=False)
-    head, blobs = windowed._layout(validate=False, page_digests={})
+    plain_head, plain_blobs, _ = f.layout(validate=False)
+    head, blobs, _ = windowed.layout(validate=False, page_digests=True)
     assert head + b"".join(bytes(b) for b in blobs) == plain_head + b"".join(bytes(b) for b in plain_blobs)

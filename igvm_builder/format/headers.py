@@ -291,17 +291,17 @@ class _CorimData(Header):
         raise NotImplementedError
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CorimDocument(_CorimData):
+class CorimDocument(_CorimData):  # adds no field: no dataclass processing of its own (see _usage)
     """CORIM_DOCUMENT (0x104): a CBOR CoRIM document, kept opaque."""
 
+    __slots__ = ()
     TYPE = HeaderType.CORIM_DOCUMENT
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class CorimSignature(_CorimData):
     """CORIM_SIGNATURE (0x105): a COSE_Sign1 over the document, kept opaque."""
 
+    __slots__ = ()
     TYPE = HeaderType.CORIM_SIGNATURE
 
 
@@ -500,9 +500,10 @@ class ParameterUsage(Header):
 
 
 def _usage(name: str, typ: HeaderType, doc: str) -> type[ParameterUsage]:
-    ns = {"TYPE": typ, "__doc__": doc, "__qualname__": name, "__module__": __name__}
-    cls = type(name, (ParameterUsage,), ns)
-    return dataclass(frozen=True, slots=True, kw_only=True)(cls)
+    # A subclass that adds no field needs no dataclass processing of its own (the import stays
+    # cheap): it inherits __init__, __eq__ (which compares classes), __repr__ (which names it).
+    ns = {"TYPE": typ, "__doc__": doc, "__qualname__": name, "__module__": __name__, "__slots__": ()}
+    return type(name, (ParameterUsage,), ns)
 
 
 VpCount = _usage("VpCount", HeaderType.VP_COUNT_PARAMETER, "VP_COUNT_PARAMETER: loader writes a u32 VP count.")
