@@ -644,3 +644,30 @@ def test_sign_and_verify_a_kernel_launch_for_its_vcpu_count(tmp_path: Path) -> N
     doc = json.loads(tbs.read_text())
     assert (doc["vcpus"], doc["vcpu_type"], doc["loader"]) == (4, "EPYC-Genoa", "qemu")
     assert f"launch digest {ref_digest}" in proc.stdout
+
+
+def test_measure_dump_vmsas(tmp_path: Path) -> None:
+    """--dump-vmsas writes the pages to compare with the host's sev_es_sync_vmsa dump (KVM_VMSA.md §8)."""
+    page = base_page(x87_fcw=0, cr0=0x1, sev_features=0x21)
+    path = tmp_path / "f.igvm"
+    path.write_bytes(small_file(page).to_bytes())
+    out = tmp_path / "dump"
+    proc = run_measure(str(path), "--loader", "qemu", "--vcpus", "3", "--vcpu-type", "EPYC-Milan",
+                       "--dump-vmsas", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["vmsa0.bin", "vmsa1.bin", "vmsa2.bin"]
+    assert (out / "vmsa0.bin").read_bytes() == naive(page, "qemu")
+    ap = ssm_pages(0xFFFFFFF0, "EPYC-Milan", 0x21, "QEMU", 2)[1]
+    assert (out / "vmsa1.bin").read_bytes() == (out / "vmsa2.bin").read_bytes() == ap
+    # the digest printed is the chain over exactly these pages
+    ld = extend(bytes(48), bytes(range(256)) * 16, 1, 0x10000)
+    for name in ("vmsa0.bin", "vmsa1.bin", "vmsa2.bin"):
+        ld = extend(ld, (out / name).read_bytes())
+    assert ld.hex() in proc.stdout
+    hv = tmp_path / "hv"
+    assert run_measure(str(path), "--dump-vmsas", str(hv)).returncode == 0  # hyperv: the file's page
+    assert [p.name for p in hv.iterdir()] == ["vmsa0.bin"] and (hv / "vmsa0.bin").read_bytes() == page
+    refused = tmp_path / "refused.igvm"
+    refused.write_bytes(small_file(base_page(dr7=0x401)).to_bytes())
+    proc = run_measure(str(refused), "--loader", "qemu", "--dump-vmsas", str(tmp_path / "none"))
+    assert proc.returncode == 1 and "field dr7" in proc.stderr and not (tmp_path / "none").exists()

@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_vcpu_options(parser)
     parser.add_argument(
+        "--dump-vmsas", metavar="DIR",
+        help=("also write the SEV-SNP VMSA pages the loader measures, in order, as DIR/vmsa0.bin, vmsa1.bin, ... "
+              "(qemu / cloud-hypervisor: as KVM rebuilds them, to compare with the host's sev_es_sync_vmsa "
+              "dynamic-debug dump; other loaders: the file's pages)"),
+    )
+    parser.add_argument(
         "--tdx-two-pass", action="store_true",
         help=("TDX MRTD in two-pass order (per region all PAGE.ADDs, then all MR.EXTENDs: older Intel "
               "host stacks); default single pass (upstream KVM/QEMU, microsoft/igvm)"),
@@ -152,6 +158,25 @@ def _all_loaders(f: IgvmFile, args: argparse.Namespace) -> int:
     return 0
 
 
+def _dump_vmsas(f: IgvmFile, args: argparse.Namespace) -> None:
+    from igvm_builder.io import atomic_outputs
+    from igvm_builder.measure.engine import measured_vmsa_pages
+
+    try:
+        pages = measured_vmsa_pages(f, loader=args.loader, vcpus=args.vcpus, vcpu_type=args.vcpu_type)
+    except IgvmError as exc:
+        raise exc.with_source(args.file) from None
+    try:
+        os.makedirs(args.dump_vmsas, exist_ok=True)
+    except OSError as exc:
+        raise MeasurementError(f"cannot create the directory: {exc.strerror}", source=args.dump_vmsas) from None
+    paths = [os.path.join(args.dump_vmsas, f"vmsa{i}.bin") for i in range(len(pages))]
+    with atomic_outputs(*paths, inputs=(args.file,)) as outs:
+        for out, page in zip(outs, pages, strict=True):
+            assert out is not None
+            out.write(page)
+
+
 def _sha256_file(path: str) -> tuple[str, int]:
     from igvm_builder.errors import IgvmFormatError
     from igvm_builder.io import open_input
@@ -184,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
                           vcpus=args.vcpus, vcpu_type=args.vcpu_type)
     except IgvmError as exc:
         raise exc.with_source(args.file) from None
+    if args.dump_vmsas:
+        _dump_vmsas(f, args)
     if args.reference_values:
         from igvm_builder.io import atomic_write
         from igvm_builder.measure.report import reference_values

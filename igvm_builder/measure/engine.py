@@ -166,30 +166,10 @@ class _Snp:
     def kvm_vmsas(self) -> None:
         """One measured VMSA per vCPU, in vCPU order (KVM ``snp_launch_update_vmsa``): the VMM's
         transform of the file's VP context, or its reset state for a vCPU without one."""
-        from igvm_builder.kvm_vmsa import measured_vmsa, reset_vmsa
-
-        vmm = self.p.kvm_vmm
-        assert vmm is not None
-        n = self.vcpus
-        if n is None:
-            n = max(self.contexts) + 1 if self.contexts else 0
-        beyond = sorted(i for i in self.contexts if i >= n)
-        if beyond:
-            raise MeasurementError(f"loader '{self.p.name}': the file has a VP context for vp {beyond[0]} but the "
-                                   f"launch has {n} vCPU(s) (the VMM has no such vCPU); give --vcpus "
-                                   f"{max(self.contexts) + 1} or more")
-        if n and 0 not in self.contexts:
-            raise MeasurementError(f"loader '{self.p.name}': no VP context for vp 0, whose sev_features KVM "
-                                   "applies to every vCPU")
-        vp0 = int.from_bytes(self.contexts[0][0x3B0:0x3B8], "little") if n else 0
-        for i in range(n):
-            page = self.contexts.get(i)
-            if page is None:
-                measured = reset_vmsa(vmm, sev_features=vp0, vcpu_signature=self.vcpu_type)
-            else:
-                measured = measured_vmsa(page, vmm, vp_index=i, vp0_features=None if i == 0 else vp0)
+        pages = _kvm_pages(self.p, self.contexts, self.vcpus, self.vcpu_type)
+        for measured in pages:
             self.deferred_vmsa.append((KVM_VMSA_GPA, hashlib.sha384(measured).digest()))
-        self.vcpus = n
+        self.vcpus = len(pages)
 
     def finish(self) -> bytes:
         self.releaser.release(self.last_slice)
@@ -201,6 +181,76 @@ class _Snp:
         for gpa, digest in self.deferred_vmsa:
             self._extend(gpa, SNP_VMSA, digest)
         return self.ld
+
+
+def _kvm_pages(p: LoaderProfile, contexts: dict[int, bytes], vcpus: int | None, vcpu_type: str | int) -> list[bytes]:
+    """The VMSA KVM measures for each vCPU, in vCPU order (``snp_launch_update_vmsa``): the VMM's
+    transform of the file's VP context for that vCPU, or its reset state without one."""
+    from igvm_builder.kvm_vmsa import measured_vmsa, reset_vmsa
+
+    vmm = p.kvm_vmm
+    assert vmm is not None
+    n = vcpus
+    if n is None:
+        n = max(contexts) + 1 if contexts else 0
+    beyond = sorted(i for i in contexts if i >= n)
+    if beyond:
+        raise MeasurementError(f"loader '{p.name}': the file has a VP context for vp {beyond[0]} but the "
+                               f"launch has {n} vCPU(s) (the VMM has no such vCPU); give --vcpus "
+                               f"{max(contexts) + 1} or more")
+    if n and 0 not in contexts:
+        raise MeasurementError(f"loader '{p.name}': no VP context for vp 0, whose sev_features KVM "
+                               "applies to every vCPU")
+    vp0 = int.from_bytes(contexts[0][0x3B0:0x3B8], "little") if n else 0
+    out = []
+    for i in range(n):
+        page = contexts.get(i)
+        if page is None:
+            out.append(reset_vmsa(vmm, sev_features=vp0, vcpu_signature=vcpu_type))
+        else:
+            out.append(measured_vmsa(page, vmm, vp_index=i, vp0_features=None if i == 0 else vp0))
+    return out
+
+
+def _check_vcpus(vcpus: int | None, vcpu_type: str | int | None) -> None:
+    if vcpus is not None and vcpus < 1:
+        raise MeasurementError(f"vCPU count must be at least 1, got {vcpus}")
+    if vcpu_type is not None:
+        from igvm_builder.errors import ConfigError
+        from igvm_builder.sev_vmsa import vcpu_signature
+
+        try:
+            vcpu_signature(vcpu_type)
+        except ConfigError as exc:
+            raise MeasurementError(exc.message) from None
+
+
+def measured_vmsa_pages(f: IgvmFile, *, loader: str | None = None, vcpus: int | None = None,
+                        vcpu_type: str | int | None = None) -> list[bytes]:
+    """The SEV-SNP VMSA pages ``loader`` measures for ``f``, in measurement order.
+
+    On ``qemu`` / ``cloud-hypervisor``: one per vCPU, as the VMM and KVM rebuild them (what the
+    host's ``sev_es_sync_vmsa`` dynamic-debug dump shows, ``shared/spec/KVM_VMSA.md`` §8); on the
+    other profiles the file's VMSA pages as they are.  :class:`MeasurementError` as
+    :func:`measure_platform` would raise it.
+    """
+    _check_vcpus(vcpus, vcpu_type)
+    p = f.platform(PlatformType.SEV_SNP)
+    if p is None:
+        raise MeasurementError("the file has no SEV_SNP platform")
+    profile = get_profile(loader)
+    mask = p.compatibility_mask
+    acc = _Snp(profile, mask, vcpus, vcpu_type)
+    pages: list[bytes] = []
+    for h in _applicable(f, mask):
+        if isinstance(h, H.SnpVpContext):
+            if profile.kvm_vmm:
+                acc.vmsa(h)  # the GPA and duplicate checks
+            else:
+                pages.append(bytes(as_view(h.blob())))
+    if profile.kvm_vmm:
+        return _kvm_pages(profile, acc.contexts, vcpus, acc.vcpu_type)
+    return pages
 
 
 _TDX_ADD = b"MEM.PAGE.ADD".ljust(16, b"\0")
@@ -636,16 +686,7 @@ def measure_platform(f: IgvmFile, platform: PlatformType, *, loader: str | None 
     ``-smp``; default: the file's VP contexts) and ``vcpu_type`` (the ``-cpu`` model of the
     reset-state VMSAs; default EPYC-v4) matter for SEV-SNP on the KVM loaders only.
     """
-    if vcpus is not None and vcpus < 1:
-        raise MeasurementError(f"vCPU count must be at least 1, got {vcpus}")
-    if vcpu_type is not None:
-        from igvm_builder.errors import ConfigError
-        from igvm_builder.sev_vmsa import vcpu_signature
-
-        try:
-            vcpu_signature(vcpu_type)
-        except ConfigError as exc:
-            raise MeasurementError(exc.message) from None
+    _check_vcpus(vcpus, vcpu_type)
     p = f.platform(platform)
     if p is None:
         have = ", ".join(x.platform_type.name for x in f.platforms)

@@ -40,7 +40,8 @@ _VMSA_SEV_FEATURES = 0x3B0
 #: shared/spec/KVM_VMSA.md §8: how to settle the predicted KVM VMSAs on an SNP host.
 _HOW_TO_CHECK = ("on the SNP host run `echo 'func sev_es_sync_vmsa +p' > /sys/kernel/debug/dynamic_debug/control` "
                  "before the launch: KVM then hex-dumps every VMSA before SNP_LAUNCH_UPDATE; compare the dumps with "
-                 "the predicted pages (igvm_builder.kvm_vmsa), offsets 0x408 (MXCSR) and 0x410 (x87 FCW) first")
+                 "the predicted pages (igvm-builder measure --loader L --vcpus N --dump-vmsas DIR), offsets 0x408 "
+                 "(MXCSR) and 0x410 (x87 FCW) first")
 
 
 def _hex(value: int) -> str:
