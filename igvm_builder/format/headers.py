@@ -159,6 +159,11 @@ class SupportedPlatform(Header):
     platform_version: int = 1
     shared_gpa_boundary: int = 0
 
+    def __post_init__(self) -> None:
+        ptype = self.platform_type
+        if type(ptype) is not PlatformType and ptype in PlatformType._value2member_map_:
+            object.__setattr__(self, "platform_type", PlatformType(ptype))  # as the parser gives it
+
     def rule(self) -> str | None:
         if self.platform_type in (PlatformType.NATIVE, PlatformType.VSM_ISOLATION) and self.shared_gpa_boundary:
             return (f"shared_gpa_boundary {self.shared_gpa_boundary:#x} must be 0 on a "
