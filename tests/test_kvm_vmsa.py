@@ -671,3 +671,15 @@ def test_measure_dump_vmsas(tmp_path: Path) -> None:
     refused.write_bytes(small_file(base_page(dr7=0x401)).to_bytes())
     proc = run_measure(str(refused), "--loader", "qemu", "--dump-vmsas", str(tmp_path / "none"))
     assert proc.returncode == 1 and "field dr7" in proc.stderr and not (tmp_path / "none").exists()
+
+
+def test_sign_image_signs_the_digest_of_the_vcpu_count() -> None:
+    from igvm_builder.sign.image import sign_image
+
+    f = small_file(base_page())
+    signed = IgvmFile.from_bytes(sign_image(f.to_bytes(), id_key=str(SHARED / "keys" / "test-only-id-p384.pem"),
+                                            loader="qemu", vcpus=3, vcpu_type="EPYC-Milan"))
+    ld = bytes(next(h for h in signed.directives if isinstance(h, H.SnpIdBlock)).ld)
+    one = measure_platform(f, SNP, loader="qemu").digest or b""
+    assert ld == extend(extend(one, ssm_pages(0xFFFFFFF0, "EPYC-Milan", 1, "QEMU", 1)[0]),
+                        ssm_pages(0xFFFFFFF0, "EPYC-Milan", 1, "QEMU", 1)[0])

@@ -287,3 +287,10 @@ def test_long_stages_print_progress(env, capsys, monkeypatch):
     with tool._progress(env.Override({"IGVM_PROGRESS_INTERVAL": 0.01}), "build/x.igvm"):
         time.sleep(0.05)
     assert capsys.readouterr().out == ""
+
+
+def test_sign_options_carry_the_launch_vcpus(env):
+    """$IGVM_VCPUS / $IGVM_VCPU_TYPE reach the signer (the KVM loaders' digest depends on them)."""
+    assert "vcpus" not in tool._sign_options(env)
+    opts = tool._sign_options(env.Override({"IGVM_VCPUS": "0x4", "IGVM_VCPU_TYPE": "EPYC-Milan"}))
+    assert (opts["vcpus"], opts["vcpu_type"]) == (4, "EPYC-Milan")

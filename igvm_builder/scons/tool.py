@@ -65,6 +65,8 @@ SIGN_SIGNATURE_VARS: tuple[str, ...] = (
     "IGVM_FAMILY_ID",
     "IGVM_IMAGE_ID",
     "IGVM_GUEST_SVN",
+    "IGVM_VCPUS",
+    "IGVM_VCPU_TYPE",
 )
 #: Construction variables of the reproducibility check (the same build parameters).
 REPRO_SIGNATURE_VARS: tuple[str, ...] = SIGNATURE_VARS
@@ -91,6 +93,8 @@ def _defaults() -> dict[str, Any]:
         "IGVM_FAMILY_ID": "",
         "IGVM_IMAGE_ID": "",
         "IGVM_GUEST_SVN": "",
+        "IGVM_VCPUS": "",  # qemu/cloud-hypervisor: the launch's vCPU count (-smp); empty: the file's VP contexts
+        "IGVM_VCPU_TYPE": "",  # qemu: the -cpu model of reset-state VMSAs; empty: EPYC-v4
         "IGVMSUFFIX": ".igvm",
         "IGVM_REFSUFFIX": ".ref.json",
         "IGVMCONFIGSUFFIX": ".toml",
@@ -356,6 +360,12 @@ def _sign_options(env: Any) -> dict[str, Any]:
     svn = env.get("IGVM_GUEST_SVN")
     if svn not in (None, ""):
         options["guest_svn"] = int(str(svn), 0)
+    vcpus = env.get("IGVM_VCPUS")
+    if vcpus not in (None, ""):
+        options["vcpus"] = int(str(vcpus), 0)
+    vcpu_type = env.get("IGVM_VCPU_TYPE")
+    if vcpu_type not in (None, ""):
+        options["vcpu_type"] = vcpu_type
     return options
 
 

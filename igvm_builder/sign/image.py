@@ -300,6 +300,8 @@ def sign_image(
     family_id: bytes | str | None = None,
     image_id: bytes | str | None = None,
     guest_svn: int | str | None = None,
+    vcpus: int | None = None,
+    vcpu_type: str | int | None = None,
 ) -> bytes:
     """Sign the IGVM file ``data`` with key *spec strings*; return the signed file's bytes.
 
@@ -317,6 +319,8 @@ def sign_image(
         family_id=parse_id16(family_id, "family_id"),
         image_id=parse_id16(image_id, "image_id"),
         guest_svn=_guest_svn(guest_svn),
+        vcpus=vcpus,
+        vcpu_type=vcpu_type,
     )
     return out.to_bytes()
 
