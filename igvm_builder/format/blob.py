@@ -83,15 +83,24 @@ def is_all_zero(data: bytes | memoryview | FileSlice) -> bool:
     return not view.tobytes().strip(b"\x00") if len(view) <= 4096 else bytes(view).count(0) == len(view)
 
 
+#: :func:`dontneed` releases whole aligned blocks of this size (2 MiB, the largest folio the
+#: kernel maps at once): a page fault maps the page-cache folio around the page touched
+#: (fault-around, large folios), pages before and after it, which a range ending at that page
+#: would leave mapped.
+RELEASE_ALIGN = 2 << 20
+
+
 def dontneed(buf: mmap.mmap, offset: int, length: int) -> None:
-    """Drop ``buf[offset : offset + length]`` from the resident set (``madvise(MADV_DONTNEED)``).
+    """Drop ``buf[offset : offset + length]``, widened to :data:`RELEASE_ALIGN` blocks, from the
+    resident set (``madvise(MADV_DONTNEED)``).
 
     On a read-only shared file mapping this only removes page-table entries: a later read
     faults the same bytes back in from the page cache, so it never changes a result.
     """
-    start = offset - offset % mmap.PAGESIZE
+    start = offset - offset % RELEASE_ALIGN
+    end = min(len(buf), offset + length - (offset + length) % -RELEASE_ALIGN)
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        buf.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
+        buf.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def sha256_released(view: memoryview, *, window: int = 8 << 20,
@@ -121,30 +130,45 @@ class PageReleaser:
 
     Pages of a file loaded with :meth:`IgvmFile.load` are read through a read-only shared
     mmap; every page touched stays mapped (and counts in RSS) until unmapped.  Every
-    ``every`` data pages, the file range from the first to the last page seen since the last
-    release is ``madvise(MADV_DONTNEED)``-ed.  That only drops page-table entries: a page
-    read again (another platform's thread, a non-monotonic file layout) is faulted back in
-    from the page cache with the same contents, so this never changes a result.  Only
-    read-only mmaps (``ACCESS_READ``) are touched: on a private ``ACCESS_COPY`` mapping
-    DONTNEED would discard the caller's modifications.
+    ``every`` data pages, the file range from the first page noted since the last release
+    to the furthest one is released (:func:`dontneed`).  That only drops page-table entries: a page read again
+    (another platform's thread, a non-monotonic file layout) is faulted back in from the page
+    cache with the same contents, so this never changes a result.  Only read-only mmaps
+    (``ACCESS_READ``) are touched: on a private ``ACCESS_COPY`` mapping DONTNEED would
+    discard the caller's modifications.
+
+    A batch is released when the next page is noted, before the caller reads that page: a
+    caller may note a page before or after reading it.
     """
 
-    __slots__ = ("every", "first", "n")
+    __slots__ = ("every", "first", "furthest", "n")
 
     def __init__(self, every: int = 256) -> None:
         self.every = every
         self.first = -1
+        self.furthest: FileSlice | None = None  # the page that ends furthest into the file
         self.n = 0
 
     def note(self, data: FileSlice) -> None:
+        if self.n >= self.every:
+            self.release(None)
         if self.first < 0:
             self.first = data.start
+        furthest = self.furthest
+        if furthest is None or data.start > furthest.start:
+            self.furthest = data
         self.n += 1
-        if self.n >= self.every:
-            self.release(data)
 
     def release(self, last: FileSlice | None) -> None:
+        """Release the pages noted since the last release (and ``last``).
+
+        The range ends at the furthest page noted, not the last: in a deduplicated file the
+        last page noted may be one stored much earlier (a zero page every so often), and the
+        range would end before it starts."""
         first, self.first, self.n = self.first, -1, 0
+        furthest, self.furthest = self.furthest, None
+        if furthest is not None and (last is None or furthest.start > last.start):
+            last = furthest
         if last is None or first < 0:
             return
         buf = last.view().obj
