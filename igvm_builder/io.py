@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import mmap
 import os
 import stat
 import sys
@@ -505,3 +506,31 @@ def load_json(path: str | os.PathLike[str], what: str, *, error: type[IgvmError]
     """:func:`read_input` then :func:`parse_json`."""
     name = os.fspath(path)
     return parse_json(read_input(name, what, limit=limit, error=error), source=name, error=error, what=what)
+
+
+def map_input(path: str | os.PathLike[str], what: str, *,
+              error: type[IgvmError] = InputError) -> bytes | mmap.mmap:
+    """A read-only mapping of the regular file ``path`` (:func:`open_input`; ``what`` names it in
+    errors): how every large input is read, nothing copied, pages faulted in as they are used
+    (and released with :func:`igvm_builder.format.blob.dontneed`).  An empty file gives ``b""``
+    (there is nothing to map)."""
+    name = os.fspath(path)
+    with open_input(name, what, error=error) as fh:
+        try:
+            size = os.fstat(fh.fileno()).st_size
+            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        except OSError as exc:
+            raise error(f"cannot map {what}: {exc.strerror}", source=name) from None
+
+
+def sha256_input(path: str | os.PathLike[str], what: str, *,
+                 error: type[IgvmError] = InputError) -> tuple[str, int]:
+    """The SHA-256 (hex) and size of the regular file ``path``, read as a stream."""
+    import hashlib
+
+    name = os.fspath(path)
+    with open_input(name, what, error=error) as fh:
+        try:
+            return hashlib.file_digest(fh, "sha256").hexdigest(), os.fstat(fh.fileno()).st_size
+        except OSError as exc:
+            raise error(f"cannot read {what}: {exc.strerror}", source=name) from None

@@ -34,7 +34,6 @@ file SHA-256 and every platform's measurement.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import mmap
 import os
@@ -110,11 +109,9 @@ def _buffer(data: bytes | bytearray | memoryview | mmap.mmap | str | os.PathLike
             ) -> tuple[bytes | bytearray | memoryview | mmap.mmap, str | None]:
     if isinstance(data, str | os.PathLike):
         name = os.fspath(data)
-        from igvm_builder.io import open_input
+        from igvm_builder.io import map_input
 
-        with open_input(name, "IGVM file", error=ReproducibilityError) as fh:  # regular files only
-            size = os.fstat(fh.fileno()).st_size
-            return (mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""), name
+        return map_input(name, "IGVM file", error=ReproducibilityError), name  # regular files only
     return data, None
 
 
@@ -401,17 +398,15 @@ def check_config_reproducible(config_path: str | os.PathLike[str], *, platforms:
             if not d.byte_identical:
                 first = _first_difference(memoryview(_buffer(outs[0])[0]), memoryview(_buffer(outs[1])[0]))
             raise _mismatch(path, d, refs_diff, first)
-        h = hashlib.sha256()
-        with open(outs[0], "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        size = os.path.getsize(outs[0])
+        from igvm_builder.io import sha256_input
+
+        sha256, size = sha256_input(outs[0], "build output", error=ReproducibilityError)
         build_info = refs[0].get("build", {}) if isinstance(refs[0], Mapping) else {}
         return ReproReport(
             config=path,
             platforms=tuple(build_info.get("platforms", plats or ())),
             loader=build_info.get("loader", loader),
-            sha256=h.hexdigest(), size=size, isolation=isolation, perturbed=perturbed,
+            sha256=sha256, size=size, isolation=isolation, perturbed=perturbed,
             unmoved=trees[0].unmoved,
         )
 
@@ -487,14 +482,13 @@ class ReleaseReport:
 
 
 def _sha256_file(path: str) -> str | None:
-    h = hashlib.sha256()
+    """SHA-256 of ``path``, or None if it is missing or unreadable (or no regular file)."""
+    from igvm_builder.io import sha256_input
+
     try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError:
+        return sha256_input(path, "file", error=ReproducibilityError)[0]
+    except ReproducibilityError:
         return None
-    return h.hexdigest()
 
 
 def _rel_key(path: str, base: str) -> str:

@@ -341,6 +341,8 @@ def test_verify_reports_each_failure_on_one_line(tmp_path: Path, capsys: pytest.
     )
 
     rc, _, stderr = cli(capsys, "verify", signed, "--loader", "qemu")
+    assert rc == 1 and "--loader hyperv" not in stderr and "--explain" in stderr
+    rc, _, stderr = cli(capsys, "verify", signed, "--loader", "qemu", "--explain")
     assert rc == 1 and "--loader hyperv" in stderr
 
     ref = tmp_path / "ref.json"

@@ -22,6 +22,7 @@ from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice
 from igvm_builder.format.defs import PageDataFlags, PageDataType, PlatformType
 from igvm_builder.measure import DEFAULT_LOADER, measure_file, measure_platform
+from igvm_builder.measure.profiles import PROFILES
 from igvm_builder.sev_vmsa import build_vmsa, reset_vmsa_fields
 from igvm_builder.sign import (
     CommandKey,
@@ -191,7 +192,10 @@ def test_loader_selects_the_signed_digest() -> None:
     out, signed = sign_igvm(f, id_key=id_key(), loader="qemu")
     assert signed.fields.ld == qemu
     assert verify_igvm(out, loader="qemu").loader == "qemu"
-    err = fails(out, loader="hyperv")
+    err = fails(out, loader="hyperv")  # fast by default: no other loader is tried
+    assert err.kinds == ("launch-digest",)
+    assert "loader qemu" not in str(err) and "--explain" in str(err)
+    err = fails(out, loader="hyperv", explain=True)
     assert err.kinds == ("launch-digest",)
     assert "loader qemu" in str(err) and "--loader qemu" in str(err)
 
@@ -406,7 +410,9 @@ def test_verify_rejects_a_wrong_key_digest(signed_bytes: bytes) -> None:
 def test_verify_rejects_a_policy_mismatch(signed_bytes: bytes, new_policy: int) -> None:
     tampered = _with_policy(reparse(signed_bytes), new_policy)
     # Same pages: the launch digest still matches; only the policy the loader rebuilds changed.
-    err = fails(tampered)
+    err = fails(tampered)  # fast by default: the signature fails, no policy is guessed
+    assert err.kinds == ("signature",) and "--explain" in str(err)
+    err = fails(tampered, explain=True)
     assert err.kinds == ("policy",)
     assert str(err) == (
         f"policy mismatch: the ID block was signed for policy 0x30000, but the file's GUEST_POLICY is "
@@ -499,3 +505,37 @@ def test_two_step_gives_the_one_step_bytes() -> None:
         import_igvm_signature(f, tbs, id_block_signature=id_sig, id_key_signature=author_sig, loader="qemu")
     with pytest.raises(SigningError, match="author's ID key signature is required"):
         import_igvm_signature(f, tbs, id_block_signature=id_sig)
+
+
+def test_verify_guesses_only_with_explain(signed_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed check costs no more than a passed one unless ``explain``: no policy is guessed (an
+    ECDSA verification each), the file is measured under no other loader."""
+    import igvm_builder.sign.image as image
+
+    calls = {"measure": 0, "ecdsa": 0}
+    real_measure, real_verify = image._measure, image._ecdsa.verify_message
+
+    def measure(*args, **kwargs):
+        calls["measure"] += 1
+        return real_measure(*args, **kwargs)
+
+    def verify(*args, **kwargs):
+        calls["ecdsa"] += 1
+        return real_verify(*args, **kwargs)
+
+    monkeypatch.setattr(image, "_measure", measure)
+    monkeypatch.setattr(image._ecdsa, "verify_message", verify)
+    f = reparse(signed_bytes)
+    broken = dataclasses.replace(f, directives=tuple(  # an ID signature no policy verifies
+        dataclasses.replace(h, id_key_signature=bytes([h.id_key_signature[0] ^ 1]) + h.id_key_signature[1:])
+        if isinstance(h, H.SnpIdBlock) else h for h in f.directives))
+    for explain in (False, True):
+        calls.update(measure=0, ecdsa=0)
+        err = fails(broken, loader="qemu", explain=explain)  # the file was signed for hyperv
+        assert err.kinds == ("signature", "launch-digest")
+        assert ("--explain" in str(err)) != explain
+        if explain:  # every candidate policy tried, the other loaders measured until one matches
+            assert calls["ecdsa"] >= 60 and 1 < calls["measure"] <= len(PROFILES), calls
+            assert "--loader hyperv" in str(err)
+        else:  # the ID signature once (the author signature is not reached), the asked loader once
+            assert calls == {"measure": 1, "ecdsa": 1}, calls

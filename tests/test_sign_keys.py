@@ -624,3 +624,45 @@ def test_missing_deterministic_ecdsa_fails_loudly(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(SigningError, match="no deterministic ECDSA") as info:
         PemFileKey(ID_PEM).sign(ID_BLOCK0)
     assert info.value.source == f"file:{ID_PEM}"
+
+
+# --------------------------------------------------------------------------- CKA_EC_POINT decoding
+
+
+def _p384_key_with_x_starting(first: int) -> ec.EllipticCurvePrivateKey:
+    while True:  # about 256 tries
+        key = ec.generate_private_key(ec.SECP384R1())
+        if key.public_key().public_numbers().x.to_bytes(48, "big")[0] == first:
+            return key
+
+
+@pytest.mark.parametrize("first_x_byte", [0x5F, 0x00, 0x81, 0xFF])
+def test_token_ec_point_bare_or_der(first_x_byte: int) -> None:
+    """CKA_EC_POINT as PKCS#11 says (DER OCTET STRING) and bare, as some tokens store it: the same
+    key either way.  X starting with 0x5f is the case a tag-and-length guess misreads: the bare
+    97-byte point ``04 5f ...`` also parses as an OCTET STRING of the 95 bytes that follow."""
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    from igvm_builder.sign.keys import ec_public_key_from_token
+
+    public = _p384_key_with_x_starting(first_x_byte).public_key()
+    params = encode_named_curve_parameters("secp384r1")
+    bare = public.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    compressed = public.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+    assert len(bare) == 97 and bare[1] == first_x_byte
+    for point in (bare, compressed, b"\x04" + bytes([len(bare)]) + bare,
+                  b"\x04" + bytes([len(compressed)]) + compressed):
+        got = ec_public_key_from_token(params, point, source="token")
+        assert got.public_numbers() == public.public_numbers(), point[:3].hex()
+
+
+def test_token_ec_point_garbage_is_a_signing_error() -> None:
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    from igvm_builder.errors import SigningError
+    from igvm_builder.sign.keys import ec_public_key_from_token
+
+    params = encode_named_curve_parameters("secp384r1")
+    for junk in (b"", b"\x04\x05abc", b"\x30\x03\x02\x01\x01", bytes(97)):
+        with pytest.raises(SigningError):
+            ec_public_key_from_token(params, junk, source="token")

@@ -4,7 +4,6 @@ and zero-copy windows over them whose pages leave the resident set once consumed
 from __future__ import annotations
 
 import mmap
-import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -97,16 +96,12 @@ class _Inputs:
     def get(self, path: str, role: str) -> memoryview:
         view = self._maps.get(path)
         if view is None:
-            from igvm_builder.io import open_input
+            from igvm_builder.io import map_input
 
-            try:  # a regular file only: a FIFO would block, /dev/zero never ends, /proc files look empty
-                with open_input(path, role) as fh:
-                    size = os.fstat(fh.fileno()).st_size
-                    if not size:
-                        raise InputError(f"the {role} is empty (0 bytes); nothing to load", source=path)
-                    buf: bytes | mmap.mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            except OSError as exc:
-                raise InputError(f"cannot read {role}: {exc.strerror}", source=path) from None
+            # a regular file only: a FIFO would block, /dev/zero never ends, /proc files look empty
+            buf = map_input(path, role)
+            if not len(buf):
+                raise InputError(f"the {role} is empty (0 bytes); nothing to load", source=path)
             view = memoryview(buf).toreadonly()
             self._maps[path] = view
             self._hashers[path] = _Hasher(view)

@@ -267,12 +267,13 @@ def reference_values_for(cfg: BuildConfig, f: IgvmFile, sha256: str, size: int, 
     refs = reference_values(f, sha256, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass, file_size=size,
                             measurements=measurements)
     refs["file"] = {**refs.get("file", {}), "sha256": sha256, "size": size}
-    with open(cfg.source, "rb") as fh:
-        config_sha = hashlib.sha256(fh.read()).hexdigest()
+    from igvm_builder.errors import ConfigError
+    from igvm_builder.io import sha256_input
+
+    config_sha = sha256_input(cfg.source, "config", error=ConfigError)[0]
     includes = {}
     for p in cfg.includes:  # included configs: a changed include is then named as such
-        with open(p, "rb") as fh:
-            includes[p] = hashlib.sha256(fh.read()).hexdigest()
+        includes[p] = sha256_input(p, "included config", error=ConfigError)[0]
     refs["inputs"] = {
         "config": {"path": os.path.basename(cfg.source), "sha256": config_sha},
         **{cfg.input_name(p): {"path": cfg.input_name(p), "sha256": d}

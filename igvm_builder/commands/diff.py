@@ -31,11 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _map(path: str) -> bytes | mmap.mmap:
     from igvm_builder.errors import IgvmFormatError
-    from igvm_builder.io import open_input
+    from igvm_builder.io import map_input
 
-    with open_input(path, "IGVM file", error=IgvmFormatError) as fh:  # regular files only
-        size = os.fstat(fh.fileno()).st_size
-        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    return map_input(path, "IGVM file", error=IgvmFormatError)  # regular files only
 
 
 def same_bytes(a: bytes | mmap.mmap, b: bytes | mmap.mmap, chunk: int = 1 << 20) -> bool:

@@ -8,7 +8,6 @@ digest under every loader profile instead, and warns on stderr when they differ.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -179,11 +178,9 @@ def _dump_vmsas(f: IgvmFile, args: argparse.Namespace) -> None:
 
 def _sha256_file(path: str) -> tuple[str, int]:
     from igvm_builder.errors import IgvmFormatError
-    from igvm_builder.io import open_input
+    from igvm_builder.io import sha256_input
 
-    with open_input(path, "IGVM file", error=IgvmFormatError) as fh:
-        size = os.fstat(fh.fileno()).st_size
-        return hashlib.file_digest(fh, "sha256").hexdigest(), size
+    return sha256_input(path, "IGVM file", error=IgvmFormatError)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -45,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reference values (build/measure --reference-values): SNP digest, policy, key digests",
     )
     add_vcpu_options(parser, "the reference values' (kvm_vmsas), else the file's VP contexts")
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="when a check fails, look for why: the policy the ID key signed (~70 ECDSA verifications) "
+        "and the loader whose digest the ID block signs (the file measured under every loader)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
             reference=reference,
             vcpus=args.vcpus,
             vcpu_type=args.vcpu_type,
+            explain=args.explain,
         )
     except IdBlockVerificationError as exc:
         for failure in exc.failures:

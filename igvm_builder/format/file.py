@@ -183,16 +183,9 @@ class IgvmFile:
     def load(cls, path: str | os.PathLike[str], *, platform: PlatformType | None = None) -> IgvmFile:
         """mmap ``path`` read-only and parse it; page data is not copied."""
         name = os.fspath(path)
-        from igvm_builder.io import open_input
+        from igvm_builder.io import map_input
 
-        try:
-            with open_input(name, "IGVM file", error=IgvmFormatError) as fh:  # regular files only
-                size = os.fstat(fh.fileno()).st_size
-                buf: bytes | mmap.mmap = (
-                    mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-                )
-        except OSError as exc:
-            raise IgvmFormatError(f"cannot read: {exc.strerror}", source=name) from None
+        buf = map_input(name, "IGVM file", error=IgvmFormatError)  # regular files only
         f = cls.from_bytes(buf, platform=platform, source=name)
         if isinstance(buf, mmap.mmap):
             # the headers now live as objects: their pages of the mapping (8 MiB for a 1 GiB

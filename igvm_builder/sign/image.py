@@ -634,6 +634,7 @@ def verify_igvm(
     reference: Mapping[str, Any] | None = None,
     vcpus: int | None = None,
     vcpu_type: str | int | None = None,
+    explain: bool = False,
 ) -> VerifyReport:
     """Verify the SEV-SNP ID block of ``f`` as a loader and the SNP firmware would use it.
 
@@ -643,7 +644,10 @@ def verify_igvm(
     reference-values document (``--reference-values`` JSON): its SNP digest, policy
     and key digests must match the file.  ``vcpus`` / ``vcpu_type``: the launch's vCPU count
     and CPU model on the KVM loaders (default: the reference values' when they record them,
-    else the file's VP contexts).
+    else the file's VP contexts).  ``explain``: when a check fails, also look for why: the
+    policy the ID key did sign (an ECDSA verification for each of ~70 likely policies) and
+    the loader whose digest the block signs (the file measured again under every other
+    loader); without it a failure costs no more than a success.
 
     Raises :class:`IdBlockVerificationError` (a VerificationError) listing every
     failed check, each with a kind from :data:`FAILURE_KINDS` and one line of text.
@@ -699,9 +703,11 @@ def verify_igvm(
     try:
         verify_igvm_id_block_body(parsed, policy=policy)
     except VerificationError as exc:
-        signed_policy = _signed_policy(parsed, _policy_candidates(policy, (ref.policy if ref else None,)))
+        signed_policy = (_signed_policy(parsed, _policy_candidates(policy, (ref.policy if ref else None,)))
+                         if explain else None)
         if signed_policy is None:
-            fail("signature", exc.message)
+            fail("signature", exc.message if explain else f"{exc.message} (--explain looks for the policy it was "
+                 "signed for)")
         else:
             fail(
                 "policy",
@@ -727,7 +733,7 @@ def verify_igvm(
 
     digest = measure(name)
     if digest is not None and parsed.ld != digest:
-        other = _loader_hint(f, parsed.ld, name, launch)
+        other = _loader_hint(f, parsed.ld, name, launch) if explain else None
         if other is not None:
             fail(
                 "launch-digest",
@@ -735,10 +741,13 @@ def verify_igvm(
                 f"file's digest under loader {other} (verify with --loader {other}, or re-sign for {name})",
             )
         else:
+            why = ("pages, VMSAs or directives changed after signing" if explain else
+                   "pages, VMSAs or directives changed after signing, or signed for another loader: --explain "
+                   "measures under the others")
             fail(
                 "launch-digest",
                 f"launch digest mismatch: the ID block signs {parsed.ld.hex()}, but the file measures "
-                f"{digest.hex()} under loader {name} (pages, VMSAs or directives changed after signing)",
+                f"{digest.hex()} under loader {name} ({why})",
             )
 
     if id_key_digest is not None and id_key_digest != id_digest:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from igvm_builder.errors import SigningError
 from igvm_builder.sign import _ecdsa
@@ -585,21 +585,31 @@ def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
     )
 
 
-def _der_octet_string(data: bytes) -> bytes:
-    """Unwrap a DER OCTET STRING (CKA_EC_POINT); return ``data`` if it is not one."""
-    if len(data) < 2 or data[0] != 0x04:
-        return data
-    length = data[1]
-    offset = 2
-    if length & 0x80:
-        n = length & 0x7F
-        if n == 0 or n > 2 or len(data) < 2 + n:
-            return data
-        length = int.from_bytes(data[2 : 2 + n], "big")
-        offset = 2 + n
-    if offset + length == len(data):
-        return data[offset:]
-    return data
+#: Lengths of a bare P-384 point (X9.62): uncompressed ``04 || X || Y``, compressed ``02|03 || X``.
+_P384_POINT_LENGTHS = {97: (4,), 49: (2, 3)}
+
+
+def ec_public_key_from_token(ec_params: bytes, ec_point: bytes, *, source: str) -> _ecdsa.PublicKey:
+    """The public key of a token's CKA_EC_PARAMS and CKA_EC_POINT (needs python-pkcs11).
+
+    PKCS#11 says CKA_EC_POINT is the point wrapped in a DER OCTET STRING, and
+    ``pkcs11.util.ec`` decodes that; some tokens store the bare point instead.  The two are
+    told apart by length, which is unambiguous for P-384 (a bare point is 97 or 49 bytes, a
+    wrapped one 99 or 51): guessing from the first bytes, as an OCTET STRING tag ``04`` and a
+    length, misreads a bare uncompressed point whose X starts with 0x5f (1 key in 256).
+    """
+    from pkcs11 import Attribute
+    from pkcs11.util.ec import encode_ec_public_key
+
+    if ec_point[:1] and ec_point[0] in _P384_POINT_LENGTHS.get(len(ec_point), ()):
+        return _ecdsa.public_key_from_point(ec_point, source=source)  # a bare point
+    try:
+        # (encode_ec_public_key reads the two attributes by subscript: a dict serves as the key object)
+        der = encode_ec_public_key(cast(Any, {Attribute.EC_PARAMS: ec_params, Attribute.EC_POINT: ec_point}))
+    except (ValueError, TypeError, OverflowError) as exc:  # asn1crypto's parse errors
+        raise SigningError(f"the token's EC point is neither a DER OCTET STRING nor a bare point: {exc}",
+                           source=source) from None
+    return _ecdsa.load_public_key(der, source=source)
 
 
 class Pkcs11Key(KeySource):
@@ -787,10 +797,9 @@ class Pkcs11Key(KeySource):
         for selector in selectors:
             publics = list(session.get_objects({A.CLASS: OC.PUBLIC_KEY, **selector}))
             if len(publics) == 1:
-                point = _der_octet_string(bytes(publics[0][A.EC_POINT]))
-                return _ecdsa.require_p384_public(
-                    _ecdsa.public_key_from_point(point, source=self.description), self.description
-                )
+                key = ec_public_key_from_token(bytes(publics[0][A.EC_PARAMS]), bytes(publics[0][A.EC_POINT]),
+                                               source=self.description)
+                return _ecdsa.require_p384_public(key, self.description)
             certs = list(session.get_objects({A.CLASS: OC.CERTIFICATE, **selector}))
             if len(certs) == 1:
                 return _ecdsa.load_public_key(bytes(certs[0][A.VALUE]), source=self.description)
