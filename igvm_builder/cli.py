@@ -2,8 +2,21 @@
 
 Each subcommand lives in ``igvm_builder/commands/<name>.py`` with ``add_arguments(parser)``
 and ``run(args) -> int``; only the chosen one is imported, so ``--help`` stays fast.
-Every :class:`~igvm_builder.errors.IgvmError` becomes one line on stderr and exit status
-1 (2 for usage errors); ``--debug`` shows the traceback instead.
+
+Exit status, the same for every command (the table is :data:`EXIT_CODES`, applied here
+and nowhere else):
+
+* 0 (:data:`EXIT_OK`): done; the file is valid, verifies, matches, is reproducible;
+* 1 (:data:`EXIT_FAILED`): the command ran and its check failed: invalid file (``check``),
+  files differ (``diff``), lint errors, a signature or reference value does not verify,
+  the builds differ, the release does not match;
+* 2 (:data:`EXIT_ERROR`): usage error or input that could not be used (missing or
+  unreadable file, bad config, bad key, failed build); the command could not decide;
+* 130 on Ctrl-C; 141 (128 + SIGPIPE) when standard output was closed early (``| head``),
+  quietly.
+
+Every :class:`~igvm_builder.errors.IgvmError` becomes one line on stderr; ``--debug`` shows
+the traceback instead.
 """
 
 from __future__ import annotations
@@ -15,8 +28,26 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+EXIT_PIPE_CLOSED = 141
+#: The one exit-code table of every command (docs/JSON.md repeats it).
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "ok: valid, verified, identical, reproducible, built",
+    EXIT_FAILED: "the check ran and failed: invalid, differs, does not verify, lint errors",
+    EXIT_ERROR: "usage error or unusable input (missing/unreadable file, bad config or key, failed build)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_PIPE_CLOSED: "standard output closed early (e.g. | head); nothing more is printed",
+}
+
+#: The SEV-SNP loader profile of every command unless told otherwise (a test checks that it is
+#: igvm_builder.measure.profiles.DEFAULT_LOADER, which is not imported here to keep start-up fast).
+DEFAULT_LOADER = "hyperv"
+
 COMMANDS: dict[str, tuple[str, str]] = {
-    "check": ("check", "validate an IGVM file (exit 0 valid, 1 invalid)"),
+    "check": ("check", "validate an IGVM file (exit 0 valid, 1 invalid, 2 unreadable)"),
     "dump": ("dump", "show every header of an IGVM file (text or --json)"),
     "measure": ("measure", "compute each platform's launch measurement"),
     "build": ("build", "build an IGVM file from a TOML config"),
@@ -53,6 +84,9 @@ def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="igvm-builder",
         description="Build, measure, sign and verify IGVM confidential-VM launch images.",
+        epilog="Exit status of every command: 0 ok; 1 the check failed (invalid, differs, does not verify); "
+               "2 usage error or unusable input. The default SEV-SNP loader profile of every command is "
+               f"{DEFAULT_LOADER} (igvm-builder measure --help lists the profiles).",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--version", action=_VersionAction, help="show the version and exit")
@@ -78,31 +112,53 @@ def _find_command(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _failure_is_verdict(command: str, exc: BaseException) -> bool:
+    """Errors that are the command's verdict (exit 1) rather than a failure to decide (exit 2)."""
+    from igvm_builder.errors import IgvmFormatError
+
+    return command == "check" and isinstance(exc, IgvmFormatError)
+
+
+def _close_stdout() -> None:
+    """Standard output was closed by the reader: send what is left to /dev/null, quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _find_command(argv)
     parser = build_parser(command)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # usage errors: argparse exits with EXIT_ERROR (2)
     debug = args.debug or bool(os.environ.get("IGVM_BUILDER_DEBUG"))
     from igvm_builder.errors import IgvmError
 
     module = importlib.import_module(f"igvm_builder.commands.{COMMANDS[args.command][0]}")
     restore = _exit_on_signals()
     try:
-        return int(module.run(args) or 0)
+        status = int(module.run(args) or 0)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        _close_stdout()
+        return EXIT_PIPE_CLOSED
     except IgvmError as exc:
         if debug:
             raise
         print(f"igvm-builder {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED if _failure_is_verdict(args.command, exc) else EXIT_ERROR
     except OSError as exc:
         if debug:
             raise
         name = f"{exc.filename}: " if exc.filename else ""
         print(f"igvm-builder {args.command}: error: {name}{exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         restore()
 

@@ -6,7 +6,8 @@ Schema (every key optional unless noted; sizes are integers or strings such as `
 
     [image]
     platforms = ["native", "snp", "tdx", "vbs", "sev", "sev-es"]   # required, any subset
-    loader = "qemu"                    # qemu | hyperv | cloud-hypervisor (target loader)
+    loader = "hyperv"                  # hyperv (default) | qemu | cloud-hypervisor: the SNP loader
+                                       # profile measured and signed (any case; docs/MEASUREMENT.md)
     revision = 1                       # IGVM format version (1 or 2)
 
     [firmware]                         # an OVMF image mapped to end at 4 GiB
@@ -67,6 +68,9 @@ from igvm_builder.errors import ConfigError
 from igvm_builder.format.defs import PLATFORM_NAMES
 
 BUILD_LOADERS = ("qemu", "hyperv", "cloud-hypervisor")
+#: The loader profile of every command when neither the config nor an option names one
+#: (the same value as igvm_builder.measure.profiles.DEFAULT_LOADER, which a test checks).
+DEFAULT_LOADER = "hyperv"
 KERNEL_FORMATS = ("auto", "elf", "bzimage", "uki")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
@@ -122,7 +126,7 @@ class BuildConfig:
 
     source: str
     platforms: tuple[str, ...]
-    loader: str = "qemu"
+    loader: str = DEFAULT_LOADER
     revision: int = 1
     firmware: str | None = None
     firmware_igvm_parameters: bool = False
@@ -167,6 +171,7 @@ class BuildConfig:
         if platforms is not None:
             cfg = replace(cfg, platforms=_check_platforms(list(platforms), cfg.source, None))
         if loader is not None:
+            loader = loader.lower()
             if loader not in BUILD_LOADERS:
                 raise ConfigError(f"unknown loader '{loader}' (choose from {', '.join(BUILD_LOADERS)})",
                                   source=cfg.source, key="image.loader")
@@ -343,7 +348,7 @@ _Schema = Mapping[str, Callable[[_Ctx, str, Any], Any]]
 _SECTIONS: dict[str, _Schema] = {
     "image": {
         "platforms": lambda c, k, v: _check_platforms(v, c.source, c),
-        "loader": lambda c, k, v: c.choice(k, v, BUILD_LOADERS),
+        "loader": lambda c, k, v: c.choice(k, c.str_(k, v).lower(), BUILD_LOADERS),
         "revision": lambda c, k, v: c.int_(k, v, 1, 2),
     },
     "firmware": {"path": lambda c, k, v: c.path(k, v),
@@ -447,7 +452,7 @@ def parse_config(data: Mapping[str, Any], *, source: str, text: str = "", base_d
     return BuildConfig(
         source=source,
         platforms=values["image.platforms"],
-        loader=values.get("image.loader", "qemu"),
+        loader=values.get("image.loader", DEFAULT_LOADER),
         revision=values.get("image.revision", 1),
         firmware=values.get("firmware.path"),
         firmware_igvm_parameters=values.get("firmware.igvm_parameters", False),

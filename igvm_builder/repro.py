@@ -119,8 +119,8 @@ def _first_difference(a: memoryview, b: memoryview, chunk: int = 1 << 16) -> int
     n = min(len(a), len(b))
     for off in range(0, n, chunk):
         ca, cb = a[off : off + chunk], b[off : off + chunk]
-        if ca != cb:
-            return off + next(i for i in range(len(ca)) if ca[i] != cb[i])
+        if ca != cb:  # a shorter last chunk can be a prefix of the other: then the difference is at its end
+            return off + next((i for i in range(min(len(ca), len(cb))) if ca[i] != cb[i]), min(len(ca), len(cb)))
     return None if len(a) == len(b) else n
 
 
@@ -541,6 +541,13 @@ def _short(h: str | None) -> str:
     return f"{h[:12]}…" if h else "(unreadable)"
 
 
+def _show(value: Any) -> str:
+    """A reference value as text for people: JSON spelling (``null``, ``true``), never a Python repr."""
+    if value is ...:
+        return "(absent)"
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
 def _platform_entries(refs: Mapping[str, Any]) -> dict[str, Any]:
     plats = refs.get("platforms")
     return dict(plats) if isinstance(plats, Mapping) else {}
@@ -654,8 +661,8 @@ def verify_release(config_path: str | os.PathLike[str], reference: Mapping[str, 
         for k in sorted(set(fa) | set(fb)):
             if k not in ("digest", "measurement") and fa.get(k, ...) != fb.get(k, ...):
                 checks.append(ReleaseCheck("reference", f"{name}.{k}", False,
-                                           f"platform {name}: {k} {fa.get(k, '(absent)')} != published "
-                                           f"{fb.get(k, '(absent)')}"))
+                                           f"platform {name}: {k} {_show(fa.get(k, ...))} != published "
+                                           f"{_show(fb.get(k, ...))}"))
     # ---- the released file itself
     d: FileDiff | None = None
     if igvm is not None:

@@ -236,7 +236,7 @@ def test_disk_full_names_the_output(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     rc = igvm_builder.cli.main(["build", str(_good_config(tmp_path)), "-o", str(out),
                                 "--reference-values", str(tmp_path / "out.json")])
     err = capsys.readouterr().err.splitlines()
-    assert rc == 1 and len(err) == 1, err
+    assert rc == 2 and len(err) == 1, err
     assert f"{out}: cannot write: No space left on device" in err[0]
     assert_no_output(tmp_path, out)
     assert not (tmp_path / "out.json").exists()
@@ -276,5 +276,5 @@ def test_disk_full_while_streaming_the_data(tmp_path: Path, monkeypatch: pytest.
     out = tmp_path / "out.igvm"
     rc = igvm_builder.cli.main(["build", str(cfg), "-o", str(out)])
     err = capsys.readouterr().err.splitlines()
-    assert rc == 1 and err == [f"igvm-builder build: error: {out}: cannot write: No space left on device"], err
+    assert rc == 2 and err == [f"igvm-builder build: error: {out}: cannot write: No space left on device"], err
     assert_no_output(tmp_path, out)

@@ -108,8 +108,8 @@ def cli(*args: str, cwd: Path | str | None = None, env: Mapping[str, str] | None
 
 
 def assert_cli_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
-    """Exit status 1, exactly one line on stderr (no traceback) naming every ``needle``."""
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    """Exit status 2 (unusable input), exactly one line on stderr (no traceback) naming every ``needle``."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
     line = lines[0]

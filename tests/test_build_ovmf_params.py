@@ -69,5 +69,5 @@ def test_firmware_without_igvm_metadata_is_refused(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "igvm_builder", "build",
                            str(_config(tmp_path, BOOKWORM, "snp", True)), "-o", str(out)],
                           capture_output=True, text=True, check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr and not out.exists()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not out.exists()
     assert len(proc.stderr.strip().splitlines()) == 1

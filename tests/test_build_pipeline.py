@@ -308,7 +308,7 @@ def test_failed_measurement_leaves_no_output(tmp_path: Path, monkeypatch: pytest
     out = tmp_path / "out" / "image.igvm"
     out.parent.mkdir()
     rc = cli.main(["build", str(tmp_path / "build.toml"), "-o", str(out), "--reference-values", str(out) + ".json"])
-    assert rc == 1
+    assert rc == 2
     assert "injected failure after the layout" in capsys.readouterr().err
     assert list(out.parent.iterdir()) == []
 

@@ -50,7 +50,7 @@ def test_minimal_and_defaults(tmp_path: Path) -> None:
     cfg = load(tmp_path, MINIMAL)
     assert cfg.source == str(tmp_path / "build.toml")
     assert cfg.platforms == ("snp",)
-    assert cfg.loader == "qemu" and cfg.revision == 1
+    assert cfg.loader == "hyperv" and cfg.revision == 1  # the default loader of every command
     assert cfg.firmware == str(tmp_path / "OVMF.fd")
     assert cfg.kernel is None and cfg.blobs == ()
     assert cfg.memory_size == 512 << 20

@@ -288,12 +288,20 @@ def test_repro_check_writes_a_stamp(work):
 def test_signing_never_prints_key_material(work):
     key = KEYS / "test-only-id-p384.pem"
     spec = f"IGVM_SIGNING_KEY=file:{key}"
-    proc = scons(work, "igvm", spec, "VERBOSE=1")
+    refused = scons(work, "igvm", spec, check=False)  # the public TEST-ONLY key, as the CLI refuses it
+    assert refused.returncode != 0 and "refusing to sign with the public TEST-ONLY ID key" in refused.stderr
+    assert "set IGVM_ALLOW_TEST_KEYS=1" in refused.stderr and not (work / "build/hello.signed.igvm").exists()
+    spec = f"IGVM_SIGNING_KEY=file:{key} IGVM_ALLOW_TEST_KEYS=1"
+    proc = scons(work, "igvm", *spec.split(), "VERBOSE=1")
     signed = work / "build/hello.signed.igvm"
     assert signed.is_file()
     assert signed.read_bytes() != (work / "build/hello.igvm").read_bytes()
     body = [line for line in key.read_text().splitlines() if line and not line.startswith("-----")]
     for line in body:
         assert line not in proc.stdout and line not in proc.stderr
-    assert is_up_to_date(work, "igvm", spec)
-    assert not is_up_to_date(work, "igvm", f"IGVM_SIGNING_KEY=file:{KEYS / 'test-only-author-p384.pem'}")
+    # the signing stage's one line: the config's loader (hello.toml says qemu) and the key digest
+    assert "added an SEV-SNP ID block for loader qemu (image.loader of hello.toml)" in proc.stdout
+    assert "TEST-ONLY ID key was used" in proc.stderr
+    assert is_up_to_date(work, "igvm", *spec.split())
+    assert not is_up_to_date(work, "igvm", f"IGVM_SIGNING_KEY=file:{KEYS / 'test-only-author-p384.pem'}",
+                             "IGVM_ALLOW_TEST_KEYS=1")

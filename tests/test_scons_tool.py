@@ -108,14 +108,18 @@ def test_igvm_emits_reference_values_sidecar_and_alias(env):
 def test_sign_and_repro_drop_the_sidecar_from_their_sources(env):
     image = env.IGVM("out/guest", "guest.toml")
     signed = env.IGVMSign("out/guest.signed.igvm", image)
-    assert paths(signed[0].sources) == ["out/guest.igvm"]
+    # the image's config comes along: its loader and [sign] table are the signing stage's
+    assert [str(s) for s in signed[0].sources] == ["out/guest.igvm", "guest.toml"]
+    other = env.IGVMSign("out/other.signed.igvm", ["prebuilt.igvm", "release.toml"])
+    assert [str(s) for s in other[0].sources] == ["prebuilt.igvm", "release.toml"]
+    assert [str(s) for s in env.IGVMSign("out/p.signed.igvm", "prebuilt.igvm")[0].sources] == ["prebuilt.igvm"]
     assert str(env.IGVMSign(source=image[0])[0]) == "out/guest.signed.igvm"
     stamp = env.IGVMReproCheck("out/guest.repro", ["guest.toml", image])
     assert [str(s) for s in stamp[0].sources] == ["guest.toml", "out/guest.igvm"]
     assert stamp[0].nocache, "a cached stamp would skip the check"
     assert paths(env.Alias("igvm-check")[0].sources) == ["out/guest.repro"]
     assert "out/guest.signed.igvm" in paths(env.Alias("igvm")[0].sources)
-    with pytest.raises(SCons.Errors.UserError, match="one target and one image"):
+    with pytest.raises(SCons.Errors.UserError, match="one target, one image and at most one config"):
         env.IGVMSign("out/x.signed.igvm", ["a.igvm", "b.igvm"])
 
 

@@ -87,8 +87,8 @@ def test_sign_another_tools_file_then_verify(tmp_path: Path, capsys: pytest.Capt
     out = tmp_path / "signed.igvm"
     rc, stdout, stderr = cli(capsys, "sign", SNP_V1, "-o", out, *TEST_KEYS, "--guest-svn", "0x10")
     assert rc == 0, stderr
-    assert stdout.splitlines()[0].startswith(f"{out}: replaced the SEV-SNP ID block (loader hyperv, ")
-    assert f"ID key digest:     {ID_DIGEST}" in stdout and f"author key digest: {AUTHOR_DIGEST}" in stdout
+    assert stdout.splitlines()[0].startswith(f"{out}: replaced the SEV-SNP ID block for loader hyperv (default): ")
+    assert f"ID key digest {ID_DIGEST}, author key digest {AUTHOR_DIGEST}" in stdout
     assert "TEST-ONLY" in stderr  # allowed, but never silently
     (block,) = id_blocks(out)
     assert block.guest_svn == 0x10 and block.author_key_enabled == 1
@@ -114,23 +114,23 @@ def test_sign_adds_a_block_and_refuses_test_keys(tmp_path: Path, capsys: pytest.
     src = write_file(tmp_path / "in.igvm")
     out = tmp_path / "out.igvm"
     rc, stdout, stderr = cli(capsys, "sign", src, "-o", out, "--id-key", ID_PEM)
-    assert rc == 1 and stdout == ""
+    assert rc == 2 and stdout == ""
     assert stderr == (
         "igvm-builder sign: error: refusing to sign with the public TEST-ONLY ID key (shared/keys): anything "
         "signed with it proves nothing; pass --allow-test-keys for tests\n"
     )
     assert not out.exists()
     rc, stdout, stderr = cli(capsys, "sign", src, "-o", out, "--id-key", ID_PEM, "--author-key", AUTHOR_PEM)
-    assert rc == 1 and "TEST-ONLY ID and author key" in stderr
+    assert rc == 2 and "TEST-ONLY ID and author key" in stderr
     # A refused or failed run leaves an existing output as it was, and no temporary file.
     out.write_bytes(b"previous")
     rc, _, stderr = cli(capsys, "sign", src, "-o", out, "--id-key", tmp_path / "missing.pem")
-    assert rc == 1 and "cannot read key file" in stderr
+    assert rc == 2 and "cannot read key file" in stderr
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.igvm", "out.igvm"]
 
     rc, stdout, _ = cli(capsys, "sign", src, "-o", out, *TEST_KEYS, "--loader", "qemu")
-    assert rc == 0 and "added an SEV-SNP ID block (loader qemu" in stdout
+    assert rc == 0 and "added an SEV-SNP ID block for loader qemu (--loader)" in stdout
     assert len(id_blocks(out)) == 1
     assert cli(capsys, "verify", out, "--loader", "qemu")[0] == 0
 
@@ -166,12 +166,12 @@ def test_remove_gives_back_the_unsigned_file(tmp_path: Path, capsys: pytest.Capt
 def test_sign_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = write_file(tmp_path / "nopolicy.igvm", policy=None)
     rc, stdout, stderr = cli(capsys, "sign", src, "-o", tmp_path / "o.igvm", *TEST_KEYS)
-    assert rc == 1 and stdout == "" and stderr.count("\n") == 1
+    assert rc == 2 and stdout == "" and stderr.count("\n") == 1
     assert stderr.startswith("igvm-builder sign: error: no GUEST_POLICY for the SEV_SNP platform (mask 0x1)")
     native = tmp_path / "native.igvm"
     native.write_bytes((SHARED / "vectors" / "igvm" / "native_v2_minimal.igvm").read_bytes())
     rc, _, stderr = cli(capsys, "sign", native, "-o", tmp_path / "o.igvm", *TEST_KEYS)
-    assert rc == 1 and "has no SEV_SNP platform" in stderr
+    assert rc == 2 and "has no SEV_SNP platform" in stderr
     assert not (tmp_path / "o.igvm").exists()
 
 
@@ -191,7 +191,7 @@ def test_config_supplies_the_sign_table(
     monkeypatch.chdir(REPO)  # the key path is resolved against the config, not the working directory
     rc, stdout, stderr = cli(capsys, "sign", src, "-o", out, "--config", config, "--allow-test-keys")
     assert rc == 0, stderr
-    assert "(loader qemu," in stdout and "guest svn 3)" in stdout
+    assert "for loader qemu (image.loader of " in stdout and stdout.endswith("guest svn 3\n")
     (block,) = id_blocks(out)
     assert block.family_id == bytes(range(1, 17)) and block.guest_svn == 3
     qemu = measure_platform(IgvmFile.load(src), PlatformType.SEV_SNP, loader="qemu").digest
@@ -206,7 +206,8 @@ def test_config_supplies_the_sign_table(
 def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = write_file(tmp_path / "in.igvm")
     assert "-o/--output is required" in usage_error(capsys, "sign", src, "--id-key", ID_PEM)
-    assert "--id-key is required" in usage_error(capsys, "sign", src, "-o", tmp_path / "o.igvm")
+    rc, stdout, stderr = cli(capsys, "sign", src, "-o", tmp_path / "o.igvm")
+    assert (rc, stdout) == (2, "") and "no ID key: give --id-key (or a config with [sign] id_key)" in stderr
     assert "drop -o" in usage_error(
         capsys, "sign", src, "-o", "x", "--export-tbs", "t.json", "--id-key", ID_PEM
     )
@@ -250,7 +251,7 @@ def test_two_step_flow(
     # Only public keys are needed; test keys are refused here already.
     args = ("sign", src, "--export-tbs", tbs_path, "--id-key", id_pub, "--author-key", AUTHOR_PEM)
     rc, _, stderr = cli(capsys, *args, "--image-id", "11" * 16)
-    assert rc == 1 and "TEST-ONLY" in stderr and not tbs_path.exists()
+    assert rc == 2 and "TEST-ONLY" in stderr and not tbs_path.exists()
     rc, stdout, _ = cli(capsys, *args, "--image-id", "11" * 16, "--allow-test-keys")
     assert rc == 0 and stdout.startswith(f"{tbs_path}: to-be-signed document for {src} (loader hyperv")
     assert not (tmp_path / "out.igvm").exists()
@@ -269,7 +270,7 @@ def test_two_step_flow(
     imported = ("sign", src, "-o", out, "--import-signature", tbs_path, "--id-signature", tmp_path / "id.sig")
     rc, stdout, stderr = cli(capsys, *imported, "--author-signature", "-", "--allow-test-keys")
     assert rc == 0, stderr
-    assert f"author key digest: {AUTHOR_DIGEST}" in stdout
+    assert f"author key digest {AUTHOR_DIGEST}" in stdout
     # Deterministic signatures: the same bytes as signing in one step.
     one_step = tmp_path / "one.igvm"
     assert cli(capsys, "sign", src, "-o", one_step, *TEST_KEYS, "--image-id", "11" * 16)[0] == 0
@@ -286,13 +287,13 @@ def test_two_step_flow(
     rc, _, stderr = cli(capsys, "sign", other, "-o", tmp_path / "x.igvm", "--import-signature", tbs_path,
                         "--id-signature", tmp_path / "id.sig", "--author-signature", tmp_path / "author.sig",
                         "--allow-test-keys")  # fmt: skip
-    assert rc == 1 and "not the file it was exported from" in stderr and stderr.count("\n") == 1
+    assert rc == 2 and "not the file it was exported from" in stderr and stderr.count("\n") == 1
     # A signature by the wrong key.
     (tmp_path / "bad.sig").write_bytes(_der(AUTHOR_PEM, tbs.id_block_message))
     rc, _, stderr = cli(capsys, "sign", src, "-o", tmp_path / "x.igvm", "--import-signature", tbs_path,
                         "--id-signature", tmp_path / "bad.sig", "--author-signature", tmp_path / "author.sig",
                         "--allow-test-keys")  # fmt: skip
-    assert rc == 1 and "ID block signature does not verify" in stderr
+    assert rc == 2 and "ID block signature does not verify" in stderr
     assert not (tmp_path / "x.igvm").exists()
 
     # The exported document records its loader; the import measures with it unless told otherwise.
@@ -302,12 +303,12 @@ def test_two_step_flow(
     tbs = ExportedTbs.from_json(tbs_path.read_bytes())
     (tmp_path / "id.sig").write_bytes(_der(ID_PEM, tbs.id_block_message))
     rc, stdout, stderr = cli(capsys, *imported, "--allow-test-keys")
-    assert rc == 0 and "(loader qemu," in stdout, stderr
+    assert rc == 0 and "for loader qemu (recorded in " in stdout, stderr
     qemu = measure_platform(IgvmFile.load(src), PlatformType.SEV_SNP, loader="qemu").digest
     assert id_blocks(out)[0].ld == qemu
     rc, _, stderr = cli(capsys, *imported, "--allow-test-keys", "--loader", "hyperv")
     assert (
-        rc == 1 and "under loader hyperv: not the file it was exported from (or another --loader)" in stderr
+        rc == 2 and "under loader hyperv: not the file it was exported from (or another --loader)" in stderr
     )
 
 
@@ -355,7 +356,7 @@ def test_verify_reports_each_failure_on_one_line(tmp_path: Path, capsys: pytest.
     assert rc == 1 and stderr.endswith("the reference values say 0x10000\n") and stderr.count("\n") == 1
     ref.write_text("{not json")
     rc, _, stderr = cli(capsys, "verify", signed, "--reference", ref)
-    assert rc == 1 and "not JSON" in stderr
+    assert rc == 2 and "not JSON" in stderr
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +374,7 @@ def test_pkcs11_uri_on_the_command_line(
     uri = softhsm.uri(f"token={TOKEN};object=snp-id", f"pin-source={pin}")
     rc, stdout, stderr = cli(capsys, "sign", src, "-o", out, "--id-key", uri, "--allow-test-keys")
     assert rc == 0, stderr
-    assert f"ID key digest:     {ID_DIGEST}" in stdout and "4711" not in stdout + stderr
+    assert f"ID key digest {ID_DIGEST}" in stdout and "4711" not in stdout + stderr
     rc, stdout, _ = cli(capsys, "verify", out, "--id-key-digest", ID_DIGEST)
     assert rc == 0 and "OK" in stdout
 
@@ -442,10 +443,10 @@ def test_private_key_never_appears_in_outputs_or_errors(tmp_path: Path) -> None:
                 "2",
             ],
         ),
-        (1, ["sign", nopolicy, "-o", tmp_path / "x.igvm", *TEST_KEYS]),  # fails after loading the keys
-        (1, ["sign", src, "-o", tmp_path / "x.igvm", "--id-key", ID_PEM]),  # test key refused
-        (1, ["sign", src, "-o", tmp_path / "x.igvm", "--id-key", "env:IGVM_TEST_P256"]),  # wrong curve
-        (1, ["sign", src, "-o", tmp_path / "x.igvm", "--id-key", p256]),
+        (2, ["sign", nopolicy, "-o", tmp_path / "x.igvm", *TEST_KEYS]),  # fails after loading the keys
+        (2, ["sign", src, "-o", tmp_path / "x.igvm", "--id-key", ID_PEM]),  # test key refused
+        (2, ["sign", src, "-o", tmp_path / "x.igvm", "--id-key", "env:IGVM_TEST_P256"]),  # wrong curve
+        (2, ["sign", src, "-o", tmp_path / "x.igvm", "--id-key", p256]),
         (1, ["verify", out, "--author-key-digest", AUTHOR_DIGEST]),
     ]
     for expected_rc, argv in runs:

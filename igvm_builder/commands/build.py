@@ -7,6 +7,8 @@ import json
 import sys
 from collections.abc import Iterable
 
+from igvm_builder.commands._common import BUILD_LOADERS, add_loader_option, print_json
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="TOML build configuration (schema: docs/CONFIG.md)")
@@ -18,8 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write a Make/Ninja dependency file: the output depends on the config, its "
                              "includes and every input it names")
     parser.add_argument("--platforms", help="override image.platforms, comma separated (e.g. snp,tdx)")
-    parser.add_argument("--loader", choices=("qemu", "hyperv", "cloud-hypervisor"), help="override image.loader")
+    add_loader_option(parser, "override image.loader (default: the config's, else hyperv)", choices=BUILD_LOADERS)
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (schema: docs/JSON.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,17 +42,35 @@ def run(args: argparse.Namespace) -> int:
             refs_out.write((json.dumps(result.reference_values, indent=2, sort_keys=True) + "\n").encode())
         if dep_out is not None:
             dep_out.write(depfile_text(args.output, (cfg.source, *cfg.input_files)).encode())
-    if not args.quiet:
-        # an output on standard output: the summary goes to standard error, not into it
-        report = sys.stderr if STDOUT in (args.output, args.reference_values, args.depfile) else sys.stdout
+    refs = result.reference_values
+    platforms = refs.get("platforms", {})
+    notes = list(refs.get("build", {}).get("notes", ()))
+    # an output on standard output: the summary (or the JSON) goes to standard error, not into it
+    report = sys.stderr if STDOUT in (args.output, args.reference_values, args.depfile) else sys.stdout
+    if args.json:
+        print_json({
+            "output": args.output,
+            "size": result.size,
+            "sha256": result.sha256,
+            "loader": refs.get("build", {}).get("loader"),
+            "platforms": {name: {"platform": e.get("platform"), "algorithm": e.get("algorithm"),
+                                 "digest": e.get("digest")} for name, e in platforms.items()},
+            "reference_values": args.reference_values,
+            "depfile": args.depfile,
+            "warnings": list(result.file.warnings),
+            "notes": notes,
+        }, file=report)
+    elif not args.quiet:
         print(f"{args.output}: {result.size} bytes, sha256 {result.sha256}", file=report)
-        for name, entry in sorted(result.reference_values.get("platforms", {}).items()):
+        for name, entry in sorted(platforms.items()):
             digest = entry.get("digest") if isinstance(entry, dict) else None
             if digest:
-                print(f"  {name}: {digest}", file=report)
+                loader = f" (loader {entry['loader']})" if entry.get("loader") else ""
+                print(f"  {name}: {digest}{loader}", file=report)
+    if not args.quiet:
         for w in result.file.warnings:
             print(f"igvm-builder build: warning: {w}", file=sys.stderr)
-        for note in result.reference_values.get("build", {}).get("notes", ()):
+        for note in notes:
             print(f"igvm-builder build: note: {note}", file=sys.stderr)
     return 0
 

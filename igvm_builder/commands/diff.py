@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 import mmap
-import os
 import sys
 
-from igvm_builder.commands._common import print_json
-from igvm_builder.measure.profiles import PROFILES
+from igvm_builder.commands._common import DEFAULT_LOADER, add_loader_option, print_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,8 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("b", metavar="B", help="second (new) IGVM file")
     parser.add_argument("--json", action="store_true",
                         help="print the JSON diff (schema: docs/REPRODUCIBLE_RELEASES.md)")
-    parser.add_argument("--loader", choices=sorted(PROFILES),
-                        help="SEV-SNP loader profile of the measurements (default: the library default)")
+    add_loader_option(parser, f"SEV-SNP loader profile of the measurements (default: {DEFAULT_LOADER})")
     parser.add_argument("--no-measure", action="store_true", help="do not compare launch measurements")
     parser.add_argument("--max-ranges", type=int, default=200,
                         help="text output: page ranges to show at most (default 200; 0 = all)")
@@ -49,29 +46,17 @@ def same_bytes(a: bytes | mmap.mmap, b: bytes | mmap.mmap, chunk: int = 1 << 20)
 
 def run(args: argparse.Namespace) -> int:
     from igvm_builder.diff import diff_files
-    from igvm_builder.errors import IgvmError
     from igvm_builder.format import IgvmFile
 
-    try:
-        buf_a, buf_b = _map(args.a), _map(args.b)
-        fa = IgvmFile.from_bytes(buf_a, source=args.a)
-        fb = IgvmFile.from_bytes(buf_b, source=args.b)
-        identical_bytes = same_bytes(buf_a, buf_b)
-        result = diff_files(fa, fb, a_name=args.a, b_name=args.b, loader=args.loader,
-                            measure=not args.no_measure, byte_identical=identical_bytes)
-    except IgvmError as exc:
-        print(f"igvm-builder diff: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        name = f"{exc.filename}: " if exc.filename else ""
-        print(f"igvm-builder diff: error: {name}{exc.strerror or exc}", file=sys.stderr)
-        return 2
-    try:
-        if args.json:
-            print_json(result.as_dict())
-        else:
-            sys.stdout.write(result.render_text(max_ranges=args.max_ranges or None))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    # errors (unreadable or invalid file) are exit 2, in igvm_builder.cli like every command's
+    buf_a, buf_b = _map(args.a), _map(args.b)
+    fa = IgvmFile.from_bytes(buf_a, source=args.a)
+    fb = IgvmFile.from_bytes(buf_b, source=args.b)
+    identical_bytes = same_bytes(buf_a, buf_b)
+    result = diff_files(fa, fb, a_name=args.a, b_name=args.b, loader=args.loader,
+                        measure=not args.no_measure, byte_identical=identical_bytes)
+    if args.json:
+        print_json(result.as_dict())
+    else:
+        sys.stdout.write(result.render_text(max_ranges=args.max_ranges or None))
     return 0 if result.identical else 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import mmap
-import os
 import sys
 
 from igvm_builder.commands._common import add_platform_option, write_pieces
@@ -38,14 +37,11 @@ def run(args: argparse.Namespace) -> int:
         have = ", ".join(p.platform_type.name for p in f.platforms)
         print(f"igvm-builder dump: error: {args.file}: no {args.platform.name} platform (it has: {have})",
               file=sys.stderr)
-        return 1
-    try:
-        if args.json:  # written as it is made: a large file's dump never exists whole in memory
-            write_pieces(iter_dump_json(f, source_bytes=buf, platform=args.platform))
-            sys.stdout.write("\n")
-        else:
-            write_pieces(iter_dump_text(f, source_bytes=buf, platform=args.platform))
-        sys.stdout.flush()
-    except BrokenPipeError:  # `igvm-builder dump x.igvm | head`: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 2  # nothing to dump: the input does not fit the request
+    # `igvm-builder dump x.igvm | head`: igvm_builder.cli stops quietly on the closed pipe
+    if args.json:  # written as it is made: a large file's dump never exists whole in memory
+        write_pieces(iter_dump_json(f, source_bytes=buf, platform=args.platform))
+        sys.stdout.write("\n")
+    else:
+        write_pieces(iter_dump_text(f, source_bytes=buf, platform=args.platform))
     return 0

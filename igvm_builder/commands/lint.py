@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from igvm_builder.commands._common import print_json
-from igvm_builder.measure.profiles import PROFILES
+from igvm_builder.commands._common import DEFAULT_LOADER, add_loader_option, print_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="IGVM file")
-    parser.add_argument("--loader", choices=sorted(PROFILES), default="qemu", help="target loader (default qemu)")
-    parser.add_argument("--json", action="store_true", help="machine-readable findings")
+    add_loader_option(parser, f"target loader (default: {DEFAULT_LOADER})", default=DEFAULT_LOADER)
+    parser.add_argument("--json", action="store_true", help="machine-readable findings (schema: docs/JSON.md)")
 
 
 def run(args: argparse.Namespace) -> int:

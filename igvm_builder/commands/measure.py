@@ -13,7 +13,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from igvm_builder.commands._common import add_platform_option, print_json, warn
+from igvm_builder.commands._common import add_platform_option, loader_arg, print_json, warn
 from igvm_builder.commands._vcpus import add_vcpu_options
 from igvm_builder.errors import IgvmError, MeasurementError
 from igvm_builder.measure.profiles import DEFAULT_LOADER, PROFILES
@@ -34,10 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_platform_option(parser, "measure only this platform (error if the file lacks it)")
     loaders = parser.add_mutually_exclusive_group()
     loaders.add_argument(
-        "--loader", choices=list(PROFILES), default=DEFAULT_LOADER, metavar="LOADER",
-        help=(f"SEV-SNP loader profile: {', '.join(PROFILES)} (default: {DEFAULT_LOADER}, the reference "
-              "model of microsoft/igvm used by Hyper-V and OpenVMM). Loaders measure data-less pages, "
-              "'shared' pages, parameter areas and VMSAs differently; see docs/MEASUREMENT.md"),
+        "--loader", type=loader_arg(), default=DEFAULT_LOADER, metavar="LOADER",
+        help=("SEV-SNP loader profile, any case (default: " + DEFAULT_LOADER + "). Loaders measure data-less "
+              "pages, 'shared' pages, parameter areas and VMSAs differently (docs/MEASUREMENT.md); each "
+              "profile models one real stack: "
+              + "; ".join(f"{p.name} = {p.description}" for p in PROFILES.values())).replace("%", "%%"),
     )
     loaders.add_argument(
         "--all-loaders", action="store_true",
@@ -87,7 +88,9 @@ def _line(m: Measurement) -> str:
     if m.digest is None:
         note = f"  ({'; '.join(m.notes)})" if m.notes else ""
         return f"{m.platform.name} - -{note}"
-    extra = f"loader={m.loader}" if m.loader else f"order={m.variant}" if m.variant else ""
+    # the SNP line says which real stack its loader profile models
+    extra = (f"loader={m.loader} ({PROFILES[m.loader].description})" if m.loader in PROFILES
+             else f"loader={m.loader}" if m.loader else f"order={m.variant}" if m.variant else "")
     if m.vcpus is not None:
         extra += f" vcpus={m.vcpus}"
         if m.loader == "qemu" and m.vcpus > (m.vp_contexts or 0):
@@ -136,6 +139,7 @@ def _all_loaders(f: IgvmFile, args: argparse.Namespace) -> int:
             "platform": "SEV_SNP",
             "default_loader": DEFAULT_LOADER,
             "loaders": {name: ({"digest": r.hex()} if isinstance(r, bytes) else {"error": r.message})
+                        | {"models": PROFILES[name].description}
                         for name, r in results.items()},
             "loaders_agree": agree,
         })
@@ -146,6 +150,9 @@ def _all_loaders(f: IgvmFile, args: argparse.Namespace) -> int:
             default = "  (default)" if name == DEFAULT_LOADER else ""
             text = r.hex() if isinstance(r, bytes) else f"rejected: {r.message}"
             print(f"  {name:<{width}}  {text}{default}")
+        print("loader profiles (the real stack each one models):")
+        for name in results:
+            print(f"    {name:<{width}}  {PROFILES[name].description}")
     if not agree:
         groups: dict[str, list[str]] = {}
         for name, r in results.items():
@@ -226,5 +233,4 @@ def run(args: argparse.Namespace) -> int:
     else:
         for m in ms:
             print(_line(m))
-    sys.stdout.flush()
     return 0

@@ -12,18 +12,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from igvm_builder.commands._common import print_json
+from igvm_builder.commands._common import BUILD_LOADERS, add_loader_option, print_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="TOML build configuration")
     parser.add_argument("--platforms", help="override image.platforms, comma separated (e.g. snp,tdx)")
-    parser.add_argument("--loader", choices=("qemu", "hyperv", "cloud-hypervisor"), help="override image.loader")
+    add_loader_option(parser, "override image.loader (default: the config's, else hyperv)", choices=BUILD_LOADERS)
     parser.add_argument("--in-process", action="store_true",
                         help="build both copies in this process (cheaper; varies paths, mtimes and file order "
                              "only)")
     parser.add_argument("--keep", metavar="DIR", help="copy both builds and their reference values to DIR")
-    parser.add_argument("--json", action="store_true", help="print the report (or the diff) as JSON")
+    parser.add_argument("--json", action="store_true", help="print the report (or the diff) as JSON (schema: docs/JSON.md)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,8 +19,8 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from igvm_builder.commands._common import LOADERS, add_loader_option, print_json
 from igvm_builder.commands._vcpus import add_vcpu_options
-from igvm_builder.measure.profiles import PROFILES
 
 _MAX_SIGNATURE = 64 * 1024
 
@@ -52,12 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--id-key", metavar="SPEC", help="ID key source: PATH, file:PATH, env:VAR, pkcs11:URI or cmd:COMMAND"
     )
     parser.add_argument("--author-key", metavar="SPEC", help="author key source (same forms as --id-key)")
-    parser.add_argument(
-        "--loader",
-        choices=sorted(PROFILES),
-        help="loader profile of the launch digest to sign (default: the config's image.loader with "
-        "--config, else hyperv)",
-    )
+    add_loader_option(parser, "loader profile of the launch digest to sign (default: the config's "
+                              "image.loader with --config, else hyperv)")
     add_vcpu_options(parser, "the config's snp.vcpus with --config, else the file's VP contexts")
     parser.add_argument("--family-id", type=_id16, metavar="HEX", help="FAMILY_ID, 32 hex digits")
     parser.add_argument("--image-id", type=_id16, metavar="HEX", help="IMAGE_ID, 32 hex digits")
@@ -87,6 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="remove the SEV-SNP ID block instead of signing (the launch digest does not change)",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (schema: docs/JSON.md)")
     parser.set_defaults(_sign_parser=parser)
 
 
@@ -161,37 +158,6 @@ def _check_paths(args: argparse.Namespace) -> None:
     check_distinct([p for p in (args.output, args.export_tbs) if p], inputs)
 
 
-def _config_defaults(args: argparse.Namespace) -> dict[str, Any]:
-    """Sign options from ``--config`` ([sign] table, image.loader); key paths relative to the config."""
-    if not args.config:
-        return {}
-    from igvm_builder.config import load_config
-
-    cfg = load_config(args.config)
-    base = os.path.dirname(cfg.source)
-
-    def resolve(spec: str | None) -> str | None:
-        if not spec:
-            return None
-        scheme, sep, rest = spec.partition(":")
-        scheme = scheme.lower() if sep else ""
-        if scheme in ("env", "pkcs11", "cmd") or (scheme == "file" and rest.startswith("//")):
-            return spec
-        prefix, path = ("file:", rest) if scheme == "file" else ("", spec)
-        return prefix + os.path.join(base, os.path.expanduser(path)) if path else spec
-
-    return {
-        "id_key": resolve(cfg.sign.id_key),
-        "author_key": resolve(cfg.sign.author_key),
-        "family_id": cfg.sign.family_id,
-        "image_id": cfg.sign.image_id,
-        "guest_svn": cfg.sign.guest_svn,
-        "loader": cfg.loader,
-        "vcpus": cfg.snp.vcpus,
-        "vcpu_type": cfg.snp.vcpu_type,
-    }
-
-
 def _read_signature(path: str, what: str) -> bytes:
     from igvm_builder.errors import SigningError
 
@@ -209,18 +175,9 @@ def _read_signature(path: str, what: str) -> bytes:
 
 def _refuse_test_keys(args: argparse.Namespace, digests: dict[str, bytes | None]) -> str | None:
     """SigningError for a TEST-ONLY key unless --allow-test-keys; else the warning to print on success."""
-    from igvm_builder.errors import SigningError
-    from igvm_builder.sign import TEST_ONLY_KEY_DIGESTS
+    from igvm_builder.sign.stage import check_test_keys
 
-    test = [name for name, d in digests.items() if d is not None and d in TEST_ONLY_KEY_DIGESTS]
-    if not test:
-        return None
-    if not args.allow_test_keys:
-        raise SigningError(
-            f"refusing to sign with the public TEST-ONLY {' and '.join(test)} key (shared/keys): anything "
-            "signed with it proves nothing; pass --allow-test-keys for tests"
-        )
-    return f"igvm-builder sign: warning: the public TEST-ONLY {' and '.join(test)} key was used (tests only)"
+    return check_test_keys(digests, allow=args.allow_test_keys, how_to_allow="pass --allow-test-keys")
 
 
 def _key_lines(id_digest: bytes, author_digest: bytes | None) -> list[str]:
@@ -228,6 +185,11 @@ def _key_lines(id_digest: bytes, author_digest: bytes | None) -> list[str]:
         f"  ID key digest:     {id_digest.hex()}",
         f"  author key digest: {author_digest.hex() if author_digest is not None else 'none'}",
     ]
+
+
+def _warn(warning: str | None) -> None:
+    if warning:
+        print(f"igvm-builder sign: warning: {warning}", file=sys.stderr)
 
 
 def _load_public(spec: str) -> Any:
@@ -250,8 +212,9 @@ def run(args: argparse.Namespace) -> int:
     from igvm_builder.format import IgvmFile
     from igvm_builder.io import STDOUT, atomic_write
     from igvm_builder.measure.profiles import DEFAULT_LOADER
-    from igvm_builder.sign import ExportedTbs, key_digest, key_source_from_spec
-    from igvm_builder.sign.image import export_igvm_tbs, import_igvm_signature, sign_igvm
+    from igvm_builder.sign import ExportedTbs, key_digest
+    from igvm_builder.sign.image import export_igvm_tbs, import_igvm_signature
+    from igvm_builder.sign.stage import SignOutcome, launch_vcpus, plan_signing, sign_file
 
     _check_usage(args)
     _check_paths(args)
@@ -261,7 +224,9 @@ def run(args: argparse.Namespace) -> int:
 
         out, removed = remove_id_block(IgvmFile.load(args.input))
         atomic_write(args.output, out.iter_chunks())
-        if not args.quiet:
+        if args.json:
+            print_json({"output": args.output, "action": "removed" if removed else "unchanged"}, file=report)
+        elif not args.quiet:
             print(f"{args.output}: removed the SEV-SNP ID block" if removed else
                   f"{args.output}: {args.input} has no SEV-SNP ID block; written unchanged", file=report)
         return 0
@@ -271,7 +236,10 @@ def run(args: argparse.Namespace) -> int:
 
         document = read_input(args.import_signature, "to-be-signed document", limit=JSON_LIMIT, error=SigningError)
         tbs = ExportedTbs.from_json(document)
-        loader = args.loader or _document_loader(document) or DEFAULT_LOADER
+        recorded = _document_loader(document)
+        loader, origin = ((args.loader, "--loader") if args.loader else
+                          (recorded, f"recorded in {args.import_signature}") if recorded else
+                          (DEFAULT_LOADER, "default"))
         vcpus = _document_vcpus(document) if args.vcpus is None and args.vcpu_type is None \
             else (args.vcpus, args.vcpu_type)
         warning = _refuse_test_keys(
@@ -291,80 +259,65 @@ def run(args: argparse.Namespace) -> int:
             f, tbs, id_block_signature=id_sig, id_key_signature=author_sig, loader=loader, vcpus=vcpus[0],
             vcpu_type=vcpus[1]
         )
+        outcome = SignOutcome(
+            output=args.output, loader=loader, loader_from=origin, launch_digest=bytes(signed.fields.ld),
+            policy=signed.fields.policy, family_id=bytes(signed.fields.family_id),
+            image_id=bytes(signed.fields.image_id), guest_svn=signed.fields.guest_svn,
+            id_key_digest=signed.id_key_digest, author_key_digest=signed.author_key_digest, replaced=replaced,
+            test_key_warning=warning,
+        )
     else:
-        defaults = _config_defaults(args)
-        loader = args.loader or defaults.get("loader") or DEFAULT_LOADER
-        id_spec = args.id_key or defaults.get("id_key")
-        if not id_spec:
-            _usage(args, "--id-key is required (or a [sign] id_key in --config)")
-        author_spec = args.author_key or defaults.get("author_key")
-        fields = {
-            name: value if value is not None else defaults.get(name, default)
-            for name, value, default in (
-                ("family_id", args.family_id, bytes(16)),
-                ("image_id", args.image_id, bytes(16)),
-                ("guest_svn", args.guest_svn, 0),
-            )
-        }
+        config = None
+        if args.config:
+            from igvm_builder.config import load_config
+
+            config = load_config(args.config)
+        plan = plan_signing(config=config, id_key=args.id_key, author_key=args.author_key, loader=args.loader,
+                            family_id=args.family_id, image_id=args.image_id, guest_svn=args.guest_svn,
+                            vcpus=args.vcpus, vcpu_type=args.vcpu_type)
         f = IgvmFile.load(args.input)
-        vcpus = (args.vcpus, args.vcpu_type)
-        if vcpus == (None, None) and _starts_a_vcpu(f):  # the build's vCPU count (as in its reference values)
-            vcpus = (defaults.get("vcpus"), defaults.get("vcpu_type"))
+        vcpus = launch_vcpus(f, plan)  # the build's vCPU count (as in its reference values)
         if args.export_tbs:
-            id_pub = _load_public(id_spec)
-            author_pub = _load_public(author_spec) if author_spec else None
-            tbs = export_igvm_tbs(f, id_key=id_pub, author_key=author_pub, loader=loader, vcpus=vcpus[0],
-                                  vcpu_type=vcpus[1], **fields)
+            id_pub = _load_public(plan.id_key)
+            author_pub = _load_public(plan.author_key) if plan.author_key else None
+            tbs = export_igvm_tbs(f, id_key=id_pub, author_key=author_pub, loader=plan.loader, vcpus=vcpus[0],
+                                  vcpu_type=vcpus[1], family_id=plan.family_id, image_id=plan.image_id,
+                                  guest_svn=plan.guest_svn)
             id_digest = key_digest(tbs.id_key)
             author_digest = key_digest(tbs.author_key) if tbs.author_key is not None else None
             warning = _refuse_test_keys(args, {"ID": id_digest, "author": author_digest})
             # The loader is recorded beside the standard fields so that the import measures alike.
             doc = json.loads(tbs.to_json())
-            doc["loader"] = loader
+            doc["loader"] = plan.loader
             if vcpus != (None, None):
                 doc["vcpus"], doc["vcpu_type"] = vcpus
             atomic_write(args.export_tbs, (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode("utf-8"))
-            if not args.quiet:
+            if args.json:
+                print_json({"output": args.export_tbs, "action": "exported", "loader": plan.loader,
+                            "loader_from": plan.loader_from, "launch_digest": tbs.fields.ld.hex(),
+                            "policy": f"{tbs.fields.policy:#x}", "family_id": tbs.fields.family_id.hex(),
+                            "image_id": tbs.fields.image_id.hex(), "guest_svn": tbs.fields.guest_svn,
+                            "id_key_digest": id_digest.hex(),
+                            "author_key_digest": author_digest.hex() if author_digest is not None else None,
+                            "test_only_key": warning is not None}, file=report)
+            elif not args.quiet:
                 print(
-                    f"{args.export_tbs}: to-be-signed document for {args.input} (loader {loader}, launch digest "
-                    f"{tbs.fields.ld.hex()}, policy {tbs.fields.policy:#x})", file=report
+                    f"{args.export_tbs}: to-be-signed document for {args.input} (loader {plan.loader}, launch "
+                    f"digest {tbs.fields.ld.hex()}, policy {tbs.fields.policy:#x})", file=report
                 )
                 for line in _key_lines(id_digest, author_digest):
                     print(line, file=report)
-            if warning:
-                print(warning, file=sys.stderr)
+            _warn(warning)
             return 0
-        id_key = key_source_from_spec(id_spec)
-        author_key = key_source_from_spec(author_spec) if author_spec else None
-        warning = _refuse_test_keys(
-            args,
-            {
-                "ID": key_digest(id_key.public_key()),
-                "author": key_digest(author_key.public_key()) if author_key is not None else None,
-            },
-        )
-        replaced = _has_id_block(f)
-        out, signed = sign_igvm(f, id_key=id_key, author_key=author_key, loader=loader, vcpus=vcpus[0],
-                                vcpu_type=vcpus[1], **fields)
+        out, outcome = sign_file(f, plan, output=args.output, allow_test_keys=args.allow_test_keys)
 
     atomic_write(args.output, out.iter_chunks())
-    if not args.quiet:
-        action = "replaced the" if replaced else "added an"
-        print(
-            f"{args.output}: {action} SEV-SNP ID block (loader {loader}, launch digest {signed.fields.ld.hex()}, "
-            f"policy {signed.fields.policy:#x}, guest svn {signed.fields.guest_svn})", file=report
-        )
-        for line in _key_lines(signed.id_key_digest, signed.author_key_digest):
-            print(line, file=report)
-    if warning:
-        print(warning, file=sys.stderr)
+    if args.json:
+        print_json(outcome.as_dict(), file=report)
+    elif not args.quiet:
+        print(outcome.line(), file=report)
+    _warn(outcome.test_key_warning)
     return 0
-
-
-def _starts_a_vcpu(f: Any) -> bool:
-    from igvm_builder.format import headers as H
-
-    return any(isinstance(h, H.SnpVpContext) for h in f.directives)
 
 
 def _document_vcpus(document: bytes) -> tuple[int | None, str | int | None]:
@@ -387,7 +340,7 @@ def _document_loader(document: bytes) -> str | None:
         loader = json.loads(document).get("loader")
     except (ValueError, AttributeError, RecursionError):
         return None
-    return loader if isinstance(loader, str) and loader in PROFILES else None
+    return loader.lower() if isinstance(loader, str) and loader.lower() in LOADERS else None
 
 
 def _has_id_block(f: Any) -> bool:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from igvm_builder.commands._common import add_loader_option, print_json
 from igvm_builder.commands._vcpus import add_vcpu_options
-from igvm_builder.measure.profiles import PROFILES
 
 
 def _digest(value: str) -> bytes:
@@ -27,12 +27,8 @@ def _digest(value: str) -> bytes:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="signed IGVM file")
-    parser.add_argument(
-        "--loader",
-        choices=sorted(PROFILES),
-        help="loader profile whose launch digest the ID block must sign "
-        "(default: the reference values' loader, else hyperv)",
-    )
+    add_loader_option(parser, "loader profile whose launch digest the ID block must sign "
+                              "(default: the reference values' loader, else hyperv)")
     parser.add_argument(
         "--id-key-digest", type=_digest, metavar="HEX", help="expected ID key digest (SHA-384)"
     )
@@ -51,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="when a check fails, look for why: the policy the ID key signed (~70 ECDSA verifications) "
         "and the loader whose digest the ID block signs (the file measured under every loader)",
     )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (schema: docs/JSON.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,10 +73,30 @@ def run(args: argparse.Namespace) -> int:
             explain=args.explain,
         )
     except IdBlockVerificationError as exc:
+        if args.json:
+            print_json({"file": args.file, "ok": False, "loader": args.loader,
+                        "failures": [{"kind": x.kind, "message": x.message} for x in exc.failures]})
         for failure in exc.failures:
             print(f"igvm-builder verify: error: {args.file}: {failure.message}", file=sys.stderr)
         return 1
-    print(f"{args.file}: OK: {report.summary()}")
+    if args.json:
+        print_json({
+            "file": args.file,
+            "ok": True,
+            "loader": report.loader,
+            "launch_digest": report.launch_digest.hex(),
+            "policy": f"{report.policy:#x}",
+            "family_id": report.family_id.hex(),
+            "image_id": report.image_id.hex(),
+            "guest_svn": report.guest_svn,
+            "id_key_digest": report.id_key_digest.hex(),
+            "author_key_digest": report.author_key_digest.hex() if report.author_key_digest is not None else None,
+            "reference_checked": report.reference_checked,
+            "test_only_key": report.uses_test_only_key,
+            "failures": [],
+        })
+    else:
+        print(f"{args.file}: OK: {report.summary()}")
     # what a valid ID block proves, and what it does not (docs/SIGNING.md, "What verify proves")
     covered = "the SEV-SNP launch only: the pages, VMSAs and directives an SEV-SNP launch measures"
     if report.uncovered_pages:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from igvm_builder.commands._common import print_json
+from igvm_builder.commands._common import BUILD_LOADERS, add_loader_option, print_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,9 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="published reference values (igvm-builder build --reference-values)")
     parser.add_argument("--igvm", metavar="FILE", help="the released IGVM file to check as well")
     parser.add_argument("--platforms", help="override the platforms recorded in REF.json (comma separated)")
-    parser.add_argument("--loader", choices=("qemu", "hyperv", "cloud-hypervisor"),
-                        help="override the loader recorded in REF.json")
-    parser.add_argument("--json", action="store_true", help="print every check as JSON")
+    add_loader_option(parser, "override the loader recorded in REF.json", choices=BUILD_LOADERS)
+    parser.add_argument("--json", action="store_true", help="print every check as JSON (schema: docs/JSON.md)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,18 +38,23 @@ class LoaderProfile:
 PROFILES: dict[str, LoaderProfile] = {
     p.name: p
     for p in (
-        LoaderProfile("hyperv", "Hyper-V / OpenVMM (microsoft/igvm measurement model; the default)",
+        LoaderProfile("hyperv", "Hyper-V and OpenVMM (microsoft/igvm's measurement model, which the reference "
+                      "vectors follow; the default)",
                       dataless_page_type=1, skip_shared=True, insert_all_pages=True, vmsa_last_at_kvm_gpa=False),
-        LoaderProfile("qemu", "QEMU >= 10.1 IGVM loader on KVM", dataless_page_type=1, skip_shared=False,
-                      insert_all_pages=True, vmsa_last_at_kvm_gpa=True, kvm_vmm="qemu"),
-        LoaderProfile("cloud-hypervisor", "Cloud Hypervisor on KVM", dataless_page_type=3, skip_shared=False,
+        LoaderProfile("qemu", "QEMU >= 10.1 launching the IGVM file itself (-object igvm-cfg) on KVM",
+                      dataless_page_type=1, skip_shared=False, insert_all_pages=True, vmsa_last_at_kvm_gpa=True,
+                      kvm_vmm="qemu"),
+        LoaderProfile("cloud-hypervisor", "Cloud Hypervisor on KVM; for an OVMF image also QEMU's -bios launch, "
+                      "i.e. sev-snp-measure --vmm-type QEMU", dataless_page_type=3, skip_shared=False,
                       insert_all_pages=True, vmsa_last_at_kvm_gpa=True, kvm_vmm="cloud-hypervisor"),
-        LoaderProfile("cloud-hypervisor-mshv", "Cloud Hypervisor on MSHV (read from source only)",
+        LoaderProfile("cloud-hypervisor-mshv", "Cloud Hypervisor on MSHV (Microsoft hypervisor; read from its "
+                      "source, not run here)",
                       dataless_page_type=1, skip_shared=False, insert_all_pages=False,
                       vmsa_last_at_kvm_gpa=False, sort_by_gpa=True),
-        LoaderProfile("igvmmeasure", "COCONUT igvmmeasure (default mode)", dataless_page_type=1,
+        LoaderProfile("igvmmeasure", "COCONUT-SVSM igvmmeasure (its default mode)", dataless_page_type=1,
                       skip_shared=False, insert_all_pages=False, vmsa_last_at_kvm_gpa=False),
-        LoaderProfile("igvmmeasure-native-zero", "COCONUT igvmmeasure --native-zero (Vanadium-like)",
+        LoaderProfile("igvmmeasure-native-zero", "COCONUT-SVSM igvmmeasure --native-zero (loaders with a native "
+                      "ZERO page type, such as Vanadium)",
                       dataless_page_type=3, skip_shared=False, insert_all_pages=False,
                       vmsa_last_at_kvm_gpa=False),
     )
@@ -64,6 +69,6 @@ def get_profile(name: str | None) -> LoaderProfile:
     if name is None:
         return PROFILES[DEFAULT_LOADER]
     try:
-        return PROFILES[name]
-    except KeyError:
+        return PROFILES[name.lower()]
+    except (KeyError, AttributeError):
         raise MeasurementError(f"unknown loader '{name}' (known: {', '.join(PROFILES)})") from None

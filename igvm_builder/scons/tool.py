@@ -11,7 +11,10 @@ Builders added by :func:`generate` (details in ``docs/SCONS_TOOL.md``):
     config (TOML) -> ``<target>`` (``$IGVMSUFFIX``, ``.igvm``) plus the
     reference-values sidecar ``<target>$IGVM_REFSUFFIX`` (``.ref.json``).
 ``env.IGVMSign(target, image)``
-    image -> signed image, with the key source named by ``$IGVM_SIGNING_KEY``.
+    image -> signed image: the signing stage of ``igvm-builder sign`` (``igvm_builder.sign.stage``):
+    the loader and ``[sign]`` table of the image's config (known when ``env.IGVM`` built the
+    image, or given as a ``.toml`` source), overridden by ``$IGVM_LOADER`` and
+    ``$IGVM_SIGNING_KEY`` & co; TEST-ONLY keys refused unless ``$IGVM_ALLOW_TEST_KEYS``.
 ``env.IGVMReproCheck(stamp, [config, image...])``
     rebuilds in-process and compares; writes a stamp (never cached).
 ``env.Cpio(target, directory)``
@@ -67,6 +70,7 @@ SIGN_SIGNATURE_VARS: tuple[str, ...] = (
     "IGVM_GUEST_SVN",
     "IGVM_VCPUS",
     "IGVM_VCPU_TYPE",
+    "IGVM_ALLOW_TEST_KEYS",
 )
 #: Construction variables of the reproducibility check (the same build parameters).
 REPRO_SIGNATURE_VARS: tuple[str, ...] = SIGNATURE_VARS
@@ -95,6 +99,7 @@ def _defaults() -> dict[str, Any]:
         "IGVM_GUEST_SVN": "",
         "IGVM_VCPUS": "",  # qemu/cloud-hypervisor: the launch's vCPU count (-smp); empty: the file's VP contexts
         "IGVM_VCPU_TYPE": "",  # qemu: the -cpu model of reset-state VMSAs; empty: EPYC-v4
+        "IGVM_ALLOW_TEST_KEYS": False,  # sign with the public TEST-ONLY keys (tests only)
         "IGVMSUFFIX": ".igvm",
         "IGVM_REFSUFFIX": ".ref.json",
         "IGVMCONFIGSUFFIX": ".toml",
@@ -233,6 +238,7 @@ def _scan_config(node: Any, env: Any, path: Any = ()) -> list[Any]:
 
 def _igvm_emitter(target: list[Any], source: list[Any], env: Any) -> tuple[list[Any], list[Any]]:
     image = target[0]
+    image.attributes.igvm_config = source[0]  # IGVMSign signs for this config's loader and [sign] table
     refs = image.dir.File(image.name + env.subst("$IGVM_REFSUFFIX"))
     targets = [image, refs]
     _add_to_alias(env, "IGVM_ALIAS", targets)
@@ -321,9 +327,33 @@ def _scan_tool_deps(node: Any, env: Any, path: Any = ()) -> list[Any]:
 
 def _scan_sign_deps(node: Any, env: Any, path: Any = ()) -> list[Any]:
     deps = _scan_tool_deps(node, env, path)
-    for variable in ("$IGVM_SIGNING_KEY", "$IGVM_AUTHOR_KEY"):
-        deps.extend(_key_dependencies(env, env.subst(variable).strip()))
+    config = _sign_config(env, node.sources)
+    for variable, field in (("$IGVM_SIGNING_KEY", "id_key"), ("$IGVM_AUTHOR_KEY", "author_key")):
+        spec = env.subst(variable).strip()
+        if not spec and config is not None:  # the config's [sign] key, relative to the config
+            from igvm_builder.sign.stage import resolve_key_spec
+
+            configured = getattr(config.sign, field)
+            spec = resolve_key_spec(configured, os.path.dirname(config.source)) if configured else ""
+        deps.extend(_key_dependencies(env, spec))
     return deps
+
+
+def _is_config(env: Any, node: Any) -> bool:
+    return str(node).endswith(env.subst("$IGVMCONFIGSUFFIX"))
+
+
+def _sign_config(env: Any, sources: Sequence[Any]) -> Any:
+    """The BuildConfig among IGVMSign's sources (None when there is none or it cannot be read yet)."""
+    for s in sources:
+        if _is_config(env, s) and s.rexists():
+            from igvm_builder.config import load_config
+
+            try:
+                return load_config(_config_path(s))
+            except IgvmError:
+                return None
+    return None
 
 
 def _is_sidecar(env: Any, node: Any) -> bool:
@@ -331,13 +361,18 @@ def _is_sidecar(env: Any, node: Any) -> bool:
 
 
 def _sign_emitter(target: list[Any], source: list[Any], env: Any) -> tuple[list[Any], list[Any]]:
-    images = [s for s in source if not _is_sidecar(env, s)]
-    if len(images) != 1 or len(target) != 1:
+    configs = [s for s in source if _is_config(env, s)]
+    images = [s for s in source if not _is_sidecar(env, s) and not _is_config(env, s)]
+    if len(images) != 1 or len(target) != 1 or len(configs) > 1:
         raise SCons.Errors.UserError(
-            f"IGVMSign takes one target and one image, got {list(map(str, target))} <- {list(map(str, images))}"
+            f"IGVMSign takes one target, one image and at most one config, got {list(map(str, target))} <- "
+            f"{list(map(str, source))}"
         )
+    if not configs:  # the config env.IGVM built the image from: its loader and [sign] table apply
+        config = getattr(images[0].attributes, "igvm_config", None)
+        configs = [config] if config is not None else []
     _add_to_alias(env, "IGVMSIGN_ALIAS", target)
-    return target, images
+    return target, images + configs
 
 
 def _id_value(value: Any) -> Any:
@@ -359,38 +394,68 @@ def _sign_options(env: Any) -> dict[str, Any]:
             options[key] = _id_value(value)
     svn = env.get("IGVM_GUEST_SVN")
     if svn not in (None, ""):
-        options["guest_svn"] = int(str(svn), 0)
+        options["guest_svn"] = svn  # checked (one-line error) by the signing stage
     vcpus = env.get("IGVM_VCPUS")
     if vcpus not in (None, ""):
-        options["vcpus"] = int(str(vcpus), 0)
+        try:
+            options["vcpus"] = int(str(vcpus), 0)
+        except ValueError:
+            from igvm_builder.errors import SigningError
+
+            raise SigningError(f"$IGVM_VCPUS must be an integer, got '{vcpus}'") from None
     vcpu_type = env.get("IGVM_VCPU_TYPE")
     if vcpu_type not in (None, ""):
         options["vcpu_type"] = vcpu_type
     return options
 
 
-def _igvm_sign(target: list[Any], source: list[Any], env: Any) -> None:
-    from igvm_builder.sign.image import sign_image
+def _truthy(env: Any, variable: str) -> bool:
+    value = env.get(variable)
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
+
+def _igvm_sign(target: list[Any], source: list[Any], env: Any) -> None:
+    from igvm_builder.format import IgvmFile
+    from igvm_builder.sign.stage import plan_signing, sign_file
+
+    image = source[0]
+    config_node = next((s for s in source[1:] if _is_config(env, s)), None)
     id_spec = _subst(env, "$IGVM_SIGNING_KEY", target, source)
-    if not id_spec:
-        raise SCons.Errors.UserError(f"$IGVM_SIGNING_KEY is not set: cannot sign {source[0]}")
     author_spec = _subst(env, "$IGVM_AUTHOR_KEY", target, source)
     _, loader = _build_params(env, target, source)
     with _progress(env, target[0]):
         try:
-            with open(source[0].get_abspath(), "rb") as fh:
-                data = fh.read()
-            signed = sign_image(
-                data,
-                id_key=_resolve_key(env, id_spec),
+            config = None
+            if config_node is not None:
+                from igvm_builder.config import load_config
+
+                config = load_config(_config_path(config_node))
+            options = _sign_options(env)
+            plan = plan_signing(
+                config=config,
+                id_key=_resolve_key(env, id_spec) if id_spec else None,
                 author_key=_resolve_key(env, author_spec) if author_spec else None,
                 loader=loader,
-                **_sign_options(env),
+                loader_option="$IGVM_LOADER",
+                id_key_option="$IGVM_SIGNING_KEY",
+                **options,
+            )
+            with open(image.get_abspath(), "rb") as fh:
+                data = fh.read()
+            signed, outcome = sign_file(
+                IgvmFile.from_bytes(data, source=str(image)), plan, output=str(target[0]),
+                allow_test_keys=_truthy(env, "IGVM_ALLOW_TEST_KEYS"),
+                how_to_allow="set IGVM_ALLOW_TEST_KEYS=1",
             )
         except IgvmError as exc:
-            raise _fail(env, exc, source[0]) from None
-        _write_output(env, target[0], signed, source[0])
+            raise _fail(env, exc, image) from None
+        _write_output(env, target[0], signed.to_bytes(), image)
+    if SCons.Action.print_actions:  # the one-line result of the signing stage (as igvm-builder sign)
+        sys.stdout.write(f"  signed  {outcome.line()}\n")
+    if outcome.test_key_warning:
+        sys.stderr.write(f"scons: warning: {target[0]}: {outcome.test_key_warning}\n")
 
 
 _igvm_sign.strfunction = _strfunction("igvm_sign")  # type: ignore[attr-defined]
