@@ -104,7 +104,7 @@ def test_output_character_device_is_written_not_replaced(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr
     assert stat.S_ISCHR(null.lstat().st_mode)  # two outputs to one character device are allowed
     proc = cli("build", str(cfg), "-o", str(full), "--reference-values", str(refs))
-    assert proc.returncode == 1 and "No space left on device" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "No space left on device" in proc.stderr, proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and str(full) in proc.stderr
     assert stat.S_ISCHR(full.lstat().st_mode)
     assert not refs.exists() and _leftovers(tmp_path) == []  # the device failed first: no file published
@@ -151,16 +151,16 @@ def test_two_outputs_one_file_refused(tmp_path: Path) -> None:
     x.write_bytes(b"precious")
     for other in (str(x), str(tmp_path / "." / "x")):
         proc = cli("build", str(cfg), "-o", str(x), "--reference-values", other)
-        assert proc.returncode == 1 and "same file" in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and "same file" in proc.stderr, proc.stderr
         assert len(proc.stderr.splitlines()) == 1
     (tmp_path / "hard").hardlink_to(x)
     (tmp_path / "soft").symlink_to(x)
     for other in ("hard", "soft"):
         proc = cli("build", str(cfg), "-o", str(x), "--depfile", str(tmp_path / other))
-        assert proc.returncode == 1 and "same file" in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and "same file" in proc.stderr, proc.stderr
     # not existing yet, named two ways
     proc = cli("build", str(cfg), "-o", str(tmp_path / "n.igvm"), "--reference-values", str(tmp_path / "d/../n.igvm"))
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     assert x.read_bytes() == b"precious" and not (tmp_path / "n.igvm").exists() and _leftovers(tmp_path) == []
     with pytest.raises(OutputError, match="same file"):
         check_distinct(["-", "-"])
@@ -178,10 +178,10 @@ def test_output_naming_an_input_refused(tmp_path: Path) -> None:
     for out, cfg_path, needle in ((blob, cfg, "payload.bin"), (cfg, cfg, "build.toml"),
                                   (tmp_path / "link", cfg, "payload.bin"), (inc, cfg2, "inc.toml")):
         proc = cli("build", str(cfg_path), "-o", str(out))
-        assert proc.returncode == 1, proc.stderr
+        assert proc.returncode == 2, proc.stderr
         assert "is the input" in proc.stderr and needle in proc.stderr and len(proc.stderr.splitlines()) == 1
         proc = cli("build", str(cfg_path), "-o", str(tmp_path / "ok.igvm"), "--reference-values", str(out))
-        assert proc.returncode == 1 and "is the input" in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and "is the input" in proc.stderr, proc.stderr
     assert (blob.read_bytes(), cfg.read_bytes()) == before
     assert inc.read_text() == "[memory]\nsize = \"64M\"\n"
     # measure and sign: the file read is not the file written
@@ -189,9 +189,9 @@ def test_output_naming_an_input_refused(tmp_path: Path) -> None:
     assert cli("build", str(cfg), "-o", str(built)).returncode == 0
     image = built.read_bytes()
     proc = cli("measure", str(built), "--reference-values", str(built))
-    assert proc.returncode == 1 and "is the input" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "is the input" in proc.stderr, proc.stderr
     proc = cli("sign", str(built), "--remove", "-o", str(built))
-    assert proc.returncode == 1 and "is the input" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "is the input" in proc.stderr, proc.stderr
     assert built.read_bytes() == image
 
 

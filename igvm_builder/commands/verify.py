@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
             "author_key_digest": report.author_key_digest.hex() if report.author_key_digest is not None else None,
             "reference_checked": report.reference_checked,
             "test_only_key": report.uses_test_only_key,
+            "uncovered_pages": report.uncovered_pages,
             "failures": [],
         })
     else:
