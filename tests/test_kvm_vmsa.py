@@ -522,8 +522,8 @@ def test_measure_cli_vcpus(tmp_path: Path) -> None:
     one = extend(ld, bsp)
     proc = run_measure(str(path), "--loader", "qemu")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == (f"SEV_SNP sha384 {one.hex()} loader=qemu vcpus=1  (vcpus = the file's VP contexts; "
-                           "--vcpus N for -smp N)\n")
+    assert proc.stdout == (f"SEV_SNP sha384 {one.hex()} loader=qemu (QEMU >= 10.1 launching the IGVM file itself "
+                           "(-object igvm-cfg) on KVM) vcpus=1  (vcpus = the file's VP contexts; --vcpus N for -smp N)\n")
     four = one
     for ap in ssm_pages(0xFFFFFFF0, "EPYC-Turin", 0x21, "QEMU", 4)[1:]:
         four = extend(four, ap)
@@ -546,7 +546,7 @@ def test_measure_cli_vcpus(tmp_path: Path) -> None:
     bad = tmp_path / "bad.igvm"
     bad.write_bytes(small_file(base_page(x87_fcw=0, pkru=1)).to_bytes())
     proc = run_measure(str(bad), "--loader", "qemu")
-    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.returncode == 2 and proc.stdout == ""  # the loader cannot measure it: unusable input
     assert proc.stderr.count("\n") == 1 and "refuses the VMSA of vp 0: field pkru" in proc.stderr
 
 
