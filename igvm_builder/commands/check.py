@@ -38,8 +38,10 @@ def _report(args: argparse.Namespace, *, valid: bool, error: str | None = None, 
 def run(args: argparse.Namespace) -> int:
     from igvm_builder.errors import IgvmFormatError
     from igvm_builder.format import IgvmFile
+    from igvm_builder.io import open_input
 
-    with open(args.file, "rb") as fh:  # unreadable: OSError, exit 2 (not the check's verdict)
+    # unreadable, or not a regular file: InputError, exit 2 (not the check's verdict)
+    with open_input(args.file, "IGVM file") as fh:
         size = os.fstat(fh.fileno()).st_size
         buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     try:
