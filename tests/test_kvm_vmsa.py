@@ -670,7 +670,7 @@ def test_measure_dump_vmsas(tmp_path: Path) -> None:
     refused = tmp_path / "refused.igvm"
     refused.write_bytes(small_file(base_page(dr7=0x401)).to_bytes())
     proc = run_measure(str(refused), "--loader", "qemu", "--dump-vmsas", str(tmp_path / "none"))
-    assert proc.returncode == 1 and "field dr7" in proc.stderr and not (tmp_path / "none").exists()
+    assert proc.returncode == 2 and "field dr7" in proc.stderr and not (tmp_path / "none").exists()
 
 
 def test_sign_image_signs_the_digest_of_the_vcpu_count() -> None:
