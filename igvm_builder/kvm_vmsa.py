@@ -37,6 +37,9 @@ from igvm_builder.sev_vmsa import (
     vmsa_reserved_nonzero,
 )
 
+#: Offsets below 0x670 that no named field covers (reserved bytes QEMU requires to be zero).
+_RESERVED = tuple(o for o in vmsa_reserved_nonzero(b"\xff" * SAVE_AREA_SIZE))
+
 __all__ = [
     "KVM_SUPPORTED_SEV_FEATURES",
     "KVM_VMMS",
@@ -294,7 +297,8 @@ def refusals(page: bytes | bytearray | memoryview, vmm: str, *, vp_index: int = 
         out += [Refusal(x.name, f"{x.name} = {regs[x.name]:#x}: QEMU accepts no non-zero {x.name} "
                                 "(check_vmsa_supported)")
                 for x in VMSA_FIELDS if regs[x.name] and x.name not in QEMU_IGVM_VMSA_FIELDS]
-        reserved = [o for o in vmsa_reserved_nonzero(page) if o < SAVE_AREA_SIZE]
+        view = memoryview(page).cast("B") if isinstance(page, memoryview) else page
+        reserved = [o for o in _RESERVED if view[o]]
         if reserved:
             out.append(Refusal(f"offset {reserved[0]:#x}", f"reserved VMSA byte at offset {reserved[0]:#x} is "
                                                            "non-zero: QEMU refuses it (check_vmsa_supported)"))
