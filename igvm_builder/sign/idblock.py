@@ -448,19 +448,10 @@ class IdAuthInfo:
 # IGVM_VHS_SNP_ID_BLOCK
 
 
-#: The scalar fields of IGVM_VHS_SNP_ID_BLOCK, in layout order (the four structs follow).
-_IGVM_ID_BLOCK_SCALARS = (
-    "compatibility_mask",
-    "author_key_enabled",
-    "reserved",
-    "ld",
-    "family_id",
-    "image_id",
-    "version",
-    "guest_svn",
-    "id_key_algorithm",
-    "author_key_algorithm",
-)
+#: The four key fields of IGVM_VHS_SNP_ID_BLOCK, kept here as structures, not bytes.
+_KEY_FIELDS = ("id_key_signature", "id_public_key", "author_key_signature", "author_public_key")
+#: The other fields, in layout order: the format model's description (one for both).
+_IGVM_ID_BLOCK_SCALARS = tuple(f.name for f in _FormatSnpIdBlock.BODY.values if f.name not in _KEY_FIELDS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -471,7 +462,7 @@ class IgvmSnpIdBlock:
     takes it from the GUEST_POLICY header of the same platform.
     """
 
-    # One layout definition for the 0x30B body: the format model's.
+    # One description of the 0x30B body: the format model's (format/headers.py).
     STRUCT: ClassVar[struct.Struct] = _FormatSnpIdBlock.STRUCT
     SIZE: ClassVar[int] = IGVM_ID_BLOCK_SIZE
 
@@ -491,46 +482,36 @@ class IgvmSnpIdBlock:
     author_public_key: IgvmSnpIdBlockPublicKey = IgvmSnpIdBlockPublicKey()
 
     def __post_init__(self) -> None:
-        _check_uint(self.compatibility_mask, 32, "IGVM SNP_ID_BLOCK compatibility_mask")
-        _check_uint(self.author_key_enabled, 8, "IGVM SNP_ID_BLOCK author_key_enabled")
-        _check_len(self.reserved, 3, "IGVM SNP_ID_BLOCK reserved")
-        _check_len(self.ld, 48, "IGVM SNP_ID_BLOCK ld")
-        _check_len(self.family_id, 16, "IGVM SNP_ID_BLOCK family_id")
-        _check_len(self.image_id, 16, "IGVM SNP_ID_BLOCK image_id")
-        for name in ("version", "guest_svn", "id_key_algorithm", "author_key_algorithm"):
-            _check_uint(getattr(self, name), 32, f"IGVM SNP_ID_BLOCK {name}")
+        body = _FormatSnpIdBlock.BODY
+        for name in _IGVM_ID_BLOCK_SCALARS:
+            message = body.by_name[name].problem(getattr(self, name))
+            if message is not None:
+                raise IgvmFormatError(f"IGVM SNP_ID_BLOCK {message}")
+
+    def header(self) -> _FormatSnpIdBlock:
+        """The SNP_ID_BLOCK directive of the format model (key fields as their bytes)."""
+        return _FormatSnpIdBlock(
+            **{name: getattr(self, name) for name in _IGVM_ID_BLOCK_SCALARS},
+            id_key_signature=self.id_key_signature.pack_igvm(),
+            id_public_key=self.id_public_key.pack(),
+            author_key_signature=self.author_key_signature.pack_igvm(),
+            author_public_key=self.author_public_key.pack(),
+        )
 
     def pack(self) -> bytes:
-        return self.STRUCT.pack(
-            self.compatibility_mask,
-            self.author_key_enabled,
-            bytes(self.reserved),
-            bytes(self.ld),
-            bytes(self.family_id),
-            bytes(self.image_id),
-            self.version,
-            self.guest_svn,
-            self.id_key_algorithm,
-            self.author_key_algorithm,
-            self.id_key_signature.pack_igvm(),
-            self.id_public_key.pack(),
-            self.author_key_signature.pack_igvm(),
-            self.author_public_key.pack(),
-        )
+        return self.header().pack_body()
 
     @classmethod
     def unpack(cls, buf: bytes | memoryview, offset: int = 0) -> IgvmSnpIdBlock:
         if len(buf) - offset < cls.SIZE:
             raise _truncated("IGVM_VHS_SNP_ID_BLOCK", cls.SIZE, buf, offset)
-        values = cls.STRUCT.unpack_from(buf, offset)
-        scalars = dict(zip(_IGVM_ID_BLOCK_SCALARS, values[:10], strict=True))
-        id_sig, id_key, author_sig, author_key = values[10:]
+        values = _FormatSnpIdBlock.BODY.unpack(buf, offset)
         return cls(
-            **scalars,
-            id_key_signature=SnpSignature.unpack_igvm(id_sig),
-            id_public_key=IgvmSnpIdBlockPublicKey.unpack(id_key),
-            author_key_signature=SnpSignature.unpack_igvm(author_sig),
-            author_public_key=IgvmSnpIdBlockPublicKey.unpack(author_key),
+            **{name: values[name] for name in _IGVM_ID_BLOCK_SCALARS},
+            id_key_signature=SnpSignature.unpack_igvm(values["id_key_signature"]),
+            id_public_key=IgvmSnpIdBlockPublicKey.unpack(values["id_public_key"]),
+            author_key_signature=SnpSignature.unpack_igvm(values["author_key_signature"]),
+            author_public_key=IgvmSnpIdBlockPublicKey.unpack(values["author_public_key"]),
         )
 
     @classmethod
