@@ -8,6 +8,7 @@ shared (module fixture); tests that edit files work on copies of it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -32,6 +33,8 @@ INTERMEDIATES = (
     "samples/hello/build/hello.o",
     "samples/hello/build/hello.elf",
     "samples/linux/build/vmlinuz",
+    "samples/linux/build/init.o",
+    "samples/linux/build/init",
     "samples/linux/build/initrd.cpio",
 )
 OUTPUTS = IMAGES + SIDECARS + INTERMEDIATES
@@ -136,6 +139,68 @@ def test_clean_build_builds_every_sample(built):
         SHARED / "inputs/vmlinuz-6.1.0-56-cloud-amd64"
     ).read_bytes()
     assert (built / "samples/linux/build/initrd.cpio").read_bytes().startswith(b"070701")
+
+
+def test_linux_initrd_holds_only_a_static_init(built):
+    """/init is the compiled program (a static ELF, no interpreter: the initrd has no shell or libc)."""
+    archive = (built / "samples/linux/build/initrd.cpio").read_bytes()
+    members = []
+    offset = 0
+    while True:  # newc: 110-byte header, name, data, each padded to 4 bytes
+        fields = [int(archive[offset + 6 + 8 * i: offset + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, namesize = fields[1], fields[6], fields[11]
+        name = archive[offset + 110: offset + 110 + namesize - 1]
+        start = offset + 110 + namesize + (-(110 + namesize) % 4)
+        if name == b"TRAILER!!!":
+            break
+        members.append((name, mode, archive[start: start + size]))
+        offset = start + size + (-size % 4)
+    assert [(name, oct(mode)) for name, mode, _ in members] == [(b"init", "0o100755")]
+    init = members[0][2]
+    assert init == (built / "samples/linux/build/init").read_bytes()
+    with open(built / "samples/linux/build/init", "rb") as fh:
+        elf = ELFFile(fh)
+        assert elf["e_type"] == "ET_EXEC" and elf["e_machine"] == "EM_X86_64"
+        assert not [s for s in elf.iter_segments() if s["p_type"] in ("PT_INTERP", "PT_DYNAMIC")]
+    assert b"igvm-builder linux sample: /init reached\n" in init
+
+
+def test_ovmf_sample_adds_native_and_keeps_its_snp_and_tdx_digests(built, tmp_path):
+    """Adding the native platform changes no digest: SNP and TDX equal an SNP + TDX build of the
+    same config, SNP equals sev-snp-measure's (under the ZERO-page loader profile that tool models)
+    and TDX the shared td-shim vector when the installed OVMF is the one the vector was made from."""
+    from igvm_builder.build import build_file
+    from igvm_builder.config import load_config
+    from igvm_builder.format.file import IgvmFile
+    from igvm_builder.measure import measure_file
+
+    def digests(f, loader):
+        return {m.platform.name: m.hex for m in measure_file(f, loader=loader) if m.digest is not None}
+
+    sample = IgvmFile.load(built / "build/ovmf.igvm")
+    assert sorted(p.platform_type.name for p in sample.platforms) == ["NATIVE", "SEV_SNP", "TDX"]
+    config_path = built / "samples/ovmf/ovmf.toml"
+    text = config_path.read_text()
+    assert 'platforms = ["native", "snp", "tdx"]' in text
+    two = tmp_path / "ovmf-snp-tdx.toml"
+    two.write_text(text.replace('platforms = ["native", "snp", "tdx"]', 'platforms = ["snp", "tdx"]'))
+    built_two, _hashes, _notes = build_file(load_config(two))
+    old = IgvmFile.from_bytes(built_two.to_bytes())
+    assert sorted(p.platform_type.name for p in old.platforms) == ["SEV_SNP", "TDX"]
+    for loader in ("hyperv", "qemu", "cloud-hypervisor"):
+        assert digests(sample, loader) == digests(old, loader), loader
+
+    firmware = Path("/usr/share/ovmf/OVMF.fd")
+    snp_measure = subprocess.run(
+        [str(Path(sys.executable).parent / "sev-snp-measure"), "--mode", "snp", "--vcpus=2",
+         "--vcpu-type=EPYC-v4", "--ovmf", str(firmware)],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout.split()[-1].lower()
+    assert digests(sample, "cloud-hypervisor")["SEV_SNP"] == snp_measure
+    vector = json.loads((SHARED / "vectors/measure/tdx.json").read_text())["cases"][0]
+    assert vector["firmware"] == "firmware/bookworm-OVMF.fd"
+    if hashlib.sha256(firmware.read_bytes()).hexdigest() == vector["firmware_sha256"]:
+        assert digests(sample, "hyperv")["TDX"] == vector["expected_mrtd_single_pass"]
 
 
 def test_hello_kernel_is_a_pvh_elf_linked_at_1mib(built):
