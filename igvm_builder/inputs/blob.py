@@ -1,29 +1,58 @@
-"""Small helpers for raw inputs: kernel format sniffing by magic numbers.
+"""Small helpers for raw inputs: kernel format sniffing by magic numbers, the PE section table.
 
-No third-party imports: sniffing a PE section table by hand keeps ``detect_kernel_format``
-fast (no ``import lief``); the full parsers live in ``elf.py``, ``bzimage.py`` and ``uki.py``.
+No third-party imports: the PE/COFF section table (all a UKI needs of the PE format) is read
+here, by :func:`pe_sections`, for both ``detect_kernel_format`` and ``uki.py``; the full
+parsers live in ``elf.py``, ``bzimage.py`` and ``uki.py``.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Literal
 
 from igvm_builder.errors import InputError
 
-__all__ = ["KernelFormat", "detect_kernel_format", "pe_section_names"]
+__all__ = ["KernelFormat", "PeSection", "detect_kernel_format", "pe_section_names", "pe_sections"]
 
 KernelFormat = Literal["elf", "bzimage", "uki"]
 
-_COFF_HEADER = struct.Struct("<HHIIIHH")  # Machine .. Characteristics, after "PE\0\0"
-_SECTION_HEADER_SIZE = 40
+#: IMAGE_FILE_HEADER (COFF), after "PE\0\0": Machine .. Characteristics.
+_COFF_HEADER = struct.Struct("<HHIIIHH")
+#: IMAGE_SECTION_HEADER: Name[8], VirtualSize, VirtualAddress, SizeOfRawData, PointerToRawData,
+#: PointerToRelocations, PointerToLinenumbers, NumberOfRelocations, NumberOfLinenumbers, Characteristics.
+_SECTION_HEADER = struct.Struct("<8sIIIIIIHHI")
+#: Optional-header magic of PE32 and PE32+ images.
+_PE_MAGICS = (0x10B, 0x20B)
 
 
-def pe_section_names(data: bytes | bytearray | memoryview) -> tuple[str, ...] | None:
-    """Short (8-byte) section names of a PE/COFF image, or ``None`` if it is not one.
+@dataclass(frozen=True, slots=True)
+class PeSection:
+    """One IMAGE_SECTION_HEADER: where a section's data is in the file, and how long it is."""
 
-    Long names (``/<offset>`` into the COFF string table) are returned as written.  A section
-    table that runs past the end of the data yields the sections that are complete.
+    name: str
+    virtual_size: int
+    raw_size: int
+    raw_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeTable:
+    """A PE/COFF image's section table: the sections complete in the data, and what is wrong
+    with the headers (``None`` if nothing)."""
+
+    sections: tuple[PeSection, ...]
+    problem: str | None
+
+
+def pe_sections(data: bytes | bytearray | memoryview) -> PeTable | None:
+    """The section table of a PE/COFF image (``MZ``, ``PE\\0\\0`` at ``e_lfanew``), or ``None``
+    if ``data`` is not one.
+
+    Short (8-byte) section names are decoded; long ones (``/<offset>`` into the COFF string
+    table, which images do not use) are returned as written.  A section table that runs past
+    the end of the data yields the sections that are complete, and says so in ``problem``, as
+    does an optional header that is not PE32 or PE32+.
     """
     view = memoryview(data).cast("B")
     if len(view) < 0x40 or bytes(view[:2]) != b"MZ":
@@ -31,16 +60,30 @@ def pe_section_names(data: bytes | bytearray | memoryview) -> tuple[str, ...] | 
     (pe_off,) = struct.unpack_from("<I", view, 0x3C)
     if pe_off + 4 + _COFF_HEADER.size > len(view) or bytes(view[pe_off : pe_off + 4]) != b"PE\0\0":
         return None
-    _machine, nsections, _ts, _symptr, _nsyms, opt_size, _chars = _COFF_HEADER.unpack_from(
-        view, pe_off + 4)
-    table = pe_off + 4 + _COFF_HEADER.size + opt_size
-    names = []
+    _machine, nsections, _ts, _symptr, _nsyms, opt_size, _chars = _COFF_HEADER.unpack_from(view, pe_off + 4)
+    opt = pe_off + 4 + _COFF_HEADER.size
+    problem = None
+    magic = struct.unpack_from("<H", view, opt)[0] if opt_size >= 2 and opt + 2 <= len(view) else None
+    if magic not in _PE_MAGICS:
+        shown = f"magic {magic:#x}" if magic is not None else f"{opt_size} bytes"
+        problem = f"not a PE32/PE32+ image: its optional header ({shown}) is not one"
+    table = opt + opt_size
+    sections = []
     for i in range(nsections):
-        off = table + i * _SECTION_HEADER_SIZE
-        if off + _SECTION_HEADER_SIZE > len(view):
+        off = table + i * _SECTION_HEADER.size
+        if off + _SECTION_HEADER.size > len(view):
+            problem = problem or (f"the section table ({nsections} sections at {table:#x}) runs past the end of "
+                                  f"the file ({len(view):#x} bytes)")
             break
-        names.append(bytes(view[off : off + 8]).rstrip(b"\x00").decode("latin-1"))
-    return tuple(names)
+        raw_name, vsize, _vaddr, raw_size, raw_offset, *_rest = _SECTION_HEADER.unpack_from(view, off)
+        sections.append(PeSection(raw_name.rstrip(b"\x00").decode("latin-1"), vsize, raw_size, raw_offset))
+    return PeTable(tuple(sections), problem)
+
+
+def pe_section_names(data: bytes | bytearray | memoryview) -> tuple[str, ...] | None:
+    """The names of :func:`pe_sections` (complete sections), or ``None`` if not a PE/COFF image."""
+    table = pe_sections(data)
+    return None if table is None else tuple(s.name for s in table.sections)
 
 
 def _is_bzimage(view: memoryview) -> bool:

@@ -1,10 +1,9 @@
 """Unified Kernel Images: a PE/COFF EFI stub carrying ``.linux``, ``.initrd``, ``.cmdline``, ...
 
 The UKI specification (uapi-group.org, "Unified Kernel Image") defines the section names.
-The PE structure is parsed with lief, imported lazily (``import lief`` takes about a third
-of a second).  :func:`_parse_pe` is the single lief choke point: lief returns ``None`` (and
-logs to stderr) instead of raising, and also "parses" some garbage, so its result is checked
-and every failure becomes an :class:`~igvm_builder.errors.InputError`.
+All a UKI needs of the PE format is the section table, which
+:func:`igvm_builder.inputs.blob.pe_sections` reads (headers checked: PE32/PE32+ optional
+header, the table inside the file); sections are then cut from the input without a copy of it.
 
 Section contents are cut from the input bytes at ``PointerToRawData``, ``VirtualSize`` bytes
 long (the raw data is padded to the file alignment; the virtual size is the real payload
@@ -17,11 +16,11 @@ systemd-stub boots by default) applies the first profile, if any.
 
 from __future__ import annotations
 
-import io
 import struct
 from dataclasses import dataclass, field
 
 from igvm_builder.errors import InputError
+from igvm_builder.inputs.blob import pe_sections
 
 __all__ = ["UKI_SECTIONS", "Uki", "parse_uki"]
 
@@ -74,30 +73,15 @@ class Uki:
     section_names: tuple[str, ...]
 
 
-def _pe_header_ok(view: memoryview) -> bool:
-    if len(view) < 0x40 or bytes(view[:2]) != b"MZ":
-        return False
-    (pe_off,) = struct.unpack_from("<I", view, 0x3C)
-    return pe_off + 24 <= len(view) and bytes(view[pe_off : pe_off + 4]) == b"PE\0\0"
-
-
 def _parse_pe(view: memoryview, name: str) -> list[UkiSection]:
-    """The lief choke point: the section table of a PE file, or InputError."""
-    import lief
-
-    with lief.logging.level_scope(lief.logging.LEVEL.OFF):
-        try:
-            # Always a stream: given ``bytes`` lief may take them for a file *path*.
-            binary = lief.PE.parse(io.BytesIO(view))
-        except (RuntimeError, ValueError, TypeError) as exc:  # pragma: no cover
-            raise InputError(f"cannot parse PE file: {exc}", source=name) from exc
-    if binary is None or not isinstance(binary, lief.PE.Binary):
-        raise InputError("not a valid PE/COFF file (lief could not parse it)", source=name)
-    return [
-        UkiSection(name=str(sec.name), offset=sec.pointerto_raw_data, raw_size=sec.sizeof_raw_data,
-                   virtual_size=sec.virtual_size)
-        for sec in binary.sections
-    ]
+    """The section table of a PE file, or InputError."""
+    table = pe_sections(view)
+    if table is None:
+        raise InputError("not a UKI: no PE/COFF header ('MZ' and 'PE\\0\\0')", source=name)
+    if table.problem is not None:
+        raise InputError(f"not a valid PE/COFF file: {table.problem}", source=name)
+    return [UkiSection(name=s.name, offset=s.raw_offset, raw_size=s.raw_size, virtual_size=s.virtual_size)
+            for s in table.sections]
 
 
 def _select_profile(sections: list[UkiSection], profile: int, name: str) -> dict[str, UkiSection]:
@@ -148,8 +132,6 @@ def parse_uki(data: bytes | bytearray | memoryview, name: str, *, profile: int =
         if pe_off + 24 > len(view):
             raise InputError(f"truncated PE file: the PE header at {pe_off:#x} is beyond the end "
                              f"({len(view):#x} bytes)", source=name)
-    if not _pe_header_ok(view):
-        raise InputError("not a UKI: no PE/COFF header ('MZ' and 'PE\\0\\0')", source=name)
     sections = _parse_pe(view, name)
     chosen = _select_profile(sections, profile, name)
     if ".linux" not in chosen:
