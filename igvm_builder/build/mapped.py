@@ -5,12 +5,40 @@ from __future__ import annotations
 
 import mmap
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 from igvm_builder.errors import InputError
 from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice, as_view, dontneed, sha256_released
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+_T = TypeVar("_T")
+
+
+def in_thread(name: str, fn: Callable[[], _T]) -> Future[_T]:
+    """``fn()`` in a daemon thread named ``name``; the Future gives its value or raises its error.
+
+    (A daemon thread, not an executor's: an interrupted build must not wait at exit for a
+    thread hashing a large input; the build cancels and joins its threads itself.)
+    """
+    from concurrent.futures import Future  # (imports logging: not at start-up)
+
+    future: Future[_T] = Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # re-raised by result() in the caller's thread
+                future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
 
 # --------------------------------------------------------------------------- resident-set control
 
@@ -128,26 +156,12 @@ class _Hasher:
     def __init__(self, view: memoryview) -> None:
         self.view = view
         self.stop = False
-        self.digest: str | None = None
-        self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
-        if len(view) >= WINDOW:
-            self.thread = threading.Thread(target=self._run, name="igvm-build-input-sha256", daemon=True)
-            self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.digest = self._hash()
-        except BaseException as exc:  # re-raised by result()
-            self.error = exc
+        self.future = in_thread("igvm-build-input-sha256", self._hash) if len(view) >= WINDOW else None
 
     def _hash(self) -> str:
         return sha256_released(self.view, window=WINDOW, stop=lambda: self.stop) or ""
 
     def result(self) -> str:
-        if self.thread is None:
+        if self.future is None:
             return self._hash()
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.digest if self.digest is not None else self._hash()
+        return self.future.result() or self._hash()  # "" when stopped

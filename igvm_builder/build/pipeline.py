@@ -8,12 +8,12 @@ import gc
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from igvm_builder.build.launch import _Builder
-from igvm_builder.build.mapped import _coalesce, _Inputs, _Mapped, _windows
+from igvm_builder.build.mapped import _coalesce, _Inputs, _Mapped, _windows, in_thread
 from igvm_builder.config import BuildConfig
 from igvm_builder.format import headers as H
 from igvm_builder.format.defs import (
@@ -146,7 +146,7 @@ def _build(cfg: BuildConfig, output: SeekableOutput | None) -> BuildResult:
     ptypes = [p.platform_type for p in f.platforms]
     snp = PlatformType.SEV_SNP in ptypes
     others = [t for t in ptypes if t != PlatformType.SEV_SNP]
-    measure_others = _Task("igvm-build-measure", lambda: measure_file(
+    measure_others = in_thread("igvm-build-measure", lambda: measure_file(
         f, platforms=others, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass)) if others else None
     writer = _Writer(output)
     try:
@@ -164,9 +164,10 @@ def _build(cfg: BuildConfig, output: SeekableOutput | None) -> BuildResult:
     except BaseException:
         writer.cancel()
         inputs.cancel()
-        for task in (measure_others, writer.task):  # leave no thread working on a failed build
-            if task is not None:
-                task.join()
+        from concurrent import futures
+
+        running: list[futures.Future[Any]] = [t for t in (measure_others, writer.task) if t is not None]
+        futures.wait(running)  # leave no thread working on a failed build
         raise
     other_results = measure_others.result() if measure_others is not None else ()
     sha256 = writer.task.result()
@@ -185,32 +186,6 @@ def _snp_vcpus(cfg: BuildConfig, f: IgvmFile) -> int | None:
     return cfg.snp.vcpus if any(isinstance(h, H.SnpVpContext) for h in f.directives) else None
 
 
-class _Task:
-    """``fn()`` in a thread; :meth:`result` joins it and returns its value or raises its error."""
-
-    def __init__(self, name: str, fn: Callable[[], Any]) -> None:
-        self._fn = fn
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._value = self._fn()
-        except BaseException as exc:  # re-raised by result() in the caller's thread
-            self._error = exc
-
-    def join(self) -> None:
-        self._thread.join()
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
 class _Writer:
     """The thread that writes the data section to ``output`` as the layout hands it over
     (:meth:`put`), then the headers at the start of the file, then computes the SHA-256 of
@@ -222,7 +197,7 @@ class _Writer:
         self.output = output
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.stop = False
-        self.task = _Task("igvm-build-write", self._run)
+        self.task = in_thread("igvm-build-write", self._run)
 
     def put(self, offset: int, blobs: list[H.BlobLike]) -> None:
         self.queue.put((offset, blobs))

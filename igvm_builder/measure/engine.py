@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import struct
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -706,24 +705,12 @@ def measure_file(f: IgvmFile, *, platforms: Sequence[PlatformType] | None = None
     if not parallel or len(targets) < 2:
         return tuple(measure_platform(f, t, loader=loader, tdx_two_pass=tdx_two_pass, vcpus=vcpus,
                                       vcpu_type=vcpu_type) for t in targets)
-    results: list[Measurement | BaseException | None] = [None] * len(targets)
+    from concurrent.futures import ThreadPoolExecutor
 
-    def work(i: int, t: PlatformType) -> None:
-        try:
-            results[i] = measure_platform(f, t, loader=loader, tdx_two_pass=tdx_two_pass, vcpus=vcpus,
-                                          vcpu_type=vcpu_type)
-        except BaseException as exc:  # re-raised in the caller's thread
-            results[i] = exc
-
-    threads = [threading.Thread(target=work, args=(i, t)) for i, t in enumerate(targets)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return tuple(r for r in results if isinstance(r, Measurement))
+    with ThreadPoolExecutor(len(targets), thread_name_prefix="igvm-measure") as pool:
+        jobs = [pool.submit(measure_platform, f, t, loader=loader, tdx_two_pass=tdx_two_pass, vcpus=vcpus,
+                            vcpu_type=vcpu_type) for t in targets]
+        return tuple(job.result() for job in jobs)  # the first platform's error, if any
 
 
 def all_loader_digests(f: IgvmFile, loaders: Iterable[str], *, vcpus: int | None = None,
