@@ -66,6 +66,7 @@ from typing import Any
 
 from igvm_builder.errors import ConfigError
 from igvm_builder.format.defs import PLATFORM_NAMES
+from igvm_builder.hexstr import parse_hex
 
 BUILD_LOADERS = ("qemu", "hyperv", "cloud-hypervisor")
 #: The loader profile of every command when neither the config nor an option names one
@@ -272,9 +273,9 @@ class _Ctx:
         return v
 
     def hex16(self, key: str, value: Any) -> bytes:
-        v = self.str_(key, value).replace("-", "")
+        v = self.str_(key, value)
         try:
-            b = bytes.fromhex(v)
+            b = parse_hex(v, dashes=True)
         except ValueError:
             raise self.err(key, "expected 32 hexadecimal digits (16 bytes)") from None
         if len(b) != 16:

@@ -14,10 +14,10 @@ from igvm_builder.commands._vcpus import add_vcpu_options
 
 
 def _digest(value: str) -> bytes:
-    text = value.strip().lower()
-    text = text[2:] if text.startswith("0x") else text
+    from igvm_builder.hexstr import parse_hex
+
     try:
-        raw = bytes.fromhex(text)
+        raw = parse_hex(value)
     except ValueError:
         raise argparse.ArgumentTypeError("expected 96 hexadecimal digits (a SHA-384 key digest)") from None
     if len(raw) != 48:

@@ -378,9 +378,10 @@ def _sign_emitter(target: list[Any], source: list[Any], env: Any) -> tuple[list[
 def _id_value(value: Any) -> Any:
     """``$IGVM_FAMILY_ID``/``$IGVM_IMAGE_ID``: a hex string becomes bytes; other values pass as given."""
     if isinstance(value, str):
-        text = value.strip().removeprefix("0x")
+        from igvm_builder.hexstr import parse_hex
+
         try:
-            return bytes.fromhex(text)
+            return parse_hex(value)
         except ValueError:
             return value
     return value

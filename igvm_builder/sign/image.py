@@ -36,6 +36,7 @@ from igvm_builder.errors import IgvmError, SigningError, VerificationError
 from igvm_builder.format import headers as H
 from igvm_builder.format.defs import PLATFORM_NAMES, PLATFORM_SHORT, PageDataFlags, PlatformType
 from igvm_builder.format.file import IgvmFile
+from igvm_builder.hexstr import parse_hex
 from igvm_builder.measure.engine import measure_platform
 from igvm_builder.measure.profiles import PROFILES, get_profile
 from igvm_builder.sign import _ecdsa, sign_id_block
@@ -148,10 +149,8 @@ def parse_id16(value: bytes | bytearray | str | None, what: str) -> bytes:
     if isinstance(value, bytes | bytearray):
         raw = bytes(value)
     elif isinstance(value, str):
-        text = value.strip().replace("-", "")
-        text = text[2:] if text[:2].lower() == "0x" else text
         try:
-            raw = bytes.fromhex(text)
+            raw = parse_hex(value, dashes=True)
         except ValueError:
             raise SigningError(f"{what} must be 32 hexadecimal digits (16 bytes), got '{value}'") from None
     else:
@@ -487,10 +486,8 @@ def _ref_hex(value: Any, what: str, size: int = 48) -> bytes:
         value = value.get("digest")
     if not isinstance(value, str):
         raise VerificationError(f"reference values: {what} must be a hex string")
-    text = value.strip().lower()
-    text = text[2:] if text.startswith("0x") else text
     try:
-        raw = bytes.fromhex(text)
+        raw = parse_hex(value)
     except ValueError:
         raise VerificationError(f"reference values: {what} is not hexadecimal") from None
     if len(raw) != size:
@@ -856,9 +853,8 @@ def _check_other_platforms(f: IgvmFile, reference: Mapping[str, Any], loader: st
         if not isinstance(value, str):
             fail("reference", f"reference values: platforms.{short}.digest must be a hex string")
             continue
-        text = value.strip().lower()
         try:
-            expected = bytes.fromhex(text[2:] if text.startswith("0x") else text)
+            expected = parse_hex(value)
         except ValueError:
             fail("reference", f"reference values: platforms.{short}.digest is not hexadecimal")
             continue
