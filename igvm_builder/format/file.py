@@ -763,15 +763,21 @@ class _Rules:
         page_cls = H.PageData
         not_all_bits = ~all_bits
         hm: int | None
+        if not fields:  # (the parser's case: the same loop without the field tests)
+            for pos, h in enumerate(self.body):
+                hm = h.compatibility_mask if type(h) is page_cls else h.mask
+                if hm is not None and hm & not_all_bits:
+                    self.warnings.append(f"header {self.indices[pos]}: {h.TYPE.name} compatibility_mask {hm:#x} "
+                                         "names bits of no declared platform (accepted by the reference parser)")
+            return
         try:
             for pos, h in enumerate(self.body):
                 if type(h) is page_cls:  # by far the most common header: one cheap test of every field
                     hm = h.compatibility_mask
-                    if fields and (h.gpa & _PAGE_GPA_BAD or (hm | h.flags) & _U32_BAD or h.data_type & _DATA_TYPE_BAD):
+                    if h.gpa & _PAGE_GPA_BAD or (hm | h.flags) & _U32_BAD or h.data_type & _DATA_TYPE_BAD:
                         self.field_error(pos)
                 else:
-                    if fields:
-                        self.field_error(pos)
+                    self.field_error(pos)
                     hm = h.mask
                 if hm is not None and hm & not_all_bits:
                     self.warnings.append(f"header {self.indices[pos]}: {h.TYPE.name} compatibility_mask {hm:#x} "
