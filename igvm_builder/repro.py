@@ -34,6 +34,7 @@ file SHA-256 and every platform's measurement.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import mmap
 import os
@@ -382,7 +383,7 @@ def check_config_reproducible(config_path: str | os.PathLike[str], *, platforms:
                 os.makedirs(os.path.dirname(outs[n]), exist_ok=True)
                 with AtomicFile(outs[n]) as out:
                     result = build(load_config(tree.config), platforms=plats, loader=loader, output=out)
-                refs.append(json.loads(json.dumps(result.reference_values, sort_keys=True)))
+                refs.append(result.reference_values.to_dict())
             perturbed = IN_PROCESS_PERTURBED
         if keep is not None:
             os.makedirs(keep, exist_ok=True)
@@ -583,6 +584,13 @@ def verify_release(config_path: str | os.PathLike[str], reference: Mapping[str, 
         reference = load_json(ref_name, "reference values", error=VerificationError)
     if not isinstance(reference, Mapping):
         raise VerificationError("the reference values are not a JSON object", source=ref_name)
+    from igvm_builder.reference import ReferenceValues
+
+    try:
+        refs = ReferenceValues.from_dict(reference)
+    except VerificationError as exc:
+        raise exc.with_source(ref_name) from None
+    signature = refs.signature
     path, plats = _params(config_path, platforms, loader)
     build_info: Mapping[str, Any] = _mapping(reference.get("build"))
     if plats is None and build_info.get("platforms"):
@@ -632,13 +640,17 @@ def verify_release(config_path: str | os.PathLike[str], reference: Mapping[str, 
         checks.append(ReleaseCheck("build", "rebuild", False, f"the rebuild failed: {exc}"))
         return ReleaseReport(path, ref_name, None, tuple(checks))
     pub_file: Mapping[str, Any] = _mapping(reference.get("file"))
-    pub_sha = pub_file.get("sha256")
-    checks.append(ReleaseCheck("file", "sha256", result.sha256 == pub_sha,
-                               f"file sha256 {_short(result.sha256)} != published {_short(pub_sha)}"
-                               if result.sha256 != pub_sha else f"file sha256 {result.sha256} matches"))
-    if "size" in pub_file and pub_file.get("size") != result.size:
+    pub_sha = pub_file.get("sha256")  # the published (released) file: signed, for a signed release
+    # the rebuild gives the unsigned image: for a signed release, what was signed
+    unsigned_sha = signature.unsigned_file.sha256 if signature is not None else pub_sha
+    unsigned_size = signature.unsigned_file.size if signature is not None else pub_file.get("size")
+    what = "unsigned file" if signature is not None else "file"
+    checks.append(ReleaseCheck("file", "sha256", result.sha256 == unsigned_sha,
+                               f"{what} sha256 {_short(result.sha256)} != published {_short(unsigned_sha)}"
+                               if result.sha256 != unsigned_sha else f"{what} sha256 {result.sha256} matches"))
+    if isinstance(unsigned_size, int) and unsigned_size >= 0 and unsigned_size != result.size:
         checks.append(ReleaseCheck("file", "size", False,
-                                   f"file size {result.size} != published {pub_file.get('size')}"))
+                                   f"{what} size {result.size} != published {unsigned_size}"))
     # ---- measurements
     pub_plats = _platform_entries(reference)
     new_plats = _platform_entries(result.reference_values)
@@ -659,6 +671,8 @@ def verify_release(config_path: str | os.PathLike[str], reference: Mapping[str, 
         fa = dict(_flatten(new_plats[name])) if isinstance(new_plats[name], Mapping) else {}
         fb = dict(_flatten(pub_plats[name])) if isinstance(pub_plats[name], Mapping) else {}
         for k in sorted(set(fa) | set(fb)):
+            if signature is not None and name == "snp" and k.split(".")[0] in _SIGNED_FIELDS:
+                continue  # the signed image's ID block: checked against the released file below
             if k not in ("digest", "measurement") and fa.get(k, ...) != fb.get(k, ...):
                 checks.append(ReleaseCheck("reference", f"{name}.{k}", False,
                                            f"platform {name}: {k} {_show(fa.get(k, ...))} != published "
@@ -675,12 +689,84 @@ def verify_release(config_path: str | os.PathLike[str], reference: Mapping[str, 
                                        f"released file {igvm_path}: sha256 {_short(released)} != published "
                                        f"{_short(pub_sha)}" if released != pub_sha
                                        else f"released file {igvm_path}: sha256 matches"))
-            if released != result.sha256:
+            signed_checks, unsigned_bytes = _check_signature(igvm_path, signature, result.sha256, loader)
+            checks.extend(signed_checks)
+            if released != result.sha256 and (unsigned_bytes is None or
+                                               hashlib.sha256(unsigned_bytes).hexdigest() != result.sha256):
                 try:
-                    d = compare_builds(igvm_path, result.data, a_name=igvm_path, b_name="rebuild", loader=loader)
+                    d = compare_builds(igvm_path if unsigned_bytes is None else unsigned_bytes, result.data,
+                                       a_name=igvm_path, b_name="rebuild", loader=loader)
                 except ReproducibilityError as exc:
                     checks.append(ReleaseCheck("igvm", igvm_path, False, f"released file {igvm_path}: {exc}"))
     return ReleaseReport(path, ref_name, result.sha256, tuple(checks), d)
+
+
+#: Fields of the SEV-SNP reference values that describe the ID block (they differ between the
+#: signed image and its unsigned rebuild by design).
+_SIGNED_FIELDS = ("id_block", "id_key_digest", "author_key_digest")
+
+
+def _check_signature(path: str, signature: Any, rebuilt_sha: str, loader_override: str | None
+                     ) -> tuple[list[ReleaseCheck], bytes | None]:
+    """The released file's SEV-SNP ID block against the signature the reference values record.
+
+    Returns the checks (kind ``signature``) and, for a signed file, its bytes without the ID
+    block (for the semantic diff).  A file that has an ID block must come back as the rebuild
+    without it, and the block must verify under the recorded loader (or ``loader_override``)
+    and key digests; a file without one is only acceptable when no signature is recorded."""
+    from igvm_builder.format import IgvmFile
+    from igvm_builder.format.defs import PlatformType
+    from igvm_builder.sign.image import IdBlockVerificationError, find_id_blocks, remove_id_block, verify_igvm
+
+    checks: list[ReleaseCheck] = []
+    try:
+        f = IgvmFile.load(path)
+    except IgvmError as exc:
+        checks.append(ReleaseCheck("igvm", path, False, f"released file {path}: {exc.message}"))
+        return checks, None
+    snp = f.platform(PlatformType.SEV_SNP)
+    signed = bool(snp is not None and find_id_blocks(f, snp.compatibility_mask))
+    if not signed:
+        if signature is not None:
+            checks.append(ReleaseCheck("signature", "missing", False, f"released file {path}: not signed (no "
+                                       "SEV-SNP ID block), but the reference values record a signature"))
+        return checks, None
+    unsigned, _ = remove_id_block(f)
+    data = unsigned.to_bytes()
+    same = hashlib.sha256(data).hexdigest() == rebuilt_sha
+    checks.append(ReleaseCheck("signature", "unsigned", same,
+                               f"released file {path}: without its ID block it is the rebuild" if same else
+                               f"released file {path}: without its ID block it differs from the rebuild (the "
+                               "signed image is not this source's)"))
+    if signature is None:
+        checks.append(ReleaseCheck("signature", "reference", False, f"released file {path}: signed, but the "
+                                   "reference values record no signature (publish the signed image's: "
+                                   "igvm-builder sign --reference REF.json --reference-values SIGNED.json)"))
+        return checks, data
+    name = (loader_override or signature.loader).lower()
+    try:
+        report = verify_igvm(
+            f, loader=name, id_key_digest=bytes.fromhex(signature.id_key_digest),
+            author_key_digest=bytes.fromhex(signature.author_key_digest) if signature.author_key_digest else None,
+            vcpus=signature.vcpus, vcpu_type=signature.vcpu_type, explain=True)
+    except IdBlockVerificationError as exc:
+        for failure in exc.failures:
+            checks.append(ReleaseCheck("signature", failure.kind, False, f"released file {path}: ID block: "
+                                       f"{failure.message}"))
+        return checks, data
+    except (IgvmError, ValueError) as exc:
+        checks.append(ReleaseCheck("signature", "verify", False, f"released file {path}: ID block: {exc}"))
+        return checks, data
+    if name != signature.loader:
+        checks.append(ReleaseCheck("signature", "loader", False, f"released file {path}: ID block verifies under "
+                                   f"loader {name}, but the reference values record loader {signature.loader}"))
+    if report.launch_digest.hex() != signature.launch_digest:
+        checks.append(ReleaseCheck("signature", "launch-digest", False, f"released file {path}: ID block signs "
+                                   f"{_short(report.launch_digest.hex())}, the reference values record "
+                                   f"{_short(signature.launch_digest)}"))
+    checks.append(ReleaseCheck("signature", "verify", True, f"released file {path}: ID block verifies (loader "
+                               f"{report.loader}, ID key digest {_short(report.id_key_digest.hex())})"))
+    return checks, data
 
 
 def _mapping(value: object) -> Mapping[str, Any]:

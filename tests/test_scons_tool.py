@@ -108,8 +108,10 @@ def test_igvm_emits_reference_values_sidecar_and_alias(env):
 def test_sign_and_repro_drop_the_sidecar_from_their_sources(env):
     image = env.IGVM("out/guest", "guest.toml")
     signed = env.IGVMSign("out/guest.signed.igvm", image)
-    # the image's config comes along: its loader and [sign] table are the signing stage's
-    assert [str(s) for s in signed[0].sources] == ["out/guest.igvm", "guest.toml"]
+    # the image's config comes along (its loader and [sign] table are the signing stage's), and its
+    # reference values, which the signed image's (second target) extend
+    assert [str(s) for s in signed[0].sources] == ["out/guest.igvm", "guest.toml", "out/guest.igvm.ref.json"]
+    assert [str(t) for t in signed] == ["out/guest.signed.igvm", "out/guest.signed.igvm.ref.json"]
     other = env.IGVMSign("out/other.signed.igvm", ["prebuilt.igvm", "release.toml"])
     assert [str(s) for s in other[0].sources] == ["prebuilt.igvm", "release.toml"]
     assert [str(s) for s in env.IGVMSign("out/p.signed.igvm", "prebuilt.igvm")[0].sources] == ["prebuilt.igvm"]

@@ -20,6 +20,7 @@ from igvm_builder.format.defs import (
     PlatformType,
 )
 from igvm_builder.format.file import IgvmFile
+from igvm_builder.reference import ReferenceValues
 
 if TYPE_CHECKING:
     from igvm_builder.io import SeekableOutput
@@ -30,7 +31,7 @@ class BuildResult:
     """The built file, its canonical bytes (as chunks) and its reference values."""
 
     file: IgvmFile
-    reference_values: dict[str, Any]
+    reference_values: ReferenceValues
     _chunks: tuple[bytes | memoryview, ...] = field(repr=False)
     size: int
     sha256: str
@@ -236,7 +237,7 @@ class _Writer:
 
 
 def reference_values_for(cfg: BuildConfig, f: IgvmFile, sha256: str, size: int, input_hashes: dict[str, str],
-                         notes: Iterable[str], *, measurements: Sequence[Any] | None = None) -> dict[str, Any]:
+                         notes: Iterable[str], *, measurements: Sequence[Any] | None = None) -> ReferenceValues:
     from igvm_builder.measure.report import reference_values
 
     refs = reference_values(f, sha256, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass, file_size=size,
@@ -255,4 +256,4 @@ def reference_values_for(cfg: BuildConfig, f: IgvmFile, sha256: str, size: int, 
            for p, d in sorted({**includes, **input_hashes}.items())},
     }
     refs["build"] = {"platforms": list(cfg.platforms), "loader": cfg.loader, "notes": list(notes)}
-    return refs
+    return ReferenceValues.from_dict(refs)

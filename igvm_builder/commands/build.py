@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterable
 
@@ -39,12 +38,11 @@ def run(args: argparse.Namespace) -> int:
     with atomic_outputs(args.output, args.reference_values, args.depfile, inputs=inputs) as (out, refs_out, dep_out):
         result = build(cfg, platforms=platforms, loader=args.loader, output=out)
         if refs_out is not None:
-            refs_out.write((json.dumps(result.reference_values, indent=2, sort_keys=True) + "\n").encode())
+            refs_out.write(result.reference_values.to_json().encode())
         if dep_out is not None:
             dep_out.write(depfile_text(args.output, (cfg.source, *cfg.input_files)).encode())
     refs = result.reference_values
-    platforms = refs.get("platforms", {})
-    notes = list(refs.get("build", {}).get("notes", ()))
+    notes = list(refs.build.notes) if refs.build else []
     # an output on standard output: the summary (or the JSON) goes to standard error, not into it
     report = sys.stderr if STDOUT in (args.output, args.reference_values, args.depfile) else sys.stdout
     if args.json:
@@ -52,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
             "output": args.output,
             "size": result.size,
             "sha256": result.sha256,
-            "loader": refs.get("build", {}).get("loader"),
-            "platforms": {name: {"platform": e.get("platform"), "algorithm": e.get("algorithm"),
-                                 "digest": e.get("digest")} for name, e in platforms.items()},
+            "loader": refs.loader,
+            "platforms": {name: {"platform": p.platform, "algorithm": p.algorithm, "digest": p.digest}
+                          for name, p in refs.platforms.items()},
             "reference_values": args.reference_values,
             "depfile": args.depfile,
             "warnings": list(result.file.warnings),
@@ -62,11 +60,10 @@ def run(args: argparse.Namespace) -> int:
         }, file=report)
     elif not args.quiet:
         print(f"{args.output}: {result.size} bytes, sha256 {result.sha256}", file=report)
-        for name, entry in sorted(platforms.items()):
-            digest = entry.get("digest") if isinstance(entry, dict) else None
-            if digest:
-                loader = f" (loader {entry['loader']})" if entry.get("loader") else ""
-                print(f"  {name}: {digest}{loader}", file=report)
+        for name, p in sorted(refs.platforms.items()):
+            if p.digest:
+                loader = f" (loader {p.loader})" if p.loader else ""
+                print(f"  {name}: {p.digest}{loader}", file=report)
     if not args.quiet:
         for w in result.file.warnings:
             print(f"igvm-builder build: warning: {w}", file=sys.stderr)

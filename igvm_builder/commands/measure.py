@@ -8,7 +8,6 @@ digest under every loader profile instead, and warns on stderr when they differ.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import TYPE_CHECKING, Any
@@ -223,7 +222,9 @@ def run(args: argparse.Namespace) -> int:
         full = ms if targets is None else None  # measure every platform for the reference values
         refs = reference_values(f, sha256, loader=args.loader, tdx_two_pass=args.tdx_two_pass,
                                 file_size=size, measurements=full, vcpus=args.vcpus, vcpu_type=args.vcpu_type)
-        atomic_write(args.reference_values, (json.dumps(refs, indent=2, sort_keys=True) + "\n").encode(),
+        from igvm_builder.reference import ReferenceValues
+
+        atomic_write(args.reference_values, ReferenceValues.from_dict(refs).to_json().encode(),
                      inputs=(args.file,))
     if args.reference_values == "-":  # the reference values are on standard output: nothing else goes there
         sys.stdout.flush()

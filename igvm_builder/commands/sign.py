@@ -84,6 +84,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (schema: docs/JSON.md)")
+    parser.add_argument(
+        "--reference-values", metavar="OUT.json",
+        help="also write the signed image's reference values (ID block fields, key digests, what was signed); "
+             "with --reference, its inputs and build parameters too: what verify-release --igvm needs")
+    parser.add_argument(
+        "--reference", metavar="REF.json",
+        help="the build's reference values of IN (igvm-builder build --reference-values), extended by "
+             "--reference-values")
     parser.set_defaults(_sign_parser=parser)
 
 
@@ -99,13 +107,18 @@ def _check_usage(args: argparse.Namespace) -> None:
             ("--image-id", args.image_id), ("--guest-svn", args.guest_svn), ("--config", args.config),
             ("--export-tbs", args.export_tbs), ("--import-signature", args.import_signature),
             ("--id-signature", args.id_signature), ("--author-signature", args.author_signature),
-            ("--loader", args.loader), ("--vcpus", args.vcpus), ("--vcpu-type", args.vcpu_type))
+            ("--loader", args.loader), ("--vcpus", args.vcpus), ("--vcpu-type", args.vcpu_type),
+            ("--reference-values", args.reference_values), ("--reference", args.reference))
             if value is not None]
         if given:
             _usage(args, f"--remove signs nothing: do not give {', '.join(given)}")
         if not args.output:
             _usage(args, "-o/--output is required")
         return
+    if args.reference and not args.reference_values:
+        _usage(args, "--reference is the build's reference values that --reference-values extends: give both")
+    if args.reference_values and args.export_tbs:
+        _usage(args, "--export-tbs signs nothing yet: give --reference-values with --import-signature")
     if args.export_tbs and args.import_signature:
         _usage(args, "--export-tbs and --import-signature are the two halves of the flow: give one")
     if args.export_tbs:
@@ -146,7 +159,7 @@ def _check_paths(args: argparse.Namespace) -> None:
     from igvm_builder.io import check_distinct
 
     inputs = [args.input]
-    for value in (args.config, args.import_signature, args.id_signature, args.author_signature):
+    for value in (args.config, args.import_signature, args.id_signature, args.author_signature, args.reference):
         if value and value != "-":
             inputs.append(value)
     for spec in (args.id_key, args.author_key):
@@ -155,7 +168,7 @@ def _check_paths(args: argparse.Namespace) -> None:
             path = rest if sep and scheme.lower() == "file" else spec
             if os.path.exists(path):
                 inputs.append(path)
-    check_distinct([p for p in (args.output, args.export_tbs) if p], inputs)
+    check_distinct([p for p in (args.output, args.export_tbs, args.reference_values) if p], inputs)
 
 
 def _read_signature(path: str, what: str) -> bytes:
@@ -210,7 +223,7 @@ def _load_public(spec: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from igvm_builder.format import IgvmFile
-    from igvm_builder.io import STDOUT, atomic_write
+    from igvm_builder.io import STDOUT, atomic_outputs, atomic_write
     from igvm_builder.measure.profiles import DEFAULT_LOADER
     from igvm_builder.sign import ExportedTbs, key_digest
     from igvm_builder.sign.image import export_igvm_tbs, import_igvm_signature
@@ -311,7 +324,22 @@ def run(args: argparse.Namespace) -> int:
             return 0
         out, outcome = sign_file(f, plan, output=args.output, allow_test_keys=args.allow_test_keys)
 
-    atomic_write(args.output, out.iter_chunks())
+    refs = None
+    if args.reference_values:  # the signed image's reference values, from the build's (--reference)
+        from igvm_builder.errors import SigningError
+        from igvm_builder.io import sha256_input
+        from igvm_builder.reference import ReferenceValues
+        from igvm_builder.sign.stage import signed_reference_values
+
+        base = ReferenceValues.load(args.reference) if args.reference else None
+        refs = signed_reference_values(out, outcome, unsigned=sha256_input(args.input, "IGVM file", error=SigningError),
+                                       base=base, vcpus=vcpus[0], vcpu_type=vcpus[1])
+    with atomic_outputs(args.output, args.reference_values) as (out_fh, refs_fh):
+        assert out_fh is not None
+        for chunk in out.iter_chunks():
+            out_fh.write(chunk)
+        if refs_fh is not None and refs is not None:
+            refs_fh.write(refs.to_json().encode())
     if args.json:
         print_json(outcome.as_dict(), file=report)
     elif not args.quiet:

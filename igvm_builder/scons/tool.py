@@ -170,6 +170,19 @@ def _write_output(env: Any, node: Any, data: bytes, source: Any) -> None:
         raise _fail(env, exc, source) from None
 
 
+def _write_outputs(env: Any, nodes: Sequence[Any], data: Sequence[bytes], source: Any) -> None:
+    """Write several outputs together (all or none); a failure is the tool's one-line error."""
+    from igvm_builder.io import atomic_outputs
+
+    try:
+        with atomic_outputs(*(n.get_abspath() for n in nodes)) as files:
+            for fh, content in zip(files, data, strict=True):
+                assert fh is not None
+                fh.write(content)
+    except IgvmError as exc:
+        raise _fail(env, exc, source) from None
+
+
 @contextlib.contextmanager
 def _progress(env: Any, node: Any) -> Iterator[None]:
     """Print "still working" lines every ``$IGVM_PROGRESS_INTERVAL`` seconds during a long stage."""
@@ -264,11 +277,11 @@ def _igvm_build(target: list[Any], source: list[Any], env: Any) -> None:
             with atomic_outputs(image.get_abspath(), refs.get_abspath()) as (out, refs_out):
                 result = build(cfg, platforms=platforms, loader=loader, output=out)  # streamed into `out`
                 assert refs_out is not None
-                refs_out.write((json.dumps(result.reference_values, sort_keys=True, indent=2) + "\n").encode())
+                refs_out.write(result.reference_values.to_json().encode())
         except IgvmError as exc:
             raise _fail(env, exc, source[0]) from None
     if SCons.Action.print_actions:  # what the image leaves to the guest (also in the reference values)
-        for note in result.reference_values.get("build", {}).get("notes", ()):
+        for note in (result.reference_values.build.notes if result.reference_values.build else ()):
             sys.stdout.write(f"  note    {image}: {note}\n")
 
 
@@ -361,6 +374,7 @@ def _is_sidecar(env: Any, node: Any) -> bool:
 
 
 def _sign_emitter(target: list[Any], source: list[Any], env: Any) -> tuple[list[Any], list[Any]]:
+    sidecars = [s for s in source if _is_sidecar(env, s)]
     configs = [s for s in source if _is_config(env, s)]
     images = [s for s in source if not _is_sidecar(env, s) and not _is_config(env, s)]
     if len(images) != 1 or len(target) != 1 or len(configs) > 1:
@@ -368,11 +382,16 @@ def _sign_emitter(target: list[Any], source: list[Any], env: Any) -> tuple[list[
             f"IGVMSign takes one target, one image and at most one config, got {list(map(str, target))} <- "
             f"{list(map(str, source))}"
         )
+    image = images[0]
     if not configs:  # the config env.IGVM built the image from: its loader and [sign] table apply
-        config = getattr(images[0].attributes, "igvm_config", None)
+        config = getattr(image.attributes, "igvm_config", None)
         configs = [config] if config is not None else []
-    _add_to_alias(env, "IGVMSIGN_ALIAS", target)
-    return target, images + configs
+    if not sidecars and getattr(image.attributes, "igvm_config", None) is not None:
+        sidecars = [image.dir.File(image.name + env.subst("$IGVM_REFSUFFIX"))]  # the build's reference values
+    signed = target[0]
+    targets = [signed, signed.dir.File(signed.name + env.subst("$IGVM_REFSUFFIX"))]
+    _add_to_alias(env, "IGVMSIGN_ALIAS", targets)
+    return targets, [image, *configs, *sidecars[:1]]
 
 
 def _id_value(value: Any) -> Any:
@@ -423,6 +442,7 @@ def _igvm_sign(target: list[Any], source: list[Any], env: Any) -> None:
 
     image = source[0]
     config_node = next((s for s in source[1:] if _is_config(env, s)), None)
+    sidecar = next((s for s in source[1:] if _is_sidecar(env, s)), None)
     id_spec = _subst(env, "$IGVM_SIGNING_KEY", target, source)
     author_spec = _subst(env, "$IGVM_AUTHOR_KEY", target, source)
     _, loader = _build_params(env, target, source)
@@ -445,14 +465,22 @@ def _igvm_sign(target: list[Any], source: list[Any], env: Any) -> None:
             )
             with open(image.get_abspath(), "rb") as fh:
                 data = fh.read()
+            unsigned = IgvmFile.from_bytes(data, source=str(image))
             signed, outcome = sign_file(
-                IgvmFile.from_bytes(data, source=str(image)), plan, output=str(target[0]),
+                unsigned, plan, output=str(target[0]),
                 allow_test_keys=_truthy(env, "IGVM_ALLOW_TEST_KEYS"),
                 how_to_allow="set IGVM_ALLOW_TEST_KEYS=1",
             )
+            from igvm_builder.reference import ReferenceValues
+            from igvm_builder.sign.stage import launch_vcpus, signed_reference_values
+
+            base = ReferenceValues.load(sidecar.get_abspath()) if sidecar is not None else None
+            vcpus, vcpu_type = launch_vcpus(unsigned, plan)
+            refs = signed_reference_values(signed, outcome, unsigned=(hashlib.sha256(data).hexdigest(), len(data)),
+                                           base=base, vcpus=vcpus, vcpu_type=vcpu_type)
         except IgvmError as exc:
             raise _fail(env, exc, image) from None
-        _write_output(env, target[0], signed.to_bytes(), image)
+        _write_outputs(env, target[:2], (signed.to_bytes(), refs.to_json().encode()), image)
     if SCons.Action.print_actions:  # the one-line result of the signing stage (as igvm-builder sign)
         sys.stdout.write(f"  signed  {outcome.line()}\n")
     if outcome.test_key_warning:

@@ -27,9 +27,10 @@ from igvm_builder.errors import SigningError
 if TYPE_CHECKING:
     from igvm_builder.config import BuildConfig
     from igvm_builder.format.file import IgvmFile
+    from igvm_builder.reference import ReferenceValues
 
 __all__ = ["SignOutcome", "SignPlan", "check_test_keys", "launch_vcpus", "plan_signing", "resolve_key_spec",
-           "sign_file", "starts_a_vcpu"]
+           "sign_file", "signed_reference_values", "starts_a_vcpu"]
 
 _NON_FILE_SCHEMES = ("env", "pkcs11", "cmd")
 
@@ -248,3 +249,49 @@ def sign_file(
         replaced=replaced,
         test_key_warning=warning,
     )
+
+
+def _sha256_chunks(f: IgvmFile) -> tuple[str, int]:
+    import hashlib
+
+    h = hashlib.sha256()
+    size = 0
+    for chunk in f.iter_chunks():
+        h.update(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size
+
+
+def signed_reference_values(
+    signed: IgvmFile, outcome: SignOutcome, *, unsigned: tuple[str, int], base: ReferenceValues | None = None,
+    vcpus: int | None = None, vcpu_type: str | int | None = None,
+) -> ReferenceValues:
+    """The reference values of the signed image: its file and platform entries (with the ID
+    block's fields and key digests), what was signed (:class:`~igvm_builder.reference.SignatureRef`,
+    with ``unsigned`` = the SHA-256 and size of the image before signing, what a rebuild gives),
+    and, from ``base`` (the build's reference values of that image), the inputs and build
+    parameters.  SigningError when ``base`` describes another file than the one signed."""
+    from igvm_builder.measure.report import reference_values
+    from igvm_builder.reference import FileRef, ReferenceValues, SignatureRef
+
+    if base is not None:
+        expected = base.signature.unsigned_file if base.signature is not None else base.file
+        if expected.sha256 != unsigned[0]:
+            raise SigningError(f"the reference values given describe a file with sha256 {expected.sha256[:16]}..., "
+                               f"not the image signed ({unsigned[0][:16]}...)")
+    tdx = base.platforms.get("tdx") if base is not None else None
+    two_pass = bool(tdx is not None and tdx.details.get("pass_order") == "two-pass")
+    sha256, size = _sha256_chunks(signed)
+    doc = reference_values(signed, sha256, loader=outcome.loader, tdx_two_pass=two_pass, file_size=size,
+                           vcpus=vcpus, vcpu_type=vcpu_type)
+    measured = ReferenceValues.from_dict(doc)
+    signature = SignatureRef(
+        unsigned_file=FileRef(*unsigned), loader=outcome.loader, launch_digest=outcome.launch_digest.hex(),
+        policy=f"{outcome.policy:#x}", family_id=outcome.family_id.hex(), image_id=outcome.image_id.hex(),
+        guest_svn=outcome.guest_svn, id_key_digest=outcome.id_key_digest.hex(),
+        author_key_digest=outcome.author_key_digest.hex() if outcome.author_key_digest is not None else None,
+        vcpus=vcpus, vcpu_type=vcpu_type,
+    )
+    if base is not None:
+        return base.with_signature(measured.file, measured.platforms, signature)
+    return ReferenceValues(file=measured.file, platforms=measured.platforms, signature=signature)
