@@ -443,7 +443,7 @@ def build_to(cfg_body: str, directory: Path, name: str) -> tuple[Path, dict]:
     result = build(config(directory, cfg_body))
     out = directory / name
     out.write_bytes(result.data)
-    return out, result.reference_values
+    return out, result.reference_values.to_dict()  # the JSON document of the typed ReferenceValues
 
 
 def check_kvm(path: Path) -> subprocess.CompletedProcess[str]:
