@@ -202,6 +202,7 @@ class AtomicFile:
         if self.direct:
             self._copy_out()
             return
+        _record_output(self._tmp, self.path)
         try:
             os.replace(self._tmp, self.target)
         except OSError as exc:
@@ -340,6 +341,37 @@ def atomic_outputs(*paths: str | os.PathLike[str] | None, inputs: Iterable[str |
                 f.discard()
         raise
     commit_together(*made)
+
+
+#: When this environment variable names a directory, every IGVM file published as an output
+#: is also copied there, as ``<sha256>.igvm`` with its output path in ``<sha256>.path``.  The
+#: test suite sets it to check everything it builds, including in CLI and SCons subprocesses,
+#: with the reference implementations (tests/oracles.py).  Unset, it costs one lookup.
+RECORD_OUTPUTS_ENV = "IGVM_BUILDER_RECORD_OUTPUTS"
+
+
+def _record_output(tmp: str, path: str) -> None:
+    directory = os.environ.get(RECORD_OUTPUTS_ENV)
+    if not directory:
+        return
+    import hashlib
+    import tempfile
+
+    with contextlib.suppress(OSError), open(tmp, "rb") as src:
+        if src.read(4) != b"IGVM":
+            return
+        src.seek(0)
+        fd, copy = tempfile.mkstemp(prefix=".record-", dir=directory)
+        os.close(fd)
+        digest = hashlib.sha256()
+        with open(copy, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                dst.write(chunk)
+        name = os.path.join(directory, digest.hexdigest())
+        os.replace(copy, name + ".igvm")
+        with open(name + ".path", "w", encoding="utf-8") as note:
+            note.write(os.path.abspath(path))
 
 
 def _sync_directory(directory: str) -> None:

@@ -15,3 +15,11 @@ import sys
 _BIN = os.path.dirname(sys.executable)
 if _BIN and _BIN not in os.environ.get("PATH", "").split(os.pathsep):
     os.environ["PATH"] = os.pathsep.join(p for p in (_BIN, os.environ.get("PATH", "")) if p)
+
+
+def pytest_configure(config: object) -> None:
+    """Every IGVM file the session builds goes through the reference implementations
+    (``oracles.OracleRecorder``; a disagreement fails the run)."""
+    from oracles import OracleRecorder
+
+    config.pluginmanager.register(OracleRecorder(config), "igvm-oracle-recorder")  # type: ignore[attr-defined]

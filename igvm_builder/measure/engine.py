@@ -499,13 +499,15 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
          vcpu_type: str | int | None = None) -> Measurement:
     areas = _area_pages(f)
     if ptype == PlatformType.SEV_SNP:
-        if not any(isinstance(h, H.GuestPolicy) and h.compatibility_mask & mask == mask for h in f.initializations):
+        if profile.requires_policy and not any(isinstance(h, H.GuestPolicy) and h.compatibility_mask & mask == mask
+                                               for h in f.initializations):
             raise MeasurementError(f"no GUEST_POLICY for the SEV_SNP platform (mask {mask:#x}); the loader "
                                    "cannot launch it")
         acc = _Snp(profile, mask, vcpus, vcpu_type)
         page_data, file_slice, sha384 = H.PageData, FileSlice, hashlib.sha384
         normal_tail = _PAGE_INFO_TAIL.pack(0x70, SNP_NORMAL, 0, 0, 0)[:-8]  # + the page's GPA
         fast = not profile.sort_by_gpa
+        any_mask_vmsa = profile.vmsa_any_mask
         note = acc.releaser.note
         ld = acc.ld  # the chain, kept in a local on the fast path (acc.ld when acc works)
         steps = 0
@@ -531,7 +533,7 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
                     ld = acc.ld
                 continue
             m = h.mask
-            if m is not None and m & mask != mask:
+            if m is not None and m & mask != mask and not (any_mask_vmsa and isinstance(h, H.SnpVpContext)):
                 continue
             acc.ld = ld
             if isinstance(h, H.PageData):

@@ -33,6 +33,12 @@ class LoaderProfile:
     #: The VMM whose KVM transform of each VMSA is measured, plus one reset-state VMSA per vCPU
     #: without a VP context (:mod:`igvm_builder.kvm_vmsa`); None: the file's VMSA bytes as they are.
     kvm_vmm: str | None = None
+    #: Every SEV VP context of the file is measured, whatever its compatibility mask (COCONUT
+    #: igvmmeasure: an SEV-ES VMSA of a file that also carries SEV-SNP counts in the SNP digest).
+    vmsa_any_mask: bool = False
+    #: An SEV-SNP platform without a GUEST_POLICY is refused (a loader cannot launch it); the
+    #: igvmmeasure tool measures such a file all the same.
+    requires_policy: bool = True
 
 
 PROFILES: dict[str, LoaderProfile] = {
@@ -52,11 +58,13 @@ PROFILES: dict[str, LoaderProfile] = {
                       dataless_page_type=1, skip_shared=False, insert_all_pages=False,
                       vmsa_last_at_kvm_gpa=False, sort_by_gpa=True),
         LoaderProfile("igvmmeasure", "COCONUT-SVSM igvmmeasure (its default mode)", dataless_page_type=1,
-                      skip_shared=False, insert_all_pages=False, vmsa_last_at_kvm_gpa=False),
+                      skip_shared=False, insert_all_pages=False, vmsa_last_at_kvm_gpa=False, vmsa_any_mask=True,
+                      requires_policy=False),
         LoaderProfile("igvmmeasure-native-zero", "COCONUT-SVSM igvmmeasure --native-zero (loaders with a native "
                       "ZERO page type, such as Vanadium)",
                       dataless_page_type=3, skip_shared=False, insert_all_pages=False,
-                      vmsa_last_at_kvm_gpa=False),
+                      vmsa_last_at_kvm_gpa=False, vmsa_any_mask=True,
+                      requires_policy=False),
     )
 }
 
