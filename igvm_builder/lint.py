@@ -24,7 +24,9 @@ class Finding:
         return {"severity": self.severity, "message": self.message, "header_index": self.header_index}
 
 
-def lint(f: IgvmFile, loader: str) -> list[Finding]:
+def lint(f: IgvmFile, loader: str, *, qemu_guest: str = "any") -> list[Finding]:
+    """Findings for ``f`` on ``loader``; for ``qemu``, ``qemu_guest`` is the confidential-guest
+    object QEMU runs with (:data:`igvm_builder.qemu_loader.QEMU_GUESTS`, or ``any``)."""
     profile = get_profile(loader)
     out: list[Finding] = [Finding("warning", w) for w in f.warnings]
     base = len(f.platforms) + len(f.initializations)
@@ -94,6 +96,10 @@ def lint(f: IgvmFile, loader: str) -> list[Finding]:
         out.append(Finding("warning", "VMSAs carry different sev_features; QEMU passes only the BSP's to KVM"))
     if profile.kvm_vmm and kvm_vmsas:
         out += _kvm_vmsa_findings(kvm_vmsas, profile.kvm_vmm)
+    if profile.name == "qemu":
+        from igvm_builder.qemu_loader import qemu_findings
+
+        out += qemu_findings(f, qemu_guest)
     return out
 
 

@@ -10,6 +10,10 @@ from igvm_builder.commands._common import DEFAULT_LOADER, add_loader_option, pri
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="IGVM file")
     add_loader_option(parser, f"target loader (default: {DEFAULT_LOADER})", default=DEFAULT_LOADER)
+    parser.add_argument("--qemu-guest", choices=["any", "none", "sev", "sev-es", "sev-snp", "tdx"], default="any",
+                        help="with --loader qemu: the confidential-guest object QEMU runs with (none: TCG or KVM "
+                             "without SEV); an error when no platform of the file starts with it (default any: "
+                             "an error only when none starts with any)")
     parser.add_argument("--json", action="store_true", help="machine-readable findings (schema: docs/JSON.md)")
 
 
@@ -18,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from igvm_builder.lint import lint
 
     f = IgvmFile.load(args.file)
-    findings = lint(f, args.loader)
+    findings = lint(f, args.loader, qemu_guest=args.qemu_guest)
     if args.json:
         print_json([fd.as_dict() for fd in findings])
     else:
