@@ -99,7 +99,7 @@ def lint(f: IgvmFile, loader: str, *, qemu_guest: str = "any") -> list[Finding]:
     if profile.name == "qemu":
         from igvm_builder.qemu_loader import qemu_findings
 
-        out += qemu_findings(f, qemu_guest)
+        out += [Finding(*issue) for issue in qemu_findings(f, qemu_guest)]
     return out
 
 

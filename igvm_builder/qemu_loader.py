@@ -27,7 +27,9 @@ from igvm_builder.format.defs import HeaderType, PlatformType
 
 if TYPE_CHECKING:
     from igvm_builder.format.file import IgvmFile
-    from igvm_builder.lint import Finding
+
+#: (severity "error" | "warning", message, header index or None): ``lint`` makes Findings of them.
+Issue = tuple[str, str, int | None]
 
 #: Header types QEMU 10.2.2 processes (every other one ends the launch).
 QEMU_HANDLED = frozenset({
@@ -59,12 +61,10 @@ _GUEST_TEXT = {
 _REFUSAL = "IGVM file does not describe a compatible supported platform"
 
 
-def qemu_findings(f: IgvmFile, guest: str = "any") -> list[Finding]:
+def qemu_findings(f: IgvmFile, guest: str = "any") -> list[Issue]:
     """QEMU 10.2.2's refusals for ``f`` launched with the confidential-guest object ``guest``
     (a :data:`QEMU_GUESTS` key, or ``any``: an error only when no object starts the file)."""
-    from igvm_builder.lint import Finding
-
-    out: list[Finding] = []
+    out: list[Issue] = []
     sections = ((len(f.platforms), f.initializations, "initialization"),
                 (len(f.platforms) + len(f.initializations), f.directives, "directive"))
     reported: set[HeaderType] = set()
@@ -80,33 +80,51 @@ def qemu_findings(f: IgvmFile, guest: str = "any") -> list[Finding]:
             else:
                 why = (f"QEMU 10.2.2 has no handler for the {t.name} {section} header (type {int(t):#x}) and "
                        "refuses the file whatever the header's compatibility mask")
-            out.append(Finding("error", why, base + i))
+            out.append(("error", why, base + i))
     if not f.directives:
-        out.append(Finding("error", "the file has no directive headers: QEMU 10.2.2 refuses it"))
+        out.append(("error", "the file has no directive headers: QEMU 10.2.2 refuses it", None))
     have = [p.platform_type for p in f.platforms]
     names = ", ".join(t.name for t in have) or "none"
     if guest == "any":
         if not any(t in have for t in QEMU_GUESTS["sev-snp"]):
-            out.append(Finding("error", f"no platform QEMU 10.2.2 can start (the file has: {names}; QEMU starts "
-                                        "NATIVE, SEV, SEV-ES and SEV-SNP, never TDX, VBS or CCA): "
-                                        f"it refuses the file: '{_REFUSAL}'"))
+            out.append(("error", f"no platform QEMU 10.2.2 can start (the file has: {names}; QEMU starts NATIVE, "
+                                 f"SEV, SEV-ES and SEV-SNP, never TDX, VBS or CCA): it refuses the file: "
+                                 f"'{_REFUSAL}'", None))
         return out
     order = QEMU_GUESTS[guest]
     chosen = next((t for t in order if t in have), None)
     if guest == "tdx":
-        out.append(Finding("error", "QEMU 10.2.2's IGVM loader has no TDX support: with a tdx-guest object it "
+        out.append(("error", "QEMU 10.2.2's IGVM loader has no TDX support: with a tdx-guest object it starts no "
+                             f"IGVM file (the file has: {names}; a NATIVE platform fails at its first page: "
+                             "'Setting confidential guest state is not supported for this platform')", None))
+    elif chosen is None:
+        out.append(("error", f"no platform QEMU 10.2.2 can start {_GUEST_TEXT[guest]} (the file has: {names}; it "
+                             f"starts {', '.join(t.name for t in order)}): it refuses the file: '{_REFUSAL}'", None))
+    else:
+        ignored = [t.name for t in have if t != chosen]
+        if ignored:
+            out.append(("warning", f"QEMU 10.2.2 {_GUEST_TEXT[guest]} starts the {chosen.name} platform; "
+                                   f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored", None))
+        if chosen == PlatformType.NATIVE and guest != "none":
+            out.append(("warning", f"no SEV platform: QEMU {_GUEST_TEXT[guest]} falls back to the NATIVE platform, "
+                                   "which is not a confidential launch", None))
+    return out
+    order = QEMU_GUESTS[guest]
+    chosen = next((t for t in order if t in have), None)
+    if guest == "tdx":
+        out.append(("error", "QEMU 10.2.2's IGVM loader has no TDX support: with a tdx-guest object it "
                                     f"starts no IGVM file (the file has: {names}; a NATIVE platform fails at its first "
                                     "page: 'Setting confidential guest state is not supported for this platform')"))
     elif chosen is None:
-        out.append(Finding("error", f"no platform QEMU 10.2.2 can start {_GUEST_TEXT[guest]} (the file has: {names}; "
+        out.append(("error", f"no platform QEMU 10.2.2 can start {_GUEST_TEXT[guest]} (the file has: {names}; "
                                     f"it starts {', '.join(t.name for t in order)}): it refuses the file: "
                                     f"'{_REFUSAL}'"))
     else:
         ignored = [t.name for t in have if t != chosen]
         if ignored:
-            out.append(Finding("warning", f"QEMU 10.2.2 {_GUEST_TEXT[guest]} starts the {chosen.name} platform; "
+            out.append(("warning", f"QEMU 10.2.2 {_GUEST_TEXT[guest]} starts the {chosen.name} platform; "
                                           f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored"))
         if chosen == PlatformType.NATIVE and guest != "none":
-            out.append(Finding("warning", f"no SEV platform: QEMU {_GUEST_TEXT[guest]} falls back to the NATIVE "
+            out.append(("warning", f"no SEV platform: QEMU {_GUEST_TEXT[guest]} falls back to the NATIVE "
                                           "platform, which is not a confidential launch"))
     return out

@@ -29,7 +29,8 @@ from igvm_builder.format import headers as H
 from igvm_builder.format.defs import Architecture, HeaderType, PlatformType
 from igvm_builder.lint import Finding, lint
 from igvm_builder.platforms.cpu import CpuState, gdt_bytes
-from igvm_builder.qemu_loader import QEMU_HANDLED, qemu_findings
+from igvm_builder.qemu_loader import QEMU_HANDLED
+from igvm_builder.qemu_loader import qemu_findings as _qemu_findings
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 QEMU = SHARED / "tools" / "qemu-igvm" / "bin" / "qemu-system-x86_64"
@@ -136,6 +137,10 @@ FILES: dict[HeaderType, Callable[[], IgvmFile]] = {
 def test_every_header_type_has_a_file() -> None:
     unused = {HeaderType.INVALID, HeaderType.RESERVED_DO_NOT_USE}
     assert set(FILES) == set(HeaderType) - unused
+
+
+def qemu_findings(f: IgvmFile, guest: str) -> list[Finding]:
+    return [Finding(*issue) for issue in _qemu_findings(f, guest)]
 
 
 def _errors(findings: list[Finding]) -> list[str]:
