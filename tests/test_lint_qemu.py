@@ -1,7 +1,8 @@
 """``lint --loader qemu`` against QEMU itself (issue #12, item 4).
 
 For every IGVM header type a small file containing it is launched in the bundled QEMU 10.2.2
-(``../shared/tools/qemu-igvm``, TCG, no confidential-guest object); lint with ``--qemu-guest
+(``../shared/tools/qemu-igvm`` through ``tests/qemu.py``, TCG, no confidential-guest object; a
+missing QEMU fails, never skips); lint with ``--qemu-guest
 none`` must report an error exactly when QEMU refuses the file, and that error must name the
 header type.  The files' NATIVE guest leaves at once through QEMU's ``isa-debug-exit`` device
 (exit status 33), so a file QEMU loads ends the run by itself: 33 means loaded, 1 with a
@@ -14,14 +15,12 @@ which lint must say too.  Confidential-guest objects need SEV/TDX hardware: thos
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from qemu import run_qemu
 from test_build_helpers import OVMF_BOOKWORM, build_bytes, config, q
 
 from igvm_builder.format import IgvmFile
@@ -31,11 +30,6 @@ from igvm_builder.lint import Finding, lint
 from igvm_builder.platforms.cpu import CpuState, gdt_bytes
 from igvm_builder.qemu_loader import QEMU_HANDLED
 from igvm_builder.qemu_loader import qemu_findings as _qemu_findings
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-QEMU = SHARED / "tools" / "qemu-igvm" / "bin" / "qemu-system-x86_64"
-if not os.access(QEMU, os.X_OK):  # a hard requirement in CI, never a skip
-    raise RuntimeError(f"{QEMU} is missing: the QEMU tests need ../shared/tools beside the checkout")
 
 DEBUG_EXIT = 0xF4
 LOADED = (0x10 << 1) | 1  # isa-debug-exit: the guest wrote 0x10
@@ -51,24 +45,14 @@ class Outcome:
     message: str
 
 
-def run_qemu(path: Path) -> Outcome:
-    """Launch ``path`` under TCG; bounded (60 s), QEMU killed on a timeout."""
-    argv = [str(QEMU), "-machine", "q35,igvm-cfg=igvm0", "-object", f"igvm-cfg,id=igvm0,file={path}",
-            "-display", "none", "-serial", "none", "-monitor", "none", "-nic", "none", "-m", "512",
-            "-accel", "tcg", "-no-reboot", "-device", f"isa-debug-exit,iobase={DEBUG_EXIT:#x},iosize=0x04"]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"QEMU neither refused nor ran {path.name} to its exit within 60 s: {err}{out}")
-    if proc.returncode == LOADED:
+def launch(path: Path) -> Outcome:
+    """Launch ``path`` under TCG (``tests/qemu.py``: bounded to 60 s, QEMU killed on a timeout)."""
+    run = run_qemu(path, "-no-reboot", "-device", f"isa-debug-exit,iobase={DEBUG_EXIT:#x},iosize=0x04", timeout=60)
+    if run.status == LOADED:
         return Outcome(True, "")
-    if proc.returncode == 1 and err.startswith("qemu-system-x86_64: "):
-        return Outcome(False, err.strip())
-    pytest.fail(f"unexpected QEMU exit status {proc.returncode} for {path.name}: {err}{out}")
+    if run.status == 1 and run.stderr.startswith("qemu-system-x86_64: "):
+        return Outcome(False, run.stderr.strip())
+    pytest.fail(f"QEMU neither refused {path.name} nor ran it to the guest's exit; " + run.report(), pytrace=False)
 
 
 # --------------------------------------------------------------------------- the files
@@ -154,7 +138,7 @@ def test_lint_errs_exactly_when_qemu_refuses_the_header(tmp_path: Path, header: 
     path.write_bytes(f.to_bytes())
     f = IgvmFile.load(path)
     assert any(int(h.TYPE) == header for h in f.headers)
-    outcome = run_qemu(path)
+    outcome = launch(path)
     errors = _errors(lint(f, "qemu", qemu_guest="none"))
     assert bool(errors) == (not outcome.loaded), (outcome.message, errors)
     if not outcome.loaded:
@@ -203,7 +187,7 @@ def test_lint_says_when_qemu_has_no_platform_to_start(tmp_path: Path, name: str)
     path = tmp_path / "f.igvm"
     path.write_bytes(PLATFORM_FILES[name]().to_bytes())
     f = IgvmFile.load(path)
-    outcome = run_qemu(path)
+    outcome = launch(path)
     errors = _errors(lint(f, "qemu", qemu_guest="none"))
     assert outcome.loaded == ("native" in name)
     assert bool(errors) == (not outcome.loaded), (outcome.message, errors)
@@ -220,7 +204,7 @@ def test_an_snp_and_tdx_ovmf_build_is_refused_without_sev(tmp_path: Path) -> Non
     body = f'[image]\nplatforms = ["snp", "tdx"]\n[firmware]\npath = {q(OVMF_BOOKWORM)}\n'
     path = tmp_path / "ovmf.igvm"
     path.write_bytes(build_bytes(config(tmp_path, body)))
-    outcome = run_qemu(path)
+    outcome = launch(path)
     assert not outcome.loaded and outcome.message.endswith(REFUSED_PLATFORM)
     f = IgvmFile.load(path)
     assert any(REFUSED_PLATFORM in e for e in _errors(lint(f, "qemu", qemu_guest="none")))
@@ -244,6 +228,6 @@ def test_confidential_guest_rules_from_source() -> None:
 def test_a_file_without_directives_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "empty.igvm"
     path.write_bytes(IgvmFile(platforms=(NATIVE,)).to_bytes())
-    outcome = run_qemu(path)
+    outcome = launch(path)
     assert not outcome.loaded and "Invalid directive header count" in outcome.message
     assert any("no directive headers" in e for e in _errors(lint(IgvmFile.load(path), "qemu", qemu_guest="none")))
