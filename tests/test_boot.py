@@ -8,7 +8,7 @@ prints, with a bound on wall time (``qemu.run_qemu``; on failure the whole seria
   the same ELF also boots through QEMU's own PVH loader (``-kernel``), a check of the sample
   that does not go through igvm-builder;
 * linux (a bzImage direct boot, IGVM native) reaches the marker its C ``/init`` prints and
-  powers off;
+  powers off; so does the same kernel's vmlinux (an ELF PVH kernel) built by the CLI for native;
 * ovmf (Debian's OVMF, native + SNP + TDX in one file; QEMU picks native) reaches the UEFI
   ``Shell>``, and with QEMU's ``-kernel/-initrd/-append`` (the measured-direct-boot flow; the
   hashes are only checked under SEV) boots the linux sample's kernel and initrd to the marker.
@@ -80,6 +80,44 @@ def test_hello_elf_boots_through_qemus_own_pvh_loader(samples: Path) -> None:
 
 def test_linux_reaches_init_and_powers_off(samples: Path) -> None:
     run = run_qemu(samples / "build/linux.igvm", "-no-reboot", marker=INIT_MARKER, timeout=240)
+    run.check(marker=INIT_MARKER, status=0)
+    assert f"Kernel command line: {linux_cmdline(samples)}" in run.serial, run.report()
+
+
+def test_linux_vmlinux_boots_through_its_pvh_entry(samples: Path, tmp_path: Path) -> None:
+    """The same kernel as an ELF: the vmlinux inside the sample's bzImage (LZ4 payload, unpacked
+    with Debian's lz4), built by the CLI for native with the sample's initrd as the PVH module and
+    its command line in start_info, boots through XEN_ELFNOTE_PHYS32_ENTRY to the /init marker."""
+    lz4 = shutil.which("lz4")
+    if lz4 is None:
+        pytest.fail("lz4 is not installed (./dev test installs Debian's lz4)", pytrace=False)
+    bzimage = (samples / "samples/linux/build/vmlinuz").read_bytes()
+    assert bzimage[0x202:0x206] == b"HdrS"
+    setup_sects = bzimage[0x1F1] or 4
+    payload_offset = int.from_bytes(bzimage[0x248:0x24C], "little")
+    payload_length = int.from_bytes(bzimage[0x24C:0x250], "little")
+    start = (setup_sects + 1) * 512 + payload_offset
+    # the compressed vmlinux, then its uncompressed size (the kernel build appends it)
+    payload = bzimage[start:start + payload_length - 4]
+    size = int.from_bytes(bzimage[start + payload_length - 4:start + payload_length], "little")
+    assert payload[:4] == bytes.fromhex("02214c18"), "not an LZ4 legacy frame"  # Debian's kernels use LZ4
+    vmlinux = tmp_path / "vmlinux"
+    with open(vmlinux, "wb") as out:
+        subprocess.run([lz4, "-dc"], input=payload, stdout=out, check=True, timeout=120)
+    assert vmlinux.stat().st_size == size
+    assert vmlinux.read_bytes()[:4] == b"\x7fELF"
+    config = tmp_path / "pvh.toml"
+    config.write_text(
+        '[image]\nplatforms = ["native"]\n'
+        f'[kernel]\npath = "{vmlinux}"\nformat = "elf"\ncmdline = "{linux_cmdline(samples)}"\n'
+        f'initrd = "{samples / "samples/linux/build/initrd.cpio"}"\n'
+        '[memory]\nsize = "512M"\n'
+    )
+    image = tmp_path / "pvh.igvm"
+    cli = subprocess.run([sys.executable, "-m", "igvm_builder", "build", str(config), "-o", str(image), "-q"],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert cli.returncode == 0, cli.stderr
+    run = run_qemu(image, "-no-reboot", marker=INIT_MARKER, timeout=240)
     run.check(marker=INIT_MARKER, status=0)
     assert f"Kernel command line: {linux_cmdline(samples)}" in run.serial, run.report()
 
