@@ -35,13 +35,13 @@ HEAVY = ("numpy", "cryptography", "lief", "elftools", "SCons", "pkcs11", "hypoth
          "importlib.metadata", "email", "tomllib", "subprocess", "concurrent.futures", "tempfile",
          "multiprocessing", "asyncio", "ctypes", "xml", "decimal", "zipfile", "unittest")
 
-#: A command's module alone (what ``igvm-builder COMMAND --help`` imports).  Measured: 75-79 for
-#: the commands that read IGVM files (the format package), 46 for build.
-COMMAND_MODULE_BUDGET = 88
+#: A command's module alone (what ``igvm-builder COMMAND --help`` imports).  Measured: 49-50 for
+#: most (the format package's constants), 80 for measure (its loader profiles need the engine).
+COMMAND_MODULE_BUDGET = 90
 #: ``igvm_builder.cli`` alone (``--help``, ``--version``).  Measured: 40.
 CLI_BUDGET = 45
-#: Whole runs on a small file.  Measured: check 86, measure 90.
-RUN_BUDGET = {"check": 96, "measure": 100}
+#: Whole runs on a small file.  Measured: check 90, measure 94 (86 and 90 when the budget was set).
+RUN_BUDGET = {"check": 100, "measure": 104}
 
 _PROBE = r"""
 import contextlib, io, json, sys
