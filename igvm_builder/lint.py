@@ -31,13 +31,9 @@ def lint(f: IgvmFile, loader: str, *, qemu_guest: str = "any") -> list[Finding]:
     out: list[Finding] = [Finding("warning", w) for w in f.warnings]
     base = len(f.platforms) + len(f.initializations)
     kvm = profile.vmsa_last_at_kvm_gpa
-    supported = {PlatformType.NATIVE, PlatformType.SEV_SNP, PlatformType.SEV, PlatformType.SEV_ES}
-    if loader.startswith("cloud-hypervisor"):
-        supported = {PlatformType.NATIVE, PlatformType.SEV_SNP}
-    if loader == "hyperv":
-        supported = {PlatformType.NATIVE, PlatformType.SEV_SNP, PlatformType.TDX, PlatformType.VSM_ISOLATION}
+    supported = profile.platforms
     for p in f.platforms:
-        if p.platform_type not in supported and not loader.startswith("igvmmeasure"):
+        if supported is not None and p.platform_type not in supported:
             out.append(Finding("warning", f"{loader} does not load the {p.platform_type.name} platform; it is "
                                           "ignored there"))
     # GUEST_POLICY headers, by the platform they apply to (the same header may serve both)
@@ -70,7 +66,7 @@ def lint(f: IgvmFile, loader: str, *, qemu_guest: str = "any") -> list[Finding]:
                 out.append(Finding("warning", f"page at GPA {h.gpa:#x} is 'shared': {loader} ignores the flag and "
                                               "measures it like any page", idx))
             if h.is_2mb_page:
-                out.append(Finding("error" if loader == "hyperv" else "warning",
+                out.append(Finding("error" if profile.refuses_2mb_pages else "warning",
                                    f"is_2mb_page at GPA {h.gpa:#x}: not supported by {loader}", idx))
         elif isinstance(h, H.SnpVpContext):
             vmsas.append(h)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from igvm_builder.errors import MeasurementError
+from igvm_builder.format.defs import PlatformType
 
 KVM_VMSA_GPA = 0xFFFF_FFFF_F000
 
@@ -39,24 +40,35 @@ class LoaderProfile:
     #: An SEV-SNP platform without a GUEST_POLICY is refused (a loader cannot launch it); the
     #: igvmmeasure tool measures such a file all the same.
     requires_policy: bool = True
+    #: The platforms the loader launches (lint warns that it ignores the others); None: it reads any.
+    platforms: frozenset[PlatformType] | None = None
+    #: Whether the loader refuses a PAGE_DATA with ``is_2mb_page`` (True) or reads it as 4 KiB.
+    refuses_2mb_pages: bool = False
 
+
+_PT = PlatformType
+_KVM_PLATFORMS = frozenset({_PT.NATIVE, _PT.SEV_SNP, _PT.SEV, _PT.SEV_ES})  # QEMU
+_CLOUD_HYPERVISOR_PLATFORMS = frozenset({_PT.NATIVE, _PT.SEV_SNP})
+_HYPERV_PLATFORMS = frozenset({_PT.NATIVE, _PT.SEV_SNP, _PT.TDX, _PT.VSM_ISOLATION})
 
 PROFILES: dict[str, LoaderProfile] = {
     p.name: p
     for p in (
         LoaderProfile("hyperv", "Hyper-V and OpenVMM (microsoft/igvm's measurement model, which the reference "
                       "vectors follow; the default)",
-                      dataless_page_type=1, skip_shared=True, insert_all_pages=True, vmsa_last_at_kvm_gpa=False),
+                      dataless_page_type=1, skip_shared=True, insert_all_pages=True, vmsa_last_at_kvm_gpa=False,
+                      platforms=_HYPERV_PLATFORMS, refuses_2mb_pages=True),
         LoaderProfile("qemu", "QEMU >= 10.1 launching the IGVM file itself (-object igvm-cfg) on KVM",
                       dataless_page_type=1, skip_shared=False, insert_all_pages=True, vmsa_last_at_kvm_gpa=True,
-                      kvm_vmm="qemu"),
+                      kvm_vmm="qemu", platforms=_KVM_PLATFORMS),
         LoaderProfile("cloud-hypervisor", "Cloud Hypervisor on KVM; for an OVMF image also QEMU's -bios launch, "
                       "i.e. sev-snp-measure --vmm-type QEMU", dataless_page_type=3, skip_shared=False,
-                      insert_all_pages=True, vmsa_last_at_kvm_gpa=True, kvm_vmm="cloud-hypervisor"),
+                      insert_all_pages=True, vmsa_last_at_kvm_gpa=True, kvm_vmm="cloud-hypervisor",
+                      platforms=_CLOUD_HYPERVISOR_PLATFORMS),
         LoaderProfile("cloud-hypervisor-mshv", "Cloud Hypervisor on MSHV (Microsoft hypervisor; read from its "
                       "source, not run here)",
                       dataless_page_type=1, skip_shared=False, insert_all_pages=False,
-                      vmsa_last_at_kvm_gpa=False, sort_by_gpa=True),
+                      vmsa_last_at_kvm_gpa=False, sort_by_gpa=True, platforms=_CLOUD_HYPERVISOR_PLATFORMS),
         LoaderProfile("igvmmeasure", "COCONUT-SVSM igvmmeasure (its default mode)", dataless_page_type=1,
                       skip_shared=False, insert_all_pages=False, vmsa_last_at_kvm_gpa=False, vmsa_any_mask=True,
                       requires_policy=False),
