@@ -135,7 +135,7 @@ def _peak_rss_mib() -> float:
 
 def child_build(config: str, output: str, profile: bool) -> dict[str, object]:
     t0 = time.perf_counter()
-    from igvm_builder.build import build
+    from igvm_builder.assemble import build
     from igvm_builder.config import load_config
     from igvm_builder.io import AtomicFile
 

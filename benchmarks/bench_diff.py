@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from bench_build import INITRD_MIB, write_configs, write_initrd
 
-    from igvm_builder.build import build
+    from igvm_builder.assemble import build
     from igvm_builder.config import load_config
     from igvm_builder.io import AtomicFile
 

@@ -374,7 +374,7 @@ def check_config_reproducible(config_path: str | os.PathLike[str], *, platforms:
                     refs.append(json.load(fh))
             perturbed = SUBPROCESS_PERTURBED
         else:
-            from igvm_builder.build import build
+            from igvm_builder.assemble import build
             from igvm_builder.config import load_config
             from igvm_builder.io import AtomicFile
 
@@ -573,7 +573,7 @@ def verify_release(config_path: str | os.PathLike[str], reference: Mapping[str, 
     ``igvm`` the released file itself (its SHA-256, and a semantic diff against the rebuild
     when it differs).
     """
-    from igvm_builder.build import build
+    from igvm_builder.assemble import build
     from igvm_builder.config import load_config
 
     ref_name = "reference values"

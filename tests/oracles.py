@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from igvm_builder.build import pipeline
+from igvm_builder.assemble import pipeline
 from igvm_builder.errors import IgvmError, MeasurementError
 from igvm_builder.format import IgvmFile
 from igvm_builder.format import headers as H

@@ -25,7 +25,7 @@ from test_build_helpers import (
     q,
 )
 
-from igvm_builder.build import build_file
+from igvm_builder.assemble import build_file
 from igvm_builder.config import load_config
 from igvm_builder.errors import ConfigError, IgvmError, InputError, LayoutError
 

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from igvm_builder.build import build_file
+from igvm_builder.assemble import build_file
 from igvm_builder.config import BuildConfig, load_config
 from igvm_builder.format import headers as H
 from igvm_builder.format.blob import as_view

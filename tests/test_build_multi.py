@@ -179,7 +179,7 @@ def _random_lists(seed: int, n_platforms: int, size: int) -> list[tuple[int, lis
 
 @pytest.mark.parametrize("seed", range(12))
 def test_merge_directives_keeps_every_platform_list(seed: int) -> None:
-    from igvm_builder.build import merge_directives
+    from igvm_builder.assemble import merge_directives
 
     n_platforms = 1 + seed % 4
     lists = _random_lists(seed, n_platforms, 50 + 150 * (seed % 5))

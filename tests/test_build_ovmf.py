@@ -39,7 +39,7 @@ from test_build_helpers import (
     vmsas,
 )
 
-from igvm_builder.build import build_file
+from igvm_builder.assemble import build_file
 from igvm_builder.config import load_config
 from igvm_builder.errors import InputError
 from igvm_builder.format import headers as H
@@ -300,7 +300,7 @@ def test_cli_reference_values_follow_the_loader_choice(tmp_path: Path) -> None:
     """`build --reference-values`: the SNP digest of the chosen loader, the configured TDX page order."""
     import hashlib
 
-    from igvm_builder.build import build
+    from igvm_builder.assemble import build
 
     case = next(c for c in SNP_VECTORS["cases"] if c["id"] == "bookworm-ovmf-2cpu-milan")
     tdx = next(c for c in TDX_VECTORS["cases"] if c["firmware"] == "firmware/bookworm-OVMF.fd")

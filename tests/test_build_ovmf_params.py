@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from igvm_builder.build import build_file
+from igvm_builder.assemble import build_file
 from igvm_builder.config import load_config
 from igvm_builder.errors import InputError
 from igvm_builder.format import headers as H

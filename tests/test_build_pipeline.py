@@ -29,7 +29,7 @@ from test_measure_loaders import snp_ld, tdx_mrtd
 import igvm_builder.format.file as file_mod
 import igvm_builder.measure.engine as engine
 from igvm_builder import cli
-from igvm_builder.build import build
+from igvm_builder.assemble import build
 from igvm_builder.errors import OutputError
 from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice, same_bytes
@@ -259,7 +259,7 @@ def test_build_restores_the_switch_interval(tmp_path: Path, monkeypatch: pytest.
     import sys
     import threading
 
-    import igvm_builder.build as build_mod
+    import igvm_builder.assemble as build_mod
 
     cfg = _kernel_config(tmp_path)
     before = sys.getswitchinterval()

@@ -26,7 +26,7 @@ from test_build_helpers import (
     q,
 )
 
-from igvm_builder.build import build_file
+from igvm_builder.assemble import build_file
 from igvm_builder.config import load_config
 from igvm_builder.format.file import IgvmFile
 from igvm_builder.lint import lint
@@ -172,7 +172,7 @@ def test_build_result_chunks_are_the_file(tmp_path: Path) -> None:
     """build(): the streamed chunks (windows of the mmap'd inputs) are exactly the canonical bytes."""
     import hashlib
 
-    from igvm_builder.build import WINDOW, build
+    from igvm_builder.assemble import WINDOW, build
 
     initrd = tmp_path / "initrd.img"
     initrd.write_bytes(random.Random(5).randbytes(WINDOW + 12345))  # more than one window

@@ -38,7 +38,7 @@ from test_build_helpers import (
     q,
 )
 
-from igvm_builder.build import build
+from igvm_builder.assemble import build
 from igvm_builder.errors import MeasurementError
 from igvm_builder.format import IgvmFile
 from igvm_builder.format import headers as H

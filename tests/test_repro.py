@@ -19,7 +19,7 @@ from pathlib import Path
 import kernels
 import pytest
 
-from igvm_builder.build import build
+from igvm_builder.assemble import build
 from igvm_builder.cli import main
 from igvm_builder.config import load_config
 from igvm_builder.errors import ReproducibilityError
@@ -116,7 +116,7 @@ if _spec is not None and _spec.loader is not None:
 
 if os.environ.get("IGVM_TEST_INJECT_TIMESTAMP"):
     import time
-    import igvm_builder.build.mapped as _b
+    import igvm_builder.assemble.mapped as _b
 
     _get = _b._Inputs.get
 

@@ -169,7 +169,7 @@ def test_ovmf_sample_adds_native_and_keeps_its_snp_and_tdx_digests(built, tmp_pa
     """Adding the native platform changes no digest: SNP and TDX equal an SNP + TDX build of the
     same config, SNP equals sev-snp-measure's (under the ZERO-page loader profile that tool models)
     and TDX the shared td-shim vector when the installed OVMF is the one the vector was made from."""
-    from igvm_builder.build import build_file
+    from igvm_builder.assemble import build_file
     from igvm_builder.config import load_config
     from igvm_builder.format.file import IgvmFile
     from igvm_builder.measure import measure_file

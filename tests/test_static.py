@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A user's script as the docs write it: build() into an AtomicFile, parse, measure.  It must
 # type-check against the package's annotations as shipped.
 USER_SCRIPT = textwrap.dedent('''\
-    from igvm_builder.build import build
+    from igvm_builder.assemble import build
     from igvm_builder.config import load_config
     from igvm_builder.format import IgvmFile
     from igvm_builder.io import AtomicFile, commit_together
@@ -49,7 +49,7 @@ def test_mypy_strict_clean(tmp_path: Path) -> None:
 def test_mypy_catches_a_type_error(tmp_path: Path) -> None:
     """The check above is not vacuous: a wrong argument type to build() is reported."""
     script = tmp_path / "bad_script.py"
-    script.write_text("from igvm_builder.build import build\n\nbuild('not a BuildConfig')\n")
+    script.write_text("from igvm_builder.assemble import build\n\nbuild('not a BuildConfig')\n")
     proc = _run("mypy", "--strict", "--cache-dir", str(ROOT / ".mypy_cache"), str(script))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert 'incompatible type "str"; expected "BuildConfig"' in proc.stdout

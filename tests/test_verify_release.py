@@ -18,7 +18,7 @@ from igvm_builder.cli import main
 from igvm_builder.errors import VerificationError
 from igvm_builder.repro import verify_release
 
-CMDLINE_GPA = 0x3000  # the kernel-launch layout (igvm_builder/build/plan.py)
+CMDLINE_GPA = 0x3000  # the kernel-launch layout (igvm_builder/assemble/plan.py)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from igvm_builder.build import build
+    from igvm_builder.assemble import build
     from igvm_builder.config import load_config
     from igvm_builder.io import STDOUT, atomic_outputs
 

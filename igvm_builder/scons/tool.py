@@ -265,7 +265,7 @@ def _add_to_alias(env: Any, variable: str, nodes: list[Any]) -> None:
 
 
 def _igvm_build(target: list[Any], source: list[Any], env: Any) -> None:
-    from igvm_builder.build import build
+    from igvm_builder.assemble import build
     from igvm_builder.config import load_config
     from igvm_builder.io import atomic_outputs
 
@@ -520,7 +520,7 @@ def _igvm_repro(target: list[Any], source: list[Any], env: Any) -> None:
         try:
             check_config_reproducible(_config_path(config), platforms=platforms, loader=loader)
             if images:
-                from igvm_builder.build import build
+                from igvm_builder.assemble import build
                 from igvm_builder.config import load_config
 
                 fresh = bytes(

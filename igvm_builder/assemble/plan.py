@@ -166,7 +166,7 @@ def page_headers(gpa: int, view: memoryview, mem_size: int | None = None, *, fla
 #: PAGE_DATA fields, in order; checked at import so that the fast copy below cannot miss one.
 _PAGE_FIELDS = ("gpa", "compatibility_mask", "flags", "data_type", "data")
 if tuple(f.name for f in fields(H.PageData)) != _PAGE_FIELDS:
-    raise ImportError("H.PageData fields changed: update _new_page and its setters in igvm_builder/build/plan.py")
+    raise ImportError("H.PageData fields changed: update _new_page and its setters in igvm_builder/assemble/plan.py")
 
 
 def _new_page(gpa: int, mask: int, flags: int, data_type: int, data: bytes | FileSlice) -> H.PageData:

@@ -24,16 +24,16 @@ reference values).
 
 from __future__ import annotations
 
-from igvm_builder.build.mapped import WINDOW
-from igvm_builder.build.merge import merge_directives
-from igvm_builder.build.pipeline import (
+from igvm_builder.assemble.mapped import WINDOW
+from igvm_builder.assemble.merge import merge_directives
+from igvm_builder.assemble.pipeline import (
            BUILD_SWITCH_INTERVAL,
            BuildResult,
            build,
            build_file,
            reference_values_for,
 )
-from igvm_builder.build.plan import page_headers
+from igvm_builder.assemble.plan import page_headers
 
 __all__ = ["BUILD_SWITCH_INTERVAL", "WINDOW", "BuildResult", "build", "build_file", "merge_directives", "page_headers",
            "reference_values_for"]

@@ -8,9 +8,9 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
-from igvm_builder.build.mapped import _Inputs
-from igvm_builder.build.merge import merge_directives
-from igvm_builder.build.plan import (
+from igvm_builder.assemble.mapped import _Inputs
+from igvm_builder.assemble.merge import merge_directives
+from igvm_builder.assemble.plan import (
     BOOT_INFO_GPA,
     CMDLINE_GPA,
     E820_RAM,

@@ -9,7 +9,7 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
-from igvm_builder.build.plan import _new_page, _PageRun
+from igvm_builder.assemble.plan import _new_page, _PageRun
 from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice, as_view
 

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from igvm_builder.build.launch import _Builder
-from igvm_builder.build.mapped import _coalesce, _Inputs, _Mapped, _windows, in_thread
+from igvm_builder.assemble.launch import _Builder
+from igvm_builder.assemble.mapped import _coalesce, _Inputs, _Mapped, _windows, in_thread
 from igvm_builder.config import BuildConfig
 from igvm_builder.format import headers as H
 from igvm_builder.format.defs import (
