@@ -499,92 +499,110 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
          vcpu_type: str | int | None = None) -> Measurement:
     areas = _area_pages(f)
     if ptype == PlatformType.SEV_SNP:
-        if profile.requires_policy and not any(isinstance(h, H.GuestPolicy) and h.compatibility_mask & mask == mask
-                                               for h in f.initializations):
-            raise MeasurementError(f"no GUEST_POLICY for the SEV_SNP platform (mask {mask:#x}); the loader "
-                                   "cannot launch it")
-        acc = _Snp(profile, mask, vcpus, vcpu_type)
-        page_data, file_slice, sha384 = H.PageData, FileSlice, hashlib.sha384
-        normal_tail = _PAGE_INFO_TAIL.pack(0x70, SNP_NORMAL, 0, 0, 0)[:-8]  # + the page's GPA
-        fast = not profile.sort_by_gpa
-        any_mask_vmsa = profile.vmsa_any_mask
-        note = acc.releaser.note
-        ld = acc.ld  # the chain, kept in a local on the fast path (acc.ld when acc works)
-        steps = 0
-        known = itertools.repeat(None, len(f.directives)) if digests is None else digests
-        for h, contents in zip(f.directives, known, strict=True):
-            if type(h) is page_data:
-                if h.compatibility_mask & mask != mask:
-                    continue
-                data = h.data
-                # Fast path for the common page (a full 4 KiB of file data, no flags): the same
-                # step as _Snp.page, inlined.
-                if fast and not h.flags and not h.data_type and type(data) is file_slice and data.length == 4096:
-                    # the page's contents digest: the serializer's, when it computed them
-                    if contents is None:  # hashed here: the page is touched, release it later
-                        contents = sha384(data.view()).digest()
-                        note(data)
-                        acc.last_slice = data
-                    ld = sha384(ld + contents + normal_tail + h.gpa.to_bytes(8, "little")).digest()
-                    steps += 1
-                else:
-                    acc.ld = ld
-                    acc.page(h)
-                    ld = acc.ld
-                continue
-            m = h.mask
-            if m is not None and m & mask != mask and not (any_mask_vmsa and isinstance(h, H.SnpVpContext)):
-                continue
-            acc.ld = ld
-            if isinstance(h, H.PageData):
-                acc.page(h)
-            elif isinstance(h, H.ParameterInsert):
-                acc.insert(h.gpa, areas.pages(h))
-            elif isinstance(h, H.SnpVpContext):
-                acc.vmsa(h)
-            ld = acc.ld
-        acc.ld = ld
-        acc.steps += steps
-        digest = acc.finish()
-        if not profile.kvm_vmm:
-            return Measurement(ptype, mask, "sha384", digest, loader=profile.name, steps=acc.steps)
-        return Measurement(ptype, mask, "sha384", digest, loader=profile.name, steps=acc.steps, vcpus=acc.vcpus,
-                           vcpu_type=str(acc.vcpu_type), vp_contexts=len(acc.contexts),
-                           vcpus_source="file" if vcpus is None else "given", notes=_kvm_notes(acc))
+        return _measure_snp(f, mask, areas, profile, digests, vcpus, vcpu_type)
     if ptype == PlatformType.TDX:
         return _measure_tdx(f, mask, areas, two_pass)
     if ptype == PlatformType.VSM_ISOLATION:
-        vbs = _Vbs()
-        for h in _applicable(f, mask):
-            if isinstance(h, H.PageData):
-                if h.flags & _SHARED:
-                    continue
-                if h.data_type != _DT_NORMAL:
-                    raise MeasurementError(f"VBS cannot measure a {PageDataType(h.data_type).name} page",
-                                           gpa=h.gpa)
-                vbs.page(h.gpa, h.data, bool(h.flags & _UNMEASURED))
-            elif isinstance(h, H.ParameterInsert):
-                for i in range(areas.pages(h)):
-                    vbs.page(h.gpa + i * PAGE_SIZE_4K, None, True)
-            elif isinstance(h, H.ErrorRange):
-                for i in range(-(-h.size_bytes // PAGE_SIZE_4K)):
-                    vbs.page(h.gpa + i * PAGE_SIZE_4K, None, True, acceptance=3)
-            elif isinstance(h, H.VbsVpContext):
-                vbs.registers += [(h.vtl, r.name, bytes(r.value)) for r in h.registers]
-        return Measurement(ptype, mask, "sha256", vbs.finish(), steps=vbs.steps)
+        return _measure_vbs(f, mask, areas)
     if ptype in (PlatformType.SEV, PlatformType.SEV_ES):
-        sev = _Sev(ptype == PlatformType.SEV_ES)
-        vmsas: list[H.SnpVpContext] = []
-        for h in _applicable(f, mask):
-            if isinstance(h, H.PageData):
-                sev.page(h)
-            elif isinstance(h, H.SnpVpContext):
-                vmsas.append(h)
-        for v in vmsas:
-            sev.h.update(as_view(v.blob()))
-            sev.steps += 1
-        return Measurement(ptype, mask, "sha256", sev.finish(), steps=sev.steps)
+        return _measure_sev(f, ptype, mask)
     return Measurement(ptype, mask, None, None, notes=(f"{ptype.name} launches have no measurement",))
+
+
+def _measure_snp(f: IgvmFile, mask: int, areas: _Areas, profile: LoaderProfile,
+                 digests: Sequence[bytes | None] | None, vcpus: int | None, vcpu_type: str | int | None
+                 ) -> Measurement:
+    """The SEV-SNP launch digest of ``mask`` under ``profile``; ``digests``: page digests the
+    serializer computed (``IgvmFile.layout(page_digests=True)``), by directive."""
+    ptype = PlatformType.SEV_SNP
+    if profile.requires_policy and not any(isinstance(h, H.GuestPolicy) and h.compatibility_mask & mask == mask
+                                           for h in f.initializations):
+        raise MeasurementError(f"no GUEST_POLICY for the SEV_SNP platform (mask {mask:#x}); the loader "
+                               "cannot launch it")
+    acc = _Snp(profile, mask, vcpus, vcpu_type)
+    page_data, file_slice, sha384 = H.PageData, FileSlice, hashlib.sha384
+    normal_tail = _PAGE_INFO_TAIL.pack(0x70, SNP_NORMAL, 0, 0, 0)[:-8]  # + the page's GPA
+    fast = not profile.sort_by_gpa
+    any_mask_vmsa = profile.vmsa_any_mask
+    note = acc.releaser.note
+    ld = acc.ld  # the chain, kept in a local on the fast path (acc.ld when acc works)
+    steps = 0
+    known = itertools.repeat(None, len(f.directives)) if digests is None else digests
+    for h, contents in zip(f.directives, known, strict=True):
+        if type(h) is page_data:
+            if h.compatibility_mask & mask != mask:
+                continue
+            data = h.data
+            # Fast path for the common page (a full 4 KiB of file data, no flags): the same
+            # step as _Snp.page, inlined.
+            if fast and not h.flags and not h.data_type and type(data) is file_slice and data.length == 4096:
+                # the page's contents digest: the serializer's, when it computed them
+                if contents is None:  # hashed here: the page is touched, release it later
+                    contents = sha384(data.view()).digest()
+                    note(data)
+                    acc.last_slice = data
+                ld = sha384(ld + contents + normal_tail + h.gpa.to_bytes(8, "little")).digest()
+                steps += 1
+            else:
+                acc.ld = ld
+                acc.page(h)
+                ld = acc.ld
+            continue
+        m = h.mask
+        if m is not None and m & mask != mask and not (any_mask_vmsa and isinstance(h, H.SnpVpContext)):
+            continue
+        acc.ld = ld
+        if isinstance(h, H.PageData):
+            acc.page(h)
+        elif isinstance(h, H.ParameterInsert):
+            acc.insert(h.gpa, areas.pages(h))
+        elif isinstance(h, H.SnpVpContext):
+            acc.vmsa(h)
+        ld = acc.ld
+    acc.ld = ld
+    acc.steps += steps
+    digest = acc.finish()
+    if not profile.kvm_vmm:
+        return Measurement(ptype, mask, "sha384", digest, loader=profile.name, steps=acc.steps)
+    return Measurement(ptype, mask, "sha384", digest, loader=profile.name, steps=acc.steps, vcpus=acc.vcpus,
+                       vcpu_type=str(acc.vcpu_type), vp_contexts=len(acc.contexts),
+                       vcpus_source="file" if vcpus is None else "given", notes=_kvm_notes(acc))
+
+
+def _measure_vbs(f: IgvmFile, mask: int, areas: _Areas) -> Measurement:
+    ptype = PlatformType.VSM_ISOLATION
+    vbs = _Vbs()
+    for h in _applicable(f, mask):
+        if isinstance(h, H.PageData):
+            if h.flags & _SHARED:
+                continue
+            if h.data_type != _DT_NORMAL:
+                raise MeasurementError(f"VBS cannot measure a {PageDataType(h.data_type).name} page",
+                                       gpa=h.gpa)
+            vbs.page(h.gpa, h.data, bool(h.flags & _UNMEASURED))
+        elif isinstance(h, H.ParameterInsert):
+            for i in range(areas.pages(h)):
+                vbs.page(h.gpa + i * PAGE_SIZE_4K, None, True)
+        elif isinstance(h, H.ErrorRange):
+            for i in range(-(-h.size_bytes // PAGE_SIZE_4K)):
+                vbs.page(h.gpa + i * PAGE_SIZE_4K, None, True, acceptance=3)
+        elif isinstance(h, H.VbsVpContext):
+            vbs.registers += [(h.vtl, r.name, bytes(r.value)) for r in h.registers]
+    return Measurement(ptype, mask, "sha256", vbs.finish(), steps=vbs.steps)
+
+
+def _measure_sev(f: IgvmFile, ptype: PlatformType, mask: int) -> Measurement:
+    sev = _Sev(ptype == PlatformType.SEV_ES)
+    vmsas: list[H.SnpVpContext] = []
+    for h in _applicable(f, mask):
+        if isinstance(h, H.PageData):
+            sev.page(h)
+        elif isinstance(h, H.SnpVpContext):
+            vmsas.append(h)
+    for v in vmsas:
+        sev.h.update(as_view(v.blob()))
+        sev.steps += 1
+    return Measurement(ptype, mask, "sha256", sev.finish(), steps=sev.steps)
 
 
 def _kvm_notes(acc: _Snp) -> tuple[str, ...]:
