@@ -91,7 +91,7 @@ def test_measuring_a_deduplicated_file_leaves_little_resident(tmp_path: Path) ->
     """Every MiB of the blob ends with 32 zero pages, stored once in the file: the page that closes
     a release batch is then a page stored near the start of the file.  Measuring must still drop
     the pages it read (before the fix, 7/8 of the file stayed mapped)."""
-    from igvm_builder.build import build
+    from igvm_builder.assemble import build
     from igvm_builder.config import load_config
     from igvm_builder.format import IgvmFile
     from igvm_builder.io import AtomicFile
