@@ -51,6 +51,11 @@ def lint(f: IgvmFile, loader: str, *, qemu_guest: str = "any") -> list[Finding]:
             out.append(Finding("warning", f"TDX guest policy {h.policy:#x} sets bits {reserved:#x} that IGVM's "
                                           "TdxPolicy reserves (only 0x1 debug_allowed, 0x2 sept_ve_disable, "
                                           "0x4 migratable are defined)", i))
+    # the VMSA-order finding is about the SEV-SNP digest: only SNP pages count (the pages of
+    # another platform, e.g. TDX's after the SNP VMSAs of an snp+tdx file, change nothing there)
+    snp_mask = 0
+    for m in masks[PlatformType.SEV_SNP]:
+        snp_mask |= m
     last_page = -1
     first_vmsa = None
     vmsas: list[H.SnpVpContext] = []
@@ -61,7 +66,8 @@ def lint(f: IgvmFile, loader: str, *, qemu_guest: str = "any") -> list[Finding]:
         if int(h.TYPE) & IGVM_VHT_OPTIONAL_BIT:
             out.append(Finding("error", "optional-bit header types are not understood by crate-based loaders", idx))
         if isinstance(h, H.PageData):
-            last_page = i
+            if h.compatibility_mask & snp_mask:
+                last_page = i
             if h.shared and not profile.skip_shared:
                 out.append(Finding("warning", f"page at GPA {h.gpa:#x} is 'shared': {loader} ignores the flag and "
                                               "measures it like any page", idx))
@@ -86,8 +92,9 @@ def lint(f: IgvmFile, loader: str, *, qemu_guest: str = "any") -> list[Finding]:
             out.append(Finding("warning", f"{loader} measures one page per PARAMETER_INSERT, other loaders the "
                                           "whole area", idx))
     if kvm and first_vmsa is not None and first_vmsa < last_page:
-        out.append(Finding("warning", f"{loader} (KVM) measures VMSAs after every page, but the file has pages after "
-                                      "a VP context: digests differ from the reference model", base + first_vmsa))
+        out.append(Finding("warning", f"{loader} (KVM) measures VMSAs after every page, but the file has SEV-SNP "
+                                      "pages after a VP context: the SEV-SNP digest differs from the reference "
+                                      "model's", base + first_vmsa))
     if len(features) > 1:
         out.append(Finding("warning", "VMSAs carry different sev_features; QEMU passes only the BSP's to KVM"))
     if profile.kvm_vmm and kvm_vmsas:

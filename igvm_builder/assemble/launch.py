@@ -143,11 +143,25 @@ class _Builder:
             kernel = self.inputs.get(cfg.kernel.path, "kernel")
             initrd = self.inputs.get(cfg.kernel.initrd, "initrd") if cfg.kernel.initrd else None
             # the hashes are the SHA-256s of the whole files: the ones computed for the reference values
-            hashes_page = kernel_hashes_page(
-                img, kernel, initrd, cfg.kernel.cmdline or None, kernel_sha256=self.inputs.sha256_of(cfg.kernel.path),
-                initrd_sha256=self.inputs.sha256_of(cfg.kernel.initrd) if cfg.kernel.initrd else None)
+            try:
+                hashes_page = kernel_hashes_page(
+                    img, kernel, initrd, cfg.kernel.cmdline or None,
+                    kernel_sha256=self.inputs.sha256_of(cfg.kernel.path),
+                    initrd_sha256=self.inputs.sha256_of(cfg.kernel.initrd) if cfg.kernel.initrd else None)
+            except InputError as exc:
+                if "does not support measured direct boot" not in exc.message:
+                    raise
+                raise InputError(
+                    f"firmware {path}: {exc.message}. A [kernel] booted by OVMF on SEV-SNP/SEV is measured "
+                    "through that page: set firmware.path to a firmware built for it, such as OVMF.amdsev.fd "
+                    "(Debian package ovmf-amdsev, /usr/share/ovmf/OVMF.amdsev.fd), or drop the [kernel] table "
+                    "and let the firmware boot from disk", source=cfg.source, key="firmware.path") from None
             self.notes.append("measured direct boot: the VMM must be given exactly this kernel, initrd and "
                               "command line (their hashes are in the kernel-hashes page)")
+        if cfg.kernel and PlatformType.TDX in self.plans:
+            self.notes.append("tdx: OVMF measures the kernel, initrd and command line of this launch into RTMRs at "
+                              "run time, not into MRTD: the TDX digest here does not change with them; check "
+                              "them in the TD quote's RTMR event log")
         base = img.gpa_base
         fw_pages: _PageRun | None = None
         for p, plan in self.plans.items():
