@@ -135,6 +135,40 @@ def test_lookup_failures(softhsm: SoftHsm) -> None:
         Pkcs11Key(softhsm.uri(f"token={TOKEN};object=snp-id", "pin-source=/nonexistent/pin")).public_key()
 
 
+def test_lookup_errors_list_what_was_found(softhsm: SoftHsm) -> None:
+    """A wrong token label lists the tokens the module shows and the module path; a wrong object
+    label lists the private keys on the token (labels and ids, as softhsm.py made them)."""
+    with pytest.raises(SigningError) as info:
+        Pkcs11Key(softhsm.uri("token=igvm-tset;object=snp-id")).public_key()
+    text = str(info.value)
+    assert f"(module {softhsm.module}; tokens found: " in text and "'igvm-test' (serial " in text
+    assert "'igvm-nopub' (serial " in text and PIN not in text
+    with pytest.raises(SigningError) as info:
+        Pkcs11Key(softhsm.uri(f"token={TOKEN};object=snp-idd")).public_key()
+    text = str(info.value)
+    assert "private keys on the token: " in text
+    for label, key_id in (("snp-id", "01"), ("snp-author", "02"), ("wrong-curve", "03")):
+        assert f"'{label}' (id {key_id})" in text
+
+
+def test_bad_softhsm2_conf_is_one_clear_line(softhsm: SoftHsm, tmp_path: Path) -> None:
+    """SoftHSM cannot initialize without its configuration: the error names the module tried and
+    SOFTHSM2_CONF (a fresh process: the module reads its configuration once)."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "in.igvm"
+    src.write_bytes((SHARED / "vectors" / "igvm" / "snp_v1.igvm").read_bytes())
+    missing = tmp_path / "nope" / "softhsm2.conf"
+    env = {**softhsm.env, "SOFTHSM2_CONF": str(missing)}
+    proc = subprocess.run([sys.executable, "-m", "igvm_builder", "sign", str(src), "-o", str(tmp_path / "o.igvm"),
+                           "--allow-test-keys", "--id-key", softhsm.uri(f"token={TOKEN};object=snp-id")],
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert f"the PKCS#11 module {softhsm.module} failed to initialize" in proc.stderr
+    assert f"SOFTHSM2_CONF={missing} does not exist" in proc.stderr and PIN not in proc.stderr
+
+
 def test_token_without_public_key_object(softhsm: SoftHsm) -> None:
     uri = softhsm.uri(f"token={NOPUB_TOKEN};object=snp-id")
     with pytest.raises(SigningError, match="no public-key object or certificate"):

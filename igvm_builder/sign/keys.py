@@ -628,7 +628,7 @@ class Pkcs11Key(KeySource):
     * Signing uses ``CKM_ECDSA`` over the SHA-384 digest computed here; the token
       returns raw ``r || s``.  Tokens use random nonces, so ``deterministic`` is False.
 
-    Needs ``python-pkcs11`` (``pip install igvm-builder[pkcs11]``).
+    Needs ``python-pkcs11`` (the ``pkcs11`` extra, installed from a checkout or wheel).
     """
 
     deterministic = False
@@ -690,7 +690,8 @@ class Pkcs11Key(KeySource):
             import pkcs11
         except ImportError as exc:
             raise SigningError(
-                "python-pkcs11 is not installed (pip install 'igvm-builder[pkcs11]')", source=self.description
+                "python-pkcs11 is not installed: install igvm-builder with its pkcs11 extra from a checkout or "
+                "wheel (pip install './igvm-builder[pkcs11]')", source=self.description
             ) from exc
         try:
             yield pkcs11
@@ -710,7 +711,7 @@ class Pkcs11Key(KeySource):
             text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
             if "loading" in detail:
                 text = f"cannot load PKCS#11 module {self.module()}"
-            raise SigningError(f"PKCS#11 error ({text})", source=self.description) from exc
+            raise SigningError(f"PKCS#11 error ({text}; module {self.module()})", source=self.description) from exc
 
     def _find_token(self, pkcs11: Any, lib: Any) -> Any | None:
         uri = self.uri
@@ -739,16 +740,50 @@ class Pkcs11Key(KeySource):
             )
         return matches[0] if matches else None
 
+    def _load(self, pkcs11: Any) -> Any:
+        """The loaded module; a module that cannot be loaded or initialized is one clear line
+        naming the module path tried (and, for SoftHSM, the SOFTHSM2_CONF it read)."""
+        module = self.module()
+        try:
+            return pkcs11.lib(module)
+        except pkcs11.exceptions.PKCS11Error as exc:
+            why = type(exc).__name__
+            hint = ""
+            conf = os.environ.get("SOFTHSM2_CONF")
+            if "softhsm" in os.path.basename(module).lower():
+                if conf is None:
+                    hint = "; SOFTHSM2_CONF is not set (SoftHSM then reads its default configuration)"
+                elif not os.path.isfile(conf):
+                    hint = f"; SOFTHSM2_CONF={conf} does not exist"
+                else:
+                    hint = f"; check SOFTHSM2_CONF={conf} and the token directory it names"
+            raise SigningError(f"the PKCS#11 module {module} failed to initialize ({why}){hint}",
+                               source=self.description) from exc
+        except (OSError, RuntimeError) as exc:
+            raise SigningError(f"cannot load the PKCS#11 module {module} ({exc})", source=self.description) from exc
+
+    def _tokens_found(self, pkcs11: Any, lib: Any) -> str:
+        """The initialized tokens the module shows, for an error message (labels and serials)."""
+        found = []
+        for slot in lib.get_slots(token_present=True):
+            token = slot.get_token()
+            if not token.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED:
+                continue
+            serial = token.serial.decode("ascii", "replace") if isinstance(token.serial, bytes) else token.serial
+            found.append(f"'{token.label.strip()}' (serial {str(serial).strip()})")
+        return ", ".join(found) if found else "none"
+
     def _session(self, fn: Callable[[Any, Any], _T]) -> _T:
         with self._errors() as pkcs11:
-            lib = pkcs11.lib(self.module())
+            lib = self._load(pkcs11)
             token = self._find_token(pkcs11, lib)
             if token is None:
                 # Many modules snapshot their slot list at C_Initialize; look again once.
                 lib.reinitialize()
                 token = self._find_token(pkcs11, lib)
             if token is None:
-                raise SigningError("no token matches the URI", source=self.description)
+                raise SigningError(f"no token matches the URI (module {self.module()}; tokens found: "
+                                   f"{self._tokens_found(pkcs11, lib)})", source=self.description)
             pin = self._pin()
             with token.open(user_pin=pin) as session:
                 return fn(pkcs11, session)
@@ -762,7 +797,13 @@ class Pkcs11Key(KeySource):
         found = list(session.get_objects(attrs))
         if not found:
             hint = "" if self._pin() is not None else f" (not logged in: give a PIN or set {PKCS11_PIN_ENV})"
-            raise SigningError(f"no private key matches the URI on the token{hint}", source=self.description)
+            keys = []
+            for obj in session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY}):
+                label = obj[pkcs11.Attribute.LABEL]
+                key_id = bytes(obj[pkcs11.Attribute.ID] or b"").hex()
+                keys.append(f"'{label}'" + (f" (id {key_id})" if key_id else ""))
+            seen = f"; private keys on the token: {', '.join(keys)}" if keys else "; no private key is visible"
+            raise SigningError(f"no private key matches the URI on the token{hint}{seen}", source=self.description)
         if len(found) > 1:
             raise SigningError(
                 f"{len(found)} private keys match the URI; add object= or id=", source=self.description
