@@ -30,7 +30,9 @@ def lint(f: IgvmFile, loader: str, *, qemu_guest: str = "any") -> list[Finding]:
     profile = get_profile(loader)
     out: list[Finding] = [Finding("warning", w) for w in f.warnings]
     base = len(f.platforms) + len(f.initializations)
-    kvm = profile.vmsa_last_at_kvm_gpa
+    # QEMU without an SEV launch (--qemu-guest none or tdx) starts no SEV platform: no VMSA reaches KVM
+    no_sev = profile.name == "qemu" and qemu_guest in ("none", "tdx")
+    kvm = profile.vmsa_last_at_kvm_gpa and not no_sev
     supported = profile.platforms
     for p in f.platforms:
         if supported is not None and p.platform_type not in supported:
@@ -97,7 +99,7 @@ def lint(f: IgvmFile, loader: str, *, qemu_guest: str = "any") -> list[Finding]:
                                       "model's", base + first_vmsa))
     if len(features) > 1:
         out.append(Finding("warning", "VMSAs carry different sev_features; QEMU passes only the BSP's to KVM"))
-    if profile.kvm_vmm and kvm_vmsas:
+    if profile.kvm_vmm and kvm_vmsas and not no_sev:
         out += _kvm_vmsa_findings(kvm_vmsas, profile.kvm_vmm)
     if profile.name == "qemu":
         from igvm_builder.qemu_loader import qemu_findings
