@@ -368,10 +368,10 @@ def check_config_reproducible(config_path: str | os.PathLike[str], *, platforms:
                 os.makedirs(os.path.dirname(outs[n]), exist_ok=True)
                 workdir = os.path.join((root_a, root_b)[n], "cwd" if n == 0 else "elsewhere/working-dir")
                 _run_build(n, tree, outs[n], refs_paths[n], workdir, p, plats, loader, timeout)
-            refs = []
-            for rp in refs_paths:
-                with open(rp, encoding="utf-8") as fh:
-                    refs.append(json.load(fh))
+            from igvm_builder.reference import ReferenceValues
+
+            # each build's reference values, parsed as the typed value (a malformed one is named)
+            refs = [ReferenceValues.load(rp).to_dict() for rp in refs_paths]
             perturbed = SUBPROCESS_PERTURBED
         else:
             from igvm_builder.assemble import build
