@@ -613,6 +613,45 @@ def _loader_hint(f: IgvmFile, ld: bytes, loader: str, vcpus: Vcpus = (None, None
     return None
 
 
+def _check_signatures(parsed: IgvmSnpIdBlock, policy: int, ref_policy: int | None, explain: bool,
+                      fail: Callable[[str, str], None]) -> None:
+    """The block's structure and both signatures, with the policy the loader will use; with
+    ``explain``, a failing ID signature that verifies under another likely policy is reported
+    as the policy mismatch it is."""
+    try:
+        verify_igvm_id_block_body(parsed, policy=policy)
+        return
+    except VerificationError as exc:
+        if not explain:
+            fail("signature", f"{exc.message} (--explain looks for the policy it was signed for)")
+            return
+        signed_policy = _signed_policy(parsed, _policy_candidates(policy, (ref_policy,)))
+        if signed_policy is None:
+            fail("signature", exc.message)
+            return
+    fail("policy", f"policy mismatch: the ID block was signed for policy {signed_policy:#x}, but the file's "
+         f"GUEST_POLICY is {policy:#x} (changed after signing; the SNP firmware would reject the launch)")
+    try:  # the rest (author signature, structure) under the policy that was signed
+        verify_igvm_id_block_body(parsed, policy=signed_policy)
+    except VerificationError as inner:
+        fail("signature", inner.message)
+
+
+def _launch_digest_mismatch(f: IgvmFile, signed: bytes, digest: bytes, loader: str, launch: Vcpus,
+                            explain: bool) -> str:
+    """The message for a signed launch digest that is not the file's under ``loader``; with
+    ``explain``, naming the loader whose digest it is, if any."""
+    other = _loader_hint(f, signed, loader, launch) if explain else None
+    if other is not None:
+        return (f"launch digest mismatch under loader {loader}: the ID block signs {signed.hex()}, the "
+                f"file's digest under loader {other} (verify with --loader {other}, or re-sign for {loader})")
+    why = ("pages, VMSAs or directives changed after signing" if explain else
+           "pages, VMSAs or directives changed after signing, or signed for another loader: --explain "
+           "measures under the others")
+    return (f"launch digest mismatch: the ID block signs {signed.hex()}, but the file measures "
+            f"{digest.hex()} under loader {loader} ({why})")
+
+
 def _check_digest(expected: bytes | None, what: str) -> bytes | None:
     if expected is None:
         return None
@@ -697,24 +736,7 @@ def verify_igvm(
     author_digest = parsed.author_public_key.to_sev().digest() if parsed.author_key_enabled else None
 
     # Structure and both signatures, with the policy the loader will use.
-    try:
-        verify_igvm_id_block_body(parsed, policy=policy)
-    except VerificationError as exc:
-        signed_policy = (_signed_policy(parsed, _policy_candidates(policy, (ref.policy if ref else None,)))
-                         if explain else None)
-        if signed_policy is None:
-            fail("signature", exc.message if explain else f"{exc.message} (--explain looks for the policy it was "
-                 "signed for)")
-        else:
-            fail(
-                "policy",
-                f"policy mismatch: the ID block was signed for policy {signed_policy:#x}, but the file's "
-                f"GUEST_POLICY is {policy:#x} (changed after signing; the SNP firmware would reject the launch)",
-            )
-            try:  # the rest (author signature, structure) under the policy that was signed
-                verify_igvm_id_block_body(parsed, policy=signed_policy)
-            except VerificationError as inner:
-                fail("signature", inner.message)
+    _check_signatures(parsed, policy, ref.policy if ref else None, explain, fail)
 
     # The signed launch digest against the file's pages, VMSAs and directives.
     measured: dict[str, bytes] = {}
@@ -730,22 +752,7 @@ def verify_igvm(
 
     digest = measure(name)
     if digest is not None and parsed.ld != digest:
-        other = _loader_hint(f, parsed.ld, name, launch) if explain else None
-        if other is not None:
-            fail(
-                "launch-digest",
-                f"launch digest mismatch under loader {name}: the ID block signs {parsed.ld.hex()}, the "
-                f"file's digest under loader {other} (verify with --loader {other}, or re-sign for {name})",
-            )
-        else:
-            why = ("pages, VMSAs or directives changed after signing" if explain else
-                   "pages, VMSAs or directives changed after signing, or signed for another loader: --explain "
-                   "measures under the others")
-            fail(
-                "launch-digest",
-                f"launch digest mismatch: the ID block signs {parsed.ld.hex()}, but the file measures "
-                f"{digest.hex()} under loader {name} ({why})",
-            )
+        fail("launch-digest", _launch_digest_mismatch(f, parsed.ld, digest, name, launch, explain))
 
     if id_key_digest is not None and id_key_digest != id_digest:
         fail("id-key-digest", f"ID key digest is {id_digest.hex()}, expected {id_key_digest.hex()}")
