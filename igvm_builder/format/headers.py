@@ -70,6 +70,10 @@ def _page_gpa() -> Any:
 _VTL = (0, 1, 2)
 
 
+def _unaligned_gpa(gpa: object) -> bool:
+    return not isinstance(gpa, int) or bool(gpa & 0xFFF)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Header:
     """Base of every variable header."""
@@ -123,6 +127,12 @@ class Header:
             broken = self.rule()
             if broken is not None:
                 yield f"{name} {broken}"
+
+    def _refuse_broken(self, what: str) -> None:
+        """Raise now if :meth:`rule` is broken (for headers whose rules guard what they hold)."""
+        message = self.rule()
+        if message is not None:
+            raise _err(f"{what} {message}")
 
     def check(self) -> None:
         """Raise IgvmFormatError (naming the field) if the reader would reject this header."""
@@ -369,9 +379,7 @@ class ParameterArea(Header):
     initial_data: BlobLike = b""
 
     def __post_init__(self) -> None:
-        message = self.rule()
-        if message is not None:
-            raise _err(f"PARAMETER_AREA {message}")
+        self._refuse_broken("PARAMETER_AREA")
 
     def rule(self) -> str | None:
         if not isinstance(self.number_of_bytes, int) or self.number_of_bytes % PAGE_SIZE_4K:
@@ -414,12 +422,10 @@ class PageData(Header):
     data: BlobLike = b""
 
     def __post_init__(self) -> None:
-        message = self.rule()
-        if message is not None:
-            raise _err(f"PAGE_DATA {message}")
+        self._refuse_broken("PAGE_DATA")
 
     def rule(self) -> str | None:
-        if not isinstance(self.gpa, int) or self.gpa & 0xFFF:
+        if _unaligned_gpa(self.gpa):
             return f"gpa {self.gpa!r} is not 4 KiB aligned"
         if len(self.data) > PAGE_SIZE_4K:
             return f"at GPA {self.gpa:#x} has {len(self.data)} bytes of data (at most 4096)"
@@ -710,12 +716,10 @@ class SnpVpContext(VpContextBase):
     vmsa: BlobLike
 
     def __post_init__(self) -> None:
-        message = self.rule()
-        if message is not None:
-            raise _err(f"SNP VP_CONTEXT {message}")
+        self._refuse_broken("SNP VP_CONTEXT")
 
     def rule(self) -> str | None:
-        if not isinstance(self.gpa, int) or self.gpa & 0xFFF:
+        if _unaligned_gpa(self.gpa):
             return f"gpa {self.gpa!r} is not 4 KiB aligned"
         if len(self.vmsa) > PAGE_SIZE_4K:
             return f"VMSA is {len(self.vmsa)} bytes (at most 4096)"
