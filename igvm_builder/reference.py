@@ -103,40 +103,55 @@ class BuildInfo:
 
 @dataclass(frozen=True, slots=True)
 class PlatformRef:
-    """One platform's reference values: the typed core and the platform-specific rest."""
+    """One platform's reference values: typed accessors over the entry as published (which
+    round-trips unchanged: each platform records different things, and hand-written
+    reference values may hold only some of them)."""
 
-    platform: str
-    algorithm: str | None
-    digest: str | None
-    compatibility_mask: str | None = None
-    loader: str | None = None
-    #: Everything else this platform records (policy, guest_features, vcpus, id_block, ...).
-    details: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    entry: Mapping[str, Any]
+
+    @property
+    def platform(self) -> str | None:
+        """``SEV_SNP``, ``TDX``, ... (None when the entry does not say)."""
+        value = self.entry.get("platform")
+        return value if isinstance(value, str) else None
+
+    @property
+    def algorithm(self) -> str | None:
+        value = self.entry.get("algorithm")
+        return value if isinstance(value, str) else None
+
+    @property
+    def digest(self) -> str | None:
+        """The launch measurement, lowercase hex (``measurement`` is read as an older spelling)."""
+        value = self.entry.get("digest", self.entry.get("measurement"))
+        return value.lower() if isinstance(value, str) else None
+
+    @property
+    def compatibility_mask(self) -> str | None:
+        value = self.entry.get("compatibility_mask")
+        return value if isinstance(value, str) else None
+
+    @property
+    def loader(self) -> str | None:
+        value = self.entry.get("loader")
+        return value.lower() if isinstance(value, str) else None
+
+    @property
+    def details(self) -> Mapping[str, Any]:
+        """Everything but the typed core (policy, guest_features, vcpus, id_block, ...)."""
+        core = ("platform", "algorithm", "digest", "compatibility_mask", "loader", "measurement")
+        return MappingProxyType({k: v for k, v in self.entry.items() if k not in core})
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = _thaw(self.details)
-        out |= {"platform": self.platform, "algorithm": self.algorithm, "digest": self.digest}
-        if self.compatibility_mask is not None:
-            out["compatibility_mask"] = self.compatibility_mask
-        if self.loader is not None:
-            out["loader"] = self.loader
-        return out
+        return _thaw(self.entry)  # type: ignore[no-any-return]
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], name: str) -> PlatformRef:
         if not isinstance(doc, Mapping):
+            if isinstance(doc, str):  # a plain hex string is the digest (verify --reference accepts it)
+                return cls(_freeze({"digest": doc}))
             raise VerificationError(f"reference values: platforms.{name} is not an object")
-        core = ("platform", "algorithm", "digest", "compatibility_mask", "loader")
-        digest = doc.get("digest", doc.get("measurement"))
-        return cls(
-            platform=str(doc.get("platform", name)),
-            algorithm=doc.get("algorithm") if isinstance(doc.get("algorithm"), str) else None,
-            digest=digest.lower() if isinstance(digest, str) else None,
-            compatibility_mask=doc.get("compatibility_mask") if isinstance(doc.get("compatibility_mask"), str)
-            else None,
-            loader=doc.get("loader") if isinstance(doc.get("loader"), str) else None,
-            details=_freeze({k: v for k, v in doc.items() if k not in (*core, "measurement")}),
-        )
+        return cls(_freeze(doc))
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +214,8 @@ class SignatureRef:
 class ReferenceValues(Mapping[str, Any]):
     """The reference values of one IGVM file (schema_version 1); see the module docstring."""
 
-    file: FileRef
+    #: The file's SHA-256 and size (None only in hand-written values that give measurements alone).
+    file: FileRef | None
     platforms: Mapping[str, PlatformRef]
     #: Inputs of the build by name ("config", then each input path as the config names it).
     inputs: Mapping[str, InputRef] | None = None
@@ -219,9 +235,10 @@ class ReferenceValues(Mapping[str, Any]):
         """The JSON document (a fresh dict, keys sorted at every level)."""
         out: dict[str, Any] = {
             "schema_version": self.schema_version,
-            "file": self.file.to_dict(),
             "platforms": {name: p.to_dict() for name, p in self.platforms.items()},
         }
+        if self.file is not None:
+            out["file"] = self.file.to_dict()
         if self.inputs is not None:
             out["inputs"] = {name: i.to_dict() for name, i in self.inputs.items()}
         if self.build is not None:
@@ -245,7 +262,7 @@ class ReferenceValues(Mapping[str, Any]):
         if version != SCHEMA_VERSION:
             raise VerificationError(f"reference values: schema_version {version} is not {SCHEMA_VERSION}")
         file_doc = doc.get("file")
-        file = FileRef.from_dict(file_doc) if isinstance(file_doc, Mapping) else FileRef("0" * 64, -1)
+        file = FileRef.from_dict(file_doc) if isinstance(file_doc, Mapping) else None
         plats = doc.get("platforms", {})
         if not isinstance(plats, Mapping):
             raise VerificationError("reference values: platforms is not an object")
@@ -295,7 +312,7 @@ class ReferenceValues(Mapping[str, Any]):
         snp = self.platforms.get("snp")
         return snp.loader if snp is not None else None
 
-    def with_signature(self, signed_file: FileRef, platforms: Mapping[str, PlatformRef],
+    def with_signature(self, signed_file: FileRef | None, platforms: Mapping[str, PlatformRef],
                        signature: SignatureRef) -> ReferenceValues:
         """These (unsigned) values for the signed image: its file, its platform entries
         (with the ID block), what was signed; inputs and build parameters kept."""

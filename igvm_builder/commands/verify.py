@@ -51,15 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from igvm_builder.errors import VerificationError
     from igvm_builder.format import IgvmFile
     from igvm_builder.sign.image import IdBlockVerificationError, verify_igvm
 
     reference = None
     if args.reference:
-        from igvm_builder.io import load_json
+        from igvm_builder.reference import ReferenceValues
 
-        reference = load_json(args.reference, "reference values", error=VerificationError)
+        reference = ReferenceValues.load(args.reference)  # the typed value; an unusable one is exit 2
     f = IgvmFile.load(args.file)
     try:
         report = verify_igvm(

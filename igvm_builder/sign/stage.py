@@ -276,7 +276,10 @@ def signed_reference_values(
 
     if base is not None:
         expected = base.signature.unsigned_file if base.signature is not None else base.file
-        if expected.sha256 != unsigned[0]:
+        if expected is None or expected.sha256 != unsigned[0]:
+            if expected is None:
+                raise SigningError("the reference values given record no file SHA-256: give the build's "
+                                   "(igvm-builder build --reference-values)")
             raise SigningError(f"the reference values given describe a file with sha256 {expected.sha256[:16]}..., "
                                f"not the image signed ({unsigned[0][:16]}...)")
     tdx = base.platforms.get("tdx") if base is not None else None
