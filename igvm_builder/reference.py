@@ -283,18 +283,18 @@ class ReferenceValues(Mapping[str, Any]):
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str | None = None) -> ReferenceValues:
-        try:
-            doc = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise VerificationError(f"not JSON: {exc}", source=source) from None
+        """Parse the JSON text (bounded nesting, :func:`igvm_builder.io.parse_json`)."""
+        from igvm_builder.io import parse_json
+
+        doc = parse_json(text, source=source, error=VerificationError, what="reference values")
         try:
             return cls.from_dict(doc)
         except VerificationError as exc:
-            raise exc.with_source(source) if source else exc from None
+            raise (exc.with_source(source) if source else exc) from None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ReferenceValues:
-        """Read a published reference-values file (bounded, regular files only)."""
+        """Read a published reference-values file (bounded size and nesting, regular files only)."""
         from igvm_builder.io import JSON_LIMIT, read_input
 
         name = os.fspath(path)
