@@ -239,3 +239,30 @@ def test_verify_release_of_a_signed_image_needs_its_signed_reference_values(
     assert rc == 1 and "the reference values record no signature" in out
     assert "without its ID block it is the rebuild" not in out.split("does NOT match")[1].split("\n")[0]
     assert os.path.exists(release["signed"])
+
+
+def test_scons_signing_stage_takes_the_config_sign_table(kernel: Path, softhsm: SoftHsm, tmp_path: Path) -> None:
+    """No $IGVM_SIGNING_KEY: IGVMSign signs with the config's [sign] table (key, IDs, SVN), for its
+    image.loader, and refuses the TEST-ONLY key unless IGVM_ALLOW_TEST_KEYS is set."""
+    cfg = _project(tmp_path / "src", kernel, "cloud-hypervisor")
+    uri = softhsm.uri(f"token={TOKEN};object=snp-id")
+    cfg.write_text(cfg.read_text() + f"\n[sign]\nid_key = '{uri}'\nguest_svn = 5\nimage_id = \"{'ab' * 16}\"\n")
+    sconstruct = SCONSTRUCT.format(repo=str(REPO)).replace('IGVM_SIGNING_KEY=ARGUMENTS["KEY"],\n', "").replace(
+        "IGVM_ALLOW_TEST_KEYS=True", 'IGVM_ALLOW_TEST_KEYS=ARGUMENTS.get("ALLOW", "")')
+    (tmp_path / "src" / "SConstruct").write_text(sconstruct)
+
+    def scons(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "SCons", "-Q", *args], cwd=tmp_path / "src", env=softhsm.env,
+                              capture_output=True, text=True, timeout=600, check=False)
+
+    refused = scons()
+    assert refused.returncode != 0 and "refusing to sign with the public TEST-ONLY ID key" in refused.stderr
+    assert "set IGVM_ALLOW_TEST_KEYS=1" in refused.stderr
+    proc = scons("ALLOW=1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "for loader cloud-hypervisor (image.loader of hello.toml)" in proc.stdout
+    block = next(h for h in IgvmFile.load(tmp_path / "src" / "dist" / "hello.signed.igvm").directives
+                 if isinstance(h, H.SnpIdBlock))
+    assert block.guest_svn == 5 and bytes(block.image_id).hex() == "ab" * 16
+    refs = json.loads((tmp_path / "src" / "dist" / "hello.signed.igvm.ref.json").read_text())
+    assert refs["signature"]["id_key_digest"] == ID_DIGEST and refs["signature"]["guest_svn"] == 5
