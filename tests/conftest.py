@@ -12,11 +12,14 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
+
 _BIN = os.path.dirname(sys.executable)
 if _BIN and _BIN not in os.environ.get("PATH", "").split(os.pathsep):
     os.environ["PATH"] = os.pathsep.join(p for p in (_BIN, os.environ.get("PATH", "")) if p)
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin: the recorder keeps its files there
 def pytest_configure(config: object) -> None:
     """Every IGVM file the session builds goes through the reference implementations
     (``oracles.OracleRecorder``; a disagreement fails the run)."""

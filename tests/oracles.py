@@ -213,7 +213,11 @@ class OracleRecorder:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.store = Path(tempfile.mkdtemp(prefix="igvm-oracle-store-"))
+        # under pytest's base temporary directory, which pytest rotates: a killed session leaves
+        # no store behind for good
+        factory = getattr(config, "_tmp_path_factory", None)
+        base = factory.getbasetemp() if factory is not None else None
+        self.store = Path(tempfile.mkdtemp(prefix="igvm-oracle-store-", dir=base))
         self.published = self.store / "published"
         self.published.mkdir()
         self.files: dict[str, tuple[Path, str]] = {}  # sha256 -> (stored file, who made it)

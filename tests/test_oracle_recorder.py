@@ -29,8 +29,10 @@ def _recorder(request: pytest.FixtureRequest) -> oracles.OracleRecorder:
     return plugin
 
 
-def test_builds_in_process_and_in_subprocesses_are_recorded(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_builds_in_process_and_in_subprocesses_are_recorded(tmp_path: Path, request: pytest.FixtureRequest,
+                                                            tmp_path_factory: pytest.TempPathFactory) -> None:
     rec = _recorder(request)
+    assert rec.store.parent == tmp_path_factory.getbasetemp()  # rotated by pytest, even after a killed run
     before = len(rec.files)
     data = build_bytes(config(tmp_path, _body(tmp_path)))
     assert len(rec.files) == before + 1
