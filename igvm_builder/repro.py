@@ -44,10 +44,13 @@ import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from igvm_builder.diff import FileDiff, diff_files
 from igvm_builder.errors import IgvmError, ReproducibilityError, VerificationError
+
+if TYPE_CHECKING:
+    from igvm_builder.config import BuildConfig
 
 __all__ = [
     "ReleaseCheck",
@@ -600,9 +603,55 @@ def verify_release(config_path: str | os.PathLike[str], reference: Mapping[str, 
 
     checks: list[ReleaseCheck] = []
     cfg = load_config(path)
+    checks += _check_inputs(cfg, _mapping(reference.get("inputs")))  # a changed input first: the usual cause
+    # ---- rebuild
+    try:
+        result = build(cfg, platforms=plats, loader=loader)
+    except IgvmError as exc:
+        checks.append(ReleaseCheck("build", "rebuild", False, f"the rebuild failed: {exc}"))
+        return ReleaseReport(path, ref_name, None, tuple(checks))
+    pub_file: Mapping[str, Any] = _mapping(reference.get("file"))
+    pub_sha = pub_file.get("sha256")  # the published (released) file: signed, for a signed release
+    # the rebuild gives the unsigned image: for a signed release, what was signed
+    unsigned_sha = signature.unsigned_file.sha256 if signature is not None else pub_sha
+    unsigned_size = signature.unsigned_file.size if signature is not None else pub_file.get("size")
+    what = "unsigned file" if signature is not None else "file"
+    checks.append(ReleaseCheck("file", "sha256", result.sha256 == unsigned_sha,
+                               f"{what} sha256 {_short(result.sha256)} != published {_short(unsigned_sha)}"
+                               if result.sha256 != unsigned_sha else f"{what} sha256 {result.sha256} matches"))
+    if isinstance(unsigned_size, int) and unsigned_size >= 0 and unsigned_size != result.size:
+        checks.append(ReleaseCheck("file", "size", False,
+                                   f"{what} size {result.size} != published {unsigned_size}"))
+    checks += _check_measurements(_platform_entries(reference), _platform_entries(result.reference_values),
+                                  signed=signature is not None)
+    # ---- the released file itself
+    d: FileDiff | None = None
+    if igvm is not None:
+        igvm_path = os.fspath(igvm)
+        released = _sha256_file(igvm_path)
+        if released is None:
+            checks.append(ReleaseCheck("igvm", igvm_path, False, f"released file {igvm_path}: cannot read it"))
+        else:
+            checks.append(ReleaseCheck("igvm", igvm_path, released == pub_sha,
+                                       f"released file {igvm_path}: sha256 {_short(released)} != published "
+                                       f"{_short(pub_sha)}" if released != pub_sha
+                                       else f"released file {igvm_path}: sha256 matches"))
+            signed_checks, unsigned_bytes = _check_signature(igvm_path, signature, result.sha256, loader)
+            checks.extend(signed_checks)
+            if released != result.sha256 and (unsigned_bytes is None or
+                                               hashlib.sha256(unsigned_bytes).hexdigest() != result.sha256):
+                try:
+                    d = compare_builds(igvm_path if unsigned_bytes is None else unsigned_bytes, result.data,
+                                       a_name=igvm_path, b_name="rebuild", loader=loader)
+                except ReproducibilityError as exc:
+                    checks.append(ReleaseCheck("igvm", igvm_path, False, f"released file {igvm_path}: {exc}"))
+    return ReleaseReport(path, ref_name, result.sha256, tuple(checks), d)
+
+
+def _check_inputs(cfg: BuildConfig, published: Mapping[str, Any]) -> list[ReleaseCheck]:
+    """The SHA-256 of the config and of every input against the published ones (moved inputs paired)."""
+    checks: list[ReleaseCheck] = []
     base = os.path.dirname(cfg.source)
-    published: Mapping[str, Any] = _mapping(reference.get("inputs"))
-    # ---- inputs first
     current: dict[str, tuple[str, str, str | None]] = {}  # key -> (role, shown path, sha256)
     current["config"] = ("config", os.path.basename(cfg.source), _sha256_file(cfg.source))
     for p, role in _roles(cfg).items():
@@ -633,27 +682,14 @@ def verify_release(config_path: str | os.PathLike[str], reference: Mapping[str, 
             shown = entry.get("path", key) if isinstance(entry, Mapping) else key
             checks.append(ReleaseCheck("input", key, False, f"input {shown}: in the published reference values "
                                        "but not named by this config"))
-    # ---- rebuild
-    try:
-        result = build(cfg, platforms=plats, loader=loader)
-    except IgvmError as exc:
-        checks.append(ReleaseCheck("build", "rebuild", False, f"the rebuild failed: {exc}"))
-        return ReleaseReport(path, ref_name, None, tuple(checks))
-    pub_file: Mapping[str, Any] = _mapping(reference.get("file"))
-    pub_sha = pub_file.get("sha256")  # the published (released) file: signed, for a signed release
-    # the rebuild gives the unsigned image: for a signed release, what was signed
-    unsigned_sha = signature.unsigned_file.sha256 if signature is not None else pub_sha
-    unsigned_size = signature.unsigned_file.size if signature is not None else pub_file.get("size")
-    what = "unsigned file" if signature is not None else "file"
-    checks.append(ReleaseCheck("file", "sha256", result.sha256 == unsigned_sha,
-                               f"{what} sha256 {_short(result.sha256)} != published {_short(unsigned_sha)}"
-                               if result.sha256 != unsigned_sha else f"{what} sha256 {result.sha256} matches"))
-    if isinstance(unsigned_size, int) and unsigned_size >= 0 and unsigned_size != result.size:
-        checks.append(ReleaseCheck("file", "size", False,
-                                   f"{what} size {result.size} != published {unsigned_size}"))
-    # ---- measurements
-    pub_plats = _platform_entries(reference)
-    new_plats = _platform_entries(result.reference_values)
+    return checks
+
+
+def _check_measurements(pub_plats: Mapping[str, Any], new_plats: Mapping[str, Any], *, signed: bool
+                        ) -> list[ReleaseCheck]:
+    """Every platform's measurement, and everything else a verifier checks besides the digest
+    (for a signed release, not the SEV-SNP ID block: the released file's is checked instead)."""
+    checks: list[ReleaseCheck] = []
     for name in dict.fromkeys([*pub_plats, *new_plats]):
         if name not in new_plats:
             checks.append(ReleaseCheck("measurement", name, False, f"platform {name}: published but not built"))
@@ -671,34 +707,13 @@ def verify_release(config_path: str | os.PathLike[str], reference: Mapping[str, 
         fa = dict(_flatten(new_plats[name])) if isinstance(new_plats[name], Mapping) else {}
         fb = dict(_flatten(pub_plats[name])) if isinstance(pub_plats[name], Mapping) else {}
         for k in sorted(set(fa) | set(fb)):
-            if signature is not None and name == "snp" and k.split(".")[0] in _SIGNED_FIELDS:
+            if signed and name == "snp" and k.split(".")[0] in _SIGNED_FIELDS:
                 continue  # the signed image's ID block: checked against the released file below
             if k not in ("digest", "measurement") and fa.get(k, ...) != fb.get(k, ...):
                 checks.append(ReleaseCheck("reference", f"{name}.{k}", False,
                                            f"platform {name}: {k} {_show(fa.get(k, ...))} != published "
                                            f"{_show(fb.get(k, ...))}"))
-    # ---- the released file itself
-    d: FileDiff | None = None
-    if igvm is not None:
-        igvm_path = os.fspath(igvm)
-        released = _sha256_file(igvm_path)
-        if released is None:
-            checks.append(ReleaseCheck("igvm", igvm_path, False, f"released file {igvm_path}: cannot read it"))
-        else:
-            checks.append(ReleaseCheck("igvm", igvm_path, released == pub_sha,
-                                       f"released file {igvm_path}: sha256 {_short(released)} != published "
-                                       f"{_short(pub_sha)}" if released != pub_sha
-                                       else f"released file {igvm_path}: sha256 matches"))
-            signed_checks, unsigned_bytes = _check_signature(igvm_path, signature, result.sha256, loader)
-            checks.extend(signed_checks)
-            if released != result.sha256 and (unsigned_bytes is None or
-                                               hashlib.sha256(unsigned_bytes).hexdigest() != result.sha256):
-                try:
-                    d = compare_builds(igvm_path if unsigned_bytes is None else unsigned_bytes, result.data,
-                                       a_name=igvm_path, b_name="rebuild", loader=loader)
-                except ReproducibilityError as exc:
-                    checks.append(ReleaseCheck("igvm", igvm_path, False, f"released file {igvm_path}: {exc}"))
-    return ReleaseReport(path, ref_name, result.sha256, tuple(checks), d)
+    return checks
 
 
 #: Fields of the SEV-SNP reference values that describe the ID block (they differ between the
