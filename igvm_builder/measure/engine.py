@@ -697,25 +697,32 @@ def _measure_tdx(f: IgvmFile, mask: int, areas: _Areas, two_pass: bool, *, vecto
 
 def measure_platform(f: IgvmFile, platform: PlatformType, *, loader: str | None = None,
                      tdx_two_pass: bool = False, page_digests: Sequence[bytes | None] | None = None,
-                     vcpus: int | None = None, vcpu_type: str | int | None = None) -> Measurement:
+                     vcpus: int | None = None, vcpu_type: str | int | None = None,
+                     cca_realm: Any = None) -> Measurement:
     """Measure one platform of ``f``; :class:`MeasurementError` if the file lacks it.
 
     ``page_digests`` (for each directive, the SHA-384 of its 4 KiB page or None:
     ``IgvmFile.layout(page_digests=True).page_digests``) spares SEV-SNP hashing those pages again.  ``vcpus`` (the VMM's
     ``-smp``; default: the file's VP contexts) and ``vcpu_type`` (the ``-cpu`` model of the
     reset-state VMSAs; default EPYC-v4) matter for SEV-SNP on the KVM loaders only.
+    ``cca_realm`` (a :class:`igvm_builder.measure.cca.Realm`: realm parameters and RAM ranges,
+    which a CCA file does not carry) is what the CCA RIM needs; without it CCA has no digest.
     """
     _check_vcpus(vcpus, vcpu_type)
     p = f.platform(platform)
     if p is None:
         have = ", ".join(x.platform_type.name for x in f.platforms)
         raise MeasurementError(f"the file has no {platform.name} platform (it has: {have})")
+    if platform == PlatformType.CCA:
+        from igvm_builder.measure.cca import cca_measurement
+
+        return cca_measurement(f, p.compatibility_mask, cca_realm)
     return _run(f, platform, p.compatibility_mask, get_profile(loader), tdx_two_pass, page_digests, vcpus, vcpu_type)
 
 
 def measure_file(f: IgvmFile, *, platforms: Sequence[PlatformType] | None = None, loader: str | None = None,
                  tdx_two_pass: bool = False, parallel: bool = True, vcpus: int | None = None,
-                 vcpu_type: str | int | None = None) -> tuple[Measurement, ...]:
+                 vcpu_type: str | int | None = None, cca_realm: Any = None) -> tuple[Measurement, ...]:
     """Measure every (or the given) platform; platforms are hashed in parallel threads.
 
     hashlib releases the GIL while it hashes, so an SNP+TDX file measures in roughly the
@@ -724,12 +731,12 @@ def measure_file(f: IgvmFile, *, platforms: Sequence[PlatformType] | None = None
     targets = list(platforms) if platforms is not None else [p.platform_type for p in f.platforms]
     if not parallel or len(targets) < 2:
         return tuple(measure_platform(f, t, loader=loader, tdx_two_pass=tdx_two_pass, vcpus=vcpus,
-                                      vcpu_type=vcpu_type) for t in targets)
+                                      vcpu_type=vcpu_type, cca_realm=cca_realm) for t in targets)
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(len(targets), thread_name_prefix="igvm-measure") as pool:
         jobs = [pool.submit(measure_platform, f, t, loader=loader, tdx_two_pass=tdx_two_pass, vcpus=vcpus,
-                            vcpu_type=vcpu_type) for t in targets]
+                            vcpu_type=vcpu_type, cca_realm=cca_realm) for t in targets]
         return tuple(job.result() for job in jobs)  # the first platform's error, if any
 
 
