@@ -64,6 +64,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from igvm_builder.cca_config import CCA_SCHEMA, CcaSpec, cca_spec
 from igvm_builder.errors import ConfigError
 from igvm_builder.format.defs import PLATFORM_NAMES
 from igvm_builder.hexstr import parse_hex
@@ -141,6 +142,8 @@ class BuildConfig:
     tdx: TdxSpec = field(default_factory=TdxSpec)
     vbs: VbsSpec = field(default_factory=VbsSpec)
     sign: SignSpec = field(default_factory=SignSpec)
+    #: Arm CCA realm (``platforms = ["cca"]``): layout, realm parameters, DTB, CCA policy.
+    cca: CcaSpec | None = None
     includes: tuple[str, ...] = ()
     #: (absolute path, name): each file's name in reference values (as written, or relative to this config)
     input_names: tuple[tuple[str, str], ...] = ()
@@ -163,6 +166,8 @@ class BuildConfig:
             if self.kernel.initrd:
                 files.append(self.kernel.initrd)
         files += [b.path for b in self.blobs]
+        if self.cca is not None and self.cca.dtb:
+            files.append(self.cca.dtb)
         return tuple(dict.fromkeys(files))
 
     def with_overrides(self, *, platforms: tuple[str, ...] | None = None, loader: str | None = None) -> BuildConfig:
@@ -171,6 +176,9 @@ class BuildConfig:
         cfg = self
         if platforms is not None:
             cfg = replace(cfg, platforms=_check_platforms(list(platforms), cfg.source, None))
+            if ("cca" in cfg.platforms) != (self.cca is not None):
+                raise ConfigError("cca is built from a config with a [cca] table and platforms = [\"cca\"] only",
+                                  source=cfg.source, key="image.platforms")
         if loader is not None:
             loader = loader.lower()
             if loader not in BUILD_LOADERS:
@@ -294,12 +302,12 @@ def _check_platforms(value: Any, source: str, ctx: _Ctx | None) -> tuple[str, ..
     out = []
     for v in value:
         name = v.lower()
-        if name not in PLATFORM_NAMES or name == "cca":
-            raise err(f"unknown platform '{v}' (choose from native, snp, tdx, vbs, sev, sev-es)")
+        if name not in PLATFORM_NAMES:
+            raise err(f"unknown platform '{v}' (choose from native, snp, tdx, vbs, sev, sev-es, cca)")
         if name in out:
             raise err(f"platform '{v}' listed twice")
         out.append(name)
-    order = ["native", "snp", "tdx", "vbs", "sev", "sev-es"]
+    order = ["native", "snp", "tdx", "vbs", "sev", "sev-es", "cca"]
     return tuple(sorted(out, key=order.index))
 
 
@@ -371,6 +379,7 @@ _SECTIONS: dict[str, _Schema] = {
     },
     "tdx": {"policy": lambda c, k, v: _tdx_policy(c, k, v), "two_pass": lambda c, k, v: c.bool_(k, v)},
     "vbs": {"vtl": lambda c, k, v: c.int_(k, v, 0, 2)},
+    "cca": CCA_SCHEMA,
     "sign": {
         "id_key": lambda c, k, v: c.str_(k, v),
         "author_key": lambda c, k, v: c.str_(k, v),
@@ -450,11 +459,12 @@ def parse_config(data: Mapping[str, Any], *, source: str, text: str = "", base_d
         raise ctx.err("memory.prevalidate", "applies to kernels booted without firmware; OVMF validates "
                                             "and accepts guest memory itself")
     sub = _sub(values)
+    cca = cca_spec(ctx, values, values["image.platforms"])
     return BuildConfig(
         source=source,
         platforms=values["image.platforms"],
         loader=values.get("image.loader", DEFAULT_LOADER),
-        revision=values.get("image.revision", 1),
+        revision=values.get("image.revision", 2 if cca else 1),
         firmware=values.get("firmware.path"),
         firmware_igvm_parameters=values.get("firmware.igvm_parameters", False),
         kernel=kernel,
@@ -465,6 +475,7 @@ def parse_config(data: Mapping[str, Any], *, source: str, text: str = "", base_d
         tdx=TdxSpec(**sub("tdx")),
         vbs=VbsSpec(**sub("vbs")),
         sign=SignSpec(**sub("sign")),
+        cca=cca,
         includes=tuple(dict.fromkeys(includes)),
         input_names=tuple(sorted(ctx.names.items())),
     )

@@ -107,7 +107,13 @@ def build_file(cfg: BuildConfig) -> tuple[IgvmFile, dict[str, str], list[str]]:
 
 def _build_model(cfg: BuildConfig) -> tuple[IgvmFile, _Inputs, list[str]]:
     """The validated file model; the inputs' SHA-256s may still be being computed."""
-    b = _Builder(cfg)
+    b: Any
+    if cfg.cca is not None:
+        from igvm_builder.assemble.cca import CcaBuilder
+
+        b = CcaBuilder(cfg)
+    else:
+        b = _Builder(cfg)
     try:
         with _gc_paused():
             f = b.run().validate()
@@ -147,8 +153,13 @@ def _build(cfg: BuildConfig, output: SeekableOutput | None) -> BuildResult:
     ptypes = [p.platform_type for p in f.platforms]
     snp = PlatformType.SEV_SNP in ptypes
     others = [t for t in ptypes if t != PlatformType.SEV_SNP]
+    cca_realm = None
+    if cfg.cca is not None:
+        from igvm_builder.assemble.cca import realm_of
+
+        cca_realm = realm_of(cfg)
     measure_others = in_thread("igvm-build-measure", lambda: measure_file(
-        f, platforms=others, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass)) if others else None
+        f, platforms=others, loader=cfg.loader, tdx_two_pass=cfg.tdx.two_pass, cca_realm=cca_realm)) if others else None
     writer = _Writer(output)
     try:
         with _gc_paused():
@@ -256,4 +267,8 @@ def reference_values_for(cfg: BuildConfig, f: IgvmFile, sha256: str, size: int, 
            for p, d in sorted({**includes, **input_hashes}.items())},
     }
     refs["build"] = {"platforms": list(cfg.platforms), "loader": cfg.loader, "notes": list(notes)}
+    if cfg.cca is not None:
+        from igvm_builder.assemble.cca import realm_reference
+
+        refs["platforms"]["cca"].update(realm_reference(cfg))
     return ReferenceValues.from_dict(refs)
