@@ -105,6 +105,10 @@ def lint(f: IgvmFile, loader: str, *, qemu_guest: str = "any") -> list[Finding]:
         from igvm_builder.qemu_loader import qemu_findings
 
         out += [Finding(*issue) for issue in qemu_findings(f, qemu_guest)]
+    if any(p.platform_type == PlatformType.CCA for p in f.platforms):
+        from igvm_builder.lint_cca import cca_findings
+
+        out += cca_findings(f)
     return out
 
 

@@ -25,7 +25,7 @@ MODEL = "igvm-builder arm64 guest"
 
 
 def _fdt() -> Any:
-    import fdt  # the fdt package has no type information
+    import fdt  # type: ignore[import-untyped]  # the fdt package ships no type information
 
     return fdt
 

@@ -209,7 +209,7 @@ class RimChain:
     record: bool = False
     trace: list[dict[str, Any]] = field(default_factory=list)
     steps: int = 0
-    _h: Callable[[bytes], Any] = field(init=False, repr=False)
+    _h: Callable[[bytes | memoryview], Any] = field(init=False, repr=False)
     _rim: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
