@@ -668,18 +668,19 @@ def _coalesce(records: dict[tuple[str, Any, Any, int], set[PlatformType | str]])
 # =========================================================================== measurements
 
 
-def _measure(f: IgvmFile, ptype: PlatformType, loader: str | None) -> tuple[str | None, str | None, str | None]:
+def _measure(f: IgvmFile, ptype: PlatformType, loader: str | None, cca_realm: Any = None
+             ) -> tuple[str | None, str | None, str | None]:
     from igvm_builder.measure import measure_platform
 
     try:
-        m = measure_platform(f, ptype, loader=loader)
+        m = measure_platform(f, ptype, loader=loader, cca_realm=cca_realm)
     except MeasurementError as exc:
         return None, None, str(exc)
     return m.algorithm, m.hex, None
 
 
-def _diff_measurements(a: IgvmFile, b: IgvmFile, sa: _Side, sb: _Side, loader: str | None
-                       ) -> list[MeasurementComparison]:
+def _diff_measurements(a: IgvmFile, b: IgvmFile, sa: _Side, sb: _Side, loader: str | None,
+                       cca_realm: Any = None) -> list[MeasurementComparison]:
     from concurrent.futures import ThreadPoolExecutor
 
     ptypes = list(dict.fromkeys([*sa.mask_of, *sb.mask_of]))
@@ -687,7 +688,7 @@ def _diff_measurements(a: IgvmFile, b: IgvmFile, sa: _Side, sb: _Side, loader: s
     # each (file, platform) in a thread: hashing is most of it, and hashlib lets threads run
     with ThreadPoolExecutor(max_workers=min(4, max(1, len(jobs)))) as pool:
         results = dict(zip(((id(f), p) for f, p in jobs),
-                           pool.map(lambda job: _measure(job[0], job[1], loader), jobs), strict=True))
+                           pool.map(lambda job: _measure(job[0], job[1], loader, cca_realm), jobs), strict=True))
     out = []
     none = (None, None, None)
     for ptype in ptypes:
@@ -702,12 +703,13 @@ def _diff_measurements(a: IgvmFile, b: IgvmFile, sa: _Side, sb: _Side, loader: s
 
 
 def diff_files(a: IgvmFile, b: IgvmFile, *, a_name: str = "A", b_name: str = "B", loader: str | None = None,
-               measure: bool = True, byte_identical: bool | None = None) -> FileDiff:
+               measure: bool = True, byte_identical: bool | None = None, cca_realm: Any = None) -> FileDiff:
     """The semantic difference between ``a`` and ``b`` (see the module docstring for matching).
 
     ``loader`` selects the SEV-SNP loader profile of the measurements (default: the
     library default); ``measure=False`` skips them.  ``byte_identical`` is recorded as
-    given (the caller knows the bytes; the model does not).
+    given (the caller knows the bytes; the model does not).  ``cca_realm`` (an
+    :class:`igvm_builder.measure.cca.Realm`) measures both files' CCA platforms as that realm.
     """
     sa, sb = _Side(a), _Side(b)
     file_changes = []
@@ -718,7 +720,7 @@ def diff_files(a: IgvmFile, b: IgvmFile, *, a_name: str = "A", b_name: str = "B"
                                         Architecture(b.architecture).name))
     headers = _diff_headers(a, b, sa, sb)
     pages, order = _diff_pages(a, b, sa, sb)
-    measurements = _diff_measurements(a, b, sa, sb, loader) if measure else []
+    measurements = _diff_measurements(a, b, sa, sb, loader, cca_realm) if measure else []
     counts = (sum(1 for h in a.directives if isinstance(h, H.PageData)),
               sum(1 for h in b.directives if isinstance(h, H.PageData)))
     return FileDiff(

@@ -500,7 +500,7 @@ def _rel_key(path: str, base: str) -> str:
 
 
 def _roles(cfg: Any) -> dict[str, str]:
-    """Absolute input path -> role (firmware, kernel, initrd, blob, include)."""
+    """Absolute input path -> role (firmware, kernel, initrd, blob, CCA dtb, include)."""
     roles: dict[str, str] = {}
     for p in cfg.includes:
         roles.setdefault(p, "include")
@@ -512,6 +512,8 @@ def _roles(cfg: Any) -> dict[str, str]:
             roles.setdefault(cfg.kernel.initrd, "initrd")
     for b in cfg.blobs:
         roles.setdefault(b.path, f"blob@{b.gpa:#x}")
+    if getattr(cfg, "cca", None) is not None and cfg.cca.dtb:
+        roles.setdefault(cfg.cca.dtb, "dtb")
     return roles
 
 

@@ -82,3 +82,56 @@ def test_lint(built: Path) -> None:
     assert "outside the protected IPA space" in text and "unmeasured page at 0x80000000" in text
     assert "vCPU 0 has no runnable VP context" in text
     assert sum(1 for x in findings if x.severity == "error") == 3  # no policy, second page, outside
+
+
+def test_measure_options_and_reference_values(built: Path) -> None:
+    want = case(VEC)["results"]["sha256"]["oracle_rim"]
+    f = str(built / "realm.igvm")
+    # without the realm: no digest, and the note says what is missing
+    proc = cli("measure", f)
+    assert proc.returncode == 0 and proc.stdout.startswith("CCA - -") and "--cca-realm" in proc.stdout
+    # the realm from the build's reference values
+    proc = cli("measure", f, "--cca-realm", str(built / "realm.ref.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["CCA", "sha256", want]
+    # ... or as options; the IPA width comes from the file's shared_gpa_boundary
+    proc = cli("measure", f, "--cca-ram", "0x80000000:512M", "--cca-breakpoints", "6", "--cca-watchpoints", "6",
+               "--json", "--reference-values", str(built / "m.json"))
+    assert proc.returncode == 0, proc.stderr
+    refs = json.loads((built / "m.json").read_text())
+    assert refs["platforms"]["cca"]["digest"] == want and refs["platforms"]["cca"]["realm"]["ipa_bits"] == 33
+    # different realm parameters give a different RIM (here: more watchpoints)
+    proc = cli("measure", f, "--cca-ram", "0x80000000:512M", "--cca-breakpoints", "6", "--cca-watchpoints", "4")
+    assert proc.returncode == 0 and want not in proc.stdout
+    # incomplete or impossible realms: one line, exit 1
+    proc = cli("measure", f, "--cca-ram", "0x80000000:512M")
+    assert proc.returncode == 1 and "needs --cca-breakpoints, --cca-watchpoints" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    proc = cli("measure", f, "--cca-ram", "0x80000000:8G", "--cca-breakpoints", "6", "--cca-watchpoints", "6")
+    assert proc.returncode == 1 and "does not fit in the protected IPA space of a 33-bit realm" in proc.stderr
+    proc = cli("measure", f, "--cca-realm", str(built / "realm.toml"))
+    assert proc.returncode == 1 and "cannot read the realm" in proc.stderr
+
+
+def test_dump_diff_verify_release(built: Path, tmp_path: Path) -> None:
+    f = str(built / "realm.igvm")
+    proc = cli("dump", f)
+    assert proc.returncode == 0
+    assert "CCA_POLICY" in proc.stdout and "hash=SHA256" in proc.stdout
+    assert "x0=0x8fe00000  pc=0x80000000  flags=0x1" in proc.stdout
+    # a SHA-512 build of the same realm: diff names the policy change, and with the realm the RIM change
+    cfg2 = vector_toml(tmp_path / "realm512.toml", "sha512")
+    assert cli("build", str(cfg2), "-o", str(tmp_path / "r512.igvm"), "--reference-values",
+               str(tmp_path / "r512.json")).returncode == 0
+    proc = cli("diff", f, str(tmp_path / "r512.igvm"), "--cca-realm", str(built / "realm.ref.json"))
+    assert proc.returncode == 1
+    assert "hash_algorithm: 0x0 -> 0x1" in proc.stdout
+    assert (f"measurement CCA: {case(VEC)['results']['sha256']['oracle_rim']} -> "
+            f"{case(VEC)['results']['sha512']['oracle_rim']}") in proc.stdout
+    # verify-release rebuilds the config; the DTB is one of the checked inputs
+    proc = cli("verify-release", str(cfg2), "--reference", str(tmp_path / "r512.json"), "--igvm",
+               str(tmp_path / "r512.igvm"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4 input(s) and 1 measurement(s) match" in proc.stdout
+    proc = cli("verify-release", str(built / "realm.toml"), "--reference", str(tmp_path / "r512.json"))
+    assert proc.returncode == 1 and "platform cca: measurement" in proc.stdout

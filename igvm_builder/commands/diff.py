@@ -12,6 +12,7 @@ import argparse
 import mmap
 import sys
 
+from igvm_builder.commands._cca import add_cca_options, realm_from_args
 from igvm_builder.commands._common import DEFAULT_LOADER, add_loader_option, print_json
 
 
@@ -24,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-measure", action="store_true", help="do not compare launch measurements")
     parser.add_argument("--max-ranges", type=int, default=200,
                         help="text output: page ranges to show at most (default 200; 0 = all)")
+    add_cca_options(parser)
 
 
 def _map(path: str) -> bytes | mmap.mmap:
@@ -54,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     fb = IgvmFile.from_bytes(buf_b, source=args.b)
     identical_bytes = same_bytes(buf_a, buf_b)
     result = diff_files(fa, fb, a_name=args.a, b_name=args.b, loader=args.loader,
-                        measure=not args.no_measure, byte_identical=identical_bytes)
+                        measure=not args.no_measure, byte_identical=identical_bytes,
+                        cca_realm=realm_from_args(args, fa) or realm_from_args(args, fb))
     if args.json:
         print_json(result.as_dict())
     else:

@@ -12,6 +12,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from igvm_builder.commands._cca import add_cca_options, realm_from_args
 from igvm_builder.commands._common import add_platform_option, loader_arg, print_json, warn
 from igvm_builder.commands._vcpus import add_vcpu_options
 from igvm_builder.errors import IgvmError, MeasurementError
@@ -56,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
               "host stacks); default single pass (upstream KVM/QEMU, microsoft/igvm)"),
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_cca_options(parser)
     parser.add_argument(
         "--reference-values", metavar="OUT.json",
         help=("also write the reference values a verifier needs (digests, policies, guest features, "
@@ -208,8 +210,9 @@ def run(args: argparse.Namespace) -> int:
         _require_platform(f, args.platform, args.file)
     targets = [args.platform] if args.platform is not None else None
     try:
+        realm = realm_from_args(args, f)
         ms = measure_file(f, platforms=targets, loader=args.loader, tdx_two_pass=args.tdx_two_pass,
-                          vcpus=args.vcpus, vcpu_type=args.vcpu_type)
+                          vcpus=args.vcpus, vcpu_type=args.vcpu_type, cca_realm=realm)
     except IgvmError as exc:
         raise exc.with_source(args.file) from None
     if args.dump_vmsas:
@@ -224,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
                                 file_size=size, measurements=full, vcpus=args.vcpus, vcpu_type=args.vcpu_type)
         from igvm_builder.reference import ReferenceValues
 
+        if realm is not None and "cca" in refs.get("platforms", {}):
+            refs["platforms"]["cca"]["realm"] = realm.to_json()
         atomic_write(args.reference_values, ReferenceValues.from_dict(refs).to_json().encode(),
                      inputs=(args.file,))
     if args.reference_values == "-":  # the reference values are on standard output: nothing else goes there

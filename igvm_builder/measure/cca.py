@@ -436,8 +436,8 @@ def measure_cca(f: IgvmFile, realm: Realm, *, mask: int | None = None, record: b
 
 #: Why a CCA file has no digest without realm parameters.
 NO_REALM_NOTE = ("the CCA RIM needs the realm parameters (IPA width, breakpoints, watchpoints, SVE, PMU, "
-                 "LPA2) and guest RAM ranges, which are not in the file: give them to measure (--cca-*, or "
-                 "--reference-values with a CCA entry)")
+                 "LPA2) and guest RAM ranges, which are not in the file: give them to measure (--cca-realm "
+                 "REF.json, or --cca-ram, --cca-breakpoints, --cca-watchpoints)")
 
 
 def cca_measurement(f: IgvmFile, mask: int, realm: Realm | None) -> Measurement:
@@ -448,5 +448,4 @@ def cca_measurement(f: IgvmFile, mask: int, realm: Realm | None) -> Measurement:
     if realm is None:
         return Measurement(PlatformType.CCA, mask, None, None, notes=(NO_REALM_NOTE,))
     res = measure_cca(f, realm, mask=mask)
-    return Measurement(PlatformType.CCA, mask, res.hash_algorithm, res.rim, variant="rmm-1.0", steps=res.steps,
-                       notes=res.notes)
+    return Measurement(PlatformType.CCA, mask, res.hash_algorithm, res.rim, steps=res.steps, notes=res.notes)
