@@ -103,14 +103,14 @@ def test_measure_options_and_reference_values(built: Path) -> None:
     # different realm parameters give a different RIM (here: more watchpoints)
     proc = cli("measure", f, "--cca-ram", "0x80000000:512M", "--cca-breakpoints", "6", "--cca-watchpoints", "4")
     assert proc.returncode == 0 and want not in proc.stdout
-    # incomplete or impossible realms: one line, exit 1
+    # incomplete or impossible realms: one line, exit 2 (unusable input)
     proc = cli("measure", f, "--cca-ram", "0x80000000:512M")
-    assert proc.returncode == 1 and "needs --cca-breakpoints, --cca-watchpoints" in proc.stderr
+    assert proc.returncode == 2 and "needs --cca-breakpoints, --cca-watchpoints" in proc.stderr
     assert proc.stderr.count("\n") == 1
     proc = cli("measure", f, "--cca-ram", "0x80000000:8G", "--cca-breakpoints", "6", "--cca-watchpoints", "6")
-    assert proc.returncode == 1 and "does not fit in the protected IPA space of a 33-bit realm" in proc.stderr
+    assert proc.returncode == 2 and "does not fit in the protected IPA space of a 33-bit realm" in proc.stderr
     proc = cli("measure", f, "--cca-realm", str(built / "realm.toml"))
-    assert proc.returncode == 1 and "cannot read the realm" in proc.stderr
+    assert proc.returncode == 2 and "cannot read the realm" in proc.stderr
 
 
 def test_dump_diff_verify_release(built: Path, tmp_path: Path) -> None:
