@@ -108,7 +108,7 @@ def lint(f: IgvmFile, loader: str, *, qemu_guest: str = "any") -> list[Finding]:
     if any(p.platform_type == PlatformType.CCA for p in f.platforms):
         from igvm_builder.lint_cca import cca_findings
 
-        out += cca_findings(f)
+        out += [Finding(severity, message, index) for severity, message, index in cca_findings(f)]
     return out
 
 
