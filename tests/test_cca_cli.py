@@ -64,7 +64,8 @@ def test_lint(built: Path) -> None:
     f = IgvmFile.load(built / "realm.igvm")
     msgs = [x.message for x in lint(f, "qemu")]
     assert any("derived" in m for m in msgs)
-    assert not [x for x in lint(f, "qemu") if x.severity == "error"]
+    # no CCA finding is an error (QEMU 10.2.2 itself refuses any CCA file: that is its own finding)
+    assert not [x for x in lint(f, "qemu") if x.severity == "error" and x.message.startswith("CCA")]
     # a hand-made CCA file with the faults lint names: no policy, pages out of order / twice / beyond the
     # protected space, unmeasured data, a non-runnable vCPU 0
     dirs = (H.PageData(gpa=0x80001000, compatibility_mask=1, data=b"a"),
@@ -81,7 +82,8 @@ def test_lint(built: Path) -> None:
     assert "no CCA_POLICY" in text and "comes after 0x80001000" in text and "a second page at 0x80000000" in text
     assert "outside the protected IPA space" in text and "unmeasured page at 0x80000000" in text
     assert "vCPU 0 has no runnable VP context" in text
-    assert sum(1 for x in findings if x.severity == "error") == 3  # no policy, second page, outside
+    cca_errors = [x for x in findings if x.severity == "error" and x.message.startswith("CCA")]
+    assert len(cca_errors) == 3  # no policy, second page, outside
 
 
 def test_measure_options_and_reference_values(built: Path) -> None:
