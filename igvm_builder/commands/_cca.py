@@ -4,7 +4,6 @@ parameters (but the hash) and the guest RAM.  Light at import: the CLI's ``--hel
 from __future__ import annotations
 
 import argparse
-import json
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -62,11 +61,9 @@ def realm_from_args(args: argparse.Namespace, f: IgvmFile) -> Realm | None:
     if p is None or not given:
         return None
     if args.cca_realm:
-        try:
-            with open(args.cca_realm, encoding="utf-8") as fh:
-                doc: Any = json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise MeasurementError(f"cannot read the realm: {exc}", source=args.cca_realm) from None
+        from igvm_builder.io import load_json
+
+        doc: Any = load_json(args.cca_realm, "realm", error=MeasurementError)
         if isinstance(doc, dict) and "platforms" in doc:
             doc = (doc["platforms"].get("cca") or {}).get("realm")
             if doc is None:
