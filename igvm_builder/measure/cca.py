@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from igvm_builder.errors import MeasurementError
 from igvm_builder.format import headers as H
-from igvm_builder.format.blob import as_view
+from igvm_builder.format.blob import FileSlice, PageReleaser, as_view
 from igvm_builder.format.defs import PAGE_SIZE_4K, PageDataFlags, PageDataType, PlatformType
 from igvm_builder.format.file import IgvmFile
 
@@ -54,6 +54,7 @@ DESC_DATA, DESC_REC, DESC_RIPAS = 0, 1, 2
 DESC_LEN = 0x100
 RMI_MEASURE_CONTENT = 1
 
+_IPA_FLAGS = struct.Struct("<QQ")
 #: IgvmVpContextAArch64Cca: x0..x7, pc, flags (80 bytes).
 CCA_CONTEXT = struct.Struct("<8QQQ")
 
@@ -211,9 +212,14 @@ class RimChain:
     steps: int = 0
     _h: Callable[[bytes | memoryview], Any] = field(init=False, repr=False)
     _rim: bytes = field(init=False, repr=False)
+    _pad: bytes = field(init=False, repr=False)
+    _data_desc: bytearray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._h = getattr(hashlib, self.params.hash_algorithm)
+        self._pad = bytes(64 - self.params.digest_size)
+        self._data_desc = bytearray(DESC_LEN)
+        struct.pack_into("<B7xQ", self._data_desc, 0, DESC_DATA, DESC_LEN)
         self._rim = self._m(self.params.page())
         self._log(op="REALM_CREATE", params_head=self.params.page()[:0x38].hex())
 
@@ -251,10 +257,15 @@ class RimChain:
             self._extend(DESC_DATA, struct.pack("<QQ", ipa, 0) + bytes(64))
             self._log(op="DATA_CREATE", ipa=f"{ipa:#x}", flags=0)
             return
-        content = self._m(page)
-        self._extend(DESC_DATA, struct.pack("<QQ", ipa, RMI_MEASURE_CONTENT) + content)
+        # the hot path (one per page): the descriptor is a reused buffer whose zero tail stays zero
+        h, n, desc = self._h, self.params.digest_size, self._data_desc
+        content = h(page).digest()
+        desc[0x10:0x10 + n] = self._rim[:n]
+        _IPA_FLAGS.pack_into(desc, 0x50, ipa, RMI_MEASURE_CONTENT)
+        desc[0x60:0x60 + n] = content
+        self._rim = h(desc).digest() + self._pad
         if self.record:
-            self._log(op="DATA_CREATE", ipa=f"{ipa:#x}", flags=1, content=content[:self.params.digest_size].hex())
+            self._log(op="DATA_CREATE", ipa=f"{ipa:#x}", flags=1, content=content.hex())
         else:
             self.steps += 1
 
@@ -381,6 +392,8 @@ def measure_cca(f: IgvmFile, realm: Realm, *, mask: int | None = None, record: b
             raise MeasurementError("a relocatable region for the CCA platform: relocation changes the IPAs and so "
                                    "the RIM; a CCA loader must not relocate")
     unmeasured_flag, shared_flag = int(PageDataFlags.UNMEASURED), int(PageDataFlags.SHARED)
+    releaser = PageReleaser()
+    last_slice: FileSlice | None = None
     for h in f.directives:
         m = h.mask
         if m is not None and m & mask != mask:
@@ -400,10 +413,14 @@ def measure_cca(f: IgvmFile, realm: Realm, *, mask: int | None = None, record: b
                 chain.data(h.gpa, None)
                 unmeasured += 1
                 continue
-            view = as_view(h.data)
+            data = h.data
+            view = as_view(data)
             page = view if len(view) == GRANULE else bytes(view) + bytes(GRANULE - len(view))
             chain.data(h.gpa, page)
             measured += 1
+            if type(data) is FileSlice:  # hashed: let the page leave the resident set
+                releaser.note(data)
+                last_slice = data
         elif isinstance(h, H.ParameterInsert):
             for i in range(-(-areas.get(h.parameter_area_index, 0) // GRANULE)):
                 gpa = h.gpa + i * GRANULE
@@ -414,6 +431,7 @@ def measure_cca(f: IgvmFile, realm: Realm, *, mask: int | None = None, record: b
             if h.vp_index in contexts:
                 raise MeasurementError(f"two VP contexts for vCPU {h.vp_index}")
             contexts[h.vp_index] = h
+    releaser.release(last_slice)
     recs = 0
     for vp in sorted(contexts):
         gprs, pc, flags = cca_context_fields(contexts[vp])
