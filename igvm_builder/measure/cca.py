@@ -210,7 +210,7 @@ class RimChain:
     record: bool = False
     trace: list[dict[str, Any]] = field(default_factory=list)
     steps: int = 0
-    _h: Callable[[bytes | memoryview], Any] = field(init=False, repr=False)
+    _h: Callable[[bytes | bytearray | memoryview], Any] = field(init=False, repr=False)
     _rim: bytes = field(init=False, repr=False)
     _pad: bytes = field(init=False, repr=False)
     _data_desc: bytearray = field(init=False, repr=False)
