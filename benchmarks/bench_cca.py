@@ -63,7 +63,7 @@ def child(job: str, work: Path) -> dict[str, float]:
         with AtomicFile(work / "realm.igvm") as out:
             build(load_config(work / "realm.toml"), output=out)
     elif job == "measure":
-        from igvm_builder.build.cca import realm_of
+        from igvm_builder.assemble.cca import realm_of
         from igvm_builder.config import load_config
         from igvm_builder.format import IgvmFile
         from igvm_builder.format.defs import PlatformType
