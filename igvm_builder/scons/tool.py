@@ -291,23 +291,12 @@ _igvm_build.strfunction = _strfunction("igvm_build")  # type: ignore[attr-define
 # --------------------------------------------------------------------------------------------
 # IGVMSign: image -> signed image
 
-_NON_FILE_SCHEMES = ("env", "pkcs11", "cmd")
-
-
 def _resolve_key(env: Any, spec: str) -> str:
-    """The key source spec with a relative file path made absolute against the top directory.
+    """The key source spec with a relative file path made absolute against the top directory
+    (:func:`igvm_builder.sign.stage.resolve_key_spec`, as the CLI resolves it against the config's)."""
+    from igvm_builder.sign.stage import resolve_key_spec
 
-    Spec forms are those of :func:`igvm_builder.sign.keys.key_source_from_spec`:
-    ``file:PATH`` or a plain ``PATH``, ``env:VAR``, ``pkcs11:...``, ``cmd:...``.
-    """
-    scheme, sep, rest = spec.partition(":")
-    scheme = scheme.lower() if sep else ""
-    if scheme in _NON_FILE_SCHEMES or (scheme == "file" and rest.startswith("//")):
-        return spec
-    prefix, path = ("file:", rest) if scheme == "file" else ("", spec)
-    if not path:
-        return spec
-    return prefix + str(env.Dir("#").File(path).get_abspath())
+    return resolve_key_spec(spec, str(env.Dir("#").get_abspath()))
 
 
 def _key_dependencies(env: Any, spec: str) -> list[Any]:
