@@ -22,11 +22,11 @@ import compileall
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _child import igvm_builder_command, run_child
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -38,26 +38,9 @@ IGVMGEN_S, IGVMGEN_MIB = 2.09, 181.0
 TIME_TARGET, MEMORY_TARGET = 0.2, 0.3
 
 
-def run_child(argv: list[str]) -> dict[str, float]:
-    """Wall seconds, CPU seconds and peak RSS (MiB) of one run of ``argv`` (``wait4``)."""
-    t0 = time.perf_counter()
-    with open(os.devnull, "wb") as null:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=null, stderr=subprocess.PIPE, cwd=REPO)
-        assert proc.stderr is not None
-        err = proc.stderr.read()
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        proc.stderr.close()
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(argv)}: exit {proc.returncode}: {err.decode().strip()}")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024}
-
-
 def bench(workdir: Path, runs: int) -> dict[str, object]:
     compileall.compile_dir(REPO / "igvm_builder", quiet=1)
-    script = Path(sys.executable).parent / "igvm-builder"
-    ours = [str(script)] if script.exists() else [sys.executable, "-m", "igvm_builder"]
+    ours = igvm_builder_command()
     cfg = workdir / "linux.toml"
     cfg.write_text(f"""[image]
 platforms = ["snp"]

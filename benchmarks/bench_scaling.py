@@ -36,11 +36,12 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _child import igvm_builder_command, run_child
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE = 4096
@@ -76,27 +77,6 @@ gpa = {BLOB_GPA:#x}
 """)
 
 
-def _command() -> list[str]:
-    script = Path(sys.executable).parent / "igvm-builder"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "igvm_builder"]
-
-
-def run_child(argv: list[str]) -> dict[str, float]:
-    """Wall seconds, CPU seconds and peak RSS (MiB) of one run of ``argv`` (``wait4``)."""
-    t0 = time.perf_counter()
-    with open(os.devnull, "wb") as null:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=null, stderr=subprocess.PIPE, cwd=REPO)
-        assert proc.stderr is not None
-        err = proc.stderr.read()
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        proc.stderr.close()
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(argv)}: exit {proc.returncode}: {err.decode().strip()}")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024}
-
-
 def _median(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
@@ -111,7 +91,7 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def bench(workdir: Path, sizes: list[str], runs: int) -> dict[str, object]:
     compileall.compile_dir(REPO / "igvm_builder", quiet=1)
-    ours = _command()
+    ours = igvm_builder_command()
     results: dict[str, object] = {}
     for name in sizes:
         size = SIZES[name]
