@@ -365,7 +365,7 @@ _SECTIONS: dict[str, _Schema] = {
     "kernel": {
         "path": lambda c, k, v: c.path(k, v),
         "format": lambda c, k, v: c.choice(k, v, KERNEL_FORMATS),
-        "cmdline": lambda c, k, v: c.str_(k, v),
+        "cmdline": lambda c, k, v: _cmdline(c, k, v),
         "initrd": lambda c, k, v: c.path(k, v),
     },
     "memory": {"size": lambda c, k, v: c.size(k, v), "prevalidate": lambda c, k, v: c.bool_(k, v)},
@@ -373,9 +373,9 @@ _SECTIONS: dict[str, _Schema] = {
         "policy": lambda c, k, v: _snp_policy(c, k, v),
         "vcpus": lambda c, k, v: c.int_(k, v, 1, 512),
         "vcpu_type": lambda c, k, v: _vcpu_type(c, k, v),
-        "guest_features": lambda c, k, v: c.int_(k, v),
+        "guest_features": lambda c, k, v: _guest_features(c, k, v),
         "vmm_type": lambda c, k, v: c.choice(k, v, ("qemu", "ec2", "gce")),
-        "cr0": lambda c, k, v: c.int_(k, v),
+        "cr0": lambda c, k, v: _cr0(c, k, v),
     },
     "tdx": {"policy": lambda c, k, v: _tdx_policy(c, k, v), "two_pass": lambda c, k, v: c.bool_(k, v)},
     "vbs": {"vtl": lambda c, k, v: c.int_(k, v, 0, 2)},
@@ -394,6 +394,39 @@ _BLOB_KEYS: _Schema = {
     "measured": lambda c, k, v: c.bool_(k, v),
 }
 _TOP_KEYS = ("include", "blob", *_SECTIONS)
+
+
+def _cmdline(c: _Ctx, key: str, value: Any) -> str:
+    text = c.str_(key, value)
+    if "\0" in text:  # the kernel reads the command line up to the first NUL: the rest would be lost
+        raise c.err(key, f"the command line has a NUL character at offset {text.index(chr(0))}; the kernel "
+                         "would stop reading there")
+    return text
+
+
+#: CR0 bits defined by the architecture (PE MP EM TS ET NE WP AM NW CD PG); the rest are reserved
+#: and loading them faults (Intel SDM vol. 3 §2.5, AMD APM vol. 2 §3.1.1).
+CR0_DEFINED = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | 0x10000 | 0x40000 | 0x20000000 | 0x40000000 | 0x80000000
+
+
+def _cr0(c: _Ctx, key: str, value: Any) -> int:
+    v = c.int_(key, value)
+    if v & ~CR0_DEFINED:
+        raise c.err(key, f"CR0 {v:#x} sets reserved bits {v & ~CR0_DEFINED:#x} (defined: {CR0_DEFINED:#x})")
+    return v
+
+
+def _guest_features(c: _Ctx, key: str, value: Any) -> int:
+    from igvm_builder.format.defs import SevFeatures
+
+    v = c.int_(key, value)
+    known = 0
+    for flag in SevFeatures:
+        known |= int(flag)
+    if v & ~known:
+        raise c.err(key, f"SEV_FEATURES {v:#x} sets bits igvm-builder does not know ({v & ~known:#x}; known: "
+                         f"{known:#x}, docs/CONFIG.md)")
+    return v
 
 
 def _unknown(ctx: _Ctx, key: str, known: tuple[str, ...] | list[str], what: str) -> ConfigError:

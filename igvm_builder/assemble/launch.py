@@ -27,6 +27,7 @@ from igvm_builder.assemble.plan import (
     SNP_CPUID_GPA,
     SNP_SECRETS_GPA,
     STACK_TOP,
+    ZERO_PAGE,
     _PageRun,
     _PlatformPlan,
 )
@@ -324,6 +325,12 @@ class _Builder:
         of such pages that are the same on both platforms are one run, stored once in the file."""
         runs: dict[tuple[int, int], _PageRun] = {}
         ram = [(start, start + size) for start, size, kind in self._memory_map() if kind == E820_RAM]
+        pages = sum(end - start for start, end in ram) // PAGE
+        limit = fill_pages_limit()
+        if pages > limit:
+            raise LayoutError(f"memory.prevalidate with memory.size {self.cfg.memory_size:#x} adds up to {pages} "
+                              f"page headers; the limit is {limit} pages ({limit * PAGE >> 30} GiB; set "
+                              f"{FILL_PAGES_ENV} to raise it)", source=self.cfg.source, key="memory.prevalidate")
         for p, plan in self.plans.items():
             if p not in (PlatformType.SEV_SNP, PlatformType.TDX):
                 continue
@@ -346,6 +353,29 @@ class _Builder:
                                                    flags=_UNMEASURED, zero_fill=False)
                     plan.add_pages(run)
 
+    def _check_elf(self, elf: Any, name: str) -> None:
+        """Segments must lie in guest RAM (memory.size) and the entry point in a segment's file
+        bytes: else the guest would start in memory that is not there, or in zeros."""
+        fill = sum(max(0, -(-seg.end // PAGE) - -(-(seg.gpa + len(seg.data)) // PAGE)) for seg in elf.segments)
+        limit = fill_pages_limit()
+        if fill > limit:
+            raise LayoutError(f"{name}: its BSS (zero-filled PT_LOAD memory) needs {fill} page headers; the limit is "
+                              f"{limit} pages (set {FILL_PAGES_ENV} to raise it)", source=self.cfg.source)
+        mem = self.cfg.memory_size
+        low_top = min(mem, 0xC000_0000)
+        high_end = FOUR_GIB + (mem - low_top) if mem > low_top else 0
+        for seg in elf.segments:
+            if not (seg.end <= low_top or (seg.gpa >= FOUR_GIB and seg.end <= high_end)):
+                raise LayoutError(f"{name}: a PT_LOAD segment at {seg.gpa:#x}-{seg.end - 1:#x} is outside guest RAM "
+                                  f"(memory.size {mem:#x}); raise memory.size or fix the link address",
+                                  source=self.cfg.source, key="memory.size", gpa=seg.gpa)
+        entry = elf.pvh_entry if elf.pvh_entry is not None else (
+            elf.entry_gpa if elf.entry_gpa is not None else elf.entry)
+        if not any(seg.gpa <= entry < seg.gpa + len(seg.data) for seg in elf.segments):
+            what = "PVH entry point" if elf.pvh_entry is not None else "entry point"
+            raise InputError(f"the {what} {entry:#x} is outside the file bytes of every PT_LOAD segment",
+                             source=name)
+
     def _common_low(self, plan: _PlatformPlan, cmd: bytes) -> None:
         plan.claim(GDT_GPA, PAGE, "GDT")
         plan.page(GDT_GPA, gdt_bytes())
@@ -365,6 +395,9 @@ class _Builder:
         secrets page up to it are reserved (the secrets page must never become ordinary RAM)."""
         mem = self.cfg.memory_size
         low_top = min(mem, 0xC000_0000)
+        if low_top <= 0x100000 + PAGE:
+            raise LayoutError(f"memory.size {mem:#x} is too small for a kernel launch: the kernel is loaded at "
+                              "1 MiB; give at least 2M", source=self.cfg.source, key="memory.size")
         if reserved_end:
             first, end = SNP_SECRETS_GPA, reserved_end
             low = [(0, first, E820_RAM), (first, end - first, E820_RESERVED), (end, LOW_RAM_END - end, E820_RAM)]
@@ -388,6 +421,7 @@ class _Builder:
         from igvm_builder.inputs.elf import load_elf
 
         elf = load_elf(view, name, machines=("x86_64", "i386"))
+        self._check_elf(elf, name)
         high = max(seg.end for seg in elf.segments)
         initrd_gpa = self._place_initrd(len(initrd), -(-high // PAGE) * PAGE, 1 << 32) if initrd is not None else 0
         info = self._pvh_start_info(cmd, initrd_gpa, len(initrd) if initrd is not None else 0)
@@ -543,6 +577,29 @@ class _Builder:
                 plan.policy = self.cfg.tdx.policy
 
 
+#: Most page headers a build may make without input data: the zero-filled BSS of an ELF kernel,
+#: and the RAM pages ``memory.prevalidate`` adds.  4,194,304 pages is 16 GiB of guest RAM (about
+#: 128 MB of headers and a minute of work); override with :data:`FILL_PAGES_ENV`.
+MAX_FILL_PAGES = 1 << 22
+FILL_PAGES_ENV = "IGVM_BUILDER_MAX_FILL_PAGES"
+
+
+def fill_pages_limit() -> int:
+    """:data:`MAX_FILL_PAGES`, or the value of :data:`FILL_PAGES_ENV` when set."""
+    import os
+
+    text = os.environ.get(FILL_PAGES_ENV, "").strip()
+    if not text:
+        return MAX_FILL_PAGES
+    try:
+        value = int(text, 0) if len(text) <= 32 else -1
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise LayoutError(f"{FILL_PAGES_ENV}={text[:32]!r} is not a page count")
+    return value
+
+
 def _page_gpas(d: H.Header | _PageRun) -> Iterable[int]:
     """The 4 KiB GPAs a planned directive imports."""
     if isinstance(d, _PageRun):
@@ -572,6 +629,9 @@ def _elf_pages(elf: Any, view: memoryview) -> list[tuple[int, bytes | FileSlice]
         off = page - seg.gpa
         if len(segs) == 1 and off >= 0 and off + PAGE <= len(seg.data):
             out.append((page, FileSlice(view, seg.offset + off, PAGE)))
+            continue
+        if all(min(page + PAGE, s.gpa + len(s.data)) <= max(page, s.gpa) for s in segs):
+            out.append((page, ZERO_PAGE))  # BSS only: one shared zero page, not 4 KiB per page
             continue
         buf = bytearray(PAGE)
         for seg in segs:

@@ -35,12 +35,14 @@ def run(args: argparse.Namespace) -> int:
     # once everything succeeded.  An output that is an input, or two outputs that are one
     # file, are refused before any work.
     inputs = (cfg.source, *cfg.input_files)
+    # made before the build: a path Make cannot name is refused before any work
+    dep_text = depfile_text(args.output, inputs) if args.depfile else ""
     with atomic_outputs(args.output, args.reference_values, args.depfile, inputs=inputs) as (out, refs_out, dep_out):
         result = build(cfg, platforms=platforms, loader=args.loader, output=out)
         if refs_out is not None:
             refs_out.write(result.reference_values.to_json().encode())
         if dep_out is not None:
-            dep_out.write(depfile_text(args.output, (cfg.source, *cfg.input_files)).encode())
+            dep_out.write(dep_text.encode())
     refs = result.reference_values
     notes = list(refs.build.notes) if refs.build else []
     # an output on standard output: the summary (or the JSON) goes to standard error, not into it
@@ -76,9 +78,15 @@ def depfile_text(target: str, prerequisites: Iterable[str]) -> str:
     """A dependency file in the format of ``gcc -MD -MP``, which Make and Ninja read: ``target``
     depends on every prerequisite, and each prerequisite is a target without recipe, so a file
     later dropped from the config does not stop Make.  Characters Make treats specially are
-    escaped (space, ``#``, ``$``)."""
+    escaped (space, ``#``, ``$``, ``:``); a path with a newline cannot be written in a
+    dependency file at all and is an :class:`~igvm_builder.errors.OutputError`."""
+    from igvm_builder.errors import OutputError
+
     def esc(path: str) -> str:
-        return path.replace(" ", "\\ ").replace("#", "\\#").replace("$", "$$")
+        if "\n" in path or "\r" in path:
+            raise OutputError(f"cannot write a dependency file: the path {path!r} has a line break, which "
+                              "Make and Ninja cannot read; rename it or drop --depfile")
+        return path.replace(" ", "\\ ").replace("#", "\\#").replace("$", "$$").replace(":", "\\:")
 
     deps = list(dict.fromkeys(prerequisites))
     lines = [f"{esc(target)}: " + " \\\n  ".join(esc(d) for d in deps), ""]

@@ -471,6 +471,53 @@ def _applicable(f: IgvmFile, mask: int) -> Iterator[H.Header]:
             yield h
 
 
+#: Most data-less pages one platform's measurement may imply: parameter insertions (every page
+#: of the area inserted) and, for VBS, error ranges.  These cost a launch step per page and
+#: nothing in the file (a 36-byte header can name 4 GiB), so without a bound a 10 KB file could
+#: take hours to measure.  262,144 pages is 1 GiB of guest address space, seconds of
+#: work; override with the environment variable :data:`IMPLIED_PAGES_ENV` (docs/MEASUREMENT.md).
+MAX_IMPLIED_PAGES = 1 << 18
+IMPLIED_PAGES_ENV = "IGVM_BUILDER_MAX_IMPLIED_PAGES"
+
+
+def implied_pages_limit() -> int:
+    """:data:`MAX_IMPLIED_PAGES`, or the value of :data:`IMPLIED_PAGES_ENV` when set."""
+    import os
+
+    text = os.environ.get(IMPLIED_PAGES_ENV, "").strip()
+    if not text:
+        return MAX_IMPLIED_PAGES
+    try:
+        value = int(text, 0) if len(text) <= 32 else -1
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise MeasurementError(f"{IMPLIED_PAGES_ENV}={text[:32]!r} is not a page count")
+    return value
+
+
+def _check_implied_pages(f: IgvmFile, ptype: PlatformType, mask: int, areas: _Areas, profile: LoaderProfile
+                         ) -> None:
+    """Refuse, before any hashing, a file whose data-less pages (parameter insertions, VBS error
+    ranges) for this platform exceed :func:`implied_pages_limit`.  (An area over
+    :data:`MAX_AREA_BYTES` is left to :meth:`_Areas.pages`, which names the insert's GPA.)"""
+    inserted = errors = 0
+    one_per_insert = ptype == PlatformType.SEV_SNP and not profile.insert_all_pages
+    for h in _applicable(f, mask):
+        if isinstance(h, H.ParameterInsert):
+            n = areas.get(h.parameter_area_index, 0)
+            if n * PAGE_SIZE_4K <= MAX_AREA_BYTES:
+                inserted += min(n, 1) if one_per_insert else n
+        elif isinstance(h, H.ErrorRange) and ptype == PlatformType.VSM_ISOLATION:
+            errors += -(-h.size_bytes // PAGE_SIZE_4K)
+    limit = implied_pages_limit()
+    if inserted + errors > limit:
+        what = " and ".join(x for x in ((f"{inserted} parameter-area page(s) inserted" if inserted else ""),
+                                        (f"{errors} error-range page(s)" if errors else "")) if x)
+        raise MeasurementError(f"the {ptype.name} measurement would step through {inserted + errors} data-less "
+                               f"pages ({what}); the limit is {limit} pages (set {IMPLIED_PAGES_ENV} to raise it)")
+
+
 #: Largest parameter area measured (4 GiB).  The format allows a zero-filled area of up to 2^64
 #: bytes; every loader holds an area in host memory, and measuring one page at a time an area of
 #: terabytes would not end in a useful time, so larger areas are refused.
@@ -498,6 +545,7 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
          digests: Sequence[bytes | None] | None = None, vcpus: int | None = None,
          vcpu_type: str | int | None = None) -> Measurement:
     areas = _area_pages(f)
+    _check_implied_pages(f, ptype, mask, areas, profile)
     if ptype == PlatformType.SEV_SNP:
         return _measure_snp(f, mask, areas, profile, digests, vcpus, vcpu_type)
     if ptype == PlatformType.TDX:
