@@ -736,11 +736,11 @@ class _Rules:
             m = p.compatibility_mask
             if p.platform_type in types:
                 raise IgvmFormatError(f"multiple platform headers with the same isolation type "
-                                      f"{p.platform_type.name}", header_index=i)
+                                      f"{PlatformType(p.platform_type).name}", header_index=i)
             if m in self.masks:
                 raise IgvmFormatError(f"platform headers share compatibility_mask {m:#x}", header_index=i)
             if p.platform_type not in allowed:
-                raise IgvmFormatError(f"platform {p.platform_type.name} not supported on architecture "
+                raise IgvmFormatError(f"platform {PlatformType(p.platform_type).name} not supported on architecture "
                                       f"{f.architecture.name}", header_index=i)
             types.add(p.platform_type)
             self.masks[m] = p
@@ -873,7 +873,7 @@ class _Rules:
                             "platform's mask", pos)
         ok = _VP_CONTEXT_PLATFORMS.get(type(h), frozenset())
         if vp.platform_type not in ok:
-            raise self.fail(f"{type(h).__name__} does not fit platform {vp.platform_type.name}", pos)
+            raise self.fail(f"{type(h).__name__} does not fit platform {PlatformType(vp.platform_type).name}", pos)
         if isinstance(h, H.NativeVpContext) and arch != Architecture.X64:
             raise self.fail("x64 native VP context in an AArch64 file", pos)
         if isinstance(h, H.CcaVpContext) and arch != Architecture.AARCH64:
