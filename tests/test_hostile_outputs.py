@@ -282,3 +282,25 @@ def test_termination_signals_leave_no_temporary_file(tmp_path: Path, sig: signal
     assert b"Traceback" not in err
     assert _leftovers(out_dir) == [] and list(out_dir.iterdir()) == []
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
+def test_measure_and_sign_write_standard_output(tmp_path: Path) -> None:
+    """measure --reference-values - and sign -o -: the data alone on stdout, summaries elsewhere."""
+    expected, expected_refs = _reference_build(tmp_path)
+    image = tmp_path / "ref" / "x.igvm"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "igvm_builder", "measure", str(image), "--loader", "qemu",
+                           "--reference-values", "-"], capture_output=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    refs = json.loads(proc.stdout)
+    assert refs["platforms"]["snp"]["digest"] == expected_refs["platforms"]["snp"]["digest"]  # type: ignore[index]
+    key = Path(__file__).resolve().parents[1].parent / "shared" / "keys" / "test-only-id-p384.pem"
+    proc = subprocess.run([sys.executable, "-m", "igvm_builder", "sign", str(image), "-o", "-", "--id-key", str(key),
+                           "--allow-test-keys", "--loader", "qemu"], capture_output=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    signed = tmp_path / "signed.igvm"
+    signed.write_bytes(proc.stdout)
+    assert b"SEV-SNP ID block" in proc.stderr  # the summary line went to stderr
+    verify = cli("verify", str(signed), "--loader", "qemu")
+    assert verify.returncode == 0, verify.stderr
+    assert len(expected) < len(proc.stdout)
