@@ -234,3 +234,22 @@ def test_depfile_refuses_a_newline_before_any_work(tmp_path: Path) -> None:
     assert "line break" in proc.stderr
     assert not out.exists() and not Path(str(out) + ".d").exists()
     assert cli("build", str(cfg), "-o", str(out)).returncode == 0  # without --depfile the path is fine
+
+
+@pytest.mark.parametrize("ptype", [PlatformType.TDX, PlatformType.SEV_SNP, PlatformType.VSM_ISOLATION])
+def test_insert_past_the_top_of_the_address_space(ptype: PlatformType) -> None:
+    """Found by benchmarks/fuzz_campaign.py (seed 20261203): a two-page parameter area inserted at
+    GPA 0xfffffffffffff000 was a struct.error in the TDX measurement; now a MeasurementError naming
+    the GPA on every platform, and so is a VBS error range that wraps."""
+    inits = (H.GuestPolicy(policy=0x30000, compatibility_mask=1),) if ptype == PlatformType.SEV_SNP else ()
+    f = _parsed(ptype, H.ParameterArea(number_of_bytes=0x2000, parameter_area_index=0),
+                H.ParameterInsert(gpa=0xFFFF_FFFF_FFFF_F000, compatibility_mask=1, parameter_area_index=0),
+                inits=inits)
+    for loader in ("hyperv", "qemu"):
+        with pytest.raises(MeasurementError, match="past the top of the 64-bit address space") as info:
+            measure_platform(f, ptype, loader=loader)
+        assert info.value.gpa == 0xFFFF_FFFF_FFFF_F000
+    if ptype == PlatformType.VSM_ISOLATION:
+        wrap = _parsed(ptype, H.ErrorRange(gpa=0xFFFF_FFFF_FFFF_F000, compatibility_mask=1, size_bytes=0x2000))
+        with pytest.raises(MeasurementError, match="error range of 0x2000 bytes runs past the top"):
+            measure_platform(wrap, ptype)

@@ -510,6 +510,9 @@ def _check_implied_pages(f: IgvmFile, ptype: PlatformType, mask: int, areas: _Ar
                 inserted += min(n, 1) if one_per_insert else n
         elif isinstance(h, H.ErrorRange) and ptype == PlatformType.VSM_ISOLATION:
             errors += -(-h.size_bytes // PAGE_SIZE_4K)
+            if h.gpa + -(-h.size_bytes // PAGE_SIZE_4K) * PAGE_SIZE_4K > 1 << 64:
+                raise MeasurementError(f"error range of {h.size_bytes:#x} bytes runs past the top of the 64-bit "
+                                       "address space", gpa=h.gpa)
     limit = implied_pages_limit()
     if inserted + errors > limit:
         what = " and ".join(x for x in ((f"{inserted} parameter-area page(s) inserted" if inserted else ""),
@@ -533,6 +536,9 @@ class _Areas(dict[int, int]):
             raise MeasurementError(f"parameter area {h.parameter_area_index} inserted here is "
                                    f"{n * PAGE_SIZE_4K:#x} bytes; areas over {MAX_AREA_BYTES:#x} bytes are not "
                                    "measured (no loader can hold one)", gpa=h.gpa)
+        if h.gpa + n * PAGE_SIZE_4K > 1 << 64:  # found by the fuzz campaign: struct.error in TDX
+            raise MeasurementError(f"parameter area {h.parameter_area_index} ({n * PAGE_SIZE_4K:#x} bytes) inserted "
+                                   "here runs past the top of the 64-bit address space", gpa=h.gpa)
         return n
 
 
