@@ -129,7 +129,7 @@ def models(draw: st.DrawFn) -> IgvmFile:
                                         number_of_bytes=draw(st.integers(0, 0xFFFFF)) << 12,
                                         flags=draw(st.integers(0, 1)))])
     if draw(st.integers(0, 3)) == 0:
-        blocks.append([H.ErrorRange(gpa=draw(u64), compatibility_mask=_mask_of(draw, bits), size_bytes=draw(u32))])
+        blocks.append([H.ErrorRange(gpa=draw(u64) & ~0xFFF, compatibility_mask=_mask_of(draw, bits), size_bytes=draw(u32))])
     vbs_vtls: dict[int, int] = {}
     for p in plats:
         if draw(st.integers(0, 5)) == 0:

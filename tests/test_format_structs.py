@@ -129,7 +129,7 @@ GEN: dict[type[H.Header], Callable[[R], dict[str, Any]]] = {
     H.ParameterInsert: lambda r: dict(gpa=page(r), compatibility_mask=u(r, 32), parameter_area_index=u(r, 32)),
     H.RequiredMemory: lambda r: dict(gpa=page(r), compatibility_mask=u(r, 32), number_of_bytes=page(r, 32),
                                      flags=u(r, 32)),
-    H.ErrorRange: lambda r: dict(gpa=u(r, 64), compatibility_mask=u(r, 32), size_bytes=u(r, 32)),
+    H.ErrorRange: lambda r: dict(gpa=page(r), compatibility_mask=u(r, 32), size_bytes=u(r, 32)),
     H.SnpIdBlock: lambda r: dict(compatibility_mask=u(r, 32), author_key_enabled=u(r, 8), reserved=blob(r, 3),
                                  ld=blob(r, 48), family_id=blob(r, 16), image_id=blob(r, 16), version=u(r, 32),
                                  guest_svn=u(r, 32), id_key_algorithm=u(r, 32), author_key_algorithm=u(r, 32),

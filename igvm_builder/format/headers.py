@@ -541,7 +541,8 @@ class ErrorRange(Header):
 
     TYPE = HeaderType.ERROR_RANGE
     SECTION = Section.DIRECTIVE
-    BODY = Record("ERROR_RANGE", u64("gpa", hex=True), _mask(), u32("size_bytes", hex=True), size=16)
+    # The reference crate refuses an unaligned gpa (UnalignedAddress), as for PAGE_DATA.
+    BODY = Record("ERROR_RANGE", _page_gpa(), _mask(), u32("size_bytes", hex=True), size=16)
 
     gpa: int
     compatibility_mask: int

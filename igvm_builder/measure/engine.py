@@ -29,7 +29,7 @@ from typing import Any
 from igvm_builder.errors import MeasurementError
 from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice, PageReleaser, as_view
-from igvm_builder.format.defs import PAGE_SIZE_4K, PageDataFlags, PageDataType, PlatformType
+from igvm_builder.format.defs import PAGE_SIZE_4K, Architecture, PageDataFlags, PageDataType, PlatformType
 from igvm_builder.format.file import IgvmFile
 from igvm_builder.measure.profiles import KVM_VMSA_GPA, LoaderProfile, get_profile
 
@@ -623,6 +623,24 @@ def _measure_snp(f: IgvmFile, mask: int, areas: _Areas, profile: LoaderProfile,
                        vcpus_source="file" if vcpus is None else "given", notes=_kvm_notes(acc))
 
 
+#: x64 VBS registers whose 16-byte value is all meaningful (segment: u64 base, u32 limit, u16
+#: selector, u16 attributes) and the table registers (GDTR, IDTR: u16 pad[3], u16 limit, u64 base).
+_VBS_SEGMENT_REGISTERS = frozenset([*range(0x60000, 0x60006), 0x60007])
+_VBS_TABLE_REGISTERS = frozenset([0x70000, 0x70001])
+
+
+def _vbs_value(r: H.VbsRegister, x64: bool) -> bytes:
+    """The value a loader measures: the crate reads each register as its typed value and hashes
+    that value re-encoded, so bytes the encoding ignores (an integer register's bytes 8..15, a
+    table register's pad) are hashed as zeros whatever the file holds."""
+    value = bytes(r.value)
+    if x64 and r.name in _VBS_SEGMENT_REGISTERS:
+        return value
+    if x64 and r.name in _VBS_TABLE_REGISTERS:
+        return bytes(6) + value[6:]
+    return value[:8] + bytes(8)
+
+
 def _measure_vbs(f: IgvmFile, mask: int, areas: _Areas) -> Measurement:
     ptype = PlatformType.VSM_ISOLATION
     vbs = _Vbs()
@@ -641,7 +659,8 @@ def _measure_vbs(f: IgvmFile, mask: int, areas: _Areas) -> Measurement:
             for i in range(-(-h.size_bytes // PAGE_SIZE_4K)):
                 vbs.page(h.gpa + i * PAGE_SIZE_4K, None, True, acceptance=3)
         elif isinstance(h, H.VbsVpContext):
-            vbs.registers += [(h.vtl, r.name, bytes(r.value)) for r in h.registers]
+            x64 = f.architecture == Architecture.X64
+            vbs.registers += [(h.vtl, r.name, _vbs_value(r, x64)) for r in h.registers]
     return Measurement(ptype, mask, "sha256", vbs.finish(), steps=vbs.steps)
 
 
