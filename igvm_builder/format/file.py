@@ -692,11 +692,6 @@ def _validate(f: IgvmFile, indices: Sequence[int] | None = None, n_platforms: in
     return tuple(rules.warnings)
 
 
-# A PAGE_DATA whose fields are all in range has none of these bits set: a 4 KiB-aligned u64
-# GPA, u32 mask and flags, a data type 0-3 (negative numbers have all of them set).
-_PAGE_GPA_BAD = ~0xFFFF_FFFF_FFFF_F000
-_U32_BAD = ~0xFFFF_FFFF
-_DATA_TYPE_BAD = ~3
 
 
 class _Rules:
@@ -746,6 +741,13 @@ class _Rules:
             self.masks[m] = p
 
     def sections(self) -> None:
+        # Each class's SECTION is tested once (a file has 262,144 PAGE_DATA a GiB); the loops
+        # below find and name the first misplaced header.
+        if all(issubclass(t, H.Header) and t.SECTION == Section.INITIALIZATION
+               for t in set(map(type, self.f.initializations))) \
+                and all(issubclass(t, H.Header) and t.SECTION == Section.DIRECTIVE
+                        for t in set(map(type, self.f.directives))):
+            return
         for pos, h in enumerate(self.f.initializations):
             if getattr(h, "SECTION", None) != Section.INITIALIZATION:
                 raise self.fail(f"{type(h).__name__} is not an initialization header", pos)
@@ -773,11 +775,16 @@ class _Rules:
         try:
             for pos, h in enumerate(self.body):
                 if type(h) is page_cls:  # by far the most common header: one cheap test of every field
+                    # Zero when every field is an in-range integer: a 4 KiB-aligned u64 GPA, u32
+                    # mask and flags, a data type 0-3 (a negative number shifts to -1, a float
+                    # raises TypeError); else the generic check names the field.
+                    gpa = h.gpa
                     hm = h.compatibility_mask
-                    if h.gpa & _PAGE_GPA_BAD or (hm | h.flags) & _U32_BAD or h.data_type & _DATA_TYPE_BAD:
+                    if gpa & 0xFFF | gpa >> 64 | (hm | h.flags) >> 32 | h.data_type >> 2:
                         self.field_error(pos)
                 else:
-                    self.field_error(pos)
+                    if not h.BODY.accepts(h) or h.rule() is not None:
+                        self.field_error(pos)
                     hm = h.mask
                 if hm is not None and hm & not_all_bits:
                     self.warnings.append(f"header {self.indices[pos]}: {h.TYPE.name} compatibility_mask {hm:#x} "

@@ -125,7 +125,7 @@ class Record:
     fails at import time (the check survives ``python -O``).
     """
 
-    __slots__ = ("by_name", "fields", "name", "size", "struct", "values")
+    __slots__ = ("by_name", "fields", "name", "quick", "size", "struct", "values")
 
     def __init__(self, name: str, *fields: Field, size: int) -> None:
         self.name = name
@@ -140,6 +140,16 @@ class Record:
         self.size = size
         self.values = tuple(f for f in fields if f.kind == VALUE)
         self.by_name = {f.name: f for f in fields}
+        #: The rules of the integer VALUE fields as (name, limit, align, allowed values, nonzero,
+        #: one bit) for :meth:`accepts`; None when a VALUE field is a byte string.
+        self.quick: tuple[tuple[str, int, int, frozenset[int] | None, bool, bool], ...] | None = None
+        if all(f.limit >= 0 for f in self.values):
+            self.quick = tuple(
+                (f.name, f.limit, f.align,
+                 frozenset(f.choices) if f.choices else
+                 frozenset(f.enum._value2member_map_) if f.enum is not None else None,
+                 bool(f.nonzero), f.one_bit)
+                for f in self.values)
 
     # ------------------------------------------------------------------ writing
 
@@ -173,6 +183,21 @@ class Record:
             message = f.problem(get(f))
             if message is not None:
                 yield f, message
+
+    def accepts(self, source: object) -> bool:
+        """True when :meth:`problems` would find nothing in ``source`` (an object's attributes),
+        tested without making a message: the writer's check of every header of a file.  False
+        means "ask :meth:`problems`" (always so for a structure with byte-string fields)."""
+        quick = self.quick
+        if quick is None:
+            return False
+        for name, limit, align, allowed, nonzero, one_bit in quick:
+            v = getattr(source, name)
+            if (not isinstance(v, int) or v < 0 or v > limit or (align and v % align)
+                    or (allowed is not None and v not in allowed) or (nonzero and not v)
+                    or (one_bit and (not v or v & (v - 1)))):
+                return False
+        return True
 
     # ------------------------------------------------------------------ reading
 
