@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'tree':<40} " + " ".join(f"{m:>15}" for m in METRICS))
     for tree in trees:
         if tree in failed:
-            print(f"{str(tree):<40} failed: {failed[tree]}")
+            print(f"{tree!s:<40} failed: {failed[tree]}")
             continue
-        print(f"{str(tree):<40} " + " ".join(f"{best[tree][m] * 1e3:15.1f}" for m in METRICS))
+        print(f"{tree!s:<40} " + " ".join(f"{best[tree][m] * 1e3:15.1f}" for m in METRICS))
     return 1 if failed else 0
 
 

@@ -125,7 +125,7 @@ class Record:
     fails at import time (the check survives ``python -O``).
     """
 
-    __slots__ = ("by_name", "fields", "name", "quick", "size", "struct", "values")
+    __slots__ = ("by_name", "fields", "name", "plan", "quick", "size", "struct", "values")
 
     def __init__(self, name: str, *fields: Field, size: int) -> None:
         self.name = name
@@ -140,6 +140,8 @@ class Record:
         self.size = size
         self.values = tuple(f for f in fields if f.kind == VALUE)
         self.by_name = {f.name: f for f in fields}
+        #: (kind, name, zero, is a byte string) of every field, for :meth:`pack`.
+        self.plan = tuple((f.kind, f.name, f.zero(), f.limit < 0) for f in fields)
         #: The rules of the integer VALUE fields as (name, limit, align, allowed values, nonzero,
         #: one bit) for :meth:`accepts`; None when a VALUE field is a byte string.
         self.quick: tuple[tuple[str, int, int, frozenset[int] | None, bool, bool], ...] | None = None
@@ -156,19 +158,18 @@ class Record:
     def pack(self, source: object, *, file_offset: int = 0, length: int = 0) -> bytes:
         """Pack the VALUE fields read from ``source`` (a mapping, missing names are zero, or an
         object's attributes); OFFSET and LENGTH fields take ``file_offset`` and ``length``."""
-        get = _getter(source)
+        mapping = isinstance(source, Mapping)
         out: list[Any] = []
-        for f in self.fields:
-            kind = f.kind
+        for kind, name, zero, is_bytes in self.plan:
             if kind == VALUE:
-                value = get(f)
-                out.append(bytes(value) if f.limit < 0 else value)
+                value = source.get(name, zero) if mapping else getattr(source, name)  # type: ignore[attr-defined]
+                out.append(bytes(value) if is_bytes else value)
             elif kind == OFFSET:
                 out.append(file_offset)
             elif kind == LENGTH:
                 out.append(length)
             else:
-                out.append(f.zero())
+                out.append(zero)
         try:
             return self.struct.pack(*out)
         except struct.error:  # a value the caller did not check: name it
