@@ -743,9 +743,9 @@ class _Rules:
     def sections(self) -> None:
         # Each class's SECTION is tested once (a file has 262,144 PAGE_DATA a GiB); the loops
         # below find and name the first misplaced header.
-        if all(issubclass(t, H.Header) and t.SECTION == Section.INITIALIZATION
+        if all(issubclass(t, H.Header) and getattr(t, "SECTION", None) == Section.INITIALIZATION
                for t in set(map(type, self.f.initializations))) \
-                and all(issubclass(t, H.Header) and t.SECTION == Section.DIRECTIVE
+                and all(issubclass(t, H.Header) and getattr(t, "SECTION", None) == Section.DIRECTIVE
                         for t in set(map(type, self.f.directives))):
             return
         for pos, h in enumerate(self.f.initializations):
