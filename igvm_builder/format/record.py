@@ -11,8 +11,9 @@ that describes twenty structures still imports in well under a millisecond.
 
 from __future__ import annotations
 
+import operator
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from enum import IntEnum
 from typing import Any
 
@@ -125,7 +126,8 @@ class Record:
     fails at import time (the check survives ``python -O``).
     """
 
-    __slots__ = ("by_name", "fields", "name", "plan", "quick", "size", "struct", "values")
+    __slots__ = ("by_name", "fields", "inserts", "name", "plan", "quick", "read_values", "size", "struct",
+                 "struct_values", "values")
 
     def __init__(self, name: str, *fields: Field, size: int) -> None:
         self.name = name
@@ -140,8 +142,22 @@ class Record:
         self.size = size
         self.values = tuple(f for f in fields if f.kind == VALUE)
         self.by_name = {f.name: f for f in fields}
-        #: (kind, name, zero, is a byte string) of every field, for :meth:`pack`.
+        #: (kind, name, zero, is a byte string) of every field, for :meth:`pack` of a mapping.
         self.plan = tuple((f.kind, f.name, f.zero(), f.limit < 0) for f in fields)
+        #: For :meth:`pack` of an object whose VALUE fields are all integers: the same layout with
+        #: RESERVED and PAD fields as struct pad bytes (written as zero, no argument), the VALUE
+        #: fields read in one call, and where the OFFSET/LENGTH arguments go among them.
+        self.struct_values: struct.Struct | None = None
+        self.read_values: Callable[[object], tuple[Any, ...]] | None = None
+        self.inserts: tuple[tuple[int, int], ...] = ()
+        if self.values and all(f.limit >= 0 for f in self.values):
+            self.struct_values = struct.Struct("<" + "".join(
+                f"{f.size}x" if f.kind in (RESERVED, PAD) else f.code for f in fields))
+            names = [f.name for f in self.values]
+            getter = operator.attrgetter(*names)
+            self.read_values = getter if len(names) > 1 else (lambda source: (getter(source),))
+            args = [f.kind for f in fields if f.kind not in (RESERVED, PAD)]
+            self.inserts = tuple((i, kind) for i, kind in enumerate(args) if kind in (OFFSET, LENGTH))
         #: The rules of the integer VALUE fields as (name, limit, align, allowed values, nonzero,
         #: one bit) for :meth:`accepts`; None when a VALUE field is a byte string.
         self.quick: tuple[tuple[str, int, int, frozenset[int] | None, bool, bool], ...] | None = None
@@ -159,6 +175,18 @@ class Record:
         """Pack the VALUE fields read from ``source`` (a mapping, missing names are zero, or an
         object's attributes); OFFSET and LENGTH fields take ``file_offset`` and ``length``."""
         mapping = isinstance(source, Mapping)
+        if not mapping and self.read_values is not None:
+            try:
+                if not self.inserts:
+                    return self.struct_values.pack(*self.read_values(source))  # type: ignore[union-attr]
+                args = list(self.read_values(source))
+                for i, kind in self.inserts:
+                    args.insert(i, file_offset if kind == OFFSET else length)
+                return self.struct_values.pack(*args)  # type: ignore[union-attr]
+            except struct.error:  # a value the caller did not check: name it
+                for _field, message in self.problems(source):
+                    raise IgvmFormatError(f"{self.name} {message}") from None
+                raise
         out: list[Any] = []
         for kind, name, zero, is_bytes in self.plan:
             if kind == VALUE:
