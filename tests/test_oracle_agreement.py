@@ -120,3 +120,29 @@ def test_igvmmeasure_counts_sev_es_vmsas_in_the_snp_digest(tmp_path: Path) -> No
         assert measure_platform(f_alone, PlatformType.SEV_SNP, loader=loader).hex == tool_alone
     # the reference crate's model: the SNP view alone, the same digest with or without SEV-ES
     assert measure_platform(f_both, PlatformType.SEV_SNP).hex == measure_platform(f_alone, PlatformType.SEV_SNP).hex
+
+
+@pytest.mark.parametrize("flags", [0x1, 0x1 | 0x2], ids=["2mb", "2mb-unmeasured"])
+def test_igvmmeasure_reads_a_dataless_2mb_page_as_512_pages(tmp_path: Path, flags: int) -> None:
+    """COCONUT igvmmeasure measures a data-less PAGE_DATA with ``is_2mb_page`` as the 512 4 KiB
+    pages it covers; the reference crate (``hyperv``) as one.  Both oracles judge the file."""
+    src = tmp_path / "memtest.igvm"
+    src.write_bytes(build_bytes(config(tmp_path, _kernel(MEMTEST, ("snp",)), "memtest.toml")))
+    f = IgvmFile.load(src)
+    snp_mask = f.platform(PlatformType.SEV_SNP).compatibility_mask  # type: ignore[union-attr]
+    path = tmp_path / "with-2mb.igvm"
+    for page_flags in (flags, flags & ~0x1):
+        big = H.PageData(gpa=0x40000000, compatibility_mask=snp_mask, flags=page_flags, data=b"")
+        g = IgvmFile(revision=f.revision, platforms=f.platforms, initializations=f.initializations,
+                     directives=(*f.directives, big))
+        (path if page_flags & 0x1 else tmp_path / "with-4k.igvm").write_bytes(g.to_bytes())
+    verdict = check_file(path)
+    assert verdict.problems == []
+    assert verdict.igvmmeasure_checked
+    two_mb, four_kb = IgvmFile.load(path), IgvmFile.load(tmp_path / "with-4k.igvm")
+    for loader in ("igvmmeasure", "igvmmeasure-native-zero"):
+        # the expansion matters: the same page read as 4 KiB gives another digest
+        assert measure_platform(two_mb, PlatformType.SEV_SNP, loader=loader).hex != \
+            measure_platform(four_kb, PlatformType.SEV_SNP, loader=loader).hex
+    # the crate's model reads it as one 4 KiB page
+    assert measure_platform(two_mb, PlatformType.SEV_SNP).hex == measure_platform(four_kb, PlatformType.SEV_SNP).hex

@@ -45,6 +45,8 @@ _PAGE_INFO_TAIL = struct.Struct("<HBBIQ")  # length, page_type, imi_page, vmpl p
 # more than the hashing on a large file.
 _UNMEASURED = int(PageDataFlags.UNMEASURED)
 _SHARED = int(PageDataFlags.SHARED)
+_IS_2MB = int(PageDataFlags.IS_2MB_PAGE)
+_PAGES_PER_2MB = 0x200000 // PAGE_SIZE_4K
 _DT_NORMAL = int(PageDataType.NORMAL)
 _DT_SECRETS = int(PageDataType.SECRETS)
 _DT_CPUID = (int(PageDataType.CPUID_DATA), int(PageDataType.CPUID_XF))
@@ -123,22 +125,31 @@ class _Snp:
         flags = h.flags
         if flags & _SHARED and self.p.skip_shared:
             return
-        dtype = h.data_type
+        if flags & _IS_2MB and self.p.expands_2mb_pages:
+            if len(h.data):
+                raise MeasurementError(
+                    f"loader '{self.p.name}': the 2 MiB page at GPA {h.gpa:#x} carries {len(h.data)} bytes of data; "
+                    "igvmmeasure takes none or 2 MiB (it aborts on this file)", gpa=h.gpa)
+            for i in range(_PAGES_PER_2MB):  # each 4 KiB page of it, data-less
+                self._page_4k(h.gpa + i * PAGE_SIZE_4K, flags, h.data_type, b"")
+            return
+        self._page_4k(h.gpa, flags, h.data_type, h.data)
+
+    def _page_4k(self, gpa: int, flags: int, dtype: int, data: Any) -> None:
         if dtype == _DT_SECRETS:
-            self.step(h.gpa, SNP_SECRETS, _ZERO48)
+            self.step(gpa, SNP_SECRETS, _ZERO48)
         elif dtype in _DT_CPUID:
-            self.step(h.gpa, SNP_CPUID, _ZERO48)
+            self.step(gpa, SNP_CPUID, _ZERO48)
         elif flags & _UNMEASURED:
-            self.step(h.gpa, SNP_UNMEASURED, _ZERO48)
+            self.step(gpa, SNP_UNMEASURED, _ZERO48)
         else:
-            data = h.data
             if not len(data):
                 if self.p.dataless_page_type == SNP_ZERO:
-                    self.step(h.gpa, SNP_ZERO, _ZERO48)
+                    self.step(gpa, SNP_ZERO, _ZERO48)
                 else:
-                    self.step(h.gpa, SNP_NORMAL, _SHA384_ZERO_PAGE)
+                    self.step(gpa, SNP_NORMAL, _SHA384_ZERO_PAGE)
                 return
-            self.step(h.gpa, SNP_NORMAL, hashlib.sha384(_page_view(data)).digest())
+            self.step(gpa, SNP_NORMAL, hashlib.sha384(_page_view(data)).digest())
             if type(data) is FileSlice:
                 self.releaser.note(data)
                 self.last_slice = data

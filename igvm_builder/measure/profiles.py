@@ -44,6 +44,9 @@ class LoaderProfile:
     platforms: frozenset[PlatformType] | None = None
     #: Whether the loader refuses a PAGE_DATA with ``is_2mb_page`` (True) or reads it as 4 KiB.
     refuses_2mb_pages: bool = False
+    #: A PAGE_DATA with ``is_2mb_page`` is 512 consecutive 4 KiB pages (COCONUT igvmmeasure); when
+    #: False such a page is read as one 4 KiB page.
+    expands_2mb_pages: bool = False
 
 
 _PT = PlatformType
@@ -71,12 +74,12 @@ PROFILES: dict[str, LoaderProfile] = {
                       vmsa_last_at_kvm_gpa=False, sort_by_gpa=True, platforms=_CLOUD_HYPERVISOR_PLATFORMS),
         LoaderProfile("igvmmeasure", "COCONUT-SVSM igvmmeasure (its default mode)", dataless_page_type=1,
                       skip_shared=False, insert_all_pages=False, vmsa_last_at_kvm_gpa=False, vmsa_any_mask=True,
-                      requires_policy=False),
+                      requires_policy=False, expands_2mb_pages=True),
         LoaderProfile("igvmmeasure-native-zero", "COCONUT-SVSM igvmmeasure --native-zero (loaders with a native "
                       "ZERO page type, such as Vanadium)",
                       dataless_page_type=3, skip_shared=False, insert_all_pages=False,
                       vmsa_last_at_kvm_gpa=False, vmsa_any_mask=True,
-                      requires_policy=False),
+                      requires_policy=False, expands_2mb_pages=True),
     )
 }
 
