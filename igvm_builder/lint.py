@@ -84,9 +84,10 @@ def lint(f: IgvmFile, loader: str, *, qemu_guest: str = "any") -> list[Finding]:
                                             f"{KVM_VMSA_GPA:#x}", idx))
             from igvm_builder.sev_vmsa import parse_vmsa
 
-            regs = parse_vmsa(bytes(h.blob()), nonzero_only=True)
-            features.add(regs.get("sev_features", 0))
-            kvm_vmsas.append((idx, h))
+            if h.compatibility_mask & snp_mask:  # the KVM SNP rules: not an SEV/SEV-ES platform's VMSA
+                regs = parse_vmsa(bytes(h.blob()), nonzero_only=True)
+                features.add(regs.get("sev_features", 0))
+                kvm_vmsas.append((idx, h))
             if any(bytes(h.blob())[1648:]):
                 out.append(Finding("warning", "VMSA bytes beyond 1648 are non-zero: the 0.4.0 igvm crate rejects "
                                               "the file", idx))

@@ -281,3 +281,20 @@ def test_lint_agrees_with_qemu_on_real_builds(tmp_path: Path, name: str) -> None
     assert bool(errors) == (not outcome.loaded), (outcome.message, errors)
     if "VBS_MEASUREMENT" in outcome.message or "(type 0x311)" in outcome.message:
         assert any("VBS_MEASUREMENT" in e for e in errors)
+
+
+@pytest.mark.parametrize("platforms", ['"native", "sev", "sev-es"', '"snp", "sev-es"'])
+def test_kvm_snp_vmsa_rules_apply_to_snp_vmsas_only(tmp_path: Path, platforms: str) -> None:
+    """The KVM SEV-SNP VMSA checks (refusals, changed fields, differing sev_features) concern the
+    VMSAs of the SEV-SNP platform: an SEV-ES VMSA (sev_features 0, as SEV-ES wants) is not an SNP
+    VMSA lacking the SNP bit."""
+    path = tmp_path / "image.igvm"
+    path.write_bytes(build_bytes(config(tmp_path, _kernel(MEMTEST, platforms))))
+    f = IgvmFile.load(path)
+    sev_es = f.platform(PlatformType.SEV_ES)
+    assert sev_es is not None
+    assert any(isinstance(h, H.SnpVpContext) and h.compatibility_mask & sev_es.compatibility_mask
+               for h in f.directives)
+    messages = [x.message for x in lint(f, "qemu")]
+    assert not [m for m in messages if "lacks SNP" in m], messages
+    assert not [m for m in messages if "different sev_features" in m], messages
