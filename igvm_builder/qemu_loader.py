@@ -109,22 +109,3 @@ def qemu_findings(f: IgvmFile, guest: str = "any") -> list[Issue]:
             out.append(("warning", f"no SEV platform: QEMU {_GUEST_TEXT[guest]} falls back to the NATIVE platform, "
                                    "which is not a confidential launch", None))
     return out
-    order = QEMU_GUESTS[guest]
-    chosen = next((t for t in order if t in have), None)
-    if guest == "tdx":
-        out.append(("error", "QEMU 10.2.2's IGVM loader has no TDX support: with a tdx-guest object it "
-                                    f"starts no IGVM file (the file has: {names}; a NATIVE platform fails at its first "
-                                    "page: 'Setting confidential guest state is not supported for this platform')"))
-    elif chosen is None:
-        out.append(("error", f"no platform QEMU 10.2.2 can start {_GUEST_TEXT[guest]} (the file has: {names}; "
-                                    f"it starts {', '.join(t.name for t in order)}): it refuses the file: "
-                                    f"'{_REFUSAL}'"))
-    else:
-        ignored = [t.name for t in have if t != chosen]
-        if ignored:
-            out.append(("warning", f"QEMU 10.2.2 {_GUEST_TEXT[guest]} starts the {chosen.name} platform; "
-                                          f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored"))
-        if chosen == PlatformType.NATIVE and guest != "none":
-            out.append(("warning", f"no SEV platform: QEMU {_GUEST_TEXT[guest]} falls back to the NATIVE "
-                                          "platform, which is not a confidential launch"))
-    return out
