@@ -14,7 +14,7 @@ import pytest
 from test_build_helpers import MEMTEST, build_bytes, cli, config, q, write_config
 
 from igvm_builder.format import IgvmFile
-from igvm_builder.measure.engine import Measurement
+from igvm_builder.measure.result import Measurement
 
 
 def _body(tmp_path: Path, platforms: str = '"native", "snp"') -> str:

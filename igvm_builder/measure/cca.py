@@ -28,16 +28,14 @@ import hashlib
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from igvm_builder.errors import MeasurementError
 from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice, PageReleaser, as_view
 from igvm_builder.format.defs import PAGE_SIZE_4K, PageDataFlags, PageDataType, PlatformType
 from igvm_builder.format.file import IgvmFile
-
-if TYPE_CHECKING:
-    from igvm_builder.measure.engine import Measurement
+from igvm_builder.measure.result import Measurement
 
 GRANULE = PAGE_SIZE_4K
 #: RmiHashAlgorithm / IGVM CcaHashAlgorithm by name, and the size of each digest.
@@ -461,8 +459,6 @@ NO_REALM_NOTE = ("the CCA RIM needs the realm parameters (IPA width, breakpoints
 def cca_measurement(f: IgvmFile, mask: int, realm: Realm | None) -> Measurement:
     """The CCA platform ``mask`` of ``f`` as an engine :class:`Measurement` (``variant`` names the
     RMM model; no digest without ``realm``)."""
-    from igvm_builder.measure.engine import Measurement
-
     if realm is None:
         return Measurement(PlatformType.CCA, mask, None, None, notes=(NO_REALM_NOTE,))
     res = measure_cca(f, realm, mask=mask)

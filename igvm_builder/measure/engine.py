@@ -23,7 +23,6 @@ import hashlib
 import itertools
 import struct
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from igvm_builder.errors import MeasurementError
@@ -32,6 +31,7 @@ from igvm_builder.format.blob import FileSlice, PageReleaser, as_view
 from igvm_builder.format.defs import PAGE_SIZE_4K, Architecture, PageDataFlags, PageDataType, PlatformType
 from igvm_builder.format.file import IgvmFile
 from igvm_builder.measure.profiles import KVM_VMSA_GPA, LoaderProfile, get_profile
+from igvm_builder.measure.result import Measurement
 
 ZERO_PAGE = bytes(PAGE_SIZE_4K)
 _SHA384_ZERO_PAGE = hashlib.sha384(ZERO_PAGE).digest()
@@ -50,31 +50,6 @@ _PAGES_PER_2MB = 0x200000 // PAGE_SIZE_4K
 _DT_NORMAL = int(PageDataType.NORMAL)
 _DT_SECRETS = int(PageDataType.SECRETS)
 _DT_CPUID = (int(PageDataType.CPUID_DATA), int(PageDataType.CPUID_XF))
-
-
-@dataclass(frozen=True, slots=True)
-class Measurement:
-    """One platform's launch measurement of a file."""
-
-    platform: PlatformType
-    compatibility_mask: int
-    algorithm: str | None
-    digest: bytes | None
-    loader: str | None = None
-    variant: str | None = None
-    steps: int = 0
-    notes: tuple[str, ...] = field(default=())
-    #: SEV-SNP on a KVM loader (``qemu``, ``cloud-hypervisor``): the vCPU count measured (one VMSA
-    #: each), the CPU model of the reset-state VMSAs, the file's VP contexts, and whether the
-    #: count was given (``"given"``) or is the file's (``"file"``).  None elsewhere.
-    vcpus: int | None = None
-    vcpu_type: str | None = None
-    vp_contexts: int | None = None
-    vcpus_source: str | None = None
-
-    @property
-    def hex(self) -> str | None:
-        return self.digest.hex() if self.digest is not None else None
 
 
 # --------------------------------------------------------------------------- page data access

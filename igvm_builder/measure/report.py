@@ -26,8 +26,9 @@ from igvm_builder.format.defs import (
     decode_tdx_policy,
 )
 from igvm_builder.format.file import IgvmFile
-from igvm_builder.measure.engine import Measurement, measure_file
+from igvm_builder.measure.engine import measure_file
 from igvm_builder.measure.profiles import get_profile
+from igvm_builder.measure.result import Measurement
 
 __all__ = ["SCHEMA_VERSION", "decode_sev_features", "decode_snp_policy", "decode_tdx_policy", "reference_values"]
 

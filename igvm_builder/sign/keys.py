@@ -14,7 +14,7 @@ spec string                source                                              d
 =========================  ==================================================  ==============
 
 The two-step flow (export what to sign, sign elsewhere, import the signatures) is
-in :mod:`igvm_builder.sign.twostep` and re-exported here.
+in :mod:`igvm_builder.sign.twostep` (also exported by :mod:`igvm_builder.sign`).
 
 No private key material (PEM text, DER, scalars, passwords, PINs) ever appears in
 ``description``, ``str``/``repr`` or an exception message.
@@ -38,23 +38,18 @@ from typing import Any, TypeVar, cast
 from igvm_builder.errors import SigningError
 from igvm_builder.sign import _ecdsa
 from igvm_builder.sign._ecdsa import decode_signature
-from igvm_builder.sign.twostep import ExportedTbs, TbsMessage, export_tbs, import_signature
 
 __all__ = [
     "PKCS11_MODULE_ENV",
     "PKCS11_PIN_ENV",
     "CommandKey",
     "EnvPemKey",
-    "ExportedTbs",
     "InMemoryKey",
     "KeySource",
     "PemFileKey",
     "Pkcs11Key",
     "Pkcs11Uri",
-    "TbsMessage",
     "decode_signature",
-    "export_tbs",
-    "import_signature",
     "key_source_from_spec",
     "parse_pkcs11_uri",
 ]

@@ -37,7 +37,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from igvm_builder.errors import IgvmFormatError, SigningError
 from igvm_builder.sign import _ecdsa
@@ -49,14 +49,17 @@ from igvm_builder.sign.idblock import (
     assemble_signed_id_block,
 )
 
-if TYPE_CHECKING:
-    from igvm_builder.sign.keys import KeySource
-
 __all__ = ["TBS_FORMAT", "ExportedTbs", "TbsMessage", "export_tbs", "import_signature"]
 
 TBS_FORMAT = "igvm-builder/snp-id-block-tbs/v1"
 _ALGORITHM = "ECDSA_P384_SHA384"
 _SOURCE = "to-be-signed document"
+
+
+class KeyHolder(Protocol):
+    """Anything that can name its public key: every :class:`~igvm_builder.sign.keys.KeySource`."""
+
+    def public_key(self) -> _ecdsa.PublicKey: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -193,7 +196,7 @@ def _load_key(entry: Any, name: str) -> _ecdsa.PublicKey:
     return key
 
 
-def _public(key: _ecdsa.PublicKey | KeySource, what: str) -> _ecdsa.PublicKey:
+def _public(key: _ecdsa.PublicKey | KeyHolder, what: str) -> _ecdsa.PublicKey:
     if not isinstance(key, _ecdsa.PublicKey):
         key = key.public_key()
     return _ecdsa.require_p384_public(key, what)
@@ -207,8 +210,8 @@ def export_tbs(
     image_id: bytes = bytes(16),
     guest_svn: int = 0,
     version: int = ID_BLOCK_VERSION,
-    id_public_key: _ecdsa.PublicKey | KeySource,
-    author_public_key: _ecdsa.PublicKey | KeySource | None = None,
+    id_public_key: _ecdsa.PublicKey | KeyHolder,
+    author_public_key: _ecdsa.PublicKey | KeyHolder | None = None,
     compatibility_mask: int,
 ) -> ExportedTbs:
     """The to-be-signed messages for an ID block (see the module docstring for the JSON form)."""
