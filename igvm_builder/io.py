@@ -1,9 +1,12 @@
 """The only module of the core that touches the file system: atomic writes, guarded reads.
 
-A build's outputs appear complete or not at all: each is written under a temporary name in
-its target directory, flushed to disk, then renamed over the target.  On any error the
-temporary file is removed and the target is untouched, so a failed build leaves nothing
-behind.  File modes are fixed (not umask-dependent) so outputs are identical whatever the
+A build's outputs appear complete or not at all: each is written to a temporary file in its
+target directory, flushed to disk, then renamed over the target.  On any error the temporary
+file is removed and the target is untouched, so a failed build leaves nothing behind.  The
+temporary file has no name while it is written where the file system allows (``O_TMPFILE``),
+so even a process killed by SIGKILL leaves nothing; a named one (``.igvm-<pid>-<random>.tmp``)
+is locked by its writer and removed by the next commit into its directory once the writer is
+gone (:func:`remove_stale_temporaries`).  File modes are fixed (not umask-dependent) so outputs are identical whatever the
 caller's umask.
 
 What an output path may name (docs/ARCHITECTURE.md, "Outputs"):
@@ -30,6 +33,7 @@ import contextlib
 import io
 import mmap
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -101,6 +105,8 @@ class AtomicFile:
         self.direct = False
         #: The file renamed over at commit: ``path``, or the file a symbolic link points to.
         self.target = self.path
+        #: The temporary file has no name until it is published (``O_TMPFILE``).
+        self._unnamed = False
         if self.path == STDOUT:
             self.direct = True
         else:
@@ -132,11 +138,16 @@ class AtomicFile:
             self._advise = None
             return
         directory = os.path.dirname(os.path.abspath(self.target))
-        try:
-            fd, self._tmp = tempfile.mkstemp(prefix=".igvm-", suffix=".tmp", dir=directory)
-        except OSError as exc:
-            why = "no such directory" if isinstance(exc, FileNotFoundError) else exc.strerror
-            raise OutputError(f"cannot create a file in {directory}: {why}", source=self.path) from None
+        fd = _unnamed_temporary(directory)
+        if fd < 0:  # no O_TMPFILE here: a named one, which names its owner
+            try:
+                fd, self._tmp = tempfile.mkstemp(prefix=f".igvm-{os.getpid()}-", suffix=".tmp", dir=directory)
+            except OSError as exc:
+                why = "no such directory" if isinstance(exc, FileNotFoundError) else exc.strerror
+                raise OutputError(f"cannot create a file in {directory}: {why}", source=self.path) from None
+        else:
+            self._unnamed = True
+        _hold(fd)
         self._fh = os.fdopen(fd, "wb")
         self._started = 0  # the file offset up to which writeback was started
         self._advise = getattr(os, "posix_fadvise", None)
@@ -178,8 +189,9 @@ class AtomicFile:
     # ---- finishing
 
     def sync(self) -> None:
-        """Flush, fsync and close the temporary file (it is not yet at ``path``).  For a
-        direct output, only flush: the data is copied to the device by :meth:`publish`."""
+        """Flush and fsync the temporary file (it is not yet at ``path``; it stays open, and
+        locked, until :meth:`publish`).  For a direct output, only flush: the data is copied to
+        the device by :meth:`publish`."""
         fh = self._open()
         if self.direct:
             try:
@@ -191,24 +203,30 @@ class AtomicFile:
             fh.flush()
             os.fsync(fh.fileno())
             os.fchmod(fh.fileno(), self.mode)
-            fh.close()
         except OSError as exc:
             raise self._error(exc) from None
-        self._fh = None
 
     def publish(self) -> None:
-        """Rename the synced temporary file to ``path`` and sync the directory entry; for a
-        direct output, copy the data to it."""
+        """Rename the synced temporary file to ``path`` (an unnamed one is first given a
+        temporary name) and sync the directory entry; for a direct output, copy the data to
+        it."""
         if self.direct:
             self._copy_out()
             return
-        _record_output(self._tmp, self.path)
+        fh = self._open()
+        directory = os.path.dirname(os.path.abspath(self.target))
         try:
+            if self._unnamed:
+                self._tmp = _link_unnamed(fh.fileno(), directory)
+            _record_output(self._tmp, self.path)
             os.replace(self._tmp, self.target)
         except OSError as exc:
             raise OutputError(f"cannot put the file in place: {exc.strerror or exc}", source=self.path) from None
         self._tmp = ""
-        _sync_directory(os.path.dirname(os.path.abspath(self.target)))
+        self._fh = None
+        with contextlib.suppress(OSError):
+            fh.close()  # releases the lock on the temporary file (now the output)
+        _sync_directory(directory)
 
     def _copy_out(self) -> None:
         import shutil
@@ -262,6 +280,116 @@ class AtomicFile:
             self.discard()
 
 
+#: Make temporary outputs with ``O_TMPFILE`` where the file system has it (Linux): such a file
+#: has no name until it is published, so a process killed however (SIGKILL included) while it
+#: writes leaves nothing behind.  Set to False to always use named temporary files.
+UNNAMED_TEMPORARIES = True
+
+#: A named temporary output: ``.igvm-<pid of its writer>-<random>.tmp``.
+_TEMPORARY_NAME = re.compile(r"\.igvm-([0-9]{1,10})-[0-9A-Za-z_]{1,32}\.tmp")
+
+
+def _unnamed_temporary(directory: str) -> int:
+    """An ``O_TMPFILE`` file in ``directory`` opened for writing, or -1 where there is none (not
+    Linux, a file system without it, no ``/proc`` to name it through at publication)."""
+    flag = getattr(os, "O_TMPFILE", 0)
+    if not UNNAMED_TEMPORARIES or not flag or not os.path.isdir("/proc/self/fd"):
+        return -1
+    try:
+        return os.open(directory, flag | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError:  # unsupported (EOPNOTSUPP, EISDIR on old kernels), or a real error that
+        return -1  # creating a named file then reports
+
+
+def _link_unnamed(fd: int, directory: str) -> str:
+    """Give the ``O_TMPFILE`` file ``fd`` a temporary name in ``directory`` (then renamed over the
+    output): ``linkat`` through ``/proc/self/fd``, which needs no privilege."""
+    dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for _ in range(100):
+            name = f".igvm-{os.getpid()}-{os.urandom(6).hex()}.tmp"
+            try:  # a dir_fd makes this linkat(AT_SYMLINK_FOLLOW): plain link() would link the /proc link
+                os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+            except FileExistsError:
+                continue
+            return os.path.join(directory, name)
+    finally:
+        os.close(dir_fd)
+    raise FileExistsError(f"no free temporary name in {directory}")
+
+
+def _hold(fd: int) -> None:
+    """Lock the temporary file ``fd`` (``flock``) for as long as it is open: a live writer's
+    temporary file is never taken for a dead one's (:func:`remove_stale_temporaries`), whatever
+    its PID means in the process's namespace."""
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except (ImportError, OSError):  # no locks here: the writer's PID alone decides
+        pass
+
+
+def _alive(pid: int) -> bool:
+    """False only when no process ``pid`` exists (anything unclear counts as alive)."""
+    if pid <= 0 or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # EPERM: it exists, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[str]:
+    """Remove the temporary output files that processes which no longer exist left in
+    ``directory`` (killed by SIGKILL, or on a file system without ``O_TMPFILE``), and return
+    their names.  A file is removed only if its name is ``.igvm-<pid>-<random>.tmp``, no process
+    ``pid`` exists and no process holds its lock (:func:`_hold`).  Every commit does this for the
+    directories it publishes into, holding their locks."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMPORARY_NAME.fullmatch(entry.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or not _unlocked(fd):
+                continue
+            now = os.lstat(entry.path)  # still this file under that name
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _unlocked(fd: int) -> bool:
+    """True if no process holds a lock on the file ``fd`` (or the file system has no locks)."""
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except (ImportError, OSError):
+        return True
+    return True
+
+
 def commit_together(*files: AtomicFile | None) -> None:
     """Commit several outputs that belong together (a build's IGVM file and its reference
     values): every file is synced before any is renamed, so an error while writing any of them
@@ -292,32 +420,36 @@ def commit_together(*files: AtomicFile | None) -> None:
 @contextlib.contextmanager
 def _locked_directories(files: Sequence[AtomicFile]) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the directory of every renamed output (none where the
-    file system cannot lock: the publication is then unordered, as before)."""
+    file system cannot lock: the publication is then unordered, as before), and remove what
+    killed writers left there (:func:`remove_stale_temporaries`)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    dirs: dict[tuple[int, int], int] = {}
+    dirs: dict[tuple[int, int], tuple[int, str]] = {}
     try:
         for f in files:
             if f.direct:
                 continue
+            directory = os.path.dirname(os.path.abspath(f.target))
             try:
-                fd = os.open(os.path.dirname(os.path.abspath(f.target)), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                fd = os.open(directory, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             except OSError:
                 continue
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) in dirs:
                 os.close(fd)
             else:
-                dirs[(st.st_dev, st.st_ino)] = fd
+                dirs[(st.st_dev, st.st_ino)] = (fd, directory)
         for key in sorted(dirs):  # one order for every process: no deadlock
             with contextlib.suppress(OSError):
-                fcntl.flock(dirs[key], fcntl.LOCK_EX)
+                fcntl.flock(dirs[key][0], fcntl.LOCK_EX)
+        for _fd, directory in dirs.values():  # what killed writers left there goes now
+            remove_stale_temporaries(directory)
         yield
     finally:
-        for fd in dirs.values():
+        for fd, _directory in dirs.values():
             os.close(fd)  # closing releases the lock
 
 

@@ -40,6 +40,23 @@ def _leftovers(directory: Path) -> list[str]:
     return [p.name for p in directory.iterdir() if p.name.startswith(".igvm-")]
 
 
+def _writing_in(pid: int, directory: Path) -> bool:
+    """True when process ``pid`` has a file open in ``directory``: a temporary output, named or not
+    (an ``O_TMPFILE`` file shows as ``<directory>/#<inode> (deleted)``)."""
+    prefix = f"{directory.resolve()}/"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def _reference_build(tmp: Path) -> tuple[bytes, dict[str, object]]:
     """The same config built to regular files in another directory (builds are deterministic)."""
     ref = tmp / "ref"
@@ -268,7 +285,7 @@ def test_termination_signals_leave_no_temporary_file(tmp_path: Path, sig: signal
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 60
-        while not _leftovers(out_dir):
+        while not _writing_in(proc.pid, out_dir):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the build never started its outputs"
             time.sleep(0.02)
