@@ -56,6 +56,7 @@ from igvm_builder.format.defs import (
     decode_tdx_policy,
 )
 from igvm_builder.format.file import IgvmFile
+from igvm_builder.recordclass import fields as record_fields
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -432,7 +433,7 @@ _BLOB_FIELDS = frozenset({"data", "initial_data", "vmsa", "context", "registers"
 
 def _plain_fields(h: H.Header, side: _Side) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(h):
+    for f in record_fields(h):
         if f.name in _BLOB_FIELDS:
             continue
         value = getattr(h, f.name)

@@ -22,9 +22,9 @@ a vCPU the file gives no context for.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from igvm_builder.errors import MeasurementError
+from igvm_builder.recordclass import record
 from igvm_builder.sev_vmsa import (
     BSP_RESET_EIP,
     QEMU_IGVM_VMSA_FIELDS,
@@ -91,7 +91,7 @@ VP0_FEATURES = "vp0.sev_features"
 # --------------------------------------------------------------------------- the table
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Rule:
     """One VMM's measured value of a field: ``fn(file value, file fields)``; ``text`` documents it."""
 
@@ -119,7 +119,7 @@ def _efer_qemu(v: int, r: Mapping[str, int]) -> int:
 _U64 = (1 << 64) - 1
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Row:
     """A group of fields with the same rule on each VMM, and where the rule comes from."""
 
@@ -218,7 +218,7 @@ def transform_fields(regs: Mapping[str, int], vmm: str, *, vp0_features: int | N
 # --------------------------------------------------------------------------- refusals and changes
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Refusal:
     """A field (or byte offset) the VMM or KVM refuses: the launch fails, nothing is measured."""
 
@@ -226,7 +226,7 @@ class Refusal:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Change:
     """A field the VMM measures with another value than the file's."""
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 
 from igvm_builder.errors import ConfigError, IgvmFormatError
+from igvm_builder.recordclass import record
 
 __all__ = [
     "BSP_RESET_EIP",
@@ -49,7 +49,7 @@ SAVE_AREA_SIZE = 1648
 BSP_RESET_EIP = 0xFFFFFFF0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class VmsaField:
     """A named little-endian unsigned integer at ``offset`` spanning ``size`` bytes."""
 

@@ -40,7 +40,7 @@ def _with_mask(h: H.Header, mask: int) -> H.Header:
         return _new_page(h.gpa, mask, h.flags, h.data_type, h.data)
     if not h.HAS_MASK:
         return h
-    from dataclasses import replace
+    from igvm_builder.recordclass import replace
 
     changes: dict[str, Any] = {"compatibility_mask": mask}  # every header with HAS_MASK has the field
     return replace(h, **changes)

@@ -6,7 +6,7 @@ Also the low-memory layout of kernel launches (GPAs shared by every platform).""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from igvm_builder.errors import LayoutError
 from igvm_builder.format import headers as H
@@ -15,6 +15,7 @@ from igvm_builder.format.defs import (
     PageDataType,
     PlatformType,
 )
+from igvm_builder.recordclass import fields
 
 PAGE = 0x1000
 ZERO_PAGE = bytes(PAGE)
@@ -172,7 +173,7 @@ if tuple(f.name for f in fields(H.PageData)) != _PAGE_FIELDS:
 def _new_page(gpa: int, mask: int, flags: int, data_type: int, data: bytes | FileSlice) -> H.PageData:
     """A PageData made without re-running its checks, for values known to pass them (a page
     like one already validated: 4 KiB-aligned GPA, same flags and type, at most 4 KiB of data).
-    dataclasses.replace or the constructor cost several times more, once per page of the file."""
+    recordclass.replace or the constructor cost several times more, once per page of the file."""
     page = _object_new(H.PageData)
     _set_gpa(page, gpa)
     _set_mask(page, mask)
@@ -183,5 +184,5 @@ def _new_page(gpa: int, mask: int, flags: int, data_type: int, data: bytes | Fil
 
 
 _object_new = object.__new__
-# the slot descriptors' setters: what the generated __init__ of a frozen slots dataclass uses
+# the slot descriptors' setters: what the generated __init__ of a frozen record uses
 _set_gpa, _set_mask, _set_flags, _set_type, _set_data = (getattr(H.PageData, f).__set__ for f in _PAGE_FIELDS)

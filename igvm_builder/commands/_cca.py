@@ -54,12 +54,13 @@ def realm_from_args(args: argparse.Namespace, f: IgvmFile) -> Realm | None:
     """
     from igvm_builder.errors import MeasurementError
     from igvm_builder.format.defs import PlatformType
-    from igvm_builder.measure.cca import Realm, RealmParams, file_ipa_bits
 
     given = args.cca_realm or args.cca_ram or args.cca_ipa_bits or args.cca_breakpoints or args.cca_watchpoints
     p = f.platform(PlatformType.CCA)
     if p is None or not given:
         return None
+    from igvm_builder.measure.cca import Realm, RealmParams, file_ipa_bits  # a CCA file only
+
     if args.cca_realm:
         from igvm_builder.io import load_json
 

@@ -20,7 +20,6 @@ import os
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
 from typing import BinaryIO, NamedTuple
 
 from igvm_builder.errors import IgvmError, IgvmFormatError
@@ -41,6 +40,7 @@ from igvm_builder.format.defs import (
     section_of,
 )
 from igvm_builder.format.record import Record, u32
+from igvm_builder.recordclass import field, fields, record
 
 #: IGVM_FIXED_HEADER (format version 1, 24 bytes) and IGVM_FIXED_HEADER_V2 (32 bytes).
 FIXED_HEADER_V1 = Record(
@@ -73,7 +73,7 @@ _X64_PLATFORMS = frozenset(PlatformType) - {PlatformType.CCA}
 _AARCH64_PLATFORMS = frozenset({PlatformType.VSM_ISOLATION, PlatformType.CCA})
 
 
-# Setters for the PAGE_DATA fast path (member descriptors of the slots dataclass: they bypass
+# Setters for the PAGE_DATA fast path (member descriptors of the record's slots: they bypass
 # the frozen __setattr__, like the generated __init__ does).  Checked at import time so a new
 # PageData field cannot be silently left unset.
 _PAGE_DATA_FIELDS = ("gpa", "compatibility_mask", "flags", "data_type", "data")
@@ -86,7 +86,7 @@ def _pad8(n: int) -> int:
     return (n + 7) & ~7
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class FixedHeader:
     """The fixed header as stored (nothing checked: :meth:`IgvmFile.from_bytes` does that)."""
 
@@ -129,7 +129,7 @@ class FixedHeader:
             pos += 8 + _pad8(length)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class IgvmFile:
     """A whole IGVM file: platform, initialization and directive headers (with their data)."""
 

@@ -1,4 +1,4 @@
-"""Every IGVM variable header as a frozen dataclass, described once.
+"""Every IGVM variable header as a frozen record class (:mod:`igvm_builder.recordclass`), described once.
 
 Each class mirrors one ``IGVM_VHS_*`` struct of ``igvm_defs/src/lib.rs`` field for field:
 its :attr:`Header.BODY` (a :class:`~igvm_builder.format.record.Record`) lists the fields in
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 from igvm_builder.errors import IgvmFormatError
@@ -41,6 +40,7 @@ from igvm_builder.format.record import (
     u32,
     u64,
 )
+from igvm_builder.recordclass import field, record
 
 BlobLike = bytes | FileSlice
 
@@ -74,7 +74,7 @@ def _unaligned_gpa(gpa: object) -> bool:
     return not isinstance(gpa, int) or bool(gpa & 0xFFF)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class Header:
     """Base of every variable header."""
 
@@ -87,7 +87,7 @@ class Header:
     HAS_MASK: ClassVar[bool] = True
 
     def __init_subclass__(cls) -> None:
-        # (no zero-argument super() here: dataclass(slots=True) replaces the class it names)
+        # (no zero-argument super() here: @record replaces the class it names)
         body = cls.__dict__.get("BODY")
         if body is not None:
             cls.STRUCT, cls.SIZE = body.struct, body.size
@@ -147,7 +147,7 @@ class Header:
 # --------------------------------------------------------------------------- platform
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class SupportedPlatform(Header):
     """IGVM_VHS_SUPPORTED_PLATFORM (16 bytes)."""
 
@@ -184,7 +184,7 @@ class SupportedPlatform(Header):
 # --------------------------------------------------------------------------- initialization
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class GuestPolicy(Header):
     """IGVM_VHS_GUEST_POLICY (16 bytes): SNP guest policy or TDX policy."""
 
@@ -196,7 +196,7 @@ class GuestPolicy(Header):
     compatibility_mask: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class RelocatableRegion(Header):
     """IGVM_VHS_RELOCATABLE_REGION (48 bytes)."""
 
@@ -249,7 +249,7 @@ class RelocatableRegion(Header):
         return None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class PageTableRelocation(Header):
     """IGVM_VHS_PAGE_TABLE_RELOCATION (32 bytes)."""
 
@@ -280,7 +280,7 @@ class PageTableRelocation(Header):
         return None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class _CorimData(Header):
     """IGVM_VHS_CORIM_DATA (16 bytes) + an opaque payload in file data."""
 
@@ -306,7 +306,7 @@ class _CorimData(Header):
         raise NotImplementedError
 
 
-class CorimDocument(_CorimData):  # adds no field: no dataclass processing of its own (see _usage)
+class CorimDocument(_CorimData):  # adds no field: no record processing of its own (see _usage)
     """CORIM_DOCUMENT (0x104): a CBOR CoRIM document, kept opaque."""
 
     __slots__ = ()
@@ -325,7 +325,7 @@ CCA_HASH_ALGORITHMS = {0: "SHA256", 1: "SHA512", 2: "SHA384"}
 CCA_LFA_POLICIES = {0: "DISALLOW", 1: "ALLOW"}
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class CcaPolicy(Header):
     """IGVM_VHS_CCA_POLICY (32 bytes)."""
 
@@ -359,7 +359,7 @@ class CcaPolicy(Header):
 # --------------------------------------------------------------------------- directives
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class ParameterArea(Header):
     """IGVM_VHS_PARAMETER_AREA (16 bytes) + optional initial contents."""
 
@@ -398,7 +398,7 @@ class ParameterArea(Header):
         return _pad(self.initial_data, self.number_of_bytes, "parameter area initial data")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class PageData(Header):
     """IGVM_VHS_PAGE_DATA (24 bytes) + at most one 4 KiB page of data."""
 
@@ -449,7 +449,7 @@ class PageData(Header):
         return _pad(self.data, PAGE_SIZE_4K, "page data")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class ParameterInsert(Header):
     """IGVM_VHS_PARAMETER_INSERT (16 bytes)."""
 
@@ -466,7 +466,7 @@ class ParameterInsert(Header):
             raise _err(f"PARAMETER_INSERT gpa {self.gpa!r} is not 4 KiB aligned")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class RequiredMemory(Header):
     """IGVM_VHS_REQUIRED_MEMORY (24 bytes)."""
 
@@ -498,7 +498,7 @@ class RequiredMemory(Header):
                 raise _err(f"REQUIRED_MEMORY {name} {value!r} is not aligned to 0x1000")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class ParameterUsage(Header):
     """IGVM_VHS_PARAMETER (8 bytes): where in a parameter area the loader writes something."""
 
@@ -511,7 +511,7 @@ class ParameterUsage(Header):
 
 
 def _usage(name: str, typ: HeaderType, doc: str) -> type[ParameterUsage]:
-    # A subclass that adds no field needs no dataclass processing of its own (the import stays
+    # A subclass that adds no field needs no record processing of its own (the import stays
     # cheap): it inherits __init__, __eq__ (which compares classes), __repr__ (which names it).
     ns = {"TYPE": typ, "__doc__": doc, "__qualname__": name, "__module__": __name__, "__slots__": ()}
     return type(name, (ParameterUsage,), ns)
@@ -535,7 +535,7 @@ PARAMETER_USAGES: dict[HeaderType, type[ParameterUsage]] = {
 }
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class ErrorRange(Header):
     """IGVM_VHS_ERROR_RANGE (16 bytes)."""
 
@@ -581,7 +581,7 @@ def key_digest(public_key: bytes | bytearray | memoryview | object) -> bytes:
     return hashlib.sha384(SEV_PUBLIC_KEY.pack(source)).digest()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class SnpIdBlock(Header):
     """IGVM_VHS_SNP_ID_BLOCK (696 bytes).
 
@@ -626,7 +626,7 @@ class SnpIdBlock(Header):
     author_public_key: bytes = bytes(152)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class VbsMeasurement(Header):
     """IGVM_VHS_VBS_MEASUREMENT (864 bytes); signature and key are opaque blobs."""
 
@@ -697,7 +697,7 @@ CCA_CONTEXT = Record("IgvmVpContextAArch64Cca", *(u64(name, hex=True) for name i
                                                    "x0 x1 x2 x3 x4 x5 x6 x7 pc flags".split()), size=80)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class VpContextBase(Header):
     """IGVM_VHS_VP_CONTEXT (20 bytes + 4 pad); the payload depends on the platform."""
 
@@ -710,7 +710,7 @@ class VpContextBase(Header):
     vp_index: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class SnpVpContext(VpContextBase):
     """An SEV-SNP / SEV-ES VMSA page (4096 bytes, ``SevVmsa``)."""
 
@@ -730,7 +730,7 @@ class SnpVpContext(VpContextBase):
         return _pad(self.vmsa, PAGE_SIZE_4K, "VMSA")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class NativeVpContext(VpContextBase):
     """IgvmNativeVpContextX64 (232 bytes, stored zero-padded to 4096)."""
 
@@ -744,7 +744,7 @@ class NativeVpContext(VpContextBase):
         return bytes(self.context) + bytes(PAGE_SIZE_4K - NATIVE_CONTEXT.size)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class CcaVpContext(VpContextBase):
     """IgvmVpContextAArch64Cca (80 bytes, stored zero-padded to 4096)."""
 
@@ -764,7 +764,7 @@ VBS_REGISTER = Record("VbsVpContextRegister", u8("vtl", choices=_VTL), u32("regi
 VBS_REGISTER_STRUCT = VBS_REGISTER.struct
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class VbsRegister:
     """One VbsVpContextRegister: a Hyper-V register name and its 16-byte value."""
 
@@ -772,7 +772,7 @@ class VbsRegister:
     value: bytes
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class VbsVpContext(VpContextBase):
     """A VSM (VBS) VP context: ``u32 count`` + 32-byte register records, one VTL, BSP only."""
 

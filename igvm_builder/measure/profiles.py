@@ -9,15 +9,14 @@ against which the reference vectors were computed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from igvm_builder.errors import MeasurementError
 from igvm_builder.format.defs import PlatformType
+from igvm_builder.recordclass import record
 
 KVM_VMSA_GPA = 0xFFFF_FFFF_F000
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LoaderProfile:
     name: str
     description: str

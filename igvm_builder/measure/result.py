@@ -4,14 +4,13 @@ measurement engine (:mod:`~igvm_builder.measure.engine`) and the CCA realm measu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from igvm_builder.format.defs import PlatformType
+from igvm_builder.recordclass import field, record
 
 __all__ = ["Measurement"]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Measurement:
     """One platform's launch measurement of a file."""
 

@@ -27,7 +27,6 @@ The two-step flow over whole files is :func:`export_igvm_tbs` /
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +38,7 @@ from igvm_builder.format.file import IgvmFile
 from igvm_builder.hexstr import parse_hex
 from igvm_builder.measure.engine import measure_platform
 from igvm_builder.measure.profiles import PROFILES, get_profile
+from igvm_builder.recordclass import replace
 from igvm_builder.sign import _ecdsa, sign_id_block
 from igvm_builder.sign.idblock import (
     TEST_ONLY_KEY_DIGESTS,
@@ -181,7 +181,7 @@ def _without_id_blocks(f: IgvmFile, mask: int) -> tuple[list[H.Header], int]:
             removed += 1
             rest = h.compatibility_mask & ~mask
             if rest:  # a block shared with other (non-SNP) masks keeps those bits only
-                directives.append(dataclasses.replace(h, compatibility_mask=rest))
+                directives.append(replace(h, compatibility_mask=rest))
             continue
         directives.append(h)
     return directives, removed
