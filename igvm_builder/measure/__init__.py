@@ -1,7 +1,7 @@
 """Launch measurements of IGVM files: SEV-SNP, TDX MRTD, VBS, SEV and SEV-ES.
 
 Every function takes an :class:`~igvm_builder.format.IgvmFile` and returns bytes or
-frozen dataclasses; nothing here prints.  All platforms present in a file are measured
+frozen records; nothing here prints.  All platforms present in a file are measured
 in one pass over its pages (:func:`measure_file`), so a large file is read once.
 """
 
