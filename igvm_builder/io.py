@@ -537,28 +537,46 @@ def remove_if_exists(path: str | os.PathLike[str]) -> None:
 
 
 def _identity(path: str) -> tuple[object, ...]:
-    """What makes two paths the same file: device and inode when it exists, else the resolved path."""
-    if path == STDOUT:
-        return ("stdout",)
+    """What makes two outputs one: a character device by its device number (whichever node or
+    link names it: ``/dev/tty`` and a copy made with ``mknod`` are one terminal), anything else by
+    device and inode (``-`` is whatever file descriptor 1 is, so ``/dev/stdout``,
+    ``/proc/self/fd/1`` or the file stdout is redirected to are the same output as ``-``), a
+    path that does not exist yet by its resolved path."""
     try:
-        st = os.stat(path)
-    except OSError:
-        return ("path", os.path.realpath(path))
+        st = os.fstat(1) if path == STDOUT else os.stat(path)
+    except OSError:  # standard output closed; a path not made yet
+        return ("stdout",) if path == STDOUT else ("path", os.path.realpath(path))
+    if stat.S_ISCHR(st.st_mode):
+        return ("device", st.st_rdev)
     return ("file", st.st_dev, st.st_ino)
+
+
+def _null_device() -> tuple[object, ...]:
+    try:
+        return ("device", os.stat(os.devnull).st_rdev)
+    except OSError:  # pragma: no cover - a system without /dev/null
+        return ("device", None)
 
 
 def check_distinct(outputs: Sequence[str | os.PathLike[str]], inputs: Iterable[str | os.PathLike[str]] = ()) -> None:
     """Refuse, before any work, outputs that are the same file (through symbolic links, hard
-    links, ``..``) and an output that is one of ``inputs``: the last write would silently win,
-    or an input would be overwritten.  Several outputs to one character device (``/dev/null``)
-    are allowed; ``-`` twice is not (the data would be interleaved on standard output)."""
+    links, ``..``; ``-`` and whatever names standard output; two nodes of one character device)
+    and an output that is one of ``inputs``: the last write would silently win, the data would
+    be interleaved, or an input would be overwritten.  Several outputs to the null device
+    (``/dev/null``, or ``-`` when standard output is it) are allowed: nothing is kept anyway;
+    ``-`` twice is not."""
     seen: dict[tuple[object, ...], str] = {}
+    null = None
     for out in outputs:
         name = os.fspath(out)
         ident = _identity(name)
         other = seen.get(ident)
-        if other is not None and not (name != STDOUT and _is_chr(name)):
-            raise OutputError(f"is the same file as the output {other}; name different files", source=name)
+        if other is not None:
+            if null is None:
+                null = _null_device()
+            if ident != null or name == other == STDOUT:
+                what = "device" if ident[0] == "device" else "file"
+                raise OutputError(f"is the same {what} as the output {other}; name different files", source=name)
         seen[ident] = name
     for inp in inputs:
         name = os.fspath(inp)

@@ -183,6 +183,72 @@ def test_two_outputs_one_file_refused(tmp_path: Path) -> None:
         check_distinct(["-", "-"])
 
 
+def _build_with_stdout(tmp: Path, stdout: object, *args: str) -> subprocess.CompletedProcess[bytes]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("IGVM_BUILDER_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "igvm_builder", "build", str(_config(tmp)), *args],
+                          stdout=stdout, stderr=subprocess.PIPE, env=env, timeout=120)
+
+
+def test_standard_output_named_twice_refused(tmp_path: Path) -> None:
+    """``-`` is file descriptor 1: a path that is the same file (``/dev/stdout``, ``/proc/self/fd/1``,
+    the file or FIFO stdout goes to) is the same output, refused before any work."""
+    target = tmp_path / "stdout.bin"
+    target.write_bytes(b"")
+    for other in (str(target), "/dev/stdout", "/proc/self/fd/1"):
+        for args in (("-o", "-", "--reference-values", other), ("-o", other, "--depfile", "-")):
+            with open(target, "r+b") as stdout:
+                proc = _build_with_stdout(tmp_path, stdout, *args)
+            assert proc.returncode == 2, (args, proc.stderr)
+            assert b"is the same file as the output" in proc.stderr and proc.stderr.count(b"\n") == 1, proc.stderr
+            assert target.read_bytes() == b"" and _leftovers(tmp_path) == []
+    # standard output a pipe (an unnamed FIFO)
+    proc = _build_with_stdout(tmp_path, subprocess.PIPE, "-o", "/dev/stdout", "--reference-values", "-")
+    assert proc.returncode == 2 and b"same file" in proc.stderr and proc.stdout == b"", proc.stderr
+    # standard output a named FIFO, also given by its path
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    with open(fifo, "wb") as stdout:
+        proc = _build_with_stdout(tmp_path, stdout, "-o", "-", "--reference-values", str(fifo))
+    reader.join(timeout=60)
+    assert proc.returncode == 2 and b"same file" in proc.stderr and got == [b""], proc.stderr
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    # stdout elsewhere: '-' and that path are two outputs
+    with open(tmp_path / "elsewhere", "wb") as stdout:
+        proc = _build_with_stdout(tmp_path, stdout, "-o", "-", "--reference-values", str(target))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(target.read_bytes())["file"]["sha256"] == __import__("hashlib").sha256(
+        (tmp_path / "elsewhere").read_bytes()).hexdigest()
+
+
+def test_two_nodes_of_one_character_device_are_one_output(tmp_path: Path) -> None:
+    """Made with mknod under tmp_path: two nodes (and a link) of one full device are one output;
+    outputs to the null device may repeat (nothing is kept), also as '-' when stdout is it."""
+    full_a, full_b, null_a, null_b = (tmp_path / n for n in ("full-a", "full-b", "null-a", "null-b"))
+    _mknod_chr(full_a, 1, 7)
+    _mknod_chr(full_b, 1, 7)
+    _mknod_chr(null_a, 1, 3)
+    _mknod_chr(null_b, 1, 3)
+    (tmp_path / "full-link").symlink_to(full_a)
+    cfg = _config(tmp_path)
+    for other in (full_b, tmp_path / "full-link"):
+        proc = cli("build", str(cfg), "-o", str(full_a), "--reference-values", str(other))
+        assert proc.returncode == 2 and "is the same device as the output" in proc.stderr, proc.stderr
+        assert "No space left" not in proc.stderr  # refused before any work, not by the device
+    with pytest.raises(OutputError, match="same device"):
+        check_distinct([full_a, full_b])
+    proc = cli("build", str(cfg), "-o", str(null_a), "--reference-values", str(null_b), "--depfile", str(null_a))
+    assert proc.returncode == 0, proc.stderr
+    with open(null_b, "wb") as stdout:
+        proc = _build_with_stdout(tmp_path, stdout, "-o", "-", "--reference-values", str(null_a))
+    assert proc.returncode == 0, proc.stderr
+    assert all(stat.S_ISCHR(p.lstat().st_mode) for p in (full_a, full_b, null_a, null_b))
+    assert _leftovers(tmp_path) == []
+
+
 def test_output_naming_an_input_refused(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     blob = tmp_path / "payload.bin"
