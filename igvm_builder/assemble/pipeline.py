@@ -120,7 +120,19 @@ def _build_model(cfg: BuildConfig) -> tuple[IgvmFile, _Inputs, list[str]]:
     except BaseException:
         b.inputs.cancel()
         raise
-    return f, b.inputs, b.notes
+    return f, b.inputs, [*b.notes, *_loader_notes(cfg, f)]
+
+
+def _loader_notes(cfg: BuildConfig, f: IgvmFile) -> list[str]:
+    """What QEMU (``image.loader = "qemu"``) refuses in an image with the VBS platform: its
+    VBS_MEASUREMENT headers, which QEMU 10.2.2 has no handler for, whatever their mask
+    (:mod:`igvm_builder.qemu_loader`, the facts ``lint --loader qemu`` reports)."""
+    if cfg.loader != "qemu" or not any(p.platform_type == PlatformType.VSM_ISOLATION for p in f.platforms):
+        return []
+    from igvm_builder.qemu_loader import qemu_findings
+
+    return [f"loader qemu: {why}; QEMU cannot start this image for any of its platforms (build the image "
+            "QEMU starts without vbs)" for level, why, _index in qemu_findings(f) if level == "error"]
 
 
 def build(cfg: BuildConfig, *, platforms: Sequence[str] | None = None, loader: str | None = None,
