@@ -39,6 +39,7 @@ from igvm_builder.errors import InputError, LayoutError
 from igvm_builder.format import headers as H
 from igvm_builder.format.defs import Architecture, PlatformType
 from igvm_builder.format.file import IgvmFile
+from igvm_builder.format.pages import Directives
 from igvm_builder.inputs.arm64 import Arm64Image, parse_arm64_image
 from igvm_builder.measure.cca import HASH_ALGORITHMS, REC_RUNNABLE, SHA384_NOTE, Realm, RealmParams
 
@@ -215,7 +216,7 @@ class CcaBuilder:
                              hash_algorithm=HASH_ALGORITHMS[realm.params.hash_algorithm], lfa_policy=LFA[spec.lfa])
         return IgvmFile(revision=2, architecture=Architecture.AARCH64, platforms=(platform,),
                         initializations=(policy,),
-                        directives=(*pages, H.CcaVpContext(compatibility_mask=1, vp_index=0, context=ctx)))
+                        directives=Directives((*pages, H.CcaVpContext(compatibility_mask=1, vp_index=0, context=ctx))))
 
     def _check_given_dtb(self, info: object, lay: CcaLayout, initrd_size: int) -> None:
         from igvm_builder.inputs.dtb import DtbInfo

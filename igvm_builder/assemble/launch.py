@@ -42,6 +42,7 @@ from igvm_builder.format.defs import (
     PlatformType,
 )
 from igvm_builder.format.file import IgvmFile
+from igvm_builder.format.pages import Directives
 from igvm_builder.platforms.cpu import CpuState, gdt_bytes, identity_page_tables, tdx_reset_trampoline
 
 _SEE = "(docs/CONFIG.md, 'What a directly booted confidential guest still needs')"
@@ -117,7 +118,7 @@ class _Builder:
         lists = [(masks[p], [*self.plans[p].directives, *self.plans[p].tail]) for p in self.platforms]
         directives = merge_directives(lists)
         f = IgvmFile(revision=self.cfg.revision, platforms=tuple(platforms), initializations=tuple(inits),
-                     directives=tuple(directives))
+                     directives=Directives(directives))
         if PlatformType.VSM_ISOLATION in masks:
             f = _with_vbs_measurement(f, masks[PlatformType.VSM_ISOLATION])
         return f
@@ -677,4 +678,4 @@ def _with_vbs_measurement(f: IgvmFile, mask: int) -> IgvmFile:
     digest = measure_platform(f, PlatformType.VSM_ISOLATION).digest or b""
     hdr = H.VbsMeasurement(compatibility_mask=mask, boot_measurement_digest=digest.ljust(64, b"\0"))
     return IgvmFile(revision=f.revision, architecture=f.architecture, platforms=f.platforms,
-                    initializations=f.initializations, directives=(*f.directives, hdr))
+                    initializations=f.initializations, directives=Directives((*f.directives.items(), hdr)))

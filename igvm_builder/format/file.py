@@ -39,6 +39,7 @@ from igvm_builder.format.defs import (
     Section,
     section_of,
 )
+from igvm_builder.format.pages import Directives, PageRun
 from igvm_builder.format.record import Record, u32
 from igvm_builder.recordclass import field, fields, record
 
@@ -129,6 +130,9 @@ class FixedHeader:
             pos += 8 + _pad8(length)
 
 
+_NO_DIRECTIVES = Directives()
+
+
 @record(kw_only=True)
 class IgvmFile:
     """A whole IGVM file: platform, initialization and directive headers (with their data)."""
@@ -137,11 +141,17 @@ class IgvmFile:
     architecture: Architecture = Architecture.X64
     platforms: tuple[H.SupportedPlatform, ...]
     initializations: tuple[H.Header, ...] = ()
-    directives: tuple[H.Header, ...] = ()
+    #: The directive headers in file order: a :class:`~igvm_builder.format.pages.Directives`,
+    #: which stores runs of pages compactly (a tuple or list given here is converted).
+    directives: Directives = _NO_DIRECTIVES
     warnings: tuple[str, ...] = field(default=(), compare=False)
     #: Parsed with a platform filter: the index in the file of each header kept (None: every
     #: header was kept, header ``i`` is the file's ``i``-th).  Not part of equality.
     header_indices: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if type(self.directives) is not Directives:
+            object.__setattr__(self, "directives", Directives(self.directives))
 
     # ------------------------------------------------------------------ access
 
@@ -219,11 +229,13 @@ class IgvmFile:
         """
         if validate:
             _validate(self)
-        hdrs = self.headers
-        n_before = len(self.platforms) + len(self.initializations)  # headers before the first directive
+        items = self.directives.items()
         digests: list[bytes | None] | None = [None] * len(self.directives) if page_digests else None
         fixed_size = FIXED_HEADER_SIZE_V1 if self.revision == 1 else FIXED_HEADER_SIZE_V2
-        var_size = sum(8 + _pad8(h.SIZE) for h in hdrs)
+        page_run = PageRun
+        var_size = sum(8 + _pad8(h.SIZE) for h in (*self.platforms, *self.initializations))
+        for item in items:
+            var_size += item.count * 32 if isinstance(item, PageRun) else 8 + _pad8(item.SIZE)
         data_start = fixed_size + var_size
         cursor = data_start
         blobs: list[H.BlobLike] = []
@@ -276,7 +288,75 @@ class IgvmFile:
             same.append(len(blobs))
             return append(blob, size)
 
-        for index, h in enumerate(hdrs):
+        def page_run_headers(run: PageRun, dpos: int) -> None:
+            """The headers of a run of pages (directive ``dpos`` on), its data placed."""
+            nonlocal out, last_slice, cursor, sent, sent_offset
+            gpa, mask, flags, dtype, count = run.gpa, run.compatibility_mask, run.flags, run.data_type, run.count
+            pack = page_tlv.pack
+            source = run.source
+            if source is None:  # one page repeated, or none: placed once
+                fill = run.fill
+                offset = 0
+                if len(fill):
+                    if type(fill) is file_slice:
+                        note(fill)
+                        last_slice = fill
+                        if digests is not None:
+                            digest = sha384(fill.view()).digest()
+                            digests[dpos : dpos + count] = [digest] * count
+                            offset = place(fill, digest)
+                        else:
+                            offset = place(fill)
+                    else:
+                        offset = place(fill)
+                out += b"".join([pack(page_type, 24, gpa + i * PAGE_SIZE_4K, mask, offset, flags, dtype, 0)
+                                 for i in range(count)])
+                return
+            start = run.start
+            for i in range(count):
+                data = file_slice(source, start, PAGE_SIZE_4K)
+                note(data)
+                if digests is not None:
+                    digest = digests[dpos + i] = sha384(source[start : start + PAGE_SIZE_4K]).digest()
+                    if digest not in pages and cursor + PAGE_SIZE_4K <= 0xFFFF_FFFF:
+                        # place() for a page not seen before (most pages), inlined
+                        pages[digest] = len(blobs)
+                        offset = cursor
+                        blobs.append(data)
+                        offsets.append(offset)
+                        cursor += PAGE_SIZE_4K
+                        if on_data is not None and len(blobs) - sent >= STREAM_BLOBS:
+                            on_data(sent_offset, blobs[sent:])
+                            sent, sent_offset = len(blobs), cursor
+                    else:
+                        offset = place(data, digest)
+                else:
+                    offset = place(data)
+                out += pack(page_type, 24, gpa, mask, offset, flags, dtype, 0)
+                gpa += PAGE_SIZE_4K
+                start += PAGE_SIZE_4K
+            last_slice = file_slice(source, start - PAGE_SIZE_4K, PAGE_SIZE_4K)
+
+        for head in (*self.platforms, *self.initializations):
+            blob = head.blob()
+            offset = 0
+            if blob is not None:
+                if isinstance(blob, FileSlice):
+                    note(blob)
+                    last_slice = blob
+                offset = place(blob)
+            body = head.pack_body(offset)
+            out += _TLV.pack(int(head.TYPE), len(body))
+            out += body
+            out += bytes(_pad8(len(body)) - len(body))
+        dpos = -1  # the flat index of the directive h (of a run: its first page)
+        for h in items:
+            dpos += 1
+            if type(h) is page_run:
+                assert isinstance(h, PageRun)
+                page_run_headers(h, dpos)
+                dpos += h.count - 1
+                continue
             if type(h) is page_data:
                 # Fast path for the common header (same bytes as blob() + pack_body()).
                 data = h.data
@@ -284,7 +364,7 @@ class IgvmFile:
                     note(data)
                     last_slice = data
                     if digests is not None:
-                        digest = digests[index - n_before] = sha384(data._buf[data.start : data.start + PAGE_SIZE_4K]
+                        digest = digests[dpos] = sha384(data._buf[data.start : data.start + PAGE_SIZE_4K]
                                                                  ).digest()
                         if digest not in pages and cursor + PAGE_SIZE_4K <= 0xFFFF_FFFF:
                             # place() for a page not seen before (most pages), inlined
@@ -305,6 +385,7 @@ class IgvmFile:
                     offset = place(blob) if blob is not None else 0
                 out += page_tlv.pack(page_type, 24, h.gpa, h.compatibility_mask, offset, h.flags, h.data_type, 0)
                 continue
+            assert isinstance(h, H.Header)
             blob = h.blob()
             offset = 0
             if blob is not None:
@@ -453,7 +534,7 @@ class _Parser:
         section = Section.PLATFORM
         platforms: list[H.SupportedPlatform] = []
         inits: list[H.Header] = []
-        directives: list[H.Header] = []
+        directives: list[H.Header | PageRun] = []
         mask_to_platform: dict[int, H.SupportedPlatform] = {}
         index = 0
         page_tlv = _PAGE_TLV
@@ -466,9 +547,35 @@ class _Parser:
         directive = Section.DIRECTIVE
         append = directives.append
         iter_pages = page_tlv.iter_unpack
+        # The pending run of PAGE_DATA records: its first record's values, its length in
+        # pages and the step of its file offsets (4096: consecutive pages of file data; 0: one
+        # page repeated, or data-less pages with offset 0; None: not known from one page).
+        run_gpa = run_mask = run_flags = run_dtype = run_foff = run_n = 0
+        run_step: int | None = None
+
+        def flush() -> None:
+            """The pending run as one PageData (a single page) or a PageRun."""
+            if run_n == 1:
+                page = new_page(PageData)  # fields checked: skip __init__/__post_init__
+                set_gpa(page, run_gpa)
+                set_mask(page, run_mask)
+                set_flags(page, run_flags)
+                set_dtype(page, run_dtype)
+                set_data(page, FileSlice(buf, run_foff, 4096) if run_foff else b"")
+                append(page)
+            elif run_step:
+                append(PageRun(run_gpa, run_n, run_mask, flags=run_flags, data_type=run_dtype, source=buf,
+                               start=run_foff))
+            else:
+                append(PageRun(run_gpa, run_n, run_mask, flags=run_flags, data_type=run_dtype,
+                               fill=FileSlice(buf, run_foff, 4096) if run_foff else b""))
+
         while pos < end:
-            if section == directive and end - pos >= 32:
+            if end - pos >= 32 and (section == directive or _TLV.unpack_from(buf, pos)[0] == page_type):
+                section = directive  # (a PAGE_DATA is a directive: it may follow any header)
                 # Fast path: a run of PAGE_DATA records, the overwhelmingly common header.
+                # Records that continue the pending run (next GPA, same mask, flags and type,
+                # file offset by the run's step) only count it: no object per page.
                 for typ, length, gpa, mask, foff, flags, dtype, reserved in iter_pages(
                         buf[pos : pos + (end - pos) // 32 * 32]):
                     if typ != page_type or length != 24:
@@ -477,15 +584,26 @@ class _Parser:
                         raise self._page_error(index, pos, gpa, dtype, reserved, foff)
                     if flags & ~6:
                         self._page_flag_warning(index, gpa, flags)
-                    page = new_page(PageData)  # fields checked above: skip __init__/__post_init__
-                    set_gpa(page, gpa)
-                    set_mask(page, mask)
-                    set_flags(page, flags)
-                    set_dtype(page, dtype)
-                    set_data(page, FileSlice(buf, foff, 4096) if foff else b"")
-                    append(page)
                     pos += 32
                     index += 1
+                    if run_n and gpa == run_gpa + run_n * 4096 and mask == run_mask and flags == run_flags \
+                            and dtype == run_dtype:
+                        step = foff - run_foff - (run_n - 1) * (run_step or 0)
+                        if run_step is None:
+                            if step == 0 or (step == 4096 and run_foff):
+                                run_step = step
+                                run_n = 2
+                                continue
+                        elif step == run_step:
+                            run_n += 1
+                            continue
+                    if run_n:
+                        flush()
+                    run_gpa, run_mask, run_flags, run_dtype, run_foff = gpa, mask, flags, dtype, foff
+                    run_n, run_step = 1, None
+                if run_n:
+                    flush()
+                    run_n = 0
                 if pos >= end:
                     break
             if end - pos < 8:
@@ -541,20 +659,32 @@ class _Parser:
         if not platforms:
             raise self.fail("no valid platform headers")
         n_plat = len(platforms)
-        indices: Sequence[int] = range(n_plat, n_plat + len(inits) + len(directives))
+        n_directives = sum(item.count if type(item) is PageRun else 1 for item in directives)
+        indices: Sequence[int] = range(n_plat, n_plat + len(inits) + n_directives)
         if self.filter is not None:
             fmask = None
             for p in platforms:
                 if p.platform_type == self.filter:
                     fmask = p.compatibility_mask
             if fmask is not None:
-                kept = [(i, h) for i, h in enumerate((*inits, *directives), n_plat)
-                        if h.mask is None or h.mask & fmask]
-                indices = [i for i, _ in kept]
-                inits = [h for _, h in kept if h.SECTION == Section.INITIALIZATION]
-                directives = [h for _, h in kept if h.SECTION == Section.DIRECTIVE]
+                kept_indices: list[int] = []
+                kept_inits: list[H.Header] = []
+                kept_directives: list[H.Header | PageRun] = []
+                i = n_plat
+                for h in inits:
+                    if h.mask is None or h.mask & fmask:
+                        kept_indices.append(i)
+                        kept_inits.append(h)
+                    i += 1
+                for item in directives:
+                    n = item.count if type(item) is PageRun else 1
+                    if item.mask is None or item.mask & fmask:
+                        kept_indices += range(i, i + n)
+                        kept_directives.append(item)
+                    i += n
+                indices, inits, directives = kept_indices, kept_inits, kept_directives
         f = IgvmFile(revision=version, architecture=arch, platforms=tuple(platforms),
-                     initializations=tuple(inits), directives=tuple(directives),
+                     initializations=tuple(inits), directives=Directives(directives),
                      header_indices=None if isinstance(indices, range) else (*range(n_plat), *indices))
         warnings = _validate(f, indices, n_plat, fields=False)  # decoding checked every field
         return _replace_warnings(f, (*self.warnings, *warnings))
@@ -701,8 +831,10 @@ class _Rules:
         self.f = f
         self.warnings: list[str] = []
         self.n_plat = len(f.platforms) if n_platforms is None else n_platforms
-        self.body = (*f.initializations, *f.directives)
-        self.indices = range(self.n_plat, self.n_plat + len(self.body)) if indices is None else indices
+        #: initialization headers, then directive items (headers and page runs)
+        self.body: tuple[H.Header | PageRun, ...] = (*f.initializations, *f.directives.items())
+        self.indices = range(self.n_plat, self.n_plat + len(f.initializations) + len(f.directives)) \
+            if indices is None else indices
         self.masks: dict[int, H.SupportedPlatform] = {}
         #: (mask, vp_index, vtl) of the relocation headers, which need a matching VBS VP context
         self.needs_vp: list[tuple[int, int, int, int]] = []
@@ -745,57 +877,85 @@ class _Rules:
         # below find and name the first misplaced header.
         if all(issubclass(t, H.Header) and getattr(t, "SECTION", None) == Section.INITIALIZATION
                for t in set(map(type, self.f.initializations))) \
-                and all(issubclass(t, H.Header) and getattr(t, "SECTION", None) == Section.DIRECTIVE
-                        for t in set(map(type, self.f.directives))):
+                and all(t is PageRun or (issubclass(t, H.Header) and getattr(t, "SECTION", None) == Section.DIRECTIVE)
+                        for t in set(map(type, self.f.directives.items()))):
             return
         for pos, h in enumerate(self.f.initializations):
             if getattr(h, "SECTION", None) != Section.INITIALIZATION:
                 raise self.fail(f"{type(h).__name__} is not an initialization header", pos)
         nd = len(self.f.initializations)
-        for pos, h in enumerate(self.f.directives):
-            if getattr(h, "SECTION", None) != Section.DIRECTIVE:
-                raise self.fail(f"{type(h).__name__} is not a directive header", nd + pos)
+        for pos, item in self.f.directives.items_at():
+            if getattr(item, "SECTION", None) != Section.DIRECTIVE:
+                raise self.fail(f"{type(item).__name__} is not a directive header", nd + pos)
+
+    def _body(self) -> Iterator[tuple[int, H.Header | PageRun]]:
+        """(position among initializations + flat directives, item) of each body item."""
+        pos = 0
+        run = PageRun
+        for h in self.body:
+            yield pos, h
+            pos += h.count if type(h) is run else 1
 
     def masks_and_fields(self, fields: bool) -> None:
         """Warn about mask bits of no platform; with ``fields``, check every header's fields by
-        its description, as the reader would find them (one pass: a file has 262,144 pages a GiB)."""
+        its description, as the reader would find them (one pass: a file has 262,144 pages a GiB;
+        a run of pages is checked once, by its first and last page)."""
         all_bits = 0
         for m in self.masks:
             all_bits |= m
         page_cls = H.PageData
+        run_cls = PageRun
         not_all_bits = ~all_bits
         hm: int | None
         if not fields:  # (the parser's case: the same loop without the field tests)
-            for pos, h in enumerate(self.body):
-                hm = h.compatibility_mask if type(h) is page_cls else h.mask
+            for pos, h in self._body():
+                hm = h.compatibility_mask if type(h) is page_cls or type(h) is run_cls else h.mask
                 if hm is not None and hm & not_all_bits:
-                    self.warnings.append(f"header {self.indices[pos]}: {h.TYPE.name} compatibility_mask {hm:#x} "
-                                         "names bits of no declared platform (accepted by the reference parser)")
+                    self.mask_warnings(pos, h, hm)
             return
         try:
-            for pos, h in enumerate(self.body):
+            for pos, h in self._body():
                 if type(h) is page_cls:  # by far the most common header: one cheap test of every field
                     # Zero when every field is an in-range integer: a 4 KiB-aligned u64 GPA, u32
                     # mask and flags, a data type 0-3 (a negative number shifts to -1, a float
                     # raises TypeError); else the generic check names the field.
+                    assert isinstance(h, H.PageData)
                     gpa = h.gpa
                     hm = h.compatibility_mask
                     if gpa & 0xFFF | gpa >> 64 | (hm | h.flags) >> 32 | h.data_type >> 2:
-                        self.field_error(pos)
+                        self.field_error(pos, h)
+                elif type(h) is run_cls:  # the same test of its first and last page
+                    assert isinstance(h, PageRun)
+                    gpa = h.gpa
+                    hm = h.compatibility_mask
+                    if gpa & 0xFFF | gpa >> 64 | (gpa + (h.count - 1) * PAGE_SIZE_4K) >> 64 \
+                            | (hm | h.flags) >> 32 | h.data_type >> 2:
+                        self.field_error(pos, h)
                 else:
+                    assert isinstance(h, H.Header)
                     if not h.BODY.accepts(h) or h.rule() is not None:
-                        self.field_error(pos)
+                        self.field_error(pos, h)
                     hm = h.mask
                 if hm is not None and hm & not_all_bits:
-                    self.warnings.append(f"header {self.indices[pos]}: {h.TYPE.name} compatibility_mask {hm:#x} "
-                                         "names bits of no declared platform (accepted by the reference parser)")
+                    self.mask_warnings(pos, h, hm)
         except TypeError:  # a field that is no integer: find it and name it
-            for pos in range(len(self.body)):
-                self.field_error(pos)
+            for pos, h in self._body():
+                self.field_error(pos, h)
             raise
 
-    def field_error(self, pos: int) -> None:
-        for message in self.body[pos].problems():
+    def mask_warnings(self, pos: int, h: H.Header | PageRun, hm: int) -> None:
+        for i in range(h.count if type(h) is PageRun else 1):
+            self.warnings.append(f"header {self.indices[pos + i]}: {h.TYPE.name} compatibility_mask {hm:#x} "
+                                 "names bits of no declared platform (accepted by the reference parser)")
+
+    def field_error(self, pos: int, h: H.Header | PageRun) -> None:
+        if isinstance(h, PageRun):
+            bad = h.first_bad_page()
+            if bad is not None:
+                for message in h.page(bad).problems():
+                    raise self.fail(message, pos + bad)
+            return
+        for message in h.problems():
             raise self.fail(message, pos)
 
     def initializations(self) -> None:
@@ -850,9 +1010,11 @@ class _Rules:
         page_cls = H.PageData
         nd = len(self.f.initializations)
         fail = self.fail
-        for dpos, h in enumerate(self.f.directives):
-            if type(h) is page_cls:  # by far the most common directive; fields() checked it
+        run_cls = PageRun
+        for dpos, h in self.f.directives.items_at():
+            if type(h) is page_cls or type(h) is run_cls:  # by far the most common; fields() checked it
                 continue
+            assert isinstance(h, H.Header)
             pos = nd + dpos
             if isinstance(h, H.ParameterArea):
                 if h.parameter_area_index in area_state:

@@ -30,6 +30,7 @@ from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice, PageReleaser, as_view
 from igvm_builder.format.defs import PAGE_SIZE_4K, Architecture, PageDataFlags, PageDataType, PlatformType
 from igvm_builder.format.file import IgvmFile
+from igvm_builder.format.pages import PageRun
 from igvm_builder.measure.profiles import KVM_VMSA_GPA, LoaderProfile, get_profile
 from igvm_builder.measure.result import Measurement
 
@@ -97,18 +98,35 @@ class _Snp:
         self.steps += 1
 
     def page(self, h: H.PageData) -> None:
-        flags = h.flags
+        self.page_at(h.gpa, h.flags, h.data_type, h.data)
+
+    def run(self, r: PageRun) -> None:
+        """Each page of a run (no PageData made)."""
+        gpa, flags, dtype = r.gpa, r.flags, r.data_type
+        if flags & _SHARED and self.p.skip_shared:
+            return
+        if r.source is None and not flags & _IS_2MB and len(r.fill) and dtype == _DT_NORMAL and not flags & _UNMEASURED:
+            # one page repeated: its contents digest once
+            contents = hashlib.sha384(_page_view(r.fill)).digest()
+            step = self.step
+            for i in range(r.count):
+                step(gpa + i * PAGE_SIZE_4K, SNP_NORMAL, contents)
+            return
+        for i in range(r.count):
+            self.page_at(gpa + i * PAGE_SIZE_4K, flags, dtype, r.data_at(i))
+
+    def page_at(self, gpa: int, flags: int, dtype: int, data: H.BlobLike) -> None:
         if flags & _SHARED and self.p.skip_shared:
             return
         if flags & _IS_2MB and self.p.expands_2mb_pages:
-            if len(h.data):
+            if len(data):
                 raise MeasurementError(
-                    f"loader '{self.p.name}': the 2 MiB page at GPA {h.gpa:#x} carries {len(h.data)} bytes of data; "
-                    "igvmmeasure takes none or 2 MiB (it aborts on this file)", gpa=h.gpa)
+                    f"loader '{self.p.name}': the 2 MiB page at GPA {gpa:#x} carries {len(data)} bytes of data; "
+                    "igvmmeasure takes none or 2 MiB (it aborts on this file)", gpa=gpa)
             for i in range(_PAGES_PER_2MB):  # each 4 KiB page of it, data-less
-                self._page_4k(h.gpa + i * PAGE_SIZE_4K, flags, h.data_type, b"")
+                self._page_4k(gpa + i * PAGE_SIZE_4K, flags, dtype, b"")
             return
-        self._page_4k(h.gpa, flags, h.data_type, h.data)
+        self._page_4k(gpa, flags, dtype, data)
 
     def _page_4k(self, gpa: int, flags: int, dtype: int, data: Any) -> None:
         if dtype == _DT_SECRETS:
@@ -442,6 +460,13 @@ class _Sev:
             self.h.update(as_view(blob))
             self.steps += 1
 
+    def page_at(self, flags: int, dtype: int, data: H.BlobLike) -> None:
+        """A page of a run (its data 4 KiB or none)."""
+        if flags & (_UNMEASURED | _SHARED) or dtype != _DT_NORMAL or not len(data):
+            return
+        self.h.update(as_view(data))
+        self.steps += 1
+
     def finish(self) -> bytes:
         return self.h.digest()
 
@@ -449,9 +474,10 @@ class _Sev:
 # --------------------------------------------------------------------------- driver
 
 
-def _applicable(f: IgvmFile, mask: int) -> Iterator[H.Header]:
-    """Directives measured for the platform bit ``mask``: mask-less ones and those containing it."""
-    for h in f.directives:
+def _applicable(f: IgvmFile, mask: int) -> Iterator[H.Header | PageRun]:
+    """Directives measured for the platform bit ``mask``: mask-less ones and those containing it
+    (runs of pages as runs)."""
+    for h in f.directives.items():
         m = h.mask
         if m is None or m & mask == mask:
             yield h
@@ -530,7 +556,7 @@ class _Areas(dict[int, int]):
 
 def _area_pages(f: IgvmFile) -> _Areas:
     return _Areas({h.parameter_area_index: h.number_of_bytes // PAGE_SIZE_4K
-                   for h in f.directives if isinstance(h, H.ParameterArea)})
+                   for h in f.directives.items() if isinstance(h, H.ParameterArea)})
 
 
 def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, two_pass: bool,
@@ -567,8 +593,38 @@ def _measure_snp(f: IgvmFile, mask: int, areas: _Areas, profile: LoaderProfile,
     note = acc.releaser.note
     ld = acc.ld  # the chain, kept in a local on the fast path (acc.ld when acc works)
     steps = 0
-    known = itertools.repeat(None, len(f.directives)) if digests is None else digests
-    for h, contents in zip(f.directives, known, strict=True):
+    if digests is not None and len(digests) != len(f.directives):
+        raise ValueError(f"{len(digests)} page digests for {len(f.directives)} directives")
+    page_run = PageRun
+    dpos = -1  # flat index of the directive h (of a run: its first page)
+    for h in f.directives.items():
+        dpos += 1
+        if type(h) is page_run:
+            assert isinstance(h, PageRun)
+            n = h.count
+            dpos += n - 1
+            if h.compatibility_mask & mask != mask:
+                continue
+            source = h.source
+            if fast and not h.flags and not h.data_type and source is not None:
+                # the page fast path below, for each page of a run of file data
+                gpa, start = h.gpa, h.start
+                known = digests[dpos - n + 1 : dpos + 1] if digests is not None else itertools.repeat(None, n)
+                for contents in known:
+                    if contents is None:
+                        contents = sha384(source[start : start + 4096]).digest()
+                        acc.last_slice = page = file_slice(source, start, 4096)
+                        note(page)
+                    ld = sha384(ld + contents + normal_tail + gpa.to_bytes(8, "little")).digest()
+                    gpa += 4096
+                    start += 4096
+                steps += n
+            else:
+                acc.ld = ld
+                acc.run(h)
+                ld = acc.ld
+            continue
+        contents = digests[dpos] if digests is not None else None
         if type(h) is page_data:
             if h.compatibility_mask & mask != mask:
                 continue
@@ -631,13 +687,17 @@ def _measure_vbs(f: IgvmFile, mask: int, areas: _Areas) -> Measurement:
     ptype = PlatformType.VSM_ISOLATION
     vbs = _Vbs()
     for h in _applicable(f, mask):
-        if isinstance(h, H.PageData):
+        if isinstance(h, H.PageData | PageRun):
             if h.flags & _SHARED:
                 continue
             if h.data_type != _DT_NORMAL:
                 raise MeasurementError(f"VBS cannot measure a {PageDataType(h.data_type).name} page",
                                        gpa=h.gpa)
-            vbs.page(h.gpa, h.data, bool(h.flags & _UNMEASURED))
+            if isinstance(h, PageRun):
+                for i in range(h.count):
+                    vbs.page(h.gpa + i * PAGE_SIZE_4K, h.data_at(i), bool(h.flags & _UNMEASURED))
+            else:
+                vbs.page(h.gpa, h.data, bool(h.flags & _UNMEASURED))
         elif isinstance(h, H.ParameterInsert):
             for i in range(areas.pages(h)):
                 vbs.page(h.gpa + i * PAGE_SIZE_4K, None, True)
@@ -656,6 +716,9 @@ def _measure_sev(f: IgvmFile, ptype: PlatformType, mask: int) -> Measurement:
     for h in _applicable(f, mask):
         if isinstance(h, H.PageData):
             sev.page(h)
+        elif isinstance(h, PageRun):
+            for i in range(h.count):
+                sev.page_at(h.flags, h.data_type, h.data_at(i))
         elif isinstance(h, H.SnpVpContext):
             vmsas.append(h)
     for v in vmsas:
@@ -716,7 +779,31 @@ def _measure_tdx(f: IgvmFile, mask: int, areas: _Areas, two_pass: bool, *, vecto
                 tdx.page(gpa, True, FileSlice(run_buf, run_start + i * PAGE_SIZE_4K, PAGE_SIZE_4K))
         run_buf, run_n = None, 0
 
-    for h in f.directives:
+    page_run = PageRun
+    for h in f.directives.items():
+        if type(h) is page_run:
+            assert isinstance(h, PageRun)
+            if h.compatibility_mask & mask != mask:
+                continue
+            flags = h.flags
+            source = h.source
+            if not two_pass and not flags and source is not None:
+                # a run of file pages: joins the pending run, or starts one
+                if run_n and source is run_buf and h.start == run_start + run_n * PAGE_SIZE_4K \
+                        and h.gpa == run_gpa + run_n * PAGE_SIZE_4K:
+                    run_n += h.count
+                    continue
+                flush()
+                run_buf = source
+                run_start, run_gpa, run_n = h.start, h.gpa, h.count
+                continue
+            flush()
+            if flags & _SHARED:
+                continue
+            measured = not flags & _UNMEASURED
+            for i in range(h.count):
+                tdx.page(h.gpa + i * PAGE_SIZE_4K, measured, h.data_at(i))
+            continue
         if type(h) is page_data:
             if h.compatibility_mask & mask != mask:
                 continue

@@ -35,6 +35,7 @@ from igvm_builder.errors import IgvmError, SigningError, VerificationError
 from igvm_builder.format import headers as H
 from igvm_builder.format.defs import PLATFORM_NAMES, PLATFORM_SHORT, PageDataFlags, PlatformType
 from igvm_builder.format.file import IgvmFile
+from igvm_builder.format.pages import Directives, PageRun
 from igvm_builder.hexstr import parse_hex
 from igvm_builder.measure.engine import measure_platform
 from igvm_builder.measure.profiles import PROFILES, get_profile
@@ -120,7 +121,7 @@ def snp_target(f: IgvmFile, error: type[IgvmError] = SigningError) -> tuple[H.Su
 
 def find_id_blocks(f: IgvmFile, mask: int) -> list[H.SnpIdBlock]:
     """Every SNP_ID_BLOCK directive whose compatibility mask includes ``mask``."""
-    return [h for h in f.directives if isinstance(h, H.SnpIdBlock) and h.compatibility_mask & mask]
+    return [h for h in f.directives.items() if isinstance(h, H.SnpIdBlock) and h.compatibility_mask & mask]
 
 
 #: A launch's vCPU count and CPU model (``-smp``, ``-cpu``): what the KVM loaders' digest depends
@@ -172,11 +173,12 @@ def _guest_svn(value: int | str | None) -> int:
     return svn
 
 
-def _without_id_blocks(f: IgvmFile, mask: int) -> tuple[list[H.Header], int]:
-    """``f``'s directives without the SNP_ID_BLOCKs of ``mask``, and how many there were."""
-    directives: list[H.Header] = []
+def _without_id_blocks(f: IgvmFile, mask: int) -> tuple[list[H.Header | PageRun], int]:
+    """``f``'s directives (runs of pages kept as runs) without the SNP_ID_BLOCKs of ``mask``, and
+    how many there were."""
+    directives: list[H.Header | PageRun] = []
     removed = 0
-    for h in f.directives:
+    for h in f.directives.items():
         if isinstance(h, H.SnpIdBlock) and h.compatibility_mask & mask:
             removed += 1
             rest = h.compatibility_mask & ~mask
@@ -187,13 +189,13 @@ def _without_id_blocks(f: IgvmFile, mask: int) -> tuple[list[H.Header], int]:
     return directives, removed
 
 
-def _with_directives(f: IgvmFile, directives: list[H.Header]) -> IgvmFile:
+def _with_directives(f: IgvmFile, directives: list[H.Header | PageRun]) -> IgvmFile:
     return IgvmFile(
         revision=f.revision,
         architecture=f.architecture,
         platforms=f.platforms,
         initializations=f.initializations,
-        directives=tuple(directives),
+        directives=Directives(directives),
     ).validate()
 
 
@@ -793,13 +795,14 @@ def _uncovered_pages(f: IgvmFile, snp_mask: int, loader: str) -> tuple[int, str]
     not_measured = int(PageDataFlags.UNMEASURED)
     if get_profile(loader).skip_shared:
         not_measured |= int(PageDataFlags.SHARED)
-    for h in f.directives:
-        if not isinstance(h, H.PageData):
+    for h in f.directives.items():
+        if not isinstance(h, H.PageData | PageRun):
             continue
+        n = h.count if isinstance(h, PageRun) else 1
         if not h.compatibility_mask & snp_mask:
-            other += 1
+            other += n
         elif h.flags & not_measured or h.data_type != 0:
-            unmeasured += 1
+            unmeasured += n
     parts = []
     if other:
         parts.append(f"{other} page(s) for other platforms only")

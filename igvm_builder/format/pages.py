@@ -1,0 +1,361 @@
+"""Runs of pages in the directive list: :class:`PageRun` and :class:`Directives`.
+
+A large IGVM file is almost entirely PAGE_DATA directives, one per 4 KiB page: a 1 GiB
+guest image has 262,144 of them.  As objects (a ``PageData`` and a ``FileSlice`` each) they
+cost hundreds of bytes a page.  A :class:`PageRun` stands for ``count`` consecutive
+PAGE_DATA directives at consecutive GPAs with one mask, flags and data type, whose data is
+
+* a contiguous buffer: page ``i`` is bytes ``[start + i * 4096, start + (i + 1) * 4096)`` of
+  ``source`` (a kernel or initrd mapped from its file, or the data section of a parsed file:
+  no copy);
+* one 4 KiB page repeated (``fill``: explicit zero pages, or a parsed run whose pages all
+  point at one file offset);
+* nothing (``fill`` empty: data-less pages).
+
+:class:`Directives` is what :attr:`IgvmFile.directives` holds: an immutable sequence of
+headers that stores headers and page runs.  Its length, indexing and iteration are those of
+the flat list of headers (a run's ``PageData`` objects are made on the fly, so code written
+for a tuple of headers works unchanged), and :meth:`Directives.items` gives the compact form
+for the loops that must not make an object per page (validation, serialization,
+measurement).  Header indices stay the flat list's.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from typing import ClassVar, overload
+
+from igvm_builder.errors import IgvmFormatError
+from igvm_builder.format import headers as H
+from igvm_builder.format.blob import FileSlice, same_bytes
+from igvm_builder.format.defs import PAGE_SIZE_4K, HeaderType, PageDataType, Section
+from igvm_builder.recordclass import fields
+
+PAGE = PAGE_SIZE_4K
+
+
+class PageRun:
+    """``count`` consecutive PAGE_DATA directives (GPAs ``gpa``, ``gpa + 4 KiB``, ...).
+
+    Data: ``source`` (a buffer; page ``i`` is the 4 KiB at ``start + i * 4096``) or, without a
+    source, ``fill``: the data of every page (4 KiB repeated, or empty for data-less pages).
+    """
+
+    __slots__ = ("compatibility_mask", "count", "data_type", "fill", "flags", "gpa", "source", "start")
+
+    TYPE: ClassVar[HeaderType] = HeaderType.PAGE_DATA
+    SECTION: ClassVar[Section] = Section.DIRECTIVE
+
+    gpa: int
+    count: int
+    compatibility_mask: int
+    flags: int
+    data_type: int
+    source: memoryview | None
+    start: int
+    fill: H.BlobLike
+
+    def __init__(self, gpa: int, count: int, compatibility_mask: int, *, flags: int = 0,
+                 data_type: int = PageDataType.NORMAL, source: memoryview | bytes | None = None, start: int = 0,
+                 fill: H.BlobLike = b"") -> None:
+        if count < 1:
+            raise IgvmFormatError(f"a page run at GPA {gpa:#x} must hold at least one page (count {count})")
+        if source is not None:
+            view = source if isinstance(source, memoryview) else memoryview(source)
+            if start < 0 or start + count * PAGE > view.nbytes:
+                raise IgvmFormatError(f"page run at GPA {gpa:#x}: {count} pages from offset {start:#x} run past the "
+                                      f"end of its {view.nbytes:#x}-byte buffer")
+            if len(fill):
+                raise IgvmFormatError(f"page run at GPA {gpa:#x} has both a source buffer and fill data")
+            source = view
+        elif len(fill) not in (0, PAGE):
+            raise IgvmFormatError(f"page run at GPA {gpa:#x}: fill data is {len(fill)} bytes (0 or 4096)")
+        self.gpa, self.count, self.compatibility_mask = gpa, count, compatibility_mask
+        self.flags, self.data_type = flags, int(data_type)
+        self.source, self.start, self.fill = source, start, fill
+
+    @classmethod
+    def of_slice(cls, gpa: int, data: FileSlice, compatibility_mask: int, *, flags: int = 0,
+                 data_type: int = PageDataType.NORMAL) -> PageRun:
+        """The whole pages of a file window (its length a multiple of 4 KiB) at ``gpa``."""
+        return cls(gpa, data.length // PAGE, compatibility_mask, flags=flags, data_type=data_type,
+                   source=data._buf, start=data.start)
+
+    # ------------------------------------------------------------------ the pages
+
+    @property
+    def mask(self) -> int:
+        """The compatibility mask (as :attr:`Header.mask`)."""
+        return self.compatibility_mask
+
+    @property
+    def end_gpa(self) -> int:
+        """The GPA just past the last page."""
+        return self.gpa + self.count * PAGE
+
+    @property
+    def dataless(self) -> bool:
+        return self.source is None and not len(self.fill)
+
+    def data_at(self, i: int) -> H.BlobLike:
+        """The data of page ``i`` (0 <= i < count), as its PageData would hold it."""
+        if self.source is not None:
+            return FileSlice(self.source, self.start + i * PAGE, PAGE)
+        return self.fill
+
+    def page(self, i: int) -> H.PageData:
+        """Page ``i`` as a header (made on demand)."""
+        if not 0 <= i < self.count:
+            raise IndexError(f"page {i} of a run of {self.count}")
+        return _new_page(self.gpa + i * PAGE, self.compatibility_mask, self.flags, self.data_type, self.data_at(i))
+
+    def pages(self) -> Iterator[H.PageData]:
+        """Every page as a header, made one at a time."""
+        gpa, mask, flags, dtype = self.gpa, self.compatibility_mask, self.flags, self.data_type
+        new = _new_page
+        if self.source is None:
+            fill = self.fill
+            for i in range(self.count):
+                yield new(gpa + i * PAGE, mask, flags, dtype, fill)
+            return
+        buf, start = self.source, self.start
+        for i in range(self.count):
+            yield new(gpa + i * PAGE, mask, flags, dtype, FileSlice(buf, start + i * PAGE, PAGE))
+
+    def sub(self, first: int, stop: int) -> PageRun:
+        """Pages ``first`` to ``stop - 1`` as a run of their own."""
+        if not 0 <= first < stop <= self.count:
+            raise IndexError(f"pages {first}..{stop} of a run of {self.count}")
+        return PageRun(self.gpa + first * PAGE, stop - first, self.compatibility_mask, flags=self.flags,
+                       data_type=self.data_type, source=self.source,
+                       start=self.start + first * PAGE if self.source is not None else 0, fill=self.fill)
+
+    def with_mask(self, mask: int) -> PageRun:
+        return PageRun(self.gpa, self.count, mask, flags=self.flags, data_type=self.data_type, source=self.source,
+                       start=self.start, fill=self.fill)
+
+    def problems(self) -> Iterator[str]:
+        """Why a writer cannot store these pages (the first and the last page's problems: the
+        other pages differ from them only by a GPA in between)."""
+        yield from self.page(0).problems()
+        if self.count > 1:
+            yield from self.page(self.count - 1).problems()
+
+    def first_bad_page(self) -> int | None:
+        """The index in the run of the first page a writer cannot store (None if all can)."""
+        for i in (0, self.count - 1):
+            if any(True for _ in self.page(i).problems()):
+                return i
+        return None
+
+    # ------------------------------------------------------------------ value semantics
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PageRun):
+            return NotImplemented
+        if (self.gpa, self.count, self.compatibility_mask, self.flags, self.data_type) != (
+                other.gpa, other.count, other.compatibility_mask, other.flags, other.data_type):
+            return False
+        if self.source is not None and other.source is not None:
+            n = self.count * PAGE
+            return same_bytes(self.source[self.start : self.start + n], other.source[other.start : other.start + n])
+        return all(map(_same_data, map(self.data_at, range(self.count)), map(other.data_at, range(other.count))))
+
+    def __hash__(self) -> int:
+        return hash((self.gpa, self.count, self.compatibility_mask, self.flags, self.data_type))
+
+    def __repr__(self) -> str:
+        if self.source is not None:
+            data = f"source=<{self.source.nbytes:#x} bytes>, start={self.start:#x}"
+        else:
+            data = f"fill=<{len(self.fill)} bytes>"
+        return (f"PageRun(gpa={self.gpa:#x}, count={self.count}, compatibility_mask={self.compatibility_mask:#x}, "
+                f"flags={self.flags:#x}, data_type={self.data_type}, {data})")
+
+
+def _same_data(a: H.BlobLike, b: H.BlobLike) -> bool:
+    return bool(a == b)
+
+
+#: An item of :meth:`Directives.items`: a directive header or a run of PAGE_DATA directives.
+Item = H.Header | PageRun
+
+
+class Directives(Sequence[H.Header]):
+    """The directive headers of a file, stored as headers and :class:`PageRun` items.
+
+    As a sequence it is the flat list of headers (a run's pages made on demand); it compares
+    equal to any sequence holding equal headers in the same order.  Immutable; ``+`` makes a
+    new one.
+    """
+
+    __slots__ = ("_items", "_len", "_starts")
+
+    _items: tuple[Item, ...]
+    _len: int
+    _starts: list[int] | None
+
+    def __init__(self, items: Iterable[Item] = ()) -> None:
+        if isinstance(items, Directives):
+            self._items, self._len, self._starts = items._items, items._len, items._starts
+            return
+        self._items = tuple(items)
+        n = 0
+        runs = False
+        for item in self._items:
+            if type(item) is PageRun:
+                n += item.count
+                runs = True
+            else:
+                n += 1
+        self._len = n
+        self._starts = None if runs else []  # [] marks "no runs": index i is item i
+
+    def items(self) -> tuple[Item, ...]:
+        """The compact form: headers and page runs, in order."""
+        return self._items
+
+    def items_at(self) -> Iterator[tuple[int, Item]]:
+        """(flat index of its first header, item) for each item."""
+        pos = 0
+        for item in self._items:
+            yield pos, item
+            pos += item.count if type(item) is PageRun else 1
+
+    @property
+    def runs(self) -> int:
+        """How many page runs the items hold."""
+        return sum(1 for item in self._items if type(item) is PageRun)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[H.Header]:
+        for item in self._items:
+            if isinstance(item, PageRun):
+                yield from item.pages()
+            else:
+                yield item
+
+    def _index(self) -> list[int]:
+        starts = self._starts
+        if not starts:
+            starts = []
+            pos = 0
+            for item in self._items:
+                starts.append(pos)
+                pos += item.count if type(item) is PageRun else 1
+            self._starts = starts
+        return starts
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        """(item index, page within the item) of flat index ``i`` (0 <= i < len)."""
+        if self._starts == []:  # no runs: the items are the headers
+            return i, 0
+        starts = self._index()
+        k = bisect.bisect_right(starts, i) - 1
+        return k, i - starts[k]
+
+    @overload
+    def __getitem__(self, i: int) -> H.Header: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Directives: ...
+
+    def __getitem__(self, i: int | slice) -> H.Header | Directives:
+        n = self._len
+        if isinstance(i, slice):
+            first, stop, step = i.indices(n)
+            if step != 1:
+                return Directives(self[j] for j in range(first, stop, step))
+            return self._slice(first, stop)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("directive index out of range")
+        k, j = self._locate(i)
+        item = self._items[k]
+        return item.page(j) if isinstance(item, PageRun) else item
+
+    def _slice(self, first: int, stop: int) -> Directives:
+        if stop <= first:
+            return Directives()
+        if first == 0 and stop == self._len:
+            return self
+        k0, j0 = self._locate(first)
+        k1, j1 = self._locate(stop - 1)
+        out: list[Item] = []
+        for k in range(k0, k1 + 1):
+            item = self._items[k]
+            if type(item) is PageRun:
+                a = j0 if k == k0 else 0
+                b = j1 + 1 if k == k1 else item.count
+                out.append(item if (a, b) == (0, item.count) else item.sub(a, b))
+            else:
+                out.append(item)
+        return Directives(out)
+
+    def __add__(self, other: Iterable[Item]) -> Directives:
+        more = other.items() if isinstance(other, Directives) else tuple(other)
+        return Directives((*self._items, *more))
+
+    def __radd__(self, other: Iterable[Item]) -> Directives:
+        return Directives((*other, *self._items))
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if isinstance(other, Directives):
+            if self._len != other._len:
+                return False
+            if len(self._items) == len(other._items) and all(map(_item_eq, self._items, other._items)):
+                return True  # (else the same pages may be split into runs differently: compare them)
+        elif not isinstance(other, Sequence) or isinstance(other, str | bytes | bytearray):
+            return NotImplemented
+        if len(self) != len(other):
+            return False
+        return all(itertools.starmap(_header_eq, zip(self, other, strict=True)))
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"Directives({list(self._items)!r})"
+
+
+def _item_eq(a: Item, b: Item) -> bool:
+    return bool(a == b)
+
+
+def _header_eq(a: object, b: object) -> bool:
+    return bool(a == b)
+
+
+def as_directives(directives: Iterable[Item]) -> Directives:
+    """``directives`` as a :class:`Directives` (itself if it is one)."""
+    return directives if isinstance(directives, Directives) else Directives(directives)
+
+
+#: PAGE_DATA fields, in order; checked at import so that the fast constructor cannot miss one.
+_PAGE_FIELDS = ("gpa", "compatibility_mask", "flags", "data_type", "data")
+if tuple(f.name for f in fields(H.PageData)) != _PAGE_FIELDS:
+    raise ImportError("H.PageData fields changed: update _new_page in igvm_builder/format/pages.py")
+_object_new = object.__new__
+_set_gpa, _set_mask, _set_flags, _set_type, _set_data = (getattr(H.PageData, f).__set__ for f in _PAGE_FIELDS)
+
+
+def _new_page(gpa: int, mask: int, flags: int, data_type: int, data: H.BlobLike) -> H.PageData:
+    """A PageData of a run, made without re-running the checks its run's values passed."""
+    page = _object_new(H.PageData)
+    _set_gpa(page, gpa)
+    _set_mask(page, mask)
+    _set_flags(page, flags)
+    _set_type(page, data_type)
+    _set_data(page, data)
+    return page

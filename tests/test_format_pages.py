@@ -1,0 +1,281 @@
+"""Runs of pages (``format/pages.py``): :class:`PageRun` and :class:`Directives` against the
+per-page expansion they stand for.
+
+The expectation is always the flat list of ``PageData`` headers, the form the model had before
+runs existed: the same headers one by one (indexing, iteration, slicing, equality), the same
+bytes when serialized, the same page digests and launch measurements; and a parsed file keeps
+its runs compact (one item per run, not per page) while comparing equal to the flat model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import tracemalloc
+import zlib
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from igvm_builder.errors import IgvmFormatError
+from igvm_builder.format import IgvmFile
+from igvm_builder.format import defs as D
+from igvm_builder.format import headers as H
+from igvm_builder.format.blob import FileSlice
+from igvm_builder.format.pages import Directives, PageRun
+from igvm_builder.measure import measure_platform
+
+PAGE = 4096
+PT = D.PlatformType
+SNP, TDX, SEV_ES, VBS = 1, 2, 4, 8
+
+
+def _platforms() -> tuple[H.SupportedPlatform, ...]:
+    return (H.SupportedPlatform(compatibility_mask=SNP, platform_type=PT.SEV_SNP, shared_gpa_boundary=1 << 46),
+            H.SupportedPlatform(compatibility_mask=TDX, platform_type=PT.TDX, shared_gpa_boundary=1 << 47),
+            H.SupportedPlatform(compatibility_mask=SEV_ES, platform_type=PT.SEV_ES),
+            H.SupportedPlatform(compatibility_mask=VBS, platform_type=PT.VSM_ISOLATION, highest_vtl=2))
+
+
+def _buffer(pages: int, seed: int = 0, *, duplicates: bool = True) -> memoryview:
+    """4 KiB pages of distinct contents, but (``duplicates``) every 5th a copy of the 1st of its
+    group of five."""
+    out = bytearray()
+    for i in range(pages):
+        k = i - i % 5 if duplicates and i % 5 == 4 else i
+        out += hashlib.sha256(f"{seed}:{k}".encode()).digest() * (PAGE // 32)
+    return memoryview(bytes(out))
+
+
+def _expanded(items: list[H.Header | PageRun]) -> list[H.Header]:
+    """The per-page expansion, written independently of PageRun.pages()."""
+    out: list[H.Header] = []
+    for it in items:
+        if not isinstance(it, PageRun):
+            out.append(it)
+            continue
+        for i in range(it.count):
+            # the data a per-page model holds: a window into the same buffer, or the fill itself
+            data = FileSlice(it.source, it.start + i * PAGE, PAGE) if it.source is not None else it.fill
+            out.append(H.PageData(gpa=it.gpa + i * PAGE, compatibility_mask=it.compatibility_mask, flags=it.flags,
+                                  data_type=it.data_type, data=data))
+    return out
+
+
+# --------------------------------------------------------------------------- PageRun
+
+
+def test_page_run_kinds_give_the_pages_they_stand_for() -> None:
+    buf = _buffer(6)
+    contiguous = PageRun(0x10000, 4, SNP, source=buf, start=PAGE)
+    assert [p.gpa for p in contiguous.pages()] == [0x10000, 0x11000, 0x12000, 0x13000]
+    assert [bytes(p.data) for p in contiguous.pages()] == [bytes(buf[i * PAGE : (i + 1) * PAGE]) for i in range(1, 5)]
+    assert contiguous.end_gpa == 0x14000 and contiguous.mask == SNP and not contiguous.dataless
+    assert isinstance(contiguous.data_at(0), FileSlice)  # a window, not a copy
+    zeros = PageRun(0x20000, 3, TDX, flags=2, fill=bytes(PAGE))
+    assert [(p.gpa, p.flags, bytes(p.data)) for p in zeros.pages()] == [
+        (0x20000 + i * PAGE, 2, bytes(PAGE)) for i in range(3)]
+    empty = PageRun(0x30000, 2, SNP, data_type=D.PageDataType.SECRETS)
+    assert empty.dataless
+    assert [(p.gpa, p.data_type, p.data) for p in empty.pages()] == [(0x30000, 1, b""), (0x31000, 1, b"")]
+    assert contiguous.page(3) == list(contiguous.pages())[3]
+    with pytest.raises(IndexError):
+        contiguous.page(4)
+    assert list(contiguous.sub(1, 3).pages()) == list(contiguous.pages())[1:3]
+    assert list(zeros.with_mask(SNP | TDX).pages()) == [
+        H.PageData(gpa=0x20000 + i * PAGE, compatibility_mask=SNP | TDX, flags=2, data=bytes(PAGE)) for i in range(3)]
+
+
+def test_page_run_refuses_what_it_cannot_hold() -> None:
+    with pytest.raises(IgvmFormatError, match="at least one page"):
+        PageRun(0, 0, SNP)
+    with pytest.raises(IgvmFormatError, match="run past the end"):
+        PageRun(0, 3, SNP, source=bytes(2 * PAGE))
+    with pytest.raises(IgvmFormatError, match="0 or 4096"):
+        PageRun(0, 3, SNP, fill=b"abc")
+
+
+# --------------------------------------------------------------------------- Directives
+
+
+def _sample_items() -> list[H.Header | PageRun]:
+    buf = _buffer(8)
+    return [
+        H.PageData(gpa=0, compatibility_mask=SNP, data=b"x"),
+        PageRun(0x1000, 5, SNP | TDX, source=buf, start=PAGE),
+        H.ParameterArea(number_of_bytes=PAGE, parameter_area_index=0),
+        PageRun(0x100000, 3, SNP, fill=bytes(PAGE)),
+        H.ParameterInsert(gpa=0x200000, compatibility_mask=SNP, parameter_area_index=0),
+        PageRun(0x300000, 2, TDX),
+    ]
+
+
+def test_directives_present_the_flat_list() -> None:
+    items = _sample_items()
+    flat = _expanded(items)
+    d = Directives(items)
+    assert len(d) == len(flat) == 13
+    assert d.items() == tuple(items) and d.runs == 3
+    assert list(d) == flat
+    assert [d[i] for i in range(len(d))] == flat
+    assert [d[i] for i in range(-len(d), 0)] == flat
+    with pytest.raises(IndexError):
+        d[len(d)]
+    for a in range(len(flat) + 1):  # every contiguous slice, and a stepped one
+        for b in range(a, len(flat) + 1):
+            assert list(d[a:b]) == flat[a:b]
+    assert list(d[::3]) == flat[::3]
+    assert d == tuple(flat) and d == flat and tuple(flat) == d and not d != tuple(flat)
+    assert d != tuple(flat[:-1]) and d != (*flat[:-1], flat[0])
+    assert [pos for pos, _ in d.items_at()] == [0, 1, 6, 7, 10, 11]
+    extra = H.ParameterInsert(gpa=0x400000, compatibility_mask=TDX, parameter_area_index=0)
+    more = (extra,)
+    assert list(d + more) == [*flat, extra]
+    assert list(more + d) == [extra, *flat]
+    assert type(more + d) is Directives and (more + d).items() == (extra, *items)
+    assert hash(d) == hash(Directives(_expanded(items)))
+
+
+def test_igvm_file_converts_and_compares_with_tuples() -> None:
+    items = _sample_items()
+    f = IgvmFile(platforms=_platforms()[:2], directives=tuple(_expanded(items)))
+    assert type(f.directives) is Directives
+    g = IgvmFile(platforms=_platforms()[:2], directives=Directives(items))
+    assert f == g
+    assert f.to_bytes() == g.to_bytes()
+
+
+# --------------------------------------------------------------------------- parse / serialize
+
+
+@st.composite
+def page_lists(draw: st.DrawFn) -> list[H.Header | PageRun]:
+    """Random runs and single pages: consecutive GPAs with distinct, repeated, zero and no data;
+    masks, flags and types that sometimes break a run."""
+    buf = _buffer(64, seed=draw(st.integers(0, 3)))
+    items: list[H.Header | PageRun] = []
+    gpa = draw(st.integers(0, 64)) * PAGE
+    for _ in range(draw(st.integers(1, 8))):
+        mask = draw(st.sampled_from([SNP, TDX, SNP | TDX, SNP | TDX | SEV_ES]))
+        flags = draw(st.sampled_from([0, 0, 0, 2, 4]))
+        dtype = draw(st.sampled_from([0, 0, 0, 1]))
+        count = draw(st.integers(1, 12))
+        kind = draw(st.sampled_from(["source", "zero", "repeat", "none", "single"]))
+        if kind == "source":
+            start = draw(st.integers(0, 64 - count)) * PAGE
+            items.append(PageRun(gpa, count, mask, flags=flags, data_type=dtype, source=buf, start=start))
+        elif kind == "zero":
+            items.append(PageRun(gpa, count, mask, flags=flags, data_type=dtype, fill=bytes(PAGE)))
+        elif kind == "repeat":
+            items.append(PageRun(gpa, count, mask, flags=flags, data_type=dtype,
+                                 fill=FileSlice(buf, draw(st.integers(0, 63)) * PAGE, PAGE)))
+        elif kind == "none":
+            items.append(PageRun(gpa, count, mask, flags=flags, data_type=dtype))
+        else:
+            count = 1
+            items.append(H.PageData(gpa=gpa, compatibility_mask=mask, flags=flags, data_type=dtype,
+                                    data=draw(st.sampled_from([b"", b"A" * PAGE, bytes(PAGE)]))))
+        gpa += count * PAGE + draw(st.sampled_from([0, 0, PAGE, 0x100000]))
+    return items
+
+
+def _measurements(f: IgvmFile) -> list[bytes | None]:
+    out = [measure_platform(f, PT.SEV_SNP, loader=loader).digest for loader in ("hyperv", "igvmmeasure")]
+    out += [measure_platform(f, PT.TDX, tdx_two_pass=two).digest for two in (False, True)]
+    out.append(measure_platform(f, PT.SEV_ES).digest)
+    return out
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(page_lists())
+def test_compact_and_expanded_forms_agree(items: list[H.Header | PageRun]) -> None:
+    """Runs and their expansion: identical bytes, page digests and measurements; the parsed
+    file equals both and keeps its runs as runs."""
+    vmsa = H.SnpVpContext(gpa=0xFFFF_FFFF_F000, compatibility_mask=SNP, vp_index=0, vmsa=bytes(PAGE))
+    policy = H.GuestPolicy(policy=0x30000, compatibility_mask=SNP)
+    platforms = _platforms()[:3]
+    compact = IgvmFile(platforms=platforms, initializations=(policy,), directives=Directives([*items, vmsa]))
+    flat = IgvmFile(platforms=platforms, initializations=(policy,), directives=(*_expanded(items), vmsa))
+    data = flat.to_bytes()
+    assert compact.to_bytes() == data
+    assert compact.layout(page_digests=True).page_digests == flat.layout(page_digests=True).page_digests
+    assert _measurements(compact) == _measurements(flat)
+    parsed = IgvmFile.from_bytes(data)
+    assert parsed == flat and parsed == compact
+    assert parsed.to_bytes() == data
+    assert _measurements(parsed) == _measurements(flat)
+    # the measurement with the serializer's page digests (the build's path) agrees too
+    digests = parsed.layout(page_digests=True).page_digests
+    assert measure_platform(parsed, PT.SEV_SNP, page_digests=digests).digest == _measurements(flat)[0]
+
+
+def test_vbs_measures_runs_as_their_pages() -> None:
+    buf = _buffer(8)
+    items: list[H.Header | PageRun] = [PageRun(0x1000, 6, VBS, source=buf), PageRun(0x10000, 3, VBS, flags=4),
+                                       PageRun(0x20000, 2, VBS, fill=bytes(PAGE))]
+    regs = (H.VbsRegister(name=0x40002, value=bytes(16)),)
+    vp = H.VbsVpContext(gpa=0, compatibility_mask=VBS, vp_index=0, vtl=0, registers=regs)
+    platforms = (_platforms()[3],)
+    compact = IgvmFile(platforms=platforms, directives=Directives([*items, vp]))
+    flat = IgvmFile(platforms=platforms, directives=(*_expanded(items), vp))
+    assert compact.to_bytes() == flat.to_bytes()
+    assert measure_platform(compact, PT.VSM_ISOLATION).digest == measure_platform(flat, PT.VSM_ISOLATION).digest
+
+
+def test_parser_keeps_runs_compact_and_indices_flat() -> None:
+    """A file of 4,096 consecutive pages parses into a handful of items; errors and warnings
+    still name the file's header index."""
+    n = 4096
+    buf = _buffer(n, duplicates=False)
+    f = IgvmFile(platforms=_platforms()[:2], directives=Directives([
+        PageRun(0x100000, n, SNP | TDX, source=buf),
+        PageRun(0x100000 + n * PAGE, n, SNP, fill=bytes(PAGE)),
+        PageRun(0x100000 + 2 * n * PAGE, n, TDX),
+        H.PageData(gpa=0, compatibility_mask=SNP | 1 << 7, data=b"o" * PAGE),  # a mask bit of no platform
+    ]))
+    data = f.to_bytes()
+    tracemalloc.start()
+    try:
+        parsed = IgvmFile.from_bytes(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # 3 x 4,096 pages: as PageData objects (with a FileSlice each) they would take over 1 MB
+    assert peak < 100_000, peak
+    assert len(parsed.directives.items()) == 4
+    assert len(parsed.directives) == 3 * n + 1
+    assert parsed == f
+    assert parsed.warnings == (f"header {2 + 3 * n}: PAGE_DATA compatibility_mask 0x81 names bits of no declared "
+                               "platform (accepted by the reference parser)",)
+    # a bad page inside a run: the error names its header index
+    bad = bytearray(data)
+    first = 24 + 2 * (8 + 16)  # fixed header, 2 platform headers
+    pos = first + 32 * (n + 100)  # a page of the zero-filled run
+    bad[pos + 8] |= 1  # an unaligned GPA
+    bad[20:24] = bytes(4)
+    voff, vsize = struct.unpack_from("<II", bad, 8)
+    bad[20:24] = struct.pack("<I", zlib.crc32(bad[voff : voff + vsize], zlib.crc32(bytes(bad[:24]))))
+    with pytest.raises(IgvmFormatError) as info:
+        IgvmFile.from_bytes(bytes(bad))
+    assert info.value.header_index == 2 + n + 100
+
+
+def test_validate_names_the_bad_page_of_a_run() -> None:
+    run = PageRun(0xFFFF_FFFF_FFFF_E000, 3, SNP, fill=bytes(PAGE))  # its last page passes 2^64
+    f = IgvmFile(platforms=_platforms()[:1], directives=Directives([H.PageData(gpa=0, compatibility_mask=SNP), run]))
+    with pytest.raises(IgvmFormatError) as info:
+        f.validate()
+    assert info.value.header_index == 1 + 1 + 2
+    assert "gpa" in str(info.value)
+
+
+def test_platform_filter_keeps_runs_and_file_indices() -> None:
+    buf = _buffer(10)
+    f = IgvmFile(platforms=_platforms()[:2], directives=Directives([
+        PageRun(0x1000, 10, TDX, source=buf), PageRun(0x100000, 10, SNP, source=buf),
+        H.PageData(gpa=0x200000, compatibility_mask=SNP | 1 << 9)]))
+    parsed = IgvmFile.from_bytes(f.to_bytes(), platform=PT.SEV_SNP)
+    assert len(parsed.directives) == 11
+    assert parsed.header_indices == (0, 1, *range(12, 23))
+    assert any(w.startswith("header 22:") for w in parsed.warnings)
