@@ -523,10 +523,12 @@ def _header_fields(ha: H.Header, hb: H.Header, sa: _Side, sb: _Side) -> list[Fie
 # =========================================================================== pages
 
 
-def _pages_for(f: IgvmFile, mask: int) -> Iterator[H.PageData]:
-    for h in f.directives:
+def _pages_for(f: IgvmFile, mask: int) -> Iterator[tuple[int, H.PageData]]:
+    """(directive index, page) of the pages of ``mask`` (a run's pages are made one at a time:
+    the index, not the object, identifies a page)."""
+    for i, h in enumerate(f.directives):
         if isinstance(h, H.PageData) and h.compatibility_mask & mask == mask:
-            yield h
+            yield i, h
 
 
 def _page_aspects(pa: H.PageData, pb: H.PageData) -> Iterator[tuple[str, Any, Any]]:
@@ -556,35 +558,35 @@ def _diff_pages(a: IgvmFile, b: IgvmFile, sa: _Side, sb: _Side
     common = [p for p in sa.mask_of if p in sb.mask_of]
     # A header shared by several platforms is one pair of pages: compared once (a 3-platform
     # file would otherwise read every page three times).  Pages read leave the resident set.
-    compared: dict[tuple[int, int], list[tuple[str, Any, Any]]] = {}
+    compared: dict[tuple[int, int], list[tuple[str, Any, Any]]] = {}  # by directive indices
     release_a, release_b = PageReleaser(every=2048), PageReleaser(every=2048)
     last_a: FileSlice | None = None
     last_b: FileSlice | None = None
     for ptype in common:
-        index: dict[tuple[int, int], tuple[int, H.PageData]] = {}
+        index: dict[tuple[int, int], tuple[int, int, H.PageData]] = {}
         occ: dict[int, int] = defaultdict(int)
-        for pos, h in enumerate(_pages_for(a, sa.mask_of[ptype])):
+        for pos, (ia, h) in enumerate(_pages_for(a, sa.mask_of[ptype])):
             n = occ[h.gpa]
             occ[h.gpa] = n + 1
-            index[(h.gpa, n)] = (pos, h)
+            index[(h.gpa, n)] = (pos, ia, h)
         occ.clear()
         last_pos = -1
         first_moved: int | None = None
         moved = 0
-        for hb in _pages_for(b, sb.mask_of[ptype]):
+        for ib, hb in _pages_for(b, sb.mask_of[ptype]):
             n = occ[hb.gpa]
             occ[hb.gpa] = n + 1
             hit = index.pop((hb.gpa, n), None)
             if hit is None:
                 records[("added", None, None, hb.gpa)].add(ptype)
                 continue
-            pos, ha = hit
+            pos, ia, ha = hit
             if pos < last_pos:
                 moved += 1
                 if first_moved is None:
                     first_moved = hb.gpa
             last_pos = pos
-            key = (id(ha), id(hb))
+            key = (ia, ib)
             aspects = compared.get(key)
             if aspects is None:
                 aspects = compared[key] = list(_page_aspects(ha, hb))
