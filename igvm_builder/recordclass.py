@@ -6,7 +6,8 @@
 ``__hash__`` over the compared fields, ``__repr__``, ``__match_args__`` and, frozen (the default),
 a ``__setattr__`` / ``__delattr__`` that refuse (``dataclasses.FrozenInstanceError``) with pickling
 and copying support.  It is what ``@dataclass(frozen=True, slots=True)`` makes, but costs a few
-dictionary operations and one small ``exec`` (the ``__init__``) per class instead of the
+dictionary operations per class (and one small ``exec``, the ``__init__``, when the first instance
+is made) instead of the
 ``dataclasses`` module and its ``inspect``/``ast``/``copy`` imports and per-class code generation:
 the header classes of :mod:`igvm_builder.format.headers` are on the start-up path of every command.
 
@@ -164,7 +165,6 @@ def _init_source(all_fields: tuple[Field, ...], post_init: bool, setters: list[C
     positional: list[str] = []
     keyword: list[str] = []
     body: list[str] = []
-    seen_default = None
     for i, f in enumerate(all_fields):
         if f.default_factory is not MISSING:
             names[f"__record_factory{i}__"] = f.default_factory
@@ -175,10 +175,6 @@ def _init_source(all_fields: tuple[Field, ...], post_init: bool, setters: list[C
             param, value = f"{f.name}=__record_default{i}__", f.name
         else:
             param, value = f.name, f.name
-            if not f.kw_only and seen_default is not None:
-                raise TypeError(f"non-default argument {f.name!r} follows default argument {seen_default!r}")
-        if not f.kw_only and f.has_default:
-            seen_default = f.name
         (keyword if f.kw_only else positional).append(param)
         if setters is None:
             body.append(f"{self}.{f.name} = {value}")
@@ -203,6 +199,34 @@ def _make_init(cls: type, all_fields: tuple[Field, ...], frozen: bool) -> Callab
     return init
 
 
+class _LazyInit:
+    """A record's ``__init__`` until first looked up (the first instance, or ``inspect.signature``):
+    then the generated function, which replaces it on the class.  Classes a command never
+    instantiates (most header types) never compile theirs."""
+
+    __slots__ = ("cls", "fields", "frozen")
+
+    def __init__(self, cls: type, all_fields: tuple[Field, ...], frozen: bool) -> None:
+        self.cls, self.fields, self.frozen = cls, all_fields, frozen
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        init = _make_init(self.cls, self.fields, self.frozen)
+        type.__setattr__(self.cls, "__init__", init)
+        return init if obj is None else init.__get__(obj, owner)
+
+
+def _check_order(all_fields: tuple[Field, ...]) -> None:
+    """Refuse, as a dataclass does, a positional field without a default after one with a default."""
+    seen_default = None
+    for f in all_fields:
+        if f.kw_only:
+            continue
+        if f.has_default:
+            seen_default = f.name
+        elif seen_default is not None:
+            raise TypeError(f"non-default argument {f.name!r} follows default argument {seen_default!r}")
+
+
 def _getter(names: list[str]) -> Callable[[object], tuple[Any, ...]]:
     if len(names) > 1:
         return attrgetter(*names)
@@ -216,6 +240,7 @@ def _process(cls: type[_R], kw_only: bool, frozen: bool) -> type[_R]:
     if "__slots__" in cls.__dict__:
         raise TypeError(f"{cls.__name__}: a record makes its own __slots__")
     all_fields, own = _collect(cls, kw_only)
+    _check_order(all_fields)
     slotted: set[str] = set()
     for base in cls.__mro__[1:]:
         slots = base.__dict__.get("__slots__", ())
@@ -258,7 +283,7 @@ def _process(cls: type[_R], kw_only: bool, frozen: bool) -> type[_R]:
     new: type[_R] = metaclass(cls.__name__, cls.__bases__, ns)
     new.__qualname__ = cls.__qualname__
     if "__init__" not in cls.__dict__:
-        type.__setattr__(new, "__init__", _make_init(new, all_fields, frozen))
+        type.__setattr__(new, "__init__", _LazyInit(new, all_fields, frozen))
     for name in ("__eq__", "__repr__"):
         func = ns.get(name)
         if func is __eq__ or func is __repr__:

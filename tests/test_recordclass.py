@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import pickle
 from typing import Any, ClassVar
 
@@ -91,6 +92,8 @@ def test_construction_equality_hash_repr_agree_with_dataclasses(kw_only: bool) -
     assert rc(a=1) != dc(a=1) and rc(a=1) != (1, 2, ())  # another class compares unequal
     assert rc.__slots__ == dc.__slots__ == ("a", "b", "c", "note")
     assert rc.__match_args__ == dc.__match_args__
+    assert [(p.name, p.kind) for p in inspect.signature(rc).parameters.values()] == \
+        [(p.name, p.kind) for p in inspect.signature(dc).parameters.values()]
     assert [(f.name, f.default, f.default_factory, f.compare, f.repr, f.kw_only) for f in fields(rc)] == [
         (f.name, f.default if f.default is not dataclasses.MISSING else MISSING,
          f.default_factory if f.default_factory is not dataclasses.MISSING else MISSING, f.compare, f.repr, f.kw_only)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
@@ -58,6 +57,8 @@ _JSON_CHUNK = 1 << 20
 
 def print_json(obj: Any, file: TextIO | None = None) -> None:
     """``obj`` as indented JSON with sorted keys, on standard output (or ``file``)."""
+    import json  # not at the top: most runs print no JSON
+
     out = sys.stdout if file is None else file
     write_pieces(json.JSONEncoder(indent=2, sort_keys=True).iterencode(obj), out)
     out.write("\n")
