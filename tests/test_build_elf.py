@@ -16,6 +16,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kernels import compile_freestanding
 from test_build_helpers import (
     GRUB,
@@ -273,3 +275,53 @@ def test_elf64_without_pvh_note_starts_in_long_mode(tmp_path: Path) -> None:
 
     assert walk_page_tables(pages, ctx["cr3"], ctx["rip"]) == ctx["rip"]
     assert not [h for h in f.directives if isinstance(h, H.VbsVpContext)]
+
+
+# --------------------------------------------------------------------------- pages as runs
+
+
+class _Seg:
+    def __init__(self, gpa: int, offset: int, data: memoryview, mem_size: int) -> None:
+        self.gpa, self.offset, self.data, self.end = gpa, offset, data, gpa + mem_size
+
+
+class _Elf:
+    def __init__(self, segments: list[_Seg]) -> None:
+        self.segments = segments
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 4095), st.integers(0, 3 * 4096),
+                          st.integers(0, 9 * 4096), st.integers(0, 8191)), min_size=1, max_size=4))
+def test_elf_runs_are_the_composed_pages(segs: list[tuple[int, int, int, int, int]]) -> None:
+    """``_elf_runs`` (runs of file windows, zero runs, composed pages) against a page-by-page
+    reference: every page any segment touches, composed from the segments' bytes in order."""
+    from igvm_builder.assemble.launch import _elf_runs
+
+    file = memoryview(bytes(random.Random(len(segs)).randbytes(8 * 4096)))
+    segments = []
+    for page, sub, filesz, extra, offset in segs:
+        gpa = page * 4096 + sub
+        filesz = min(filesz, len(file) - offset)
+        segments.append(_Seg(gpa, offset, file[offset : offset + filesz], filesz + extra))
+    expected: dict[int, bytearray] = {}
+    for seg in segments:  # the pages of range(floor(gpa), end)
+        for page in range(seg.gpa & ~0xFFF, seg.end, 4096):
+            expected.setdefault(page, bytearray(4096))
+    for seg in segments:
+        for i, byte in enumerate(bytes(seg.data)):
+            expected[seg.gpa + i & ~0xFFF][(seg.gpa + i) & 0xFFF] = byte
+    runs = _elf_runs(_Elf(segments), file)
+    got = [(p.gpa, bytes(p.data)) for r in runs for p in r.pages()]
+    assert got == [(page, bytes(expected[page])) for page in sorted(expected)]
+    assert len(runs) <= 6 * len(segments) + 2  # runs, not pages
+
+
+def test_elf_bss_is_one_run() -> None:
+    from igvm_builder.assemble.launch import _elf_runs
+
+    file = memoryview(bytes(range(256)) * 64)
+    runs = _elf_runs(_Elf([_Seg(0x100000, 0, file[:0x2800], 1 << 32)]), file)
+    assert [(r.gpa, r.count, r.source is not None) for r in runs] == [
+        (0x100000, 2, True), (0x102000, 1, False), (0x103000, (1 << 32) // 4096 - 3, False)]
+    assert runs[-1].fill == bytes(4096)

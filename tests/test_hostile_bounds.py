@@ -11,6 +11,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from igvm_builder.errors import ConfigError, LayoutError, MeasurementError
 from igvm_builder.format import IgvmFile
 from igvm_builder.format import headers as H
 from igvm_builder.format.defs import PlatformType
+from igvm_builder.io import RECORD_OUTPUTS_ENV
 from igvm_builder.measure import measure_platform
 from igvm_builder.measure.engine import IMPLIED_PAGES_ENV, MAX_IMPLIED_PAGES
 
@@ -253,3 +255,64 @@ def test_insert_past_the_top_of_the_address_space(ptype: PlatformType) -> None:
         wrap = _parsed(ptype, H.ErrorRange(gpa=0xFFFF_FFFF_FFFF_F000, compatibility_mask=1, size_bytes=0x2000))
         with pytest.raises(MeasurementError, match="error range of 0x2000 bytes runs past the top"):
             measure_platform(wrap, ptype)
+
+
+# --------------------------------------------------------------------------- BSS as one run (#15 finding 2, #17)
+
+
+def _bss_kernel(tmp: Path, name: str, bss: int) -> Path:
+    """The test kernel with its BSS segment's p_memsz set to ``bss`` bytes (ELF64 program headers)."""
+    k = compile_kernel(tmp / f"{name}.elf", bss_size=1 << 20)
+    elf = bytearray(k.read_bytes())
+    phoff, phentsize, phnum = struct.unpack_from("<Q", elf, 32)[0], *struct.unpack_from("<HH", elf, 54)
+    loads = [phoff + i * phentsize for i in range(phnum) if struct.unpack_from("<I", elf, phoff + i * phentsize)[0] == 1]
+    filesz = struct.unpack_from("<Q", elf, loads[-1] + 32)[0]
+    struct.pack_into("<Q", elf, loads[-1] + 40, filesz + bss)
+    out = tmp / f"{name}-bss.elf"
+    out.write_bytes(bytes(elf))
+    return out
+
+
+_PEAK_RSS = """
+import resource, sys
+from igvm_builder.cli import main
+code = main(["build", sys.argv[1], "-o", sys.argv[2], "-q"])
+print("peak", code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_bss_of_a_gib_is_one_run_and_memory_stays_flat(tmp_path: Path) -> None:
+    """An ELF kernel with 1 GiB of BSS: the model holds its pages as one run (not 262,144 headers:
+    a 1 GiB BSS cost 86 MB to build before), the SEV-SNP digest is the one of the per-page model
+    the run stands for, and the whole build (CLI, a fresh process) peaks within a few MiB of a
+    16 MiB BSS build: what remains is the 32-byte header of each page in the file."""
+    from igvm_builder.format.pages import PageRun
+
+    small, big = _bss_kernel(tmp_path, "small", 16 << 20), _bss_kernel(tmp_path, "big", 1 << 30)
+    cfg = load_config(_kernel_cfg(tmp_path, big, "[memory]\nsize = \"2G\"\n"))
+    f, _h, _n = build_file(cfg)
+    bss = [r for r in f.directives.items() if isinstance(r, PageRun) and r.count >= (1 << 30) // 4096]
+    assert len(bss) == 1 and bss[0].fill == bytes(4096) and bss[0].source is None
+    assert len(f.directives.items()) < 64 and len(f.directives) > (1 << 30) // 4096
+    # the digest against the same file made of one PageData per page (the per-page engine path)
+    flat = IgvmFile(revision=f.revision, platforms=f.platforms, initializations=f.initializations,
+                    directives=tuple(f.directives))
+    assert len(flat.directives.items()) == len(f.directives)
+    assert measure_platform(f, PlatformType.SEV_SNP).digest == measure_platform(flat, PlatformType.SEV_SNP).digest
+    del flat
+    peaks = {}
+    for name, k in (("small", small), ("big", big)):
+        cfg_path = tmp_path / f"{name}.toml"
+        cfg_path.write_text(f"[image]\nplatforms = [\"native\", \"snp\"]\n[kernel]\npath = {q(k)}\n"
+                            "[memory]\nsize = \"2G\"\n")
+        env = {k: v for k, v in os.environ.items() if k != RECORD_OUTPUTS_ENV}  # (the oracle recorder reads it)
+        proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(cfg_path), str(tmp_path / f"{name}.igvm")],
+                              capture_output=True, text=True, check=False, cwd=REPO, env=env)
+        _, code, peak_kib = proc.stdout.splitlines()[-1].split()
+        assert code == "0", proc.stderr
+        peaks[name] = int(peak_kib)
+    pages = (1 << 30) // 4096 - (16 << 20) // 4096
+    assert (tmp_path / "big.igvm").stat().st_size - (tmp_path / "small.igvm").stat().st_size == 32 * pages
+    # 32 bytes of header per page (8 MiB), kept twice at the peak, and a margin
+    print("peak RSS (KiB):", peaks)
+    assert (peaks["big"] - peaks["small"]) * 1024 < 40 << 20, peaks

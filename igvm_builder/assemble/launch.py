@@ -4,8 +4,10 @@ merged into an :class:`~igvm_builder.format.file.IgvmFile`."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import struct
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 from igvm_builder.assemble.mapped import _Inputs
@@ -34,7 +36,6 @@ from igvm_builder.assemble.plan import (
 from igvm_builder.config import BuildConfig
 from igvm_builder.errors import InputError, LayoutError
 from igvm_builder.format import headers as H
-from igvm_builder.format.blob import FileSlice
 from igvm_builder.format.defs import (
     PLATFORM_NAMES,
     PageDataFlags,
@@ -42,7 +43,7 @@ from igvm_builder.format.defs import (
     PlatformType,
 )
 from igvm_builder.format.file import IgvmFile
-from igvm_builder.format.pages import Directives
+from igvm_builder.format.pages import Directives, PageRun
 from igvm_builder.platforms.cpu import CpuState, gdt_bytes, identity_page_tables, tdx_reset_trampoline
 
 _SEE = "(docs/CONFIG.md, 'What a directly booted confidential guest still needs')"
@@ -335,18 +336,28 @@ class _Builder:
         for p, plan in self.plans.items():
             if p not in (PlatformType.SEV_SNP, PlatformType.TDX):
                 continue
-            imported: set[int] = set()
-            for d in plan.directives:
-                imported.update(_page_gpas(d))
+            # the pages imported, as sorted, merged GPA ranges (not a set of pages: RAM is large)
+            imported: list[tuple[int, int]] = []
+            for lo, hi in sorted(r for d in plan.directives for r in _page_ranges(d)):
+                if imported and lo <= imported[-1][1]:
+                    imported[-1] = (imported[-1][0], max(imported[-1][1], hi))
+                else:
+                    imported.append((lo, hi))
             for start, end in ram:
+                # the gaps of ``imported`` inside [start, end), page-aligned as the pages are
                 gpa = start
+                k = max(0, bisect.bisect_right(imported, (gpa, 1 << 64)) - 1)  # the range at or before gpa
                 while gpa < end:
-                    if gpa in imported:
-                        gpa += PAGE
+                    if k < len(imported) and imported[k][0] <= gpa < imported[k][1]:
+                        gpa = min(end, imported[k][1])
+                        k += 1
                         continue
+                    while k < len(imported) and imported[k][1] <= gpa:
+                        k += 1
                     first = gpa
-                    while gpa < end and gpa not in imported:
-                        gpa += PAGE
+                    gpa = min(end, imported[k][0]) if k < len(imported) else end
+                    if gpa <= first:
+                        continue
                     key = (first, gpa - first)
                     run = runs.get(key)
                     if run is None:
@@ -428,12 +439,12 @@ class _Builder:
         info = self._pvh_start_info(cmd, initrd_gpa, len(initrd) if initrd is not None else 0)
         snp_info = (self._pvh_start_info(cmd, initrd_gpa, len(initrd) if initrd is not None else 0, snp=True)
                     if PlatformType.SEV_SNP in self.plans else b"")
-        pages = _elf_pages(elf, view)
-        elf_headers = _PageRun.of_pages(pages)
+        pages = _elf_runs(elf, view)
+        elf_headers = _PageRun.of_runs(pages)
         initrd_pages = _PageRun(initrd_gpa, initrd) if initrd is not None else None
         for p, plan in self.plans.items():
             self._common_low(plan, cmd)
-            for start, end in _page_runs(pages):
+            for start, end in _ranges_of(pages):
                 plan.claim(start, end - start, f"{name} (PT_LOAD segments)")
             plan.add_pages(elf_headers)
             if initrd is not None and initrd_pages is not None:
@@ -579,8 +590,10 @@ class _Builder:
 
 
 #: Most page headers a build may make without input data: the zero-filled BSS of an ELF kernel,
-#: and the RAM pages ``memory.prevalidate`` adds.  4,194,304 pages is 16 GiB of guest RAM (about
-#: 128 MB of headers and a minute of work); override with :data:`FILL_PAGES_ENV`.
+#: and the RAM pages ``memory.prevalidate`` adds.  The pages are runs in the model (memory does
+#: not grow with them), but each is a 32-byte header in the file and a launch step: 4,194,304
+#: pages is 16 GiB of guest RAM, 128 MiB of headers; override with :data:`FILL_PAGES_ENV` (up to
+#: the 4 GiB a file may hold).
 MAX_FILL_PAGES = 1 << 22
 FILL_PAGES_ENV = "IGVM_BUILDER_MAX_FILL_PAGES"
 
@@ -601,56 +614,76 @@ def fill_pages_limit() -> int:
     return value
 
 
-def _page_gpas(d: H.Header | _PageRun) -> Iterable[int]:
-    """The 4 KiB GPAs a planned directive imports."""
+def _page_ranges(d: H.Header | _PageRun) -> list[tuple[int, int]]:
+    """The [start, end) GPA ranges of the 4 KiB pages a planned directive imports."""
     if isinstance(d, _PageRun):
-        if d.prepared is not None:
-            return (gpa for gpa, _data in d.prepared)
-        assert d.view is not None
-        n = len(d.view) - d.start if d.length is None else d.length
-        return range(d.gpa, d.gpa + max(n, d.mem_size or 0), PAGE)
+        return d.gpa_ranges()
     if isinstance(d, H.PageData):
-        return (d.gpa,)
-    return ()
+        return [(d.gpa, d.gpa + PAGE)]
+    return []
 
 
-def _elf_pages(elf: Any, view: memoryview) -> list[tuple[int, bytes | FileSlice]]:
-    """Page contents of an ELF's PT_LOAD segments (pages shared by two segments are composed).
-
-    Whole pages are windows of ``view`` (the file) at the segment's file offset.
+def _elf_runs(elf: Any, view: memoryview) -> list[PageRun]:
+    """Page contents of an ELF's PT_LOAD segments, in GPA order, as page runs (mask 0): whole
+    pages of one segment's file bytes are one run of windows of ``view`` (the file, at the
+    segment's file offset), zero-filled pages (BSS) one run of the shared zero page, and a page
+    that several segments share or that a segment's file bytes end in is composed (a copy).
+    The work and memory are per segment, not per page: a BSS of any size is one run.
     """
-    covers: dict[int, list[Any]] = {}
-    for seg in elf.segments:
-        for page in range(seg.gpa & ~0xFFF, seg.end, PAGE):
-            covers.setdefault(page, []).append(seg)
-    out: list[tuple[int, bytes | FileSlice]] = []
-    for page in sorted(covers):
-        segs = covers[page]
-        seg = segs[0]
-        off = page - seg.gpa
-        if len(segs) == 1 and off >= 0 and off + PAGE <= len(seg.data):
-            out.append((page, FileSlice(view, seg.offset + off, PAGE)))
-            continue
-        if all(min(page + PAGE, s.gpa + len(s.data)) <= max(page, s.gpa) for s in segs):
-            out.append((page, ZERO_PAGE))  # BSS only: one shared zero page, not 4 KiB per page
-            continue
+    # every segment's pages: [floor(gpa), the page holding its last byte]
+    spans = [(seg.gpa & ~0xFFF, seg.gpa + -(-(seg.end - (seg.gpa & ~0xFFF)) // PAGE) * PAGE - (seg.gpa & 0xFFF),
+              seg) for seg in elf.segments]
+    spans = [(lo, hi, seg) for lo, hi, seg in spans if hi > lo]
+    cuts = sorted({x for lo, hi, _ in spans for x in (lo, hi)})
+    out: list[PageRun] = []
+
+    def composed(page: int, segs: list[Any]) -> None:
         buf = bytearray(PAGE)
         for seg in segs:
             lo, hi = max(page, seg.gpa), min(page + PAGE, seg.gpa + len(seg.data))
             if hi > lo:
                 buf[lo - page : hi - page] = seg.data[lo - seg.gpa : hi - seg.gpa]
-        out.append((page, bytes(buf)))
+        out.append(PageRun(page, 1, 0, fill=bytes(buf)))
+
+    def zeros(start: int, end: int) -> None:
+        if end > start:
+            out.append(PageRun(start, (end - start) // PAGE, 0, fill=ZERO_PAGE))  # one shared zero page
+
+    for a, b in itertools.pairwise(cuts):  # pieces covered by the same segments
+        segs = [seg for lo, hi, seg in spans if lo <= a and b <= hi]
+        if not segs:
+            continue
+        # the pages from ``quiet`` on hold no file byte of any segment: zero-filled
+        ends = [seg.gpa + len(seg.data) for seg in segs if len(seg.data)]
+        quiet = min(b, max(a, -(-max(ends) // PAGE) * PAGE)) if ends else a
+        if len(segs) == 1 and ends:
+            seg = segs[0]
+            first = max(a, -(-seg.gpa // PAGE) * PAGE)  # whole pages of file bytes: [first, last)
+            last = min(quiet, (seg.gpa + len(seg.data)) & ~0xFFF)
+            page = a
+            while page < quiet:
+                if first <= page < last:
+                    out.append(PageRun(page, (last - page) // PAGE, 0, source=view, start=seg.offset + page - seg.gpa))
+                    page = last
+                else:
+                    composed(page, segs)
+                    page += PAGE
+        else:
+            for page in range(a, quiet, PAGE):
+                composed(page, segs)
+        zeros(quiet, b)
     return out
 
 
-def _page_runs(pages: list[tuple[int, Any]]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for gpa, _ in pages:
-        if runs and runs[-1][1] == gpa:
-            runs[-1] = (runs[-1][0], gpa + PAGE)
+def _ranges_of(runs: Sequence[PageRun]) -> list[tuple[int, int]]:
+    """Contiguous [start, end) GPA ranges of ``runs`` (in GPA order)."""
+    ranges: list[tuple[int, int]] = []
+    for r in runs:
+        if ranges and ranges[-1][1] == r.gpa:
+            ranges[-1] = (ranges[-1][0], r.end_gpa)
         else:
-            runs.append((gpa, gpa + PAGE))
-    return runs
+            ranges.append((r.gpa, r.end_gpa))
+    return ranges
 
 
 def _check_kvm_fixed_point(vmsa: bytes, vp: int, features: int) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from igvm_builder.assemble.plan import _new_page, _PageRun
 from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice, as_view
+from igvm_builder.format.pages import Directives, PageRun
 
 
 def _key(h: H.Header) -> tuple[Any, ...]:
@@ -50,13 +51,14 @@ def _with_mask(h: H.Header, mask: int) -> H.Header:
 Planned = H.Header | _PageRun
 
 
-def merge_directives(lists: Sequence[tuple[int, Sequence[Planned]]]) -> list[H.Header]:
+def merge_directives(lists: Sequence[tuple[int, Sequence[Planned]]]) -> Directives:
     """Merge per-platform directive lists into one; equal headers share one multi-bit mask.
 
     Guarantees: for every (mask, list) input, the headers whose mask contains ``mask`` are
     exactly ``list``, in order.  Sharing is greedy: when two lists disagree, the header
     that the other list does not need next is emitted alone.  A :class:`_PageRun` in the lists
-    is one item (equal only to itself) and is expanded into its pages in the result.
+    is one item (equal only to itself); in the result it becomes its page runs, with the merged
+    mask (the result is a :class:`Directives`: a sequence of headers that stores runs as runs).
     """
     keys: list[Any] = []
     hdrs: list[Planned] = []
@@ -71,13 +73,13 @@ def merge_directives(lists: Sequence[tuple[int, Sequence[Planned]]]) -> list[H.H
         bkeys = [k if k is not None else _directive_key(h, mask) for k, h in zip(known, items, strict=True)]
         key_of.update(zip(map(id, items), bkeys, strict=True))
         keys, hdrs, masks = _merge_two(keys, hdrs, masks, bkeys, items, mask)
-    out: list[H.Header] = []
+    out: list[H.Header | PageRun] = []
     for h, m in zip(hdrs, masks, strict=True):
         if isinstance(h, _PageRun):
-            out += h.headers(m)
+            out += h.items(m)
         else:
             out.append(_with_mask(h, m))
-    return out
+    return Directives(out)
 
 
 def _directive_key(h: H.Header | _PageRun, mask: int) -> Any:

@@ -15,6 +15,7 @@ from igvm_builder.format.defs import (
     PageDataType,
     PlatformType,
 )
+from igvm_builder.format.pages import PageRun
 from igvm_builder.recordclass import fields
 
 PAGE = 0x1000
@@ -101,32 +102,80 @@ class _PlatformPlan:
 
 
 class _PageRun:
-    """PAGE_DATA headers for ``view[start:start + length]`` at ``gpa`` (:func:`page_headers`), or
-    for a list of prepared ``(gpa, data)`` pages, made only when the merged directive list is
-    expanded: then each header is created once, already carrying its final compatibility mask.
+    """The pages of ``view[start:start + length]`` at ``gpa`` (:func:`page_items`), or prepared
+    :class:`~igvm_builder.format.pages.PageRun` pieces (mask 0), given their final compatibility
+    mask only when the merged directive list is made: runs stay runs (no header per page).
     """
 
     __slots__ = ("flags", "gpa", "length", "mem_size", "prepared", "start", "view", "zero_fill")
 
     def __init__(self, gpa: int, view: memoryview | None = None, mem_size: int | None = None, *, flags: int = 0,
                  zero_fill: bool = True, start: int = 0, length: int | None = None,
-                 prepared: Sequence[tuple[int, bytes | FileSlice]] | None = None) -> None:
+                 prepared: Sequence[PageRun] | None = None) -> None:
         if gpa % PAGE:
             raise LayoutError(f"GPA {gpa:#x} is not 4 KiB aligned", gpa=gpa)
         self.gpa, self.view, self.mem_size, self.flags = gpa, view, mem_size, flags
         self.zero_fill, self.start, self.length, self.prepared = zero_fill, start, length, prepared
 
     @classmethod
-    def of_pages(cls, pages: Sequence[tuple[int, bytes | FileSlice]], *, flags: int = 0) -> _PageRun:
-        return cls(pages[0][0] if pages else 0, flags=flags, prepared=pages)
+    def of_runs(cls, runs: Sequence[PageRun]) -> _PageRun:
+        """Prepared pieces, in GPA order (their masks are replaced)."""
+        return cls(runs[0].gpa if runs else 0, prepared=runs)
+
+    def gpa_ranges(self) -> list[tuple[int, int]]:
+        """The [start, end) GPA ranges the pages cover, in order."""
+        if self.prepared is not None:
+            return [(r.gpa, r.end_gpa) for r in self.prepared]
+        assert self.view is not None
+        n = len(self.view) - self.start if self.length is None else self.length
+        size = -(-max(n, self.mem_size or 0) // PAGE) * PAGE
+        return [(self.gpa, self.gpa + size)] if size else []
+
+    def items(self, mask: int) -> list[H.Header | PageRun]:
+        """The pages as directive items (runs and single pages) with compatibility mask ``mask``."""
+        if self.prepared is not None:
+            return [r.with_mask(mask) for r in self.prepared]
+        assert self.view is not None
+        return page_items(self.gpa, self.view, self.mem_size, flags=self.flags, zero_fill=self.zero_fill,
+                          start=self.start, length=self.length, mask=mask)
 
     def headers(self, mask: int) -> list[H.PageData]:
-        if self.prepared is not None:
-            return [H.PageData(gpa=gpa, compatibility_mask=mask, flags=self.flags, data=data)
-                    for gpa, data in self.prepared]
-        assert self.view is not None
-        return page_headers(self.gpa, self.view, self.mem_size, flags=self.flags, zero_fill=self.zero_fill,
-                            start=self.start, length=self.length, mask=mask)
+        """The pages as PageData headers, one per page."""
+        out: list[H.PageData] = []
+        for item in self.items(mask):
+            if isinstance(item, PageRun):
+                out += item.pages()
+            else:
+                assert isinstance(item, H.PageData)
+                out.append(item)
+        return out
+
+
+def page_items(gpa: int, view: memoryview, mem_size: int | None = None, *, flags: int = 0,
+               zero_fill: bool = True, start: int = 0, length: int | None = None,
+               mask: int = 0) -> list[H.Header | PageRun]:
+    """The pages of :func:`page_headers` as directive items: one run for the whole pages (windows
+    of ``view``), a header for a partial last page, one run for the zero-filled (or data-less)
+    pages up to ``mem_size``: memory does not grow with the number of pages."""
+    if gpa % PAGE:
+        raise LayoutError(f"GPA {gpa:#x} is not 4 KiB aligned", gpa=gpa)
+    n = len(view) - start if length is None else length
+    total = -(-max(n, mem_size or 0) // PAGE) * PAGE
+    full = n - n % PAGE
+    out: list[H.Header | PageRun] = []
+    if full:
+        H.PageData(gpa=gpa, compatibility_mask=mask, flags=flags, data=FileSlice(view, start, PAGE))  # checks
+        out.append(PageRun(gpa, full // PAGE, mask, flags=flags, source=view, start=start))
+    filled = full
+    if n % PAGE:
+        data = bytes(view[start + full : start + n]) + bytes(PAGE - n % PAGE)
+        out.append(H.PageData(gpa=gpa + full, compatibility_mask=mask, flags=flags, data=data))
+        filled += PAGE
+    if total > filled:
+        H.PageData(gpa=gpa + filled, compatibility_mask=mask, flags=flags)  # the same checks
+        out.append(PageRun(gpa + filled, (total - filled) // PAGE, mask, flags=flags,
+                           fill=ZERO_PAGE if zero_fill else b""))
+    return out
 
 
 def page_headers(gpa: int, view: memoryview, mem_size: int | None = None, *, flags: int = 0,

@@ -237,6 +237,9 @@ class IgvmFile:
         for item in items:
             var_size += item.count * 32 if isinstance(item, PageRun) else 8 + _pad8(item.SIZE)
         data_start = fixed_size + var_size
+        if data_start > 0xFFFF_FFFF:  # (a data-less run of pages costs no data, but 32 bytes of header a page)
+            raise IgvmFormatError(f"the headers take {var_size} bytes, more than the 4 GiB a file may hold "
+                                  "(sizes and offsets are 32-bit)")
         cursor = data_start
         blobs: list[H.BlobLike] = []
         offsets: list[int] = []  # file offset of each of blobs
@@ -309,8 +312,11 @@ class IgvmFile:
                             offset = place(fill)
                     else:
                         offset = place(fill)
-                out += b"".join([pack(page_type, 24, gpa + i * PAGE_SIZE_4K, mask, offset, flags, dtype, 0)
-                                 for i in range(count)])
+                at = len(out)
+                out += bytes(32 * count)  # the headers, written in place (no object per page)
+                pack_into = page_tlv.pack_into
+                for i in range(count):
+                    pack_into(out, at + 32 * i, page_type, 24, gpa + i * PAGE_SIZE_4K, mask, offset, flags, dtype, 0)
                 return
             start = run.start
             for i in range(count):
