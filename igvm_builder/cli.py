@@ -133,9 +133,15 @@ def _close_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Start-up (the command's modules, its parser) allocates thousands of objects that live as
-    # long as the process; the cyclic garbage collector would scan them again and again (about
-    # 5% of a small command's time).  It is paused until the command itself runs.
+    """Run the command ``argv`` (default: the program's arguments); returns the exit status."""
+    # Start-up (the command's modules, its parser) allocates tens of thousands of objects that live
+    # as long as the process; the cyclic garbage collector would scan them again and again (about
+    # 5% of a small command's time).  It is paused until the command itself runs.  Run as the
+    # program (no ``argv``), they are then moved out of the collector's sight for good
+    # (``gc.freeze``): neither the command's collections nor the one at interpreter exit scan
+    # them again (another 10% of a small command).  A caller in the same process (``argv`` given)
+    # keeps its collector as it was: its objects stay collectable.
+    as_program = argv is None
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -145,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)  # usage errors: argparse exits with EXIT_ERROR (2)
         module = importlib.import_module(f"igvm_builder.commands.{COMMANDS[args.command][0]}")
     finally:
+        if as_program:
+            gc.freeze()
         if gc_was_enabled:
             gc.enable()
     debug = args.debug or bool(os.environ.get("IGVM_BUILDER_DEBUG"))
