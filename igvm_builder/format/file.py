@@ -13,6 +13,7 @@ size) and identical blobs stored once.
 
 from __future__ import annotations
 
+import bisect
 import gc
 import hashlib
 import mmap
@@ -39,7 +40,7 @@ from igvm_builder.format.defs import (
     Section,
     section_of,
 )
-from igvm_builder.format.pages import Directives, PageRun
+from igvm_builder.format.pages import Directives, PageDigests, PageRun
 from igvm_builder.format.record import Record, u32
 from igvm_builder.recordclass import field, fields, record
 
@@ -230,7 +231,7 @@ class IgvmFile:
         if validate:
             _validate(self)
         items = self.directives.items()
-        digests: list[bytes | None] | None = [None] * len(self.directives) if page_digests else None
+        digests = PageDigests(len(self.directives)) if page_digests else None
         fixed_size = FIXED_HEADER_SIZE_V1 if self.revision == 1 else FIXED_HEADER_SIZE_V2
         page_run = PageRun
         var_size = sum(8 + _pad8(h.SIZE) for h in (*self.platforms, *self.initializations))
@@ -241,59 +242,131 @@ class IgvmFile:
             raise IgvmFormatError(f"the headers take {var_size} bytes, more than the 4 GiB a file may hold "
                                   "(sizes and offsets are 32-bit)")
         cursor = data_start
+        # The data section: blobs, each stored once; consecutive new pages of one buffer are one
+        # window (a blob of many pages), so the blob list grows per run, not per page.
         blobs: list[H.BlobLike] = []
         offsets: list[int] = []  # file offset of each of blobs
-        # Identical blobs: by (length, content hash) -> indices into blobs; with page_digests,
-        # 4 KiB blobs by their SHA-384 alone -> index (one dict entry, no tuple or list per page:
-        # this loop runs once per page of a large file).
+        merging = False  # blobs[-1] is a window made here, not yet streamed: a next page may extend it
+        # Identical blobs.  4 KiB blobs (pages) by a 64-bit key of their contents (the first 8
+        # bytes of their SHA-384 with page_digests, else Python's hash) -> file offset of the
+        # first page with that key; pages whose key an earlier, different page holds -> ``clash``.
+        # Other blobs by (length, content hash) -> indices into blobs.  A match is confirmed
+        # byte for byte.  Per distinct page that is one dict entry of two ints.
+        page_at: dict[int, int] = {}
+        clash: dict[int, list[int]] = {}
         dedup: dict[tuple[int, int], list[int]] = {}
-        pages: dict[bytes, int] = {}
         out = bytearray(fixed_size)
         releaser = PageReleaser(every=2048)  # keep RSS flat while hashing mmap'd page data
         note = releaser.note
         last_slice: FileSlice | None = None
         page_data, file_slice, page_tlv, sha384 = H.PageData, FileSlice, _PAGE_TLV, hashlib.sha384
         page_type = int(HeaderType.PAGE_DATA)
+        digest_key, content_hash = _digest_key, _content_hash  # (module functions: tests replace them)
+        stream_bytes = STREAM_BLOBS * PAGE_SIZE_4K
 
         sent, sent_offset = 0, data_start  # blobs already given to on_data, and where the next one goes
 
+        def stream() -> None:
+            nonlocal sent, sent_offset, merging
+            if on_data is not None and (len(blobs) - sent >= STREAM_BLOBS or cursor - sent_offset >= stream_bytes):
+                on_data(sent_offset, blobs[sent:])
+                sent, sent_offset = len(blobs), cursor
+                merging = False
+
         def append(blob: H.BlobLike, size: int) -> int:
-            nonlocal cursor, sent, sent_offset
+            nonlocal cursor, merging
             offset = cursor
+            if cursor + size > 0xFFFF_FFFF:
+                raise IgvmFormatError("file data exceeds 4 GiB (file offsets are 32-bit)")
             blobs.append(blob)
             offsets.append(offset)
             cursor += size
-            if cursor > 0xFFFF_FFFF:
-                raise IgvmFormatError("file data exceeds 4 GiB (file offsets are 32-bit)")
-            if on_data is not None and len(blobs) - sent >= STREAM_BLOBS:
-                on_data(sent_offset, blobs[sent:])
-                sent, sent_offset = len(blobs), cursor
+            merging = False
+            stream()
             return offset
+
+        def append_window(buf: memoryview, start: int) -> int:
+            """A new page that is 4 KiB at ``start`` of ``buf``: extends the last blob when that is
+            the window just before it."""
+            nonlocal cursor, merging
+            if merging:
+                last = blobs[-1]
+                assert isinstance(last, FileSlice)
+                if last._buf is buf and last.start + last.length == start:
+                    if cursor + PAGE_SIZE_4K > 0xFFFF_FFFF:
+                        raise IgvmFormatError("file data exceeds 4 GiB (file offsets are 32-bit)")
+                    offset = cursor
+                    blobs[-1] = file_slice(buf, last.start, last.length + PAGE_SIZE_4K)
+                    cursor += PAGE_SIZE_4K
+                    stream()
+                    return offset
+            offset = append(file_slice(buf, start, PAGE_SIZE_4K), PAGE_SIZE_4K)
+            merging = on_data is None or len(blobs) > sent  # (not handed out yet: may still grow)
+            return offset
+
+        def stored(offset: int, size: int) -> memoryview:
+            """The bytes laid out at file ``offset``."""
+            i = bisect.bisect_right(offsets, offset) - 1
+            return as_view(blobs[i])[offset - offsets[i] : offset - offsets[i] + size]
+
+        def page_key(view: memoryview, digest: bytes | None) -> int:
+            return digest_key(digest) if digest is not None else content_hash(view)
+
+        def find_page(view: memoryview, key: int) -> int | None:
+            """The file offset of a page identical to ``view`` laid out earlier, or None."""
+            offset = page_at.get(key)
+            if offset is None:
+                return None
+            if same_bytes(stored(offset, PAGE_SIZE_4K), view):
+                return offset
+            for offset in clash.get(key, ()):
+                if same_bytes(stored(offset, PAGE_SIZE_4K), view):
+                    return offset
+            return None
+
+        def remember_page(key: int, offset: int) -> None:
+            if page_at.setdefault(key, offset) != offset:
+                clash.setdefault(key, []).append(offset)
 
         def place(blob: H.BlobLike, digest: bytes | None = None) -> int:
             """File offset of ``blob``: an identical earlier blob's, or the next free one."""
             view = as_view(blob)
             size = len(view)
-            if digests is not None and size == PAGE_SIZE_4K:
-                if digest is None:
+            if size == PAGE_SIZE_4K:
+                if digest is None and digests is not None:
                     digest = sha384(view).digest()
-                i = pages.get(digest)
-                if i is not None and same_bytes(as_view(blobs[i]), view):
-                    return offsets[i]
-                if i is None:
-                    pages[digest] = len(blobs)
-                return append(blob, size)
-            key = (size, _content_hash(view))
-            same = dedup.setdefault(key, [])
+                key = page_key(view, digest)
+                offset = find_page(view, key)
+                if offset is None:
+                    offset = append(blob, size)
+                    remember_page(key, offset)
+                return offset
+            key2 = (size, _content_hash(view))
+            same = dedup.setdefault(key2, [])
             for i in same:
                 if same_bytes(as_view(blobs[i]), view):
                     return offsets[i]
             same.append(len(blobs))
             return append(blob, size)
 
+        def place_window(buf: memoryview, start: int, digest: bytes | None) -> int:
+            """place() for the 4 KiB at ``start`` of ``buf`` (a page of a run or a FileSlice)."""
+            view = buf[start : start + PAGE_SIZE_4K]
+            key = digest_key(digest) if digest is not None else content_hash(view)
+            if key not in page_at:  # a page not seen before (most pages): no comparison
+                offset = append_window(buf, start)
+                page_at[key] = offset
+                return offset
+            found = find_page(view, key)
+            if found is not None:
+                return found
+            offset = append_window(buf, start)
+            remember_page(key, offset)
+            return offset
+
         def page_run_headers(run: PageRun, dpos: int) -> None:
             """The headers of a run of pages (directive ``dpos`` on), its data placed."""
-            nonlocal out, last_slice, cursor, sent, sent_offset
+            nonlocal out, last_slice
             gpa, mask, flags, dtype, count = run.gpa, run.compatibility_mask, run.flags, run.data_type, run.count
             pack = page_tlv.pack
             source = run.source
@@ -306,7 +379,7 @@ class IgvmFile:
                         last_slice = fill
                         if digests is not None:
                             digest = sha384(fill.view()).digest()
-                            digests[dpos : dpos + count] = [digest] * count
+                            digests.fill(dpos, count, digest)
                             offset = place(fill, digest)
                         else:
                             offset = place(fill)
@@ -319,25 +392,15 @@ class IgvmFile:
                     pack_into(out, at + 32 * i, page_type, 24, gpa + i * PAGE_SIZE_4K, mask, offset, flags, dtype, 0)
                 return
             start = run.start
+            put = digests.put if digests is not None else None
             for i in range(count):
-                data = file_slice(source, start, PAGE_SIZE_4K)
-                note(data)
-                if digests is not None:
-                    digest = digests[dpos + i] = sha384(source[start : start + PAGE_SIZE_4K]).digest()
-                    if digest not in pages and cursor + PAGE_SIZE_4K <= 0xFFFF_FFFF:
-                        # place() for a page not seen before (most pages), inlined
-                        pages[digest] = len(blobs)
-                        offset = cursor
-                        blobs.append(data)
-                        offsets.append(offset)
-                        cursor += PAGE_SIZE_4K
-                        if on_data is not None and len(blobs) - sent >= STREAM_BLOBS:
-                            on_data(sent_offset, blobs[sent:])
-                            sent, sent_offset = len(blobs), cursor
-                    else:
-                        offset = place(data, digest)
+                note(file_slice(source, start, PAGE_SIZE_4K))
+                if put is not None:
+                    digest = sha384(source[start : start + PAGE_SIZE_4K]).digest()
+                    put(dpos + i, digest)
+                    offset = place_window(source, start, digest)
                 else:
-                    offset = place(data)
+                    offset = place_window(source, start, None)
                 out += pack(page_type, 24, gpa, mask, offset, flags, dtype, 0)
                 gpa += PAGE_SIZE_4K
                 start += PAGE_SIZE_4K
@@ -370,22 +433,11 @@ class IgvmFile:
                     note(data)
                     last_slice = data
                     if digests is not None:
-                        digest = digests[dpos] = sha384(data._buf[data.start : data.start + PAGE_SIZE_4K]
-                                                                 ).digest()
-                        if digest not in pages and cursor + PAGE_SIZE_4K <= 0xFFFF_FFFF:
-                            # place() for a page not seen before (most pages), inlined
-                            pages[digest] = len(blobs)
-                            offset = cursor
-                            blobs.append(data)
-                            offsets.append(offset)
-                            cursor += PAGE_SIZE_4K
-                            if on_data is not None and len(blobs) - sent >= STREAM_BLOBS:
-                                on_data(sent_offset, blobs[sent:])
-                                sent, sent_offset = len(blobs), cursor
-                        else:
-                            offset = place(data, digest)
+                        digest = sha384(data._buf[data.start : data.start + PAGE_SIZE_4K]).digest()
+                        digests.put(dpos, digest)
+                        offset = place_window(data._buf, data.start, digest)
                     else:
-                        offset = place(data)
+                        offset = place_window(data._buf, data.start, None)
                 else:
                     blob = h.blob()
                     offset = place(blob) if blob is not None else 0
@@ -452,9 +504,15 @@ class Layout(NamedTuple):
     #: The data section, in file order (each blob stored once).
     blobs: list[H.BlobLike]
     #: With ``layout(page_digests=True)``: for each directive (``IgvmFile.directives`` order) the
-    #: SHA-384 of its page when it is a PAGE_DATA whose data is a 4 KiB :class:`FileSlice`, else
-    #: None (what ``measure_platform(page_digests=)`` takes).
-    page_digests: list[bytes | None] | None
+    #: SHA-384 of its page when it is a PAGE_DATA whose data is a 4 KiB :class:`FileSlice` (or a
+    #: page of a run with data), else None (what ``measure_platform(page_digests=)`` takes): a
+    #: :class:`~igvm_builder.format.pages.PageDigests`, 49 bytes a directive.
+    page_digests: PageDigests | None
+
+
+def _digest_key(digest: bytes) -> int:
+    """The dedup key of a page from its SHA-384: the first 8 bytes."""
+    return int.from_bytes(digest[:8], "little")
 
 
 def _content_hash(view: memoryview) -> int:

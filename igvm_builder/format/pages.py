@@ -359,3 +359,72 @@ def _new_page(gpa: int, mask: int, flags: int, data_type: int, data: H.BlobLike)
     _set_type(page, data_type)
     _set_data(page, data)
     return page
+
+
+class PageDigests(Sequence[bytes | None]):
+    """For each directive, the SHA-384 of its 4 KiB page, or None: what
+    ``IgvmFile.layout(page_digests=True)`` records for the SEV-SNP measurement, in one buffer
+    (48 bytes and a flag per directive) instead of an object per page."""
+
+    __slots__ = ("buf", "known")
+
+    buf: bytearray
+    known: bytearray
+
+    def __init__(self, n: int) -> None:
+        self.buf = bytearray(48 * n)
+        self.known = bytearray(n)
+
+    def put(self, i: int, digest: bytes) -> None:
+        self.buf[48 * i : 48 * i + 48] = digest
+        self.known[i] = 1
+
+    def fill(self, i: int, n: int, digest: bytes) -> None:
+        """Directives ``i`` to ``i + n - 1`` have the page of ``digest``."""
+        self.buf[48 * i : 48 * (i + n)] = digest * n
+        self.known[i : i + n] = b"\x01" * n
+
+    def __len__(self) -> int:
+        return len(self.known)
+
+    @overload
+    def __getitem__(self, i: int) -> bytes | None: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[bytes | None]: ...
+
+    def __getitem__(self, i: int | slice) -> bytes | list[bytes | None] | None:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not self.known[i]:  # (IndexError beyond the end)
+            return None
+        return bytes(self.buf[48 * i : 48 * i + 48])
+
+    def __setitem__(self, i: int, digest: bytes | None) -> None:
+        if i < 0:
+            i += len(self)
+        if digest is None:
+            self.known[i] = 0
+            self.buf[48 * i : 48 * i + 48] = bytes(48)
+        elif len(digest) != 48:
+            raise ValueError(f"a page digest is 48 bytes, not {len(digest)}")
+        else:
+            self.put(i, digest)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PageDigests):
+            return self.known == other.known and self.buf == other.buf
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes | bytearray):
+            return NotImplemented
+        return len(self) == len(other) and all(map(_header_eq, self, other))
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return f"PageDigests({len(self)} directives, {self.known.count(1)} with a digest)"

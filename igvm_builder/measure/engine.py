@@ -30,7 +30,7 @@ from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice, PageReleaser, as_view
 from igvm_builder.format.defs import PAGE_SIZE_4K, Architecture, PageDataFlags, PageDataType, PlatformType
 from igvm_builder.format.file import IgvmFile
-from igvm_builder.format.pages import PageRun
+from igvm_builder.format.pages import PageDigests, PageRun
 from igvm_builder.measure.profiles import KVM_VMSA_GPA, LoaderProfile, get_profile
 from igvm_builder.measure.result import Measurement
 
@@ -596,6 +596,8 @@ def _measure_snp(f: IgvmFile, mask: int, areas: _Areas, profile: LoaderProfile,
     if digests is not None and len(digests) != len(f.directives):
         raise ValueError(f"{len(digests)} page digests for {len(f.directives)} directives")
     page_run = PageRun
+    # PageDigests: its buffer and flags, read without an object per page
+    compact = (memoryview(digests.buf), digests.known) if isinstance(digests, PageDigests) else None
     dpos = -1  # flat index of the directive h (of a run: its first page)
     for h in f.directives.items():
         dpos += 1
@@ -609,7 +611,15 @@ def _measure_snp(f: IgvmFile, mask: int, areas: _Areas, profile: LoaderProfile,
             if fast and not h.flags and not h.data_type and source is not None:
                 # the page fast path below, for each page of a run of file data
                 gpa, start = h.gpa, h.start
-                known = digests[dpos - n + 1 : dpos + 1] if digests is not None else itertools.repeat(None, n)
+                first = dpos - n + 1
+                if compact is not None:  # the serializer's digests, read in place
+                    buf, flags = compact
+                    known: Iterable[bytes | memoryview | None] = (
+                        buf[48 * k : 48 * k + 48] if flags[k] else None for k in range(first, dpos + 1))
+                elif digests is not None:
+                    known = (digests[k] for k in range(first, dpos + 1))
+                else:
+                    known = itertools.repeat(None, n)
                 for contents in known:
                     if contents is None:
                         contents = sha384(source[start : start + 4096]).digest()
