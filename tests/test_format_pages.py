@@ -349,3 +349,20 @@ def test_layout_state_per_page_is_small() -> None:
     assert len(layout.blobs) <= n // 5 + 8
     print(f"layout: {peak / n:.0f} bytes a page at the peak")
     assert peak < 260 * n, peak / n
+
+
+@pytest.mark.parametrize("chunk", [32, 96, 4096])
+def test_parser_chunks_do_not_split_runs(tmp_path, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """The parser reads PAGE_DATA records a chunk at a time (releasing each chunk of a mapped
+    file): with chunks of 1, 3 or 128 records the runs, warnings and errors are the same."""
+    from igvm_builder.format import file as file_mod
+
+    f = _layout_file(500)
+    path = tmp_path / "f.igvm"
+    path.write_bytes(f.to_bytes())
+    whole = IgvmFile.load(path)
+    monkeypatch.setattr(file_mod, "_PARSE_CHUNK", chunk)
+    chunked = IgvmFile.load(path)
+    assert chunked.directives.items() == whole.directives.items()
+    assert chunked == whole == f and chunked.warnings == whole.warnings
+    assert len(whole.directives.items()) < 500 // 5 * 2 + 8  # runs, not pages

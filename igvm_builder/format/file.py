@@ -14,6 +14,7 @@ size) and identical blobs stored once.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import gc
 import hashlib
 import mmap
@@ -492,6 +493,10 @@ class IgvmFile:
             yield as_view(b)
 
 
+#: PAGE_DATA records the parser reads at a time (1 MiB of headers, 32,768 pages); each chunk of
+#: a mapped file leaves the resident set once read.
+_PARSE_CHUNK = 1 << 20
+
 #: Blobs per batch handed to ``layout``'s ``on_data`` (8 MiB of 4 KiB pages).
 STREAM_BLOBS = 2048
 
@@ -585,6 +590,15 @@ class _Parser:
         self.data_start = voff + vsize
         return self._parse_headers(version, arch, voff, vsize)
 
+    def _release(self, start: int, length: int) -> None:
+        """Drop ``length`` bytes at ``start`` of a read-only mmap'd file from the resident set
+        (:func:`~igvm_builder.format.blob.dontneed`: a later read faults them back in)."""
+        obj = self.buf.obj
+        if isinstance(obj, mmap.mmap):
+            with contextlib.suppress(ValueError, BufferError), memoryview(obj) as whole:
+                if whole.readonly:
+                    dontneed(obj, max(0, start), length)
+
     def _data(self, file_offset: int, size: int, what: str, index: int, offset: int) -> FileSlice:
         if file_offset < self.data_start or file_offset + size > len(self.buf):
             raise self.fail(f"{what}: file_offset {file_offset:#x} + {size:#x} bytes is outside the file data "
@@ -640,31 +654,36 @@ class _Parser:
                 # Fast path: a run of PAGE_DATA records, the overwhelmingly common header.
                 # Records that continue the pending run (next GPA, same mask, flags and type,
                 # file offset by the run's step) only count it: no object per page.
-                for typ, length, gpa, mask, foff, flags, dtype, reserved in iter_pages(
-                        buf[pos : pos + (end - pos) // 32 * 32]):
-                    if typ != page_type or length != 24:
-                        break
-                    if gpa & 0xFFF or dtype > 3 or reserved or (foff and (foff < data_start or foff + 4096 > nbuf)):
-                        raise self._page_error(index, pos, gpa, dtype, reserved, foff)
-                    if flags & ~6:
-                        self._page_flag_warning(index, gpa, flags)
-                    pos += 32
-                    index += 1
-                    if run_n and gpa == run_gpa + run_n * 4096 and mask == run_mask and flags == run_flags \
-                            and dtype == run_dtype:
-                        step = foff - run_foff - (run_n - 1) * (run_step or 0)
-                        if run_step is None:
-                            if step == 0 or (step == 4096 and run_foff):
-                                run_step = step
-                                run_n = 2
+                while True:  # the records a chunk at a time: each chunk read leaves the resident set
+                    done = pos + min((end - pos) // 32 * 32, _PARSE_CHUNK)
+                    for typ, length, gpa, mask, foff, flags, dtype, reserved in iter_pages(buf[pos:done]):
+                        if typ != page_type or length != 24:
+                            break
+                        if gpa & 0xFFF or dtype > 3 or reserved or (
+                                foff and (foff < data_start or foff + 4096 > nbuf)):
+                            raise self._page_error(index, pos, gpa, dtype, reserved, foff)
+                        if flags & ~6:
+                            self._page_flag_warning(index, gpa, flags)
+                        pos += 32
+                        index += 1
+                        if run_n and gpa == run_gpa + run_n * 4096 and mask == run_mask and flags == run_flags \
+                                and dtype == run_dtype:
+                            step = foff - run_foff - (run_n - 1) * (run_step or 0)
+                            if run_step is None:
+                                if step == 0 or (step == 4096 and run_foff):
+                                    run_step = step
+                                    run_n = 2
+                                    continue
+                            elif step == run_step:
+                                run_n += 1
                                 continue
-                        elif step == run_step:
-                            run_n += 1
-                            continue
-                    if run_n:
-                        flush()
-                    run_gpa, run_mask, run_flags, run_dtype, run_foff = gpa, mask, flags, dtype, foff
-                    run_n, run_step = 1, None
+                        if run_n:
+                            flush()
+                        run_gpa, run_mask, run_flags, run_dtype, run_foff = gpa, mask, flags, dtype, foff
+                        run_n, run_step = 1, None
+                    if pos < done or end - pos < 32:  # a record that is no PAGE_DATA, or the end
+                        break
+                    self._release(done - _PARSE_CHUNK, _PARSE_CHUNK)
                 if run_n:
                     flush()
                     run_n = 0
