@@ -216,13 +216,30 @@ def parse_vmsa(page: bytes | bytearray | memoryview, *, nonzero_only: bool = Fal
     return out
 
 
+def _gaps() -> tuple[tuple[int, int], ...]:
+    """(start, end) of each run of page bytes that no named field covers (the fields are in
+    offset order and do not overlap: :func:`_check_table`), the padding after the save area last."""
+    out, end = [], 0
+    for x in VMSA_FIELDS:
+        if x.offset > end:
+            out.append((end, x.offset))
+        end = x.end
+    out.append((end, VMSA_SIZE))
+    return tuple(out)
+
+
+_GAPS = _gaps()
+
+
 def vmsa_reserved_nonzero(page: bytes | bytearray | memoryview) -> tuple[int, ...]:
     """Offsets of non-zero bytes outside every named field (reserved areas and padding)."""
     view = _check_page(page)
-    covered = bytearray(len(view))
-    for x in VMSA_FIELDS:
-        covered[x.offset : x.end] = b"\x01" * x.size
-    return tuple(i for i, b in enumerate(view) if b and not covered[i])
+    out: list[int] = []
+    for start, end in _GAPS:
+        chunk = bytes(view[start:end])
+        if any(chunk):  # most pages have none: looked at byte by byte only where one is
+            out += [start + i for i, b in enumerate(chunk) if b]
+    return tuple(out)
 
 
 # --- vCPU signatures ---------------------------------------------------------------------------
