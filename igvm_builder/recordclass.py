@@ -254,6 +254,7 @@ def _process(cls: type[_R], kw_only: bool, frozen: bool) -> type[_R]:
     ns["__record_fields__"] = all_fields
     ns["__match_args__"] = tuple(f.name for f in all_fields if not f.kw_only)
     ns["__dataclass_fields__"] = _DataclassFields()
+    ns["__replace__"] = replace  # copy.replace (Python >= 3.13)
     compared = _getter([f.name for f in all_fields if f.compare])
     shown = [f.name for f in all_fields if f.repr]
 

@@ -124,6 +124,7 @@ def test_replace_and_fields() -> None:
     _dc, rc = _pair(False)
     r = rc(1, note="n")
     assert replace(r, b=7) == rc(1, 7) and replace(r, b=7).note == "n"
+    assert r.__replace__(b=7) == replace(r, b=7)  # what copy.replace calls (Python >= 3.13)
     with pytest.raises(ValueError, match="a is -1"):  # __post_init__ runs again
         replace(r, a=-1)
     with pytest.raises(TypeError):
