@@ -248,8 +248,8 @@ class IgvmFile:
         blobs: list[H.BlobLike] = []
         offsets: list[int] = []  # file offset of each of blobs
         merging = False  # blobs[-1] is a window made here, not yet streamed: a next page may extend it
-        # Identical blobs.  4 KiB blobs (pages) by a 64-bit key of their contents (the first 8
-        # bytes of their SHA-384 with page_digests, else Python's hash) -> file offset of the
+        # Identical blobs.  4 KiB blobs (pages) by a 64-bit key of their contents (Python's hash
+        # of their SHA-384 with page_digests, else of their bytes) -> file offset of the
         # first page with that key; pages whose key an earlier, different page holds -> ``clash``.
         # Other blobs by (length, content hash) -> indices into blobs.  A match is confirmed
         # byte for byte.  Per distinct page that is one dict entry of two ints.
@@ -297,7 +297,7 @@ class IgvmFile:
                     if cursor + PAGE_SIZE_4K > 0xFFFF_FFFF:
                         raise IgvmFormatError("file data exceeds 4 GiB (file offsets are 32-bit)")
                     offset = cursor
-                    blobs[-1] = file_slice(buf, last.start, last.length + PAGE_SIZE_4K)
+                    last.length += PAGE_SIZE_4K  # (a window made here, not handed out yet)
                     cursor += PAGE_SIZE_4K
                     stream()
                     return offset
@@ -367,7 +367,7 @@ class IgvmFile:
 
         def page_run_headers(run: PageRun, dpos: int) -> None:
             """The headers of a run of pages (directive ``dpos`` on), its data placed."""
-            nonlocal out, last_slice
+            nonlocal out, last_slice, cursor
             gpa, mask, flags, dtype, count = run.gpa, run.compatibility_mask, run.flags, run.data_type, run.count
             pack = page_tlv.pack
             source = run.source
@@ -393,19 +393,41 @@ class IgvmFile:
                     pack_into(out, at + 32 * i, page_type, 24, gpa + i * PAGE_SIZE_4K, mask, offset, flags, dtype, 0)
                 return
             start = run.start
-            put = digests.put if digests is not None else None
-            for i in range(count):
-                note(file_slice(source, start, PAGE_SIZE_4K))
-                if put is not None:
-                    digest = sha384(source[start : start + PAGE_SIZE_4K]).digest()
-                    put(dpos + i, digest)
-                    offset = place_window(source, start, digest)
-                else:
-                    offset = place_window(source, start, None)
-                out += pack(page_type, 24, gpa, mask, offset, flags, dtype, 0)
-                gpa += PAGE_SIZE_4K
-                start += PAGE_SIZE_4K
-            last_slice = file_slice(source, start - PAGE_SIZE_4K, PAGE_SIZE_4K)
+            dbuf = digests.buf if digests is not None else None
+            if digests is not None:
+                digests.known[dpos : dpos + count] = b"\x01" * count  # every page of a run of data has one
+            k = 48 * dpos
+            done = 0
+            while done < count:  # strides of 2048 pages: noted as one window, released once hashed
+                n = min(2048, count - done)
+                note(file_slice(source, start, n * PAGE_SIZE_4K))
+                for _ in range(n):
+                    view = source[start : start + PAGE_SIZE_4K]
+                    page_digest: bytes | None = None
+                    if dbuf is not None:
+                        page_digest = this = sha384(view).digest()
+                        dbuf[k : k + 48] = this
+                        k += 48
+                        key = digest_key(this)
+                    else:
+                        key = content_hash(view)
+                    tail = blobs[-1] if merging else None
+                    if key not in page_at and type(tail) is file_slice and tail._buf is source \
+                            and tail.start + tail.length == start and cursor + PAGE_SIZE_4K <= 0xFFFF_FFFF:
+                        # a new page right after the window being laid out (most pages): extend it
+                        offset = page_at[key] = cursor
+                        tail.length += PAGE_SIZE_4K
+                        cursor += PAGE_SIZE_4K
+                        if on_data is not None and cursor - sent_offset >= stream_bytes:
+                            stream()
+                    else:
+                        offset = place_window(source, start, page_digest)
+                    out += pack(page_type, 24, gpa, mask, offset, flags, dtype, 0)
+                    gpa += PAGE_SIZE_4K
+                    start += PAGE_SIZE_4K
+                done += n
+                releaser.release(None)
+            last_slice = None
 
         for head in (*self.platforms, *self.initializations):
             blob = head.blob()
@@ -515,9 +537,8 @@ class Layout(NamedTuple):
     page_digests: PageDigests | None
 
 
-def _digest_key(digest: bytes) -> int:
-    """The dedup key of a page from its SHA-384: the first 8 bytes."""
-    return int.from_bytes(digest[:8], "little")
+#: The dedup key of a page from its SHA-384: Python's (64-bit) hash of it.
+_digest_key: Callable[[bytes], int] = hash
 
 
 def _content_hash(view: memoryview) -> int:
