@@ -217,16 +217,51 @@ class AtomicFile:
         directory = os.path.dirname(os.path.abspath(self.target))
         try:
             if self._unnamed:
-                self._tmp = _link_unnamed(fh.fileno(), directory)
+                self._tmp = self._name_unnamed(fh.fileno(), directory)
             _record_output(self._tmp, self.path)
             os.replace(self._tmp, self.target)
         except OSError as exc:
             raise OutputError(f"cannot put the file in place: {exc.strerror or exc}", source=self.path) from None
         self._tmp = ""
+        done = self._fh if self._fh is not None else fh  # the file written, or _name_unnamed's copy
         self._fh = None
         with contextlib.suppress(OSError):
-            fh.close()  # releases the lock on the temporary file (now the output)
+            done.close()  # releases the lock on the temporary file (now the output)
         _sync_directory(directory)
+
+    def _name_unnamed(self, fd: int, directory: str) -> str:
+        """A name for the unnamed temporary file ``fd``: linked where it is (no copy), else (no
+        ``linkat`` through ``/proc`` after all) copied to a named temporary file."""
+        try:
+            return _link_unnamed(fd, directory)
+        except OSError:
+            pass
+        import tempfile
+
+        out, name = tempfile.mkstemp(prefix=f".igvm-{os.getpid()}-", suffix=".tmp", dir=directory)
+        try:
+            _hold(out)
+            offset, size = 0, os.fstat(fd).st_size
+            while offset < size:
+                chunk = os.pread(fd, min(1 << 20, size - offset), offset)
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view):]
+                offset += len(chunk)
+            os.fsync(out)
+            os.fchmod(out, self.mode)
+        except BaseException:
+            os.close(out)
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            raise
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self._fh.close()  # the unnamed file goes
+        self._fh = os.fdopen(out, "wb")  # keeps the named one locked until it is renamed
+        return name
 
     def _copy_out(self) -> None:
         import shutil
@@ -297,7 +332,7 @@ def _unnamed_temporary(directory: str) -> int:
     if not UNNAMED_TEMPORARIES or not flag or not os.path.isdir("/proc/self/fd"):
         return -1
     try:
-        return os.open(directory, flag | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o600)
+        return os.open(directory, flag | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
     except OSError:  # unsupported (EOPNOTSUPP, EISDIR on old kernels), or a real error that
         return -1  # creating a named file then reports
 

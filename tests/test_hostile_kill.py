@@ -277,3 +277,21 @@ def test_a_commit_removes_stale_temporaries_of_its_directory(tmp_path: Path) -> 
         out.write(b"image")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "x.igvm"]
     assert _temporaries(other) != []
+
+
+def test_unnamed_temporary_copied_when_it_cannot_be_linked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``linkat`` through ``/proc`` after all: the data is copied to a named temporary file
+    (locked, then renamed), never lost."""
+    import errno
+
+    def no_link(fd: int, directory: str) -> str:
+        raise OSError(errno.ENOENT, "no /proc")
+
+    monkeypatch.setattr(io, "_link_unnamed", no_link)
+    data = os.urandom(3 << 20) + b"end"
+    out = AtomicFile(tmp_path / "a", mode=0o640)
+    out.write(data)
+    assert list(tmp_path.iterdir()) == []
+    out.commit()
+    assert (tmp_path / "a").read_bytes() == data and (tmp_path / "a").stat().st_mode & 0o777 == 0o640
+    assert _temporaries(tmp_path) == []
