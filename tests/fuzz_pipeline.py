@@ -60,7 +60,8 @@ class PipelineFailure(AssertionError):
 
 
 def seed_files() -> list[bytes]:
-    """The accepted reference vectors, plus snp_v1 signed with the TEST-ONLY ID key."""
+    """The accepted reference vectors, snp_v1 signed with the TEST-ONLY ID key, and a file of
+    page runs (:func:`runs_seed`)."""
     from igvm_builder.sign import PemFileKey
     from igvm_builder.sign.image import sign_igvm
 
@@ -68,7 +69,43 @@ def seed_files() -> list[bytes]:
     signed, _ = sign_igvm(IgvmFile.from_bytes((VECTORS / "snp_v1.igvm").read_bytes()), id_key=PemFileKey(ID_PEM),
                           loader="hyperv")
     seeds.append(signed.to_bytes())
+    seeds.append(runs_seed())
     return seeds
+
+
+def runs_seed() -> bytes:
+    """A NATIVE + SEV-SNP file made of every kind of PAGE_DATA run the parser folds
+    (``format/pages.py``): distinct data pages (one contiguous buffer), one page repeated, zero
+    pages, data-less pages, unmeasured and shared ones, pages of one platform at GPAs the other
+    platform has too, and runs broken by a GPA gap, so that mutations land inside and at the
+    edges of runs."""
+    from igvm_builder.format import headers as H
+    from igvm_builder.format.defs import PageDataFlags, PlatformType
+
+    page = 0x1000
+    rng = random.Random(0x15)
+    both, native, snp = 3, 1, 2
+    d: list[Any] = []
+
+    def run(gpa: int, count: int, mask: int, data: Callable[[int], bytes], flags: int = 0) -> None:
+        d.extend(H.PageData(gpa=gpa + i * page, compatibility_mask=mask, flags=flags, data=data(i))
+                 for i in range(count))
+
+    run(0x100000, 24, both, lambda i: rng.randbytes(page))
+    run(0x11A000, 4, both, lambda i: rng.randbytes(page))  # after a gap of two pages
+    repeated = rng.randbytes(page)
+    run(0x200000, 16, both, lambda i: repeated)
+    run(0x300000, 8, both, lambda i: bytes(page))
+    run(0x400000, 16, snp, lambda i: b"")
+    run(0x500000, 4, native, lambda i: rng.randbytes(page))
+    run(0x500000, 4, snp, lambda i: rng.randbytes(page))
+    run(0x600000, 4, snp, lambda i: b"", int(PageDataFlags.SHARED))
+    run(0x700000, 4, snp, lambda i: rng.randbytes(page), int(PageDataFlags.UNMEASURED))
+    f = IgvmFile(platforms=(H.SupportedPlatform(compatibility_mask=native, platform_type=PlatformType.NATIVE),
+                            H.SupportedPlatform(compatibility_mask=snp, platform_type=PlatformType.SEV_SNP)),
+                 initializations=(H.GuestPolicy(policy=0x30000, compatibility_mask=snp),),
+                 directives=tuple(d))
+    return f.to_bytes()
 
 
 def _fix_crc(buf: bytearray) -> None:

@@ -46,3 +46,18 @@ def test_harness_reports_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(igvm_builder.lint, "lint", broken)
     with pytest.raises(PipelineFailure, match="lint: KeyError"):
         campaign(SEED, 200)
+
+
+def test_runs_seed_holds_every_kind_of_page_run() -> None:
+    """The seed the mutations start from for format/pages.py: the parser folds it into runs of a
+    contiguous buffer, of one repeated page and of data-less pages."""
+    from fuzz_pipeline import runs_seed
+
+    from igvm_builder.format import IgvmFile
+    from igvm_builder.format.pages import PageRun
+
+    runs = [x for x in IgvmFile.from_bytes(runs_seed()).directives.items() if isinstance(x, PageRun)]
+    assert len(runs) >= 9
+    assert any(r.source is not None and r.count > 1 for r in runs)
+    assert any(r.source is None and len(r.fill) == 4096 and r.count > 1 for r in runs)
+    assert any(r.source is None and len(r.fill) == 0 and r.count > 1 for r in runs)
