@@ -651,9 +651,13 @@ class _Parser:
         # page repeated, or data-less pages with offset 0; None: not known from one page).
         run_gpa = run_mask = run_flags = run_dtype = run_foff = run_n = 0
         run_step: int | None = None
+        #: headers with compatibility_mask 0 were seen (the reference parser drops them)
+        mask_zero: list[bool] = []
 
         def flush() -> None:
             """The pending run as one PageData (a single page) or a PageRun."""
+            if not run_mask:
+                mask_zero.append(True)
             if run_n == 1:
                 page = new_page(PageData)  # fields checked: skip __init__/__post_init__
                 set_gpa(page, run_gpa)
@@ -742,6 +746,8 @@ class _Parser:
                         exc.message = f"{name}: {exc.message}"
                         exc.args = (exc.message,)
                 raise
+            if sect != Section.PLATFORM and hdr.mask == 0:
+                mask_zero.append(True)
             if sect == Section.PLATFORM:
                 assert isinstance(hdr, H.SupportedPlatform)
                 for other_index, other in enumerate(platforms):
@@ -765,33 +771,47 @@ class _Parser:
         n_plat = len(platforms)
         n_directives = sum(item.count if type(item) is PageRun else 1 for item in directives)
         indices: Sequence[int] = range(n_plat, n_plat + len(inits) + n_directives)
+        # The reference parser keeps the headers whose mask meets its filter mask: the mask of the
+        # platform filtered for, else 0xFFFFFFFF, so a header with compatibility_mask 0 is
+        # dropped (after it was parsed and checked) whatever the filter.
+        fmask = None
         if self.filter is not None:
-            fmask = None
             for p in platforms:
                 if p.platform_type == self.filter:
                     fmask = p.compatibility_mask
-            if fmask is not None:
-                kept_indices: list[int] = []
-                kept_inits: list[H.Header] = []
-                kept_directives: list[H.Header | PageRun] = []
-                i = n_plat
-                for h in inits:
-                    if h.mask is None or h.mask & fmask:
-                        kept_indices.append(i)
-                        kept_inits.append(h)
-                    i += 1
-                for item in directives:
-                    n = item.count if type(item) is PageRun else 1
-                    if item.mask is None or item.mask & fmask:
-                        kept_indices += range(i, i + n)
-                        kept_directives.append(item)
-                    i += n
-                indices, inits, directives = kept_indices, kept_inits, kept_directives
+        if fmask is None and mask_zero:
+            fmask = 0xFFFF_FFFF
+        if fmask is not None:
+            kept_indices: list[int] = []
+            kept_inits: list[H.Header] = []
+            kept_directives: list[H.Header | PageRun] = []
+            i = n_plat
+            for h in inits:
+                if h.mask is None or h.mask & fmask:
+                    kept_indices.append(i)
+                    kept_inits.append(h)
+                elif h.mask == 0:
+                    self._mask_zero_warning(h, i, 1)
+                i += 1
+            for item in directives:
+                n = item.count if type(item) is PageRun else 1
+                if item.mask is None or item.mask & fmask:
+                    kept_indices += range(i, i + n)
+                    kept_directives.append(item)
+                elif item.mask == 0:
+                    self._mask_zero_warning(item, i, n)
+                i += n
+            indices, inits, directives = kept_indices, kept_inits, kept_directives
         f = IgvmFile(revision=version, architecture=arch, platforms=tuple(platforms),
                      initializations=tuple(inits), directives=Directives(directives),
                      header_indices=None if isinstance(indices, range) else (*range(n_plat), *indices))
         warnings = _validate(f, indices, n_plat, fields=False)  # decoding checked every field
         return _replace_warnings(f, (*self.warnings, *warnings))
+
+    def _mask_zero_warning(self, h: H.Header | PageRun, index: int, count: int) -> None:
+        where = f"header {index}" if count == 1 else f"headers {index}-{index + count - 1}"
+        self.warnings.append(f"{where}: {h.TYPE.name} with compatibility_mask 0 applies to no platform; dropped, as "
+                             "the reference parser drops it")
 
     def _page_error(self, index: int, pos: int, gpa: int, dtype: int, reserved: int, foff: int) -> IgvmFormatError:
         if gpa & 0xFFF:
@@ -1042,6 +1062,9 @@ class _Rules:
                     hm = h.mask
                 if hm is not None and hm & not_all_bits:
                     self.mask_warnings(pos, h, hm)
+                elif hm == 0:
+                    raise self.fail(f"{h.TYPE.name} compatibility_mask 0 applies to no platform (the reference "
+                                    "parser drops such a header); give it a platform's bit", pos)
         except TypeError:  # a field that is no integer: find it and name it
             for pos, h in self._body():
                 self.field_error(pos, h)
