@@ -78,9 +78,11 @@ def _oracle(*args: object) -> str:
     return subprocess.run([str(IGVM_ORACLE), *map(str, args)], capture_output=True, text=True, timeout=60).stdout
 
 
-def _with_mask_zero(data: bytes, header_type: int) -> tuple[bytes, int]:
-    """``data`` with the first header of ``header_type`` given compatibility_mask 0 (checksum fixed);
-    returns it and that header's index."""
+def _patched(data: bytes, header_type: int, at: int, fmt: str, value: int, *, bits: bool = False
+             ) -> tuple[bytes, int]:
+    """``data`` with a field of the first header of ``header_type`` (``fmt`` at ``at`` in its body)
+    set to ``value`` (or-ed into it with ``bits``), the checksum fixed; returns it and that header's
+    index.  Walks the header table itself, not through the library."""
     import struct
 
     from fuzz_pipeline import _fix_crc
@@ -91,13 +93,19 @@ def _with_mask_zero(data: bytes, header_type: int) -> tuple[bytes, int]:
     while pos < voff + vsize:
         typ, length = struct.unpack_from("<II", buf, pos)
         if typ == header_type:
-            mask_at = {0x302: 8, 0x101: 8, 0x303: 8, 0x305: 8}[typ]  # PAGE_DATA, GUEST_POLICY, INSERT, REQUIRED
-            struct.pack_into("<I", buf, pos + 8 + mask_at, 0)
+            old = struct.unpack_from(fmt, buf, pos + 8 + at)[0]
+            struct.pack_into(fmt, buf, pos + 8 + at, old | value if bits else value)
             _fix_crc(buf)
             return bytes(buf), index
         pos += 8 + (length + 7) // 8 * 8
         index += 1
     raise AssertionError(f"no header {header_type:#x}")
+
+
+def _with_mask_zero(data: bytes, header_type: int) -> tuple[bytes, int]:
+    """The first header of ``header_type`` (PAGE_DATA, GUEST_POLICY, PARAMETER_INSERT: the mask is
+    the u32 at body offset 8) given compatibility_mask 0."""
+    return _patched(data, header_type, 8, "<I", 0)
 
 
 @pytest.mark.parametrize("header_type", [0x302, 0x101, 0x303])
@@ -153,3 +161,52 @@ def test_writer_refuses_mask_zero() -> None:
     with pytest.raises(IgvmFormatError, match=r"header 1: GUEST_POLICY compatibility_mask 0"):
         IgvmFile(platforms=snp, initializations=(H.GuestPolicy(policy=0x30000, compatibility_mask=0),),
                  directives=(page,)).to_bytes()
+
+
+# --------------------------------------------------------------------------- fields the crate drops
+# Found by the campaign's differential check against igvm-oracle (benchmarks/fuzz_campaign.py
+# --oracle): files whose re-serialization by the crate differed from ours although both accepted
+# them, because the crate's model has no place for a field and writes it as 0: a native or VBS
+# VP_CONTEXT gpa, RELOCATABLE_REGION flag bits above 0x7, REQUIRED_MEMORY flag bits above 0x1.
+# The parser now reads them as the crate does (with a warning naming the value), the writer
+# refuses them, and a file we write from such an input reads the same in the crate.
+
+FIELD_CASES = {  # vector, header type, body offset, struct format, value or-ed in, warning text
+    "native-vp-gpa": ("native_v2_minimal.igvm", 0x304, 0, "<Q", 0x80000000, "native VP_CONTEXT gpa is 0x80000000"),
+    "vbs-vp-gpa": ("vbs_v1_reloc.igvm", 0x304, 0, "<Q", 0x2000000000, "VBS VP_CONTEXT gpa is 0x2000000000"),
+    "relocation-flags": ("vbs_v1_reloc.igvm", 0x102, 7, "<B", 0x80, "RELOCATABLE_REGION flags 0x87"),
+    "required-memory-flags": ("native_v1_params_dedup.igvm", 0x305, 16, "<I", 0x80, "REQUIRED_MEMORY flags 0x8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FIELD_CASES))
+def test_fields_the_crate_drops_are_read_as_it_reads_them(tmp_path, case: str) -> None:
+    from fuzz_pipeline import VECTORS
+
+    from igvm_builder.errors import IgvmFormatError
+    from igvm_builder.format import IgvmFile
+    from igvm_builder.recordclass import replace
+
+    vector, typ, at, fmt, value, warning = FIELD_CASES[case]
+    data, index = _patched((VECTORS / vector).read_bytes(), typ, at, fmt, value, bits=True)
+    f = IgvmFile.from_bytes(data)
+    assert any(w.startswith(f"header {index}: {warning}") for w in f.warnings), f.warnings
+    (tmp_path / "in.igvm").write_bytes(data)
+    ours = tmp_path / "ours.igvm"
+    ours.write_bytes(f.to_bytes())
+    assert _oracle("roundtrip", ours).startswith("identical"), _oracle("roundtrip", ours)
+
+    def headers(dump: str) -> list[str]:
+        return [line for line in dump.splitlines() if line.startswith(("init", "directive"))]
+
+    assert headers(_oracle("dump", tmp_path / "in.igvm")) == headers(_oracle("dump", ours))
+    # the unpatched vector parses without that warning; the raw value is refused by the writer
+    assert not any(w.startswith(f"header {index}: ") for w in IgvmFile.from_bytes((VECTORS / vector).read_bytes()).warnings)
+    position = index - len(f.platforms)
+    section = "initializations" if position < len(f.initializations) else "directives"
+    items = list(getattr(f, section))
+    k = position if section == "initializations" else position - len(f.initializations)
+    field = "gpa" if typ == 0x304 else "flags"
+    items[k] = replace(items[k], **{field: getattr(items[k], field) | value})
+    with pytest.raises(IgvmFormatError, match=rf"header {index}: .*{field} {getattr(items[k], field):#x} "):
+        replace(f, **{section: tuple(items)}).to_bytes()

@@ -835,6 +835,16 @@ class _Parser:
                 platforms: dict[int, H.SupportedPlatform], buf: memoryview) -> H.Header:
         cls = H.SIMPLE_HEADERS.get(typ)
         if cls is not None:
+            kept = _DROPPED_FLAG_BITS.get(cls)
+            if kept is not None:  # flag bits the reference model has no place for: read as 0
+                fmt, at = ("<I", 16) if cls is H.RequiredMemory else ("<B", 7)  # the flags field
+                flags = struct.unpack_from(fmt, body, at)[0]
+                if flags & ~kept:
+                    self.warnings.append(f"header {index}: {_type_name(typ)} flags {flags:#x} set bits other than "
+                                         f"{kept:#x}; read as {flags & kept:#x}, as the reference parser ignores them")
+                    fixed = bytearray(body)
+                    struct.pack_into(fmt, fixed, at, flags & kept)
+                    body = memoryview(bytes(fixed))
             return cls.unpack_body(body)
         if typ == HeaderType.PAGE_DATA:
             v = H.PageData.BODY.unpack(body)
@@ -888,8 +898,10 @@ class _Parser:
             page = self._data(foff, 4096, "VP context", index, pos).view()
             if any(page[size:]):
                 raise self.fail(f"invalid VP context: bytes {size}..4095 after the {size}-byte context must be zero")
-            if gpa and ptype != PlatformType.CCA:
-                self.warnings.append(f"header {index}: native VP_CONTEXT gpa is {gpa:#x}; the spec says 0")
+            if gpa and ptype != PlatformType.CCA:  # the reference model has no gpa for it: read as 0
+                self.warnings.append(f"header {index}: native VP_CONTEXT gpa is {gpa:#x}; the spec says 0 and the "
+                                     "reference parser ignores it (read as 0)")
+                gpa = 0
             cls = H.CcaVpContext if ptype == PlatformType.CCA else H.NativeVpContext
             return cls(gpa=gpa, compatibility_mask=mask, vp_index=vp_index, context=bytes(page[:size]))
         # VSM_ISOLATION: u32 count + 32-byte register records
@@ -914,8 +926,18 @@ class _Parser:
         if vp_index != 0:
             raise self.fail(f"VBS VP_CONTEXT vp_index is {vp_index}; only the BSP (0) is allowed "
                             "(the reference crate panics)")
+        if gpa:  # the reference model has no gpa for it: read as 0
+            self.warnings.append(f"header {index}: VBS VP_CONTEXT gpa is {gpa:#x}; the reference parser ignores it "
+                                 "(read as 0)")
+            gpa = 0
         return H.VbsVpContext(gpa=gpa, compatibility_mask=mask, vp_index=vp_index, vtl=vtl or 0,
                               registers=tuple(regs))
+
+
+#: Headers whose flags the reference model keeps only some bits of (REQUIRED_MEMORY:
+#: vtl2_protectable; RELOCATABLE_REGION: IS_VTL2, APPLY_RIP, APPLY_GDTR): the parser reads the
+#: other bits as 0 with a warning, the writer refuses them.
+_DROPPED_FLAG_BITS: dict[type[H.Header], int] = {H.RequiredMemory: 0x1, H.RelocatableRegion: 0x7}
 
 
 def _type_name(typ: int) -> str:

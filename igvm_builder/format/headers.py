@@ -241,6 +241,9 @@ class RelocatableRegion(Header):
         return bool(self.flags & 4)
 
     def rule(self) -> str | None:
+        if self.flags & ~0x7:
+            return (f"flags {self.flags:#x} set bits other than IS_VTL2, APPLY_RIP and APPLY_GDTR (0x7), which the "
+                    "reference parser drops")
         align = self.relocation_alignment
         for name in ("relocation_region_gpa", "minimum_relocation_gpa", "maximum_relocation_gpa"):
             value = getattr(self, name)
@@ -491,6 +494,11 @@ class RequiredMemory(Header):
     def vtl2_protectable(self) -> bool:
         return bool(self.flags & 1)
 
+    def rule(self) -> str | None:
+        if self.flags & ~0x1:
+            return f"flags {self.flags:#x} set bits other than vtl2_protectable (0x1), which the reference parser drops"
+        return None
+
     def __post_init__(self) -> None:
         for name in ("gpa", "number_of_bytes"):
             value = getattr(self, name)
@@ -730,6 +738,10 @@ class SnpVpContext(VpContextBase):
         return _pad(self.vmsa, PAGE_SIZE_4K, "VMSA")
 
 
+#: A VP context whose reference model has no gpa (the parser reads a non-zero one as 0).
+_NO_GPA = "gpa {gpa:#x} must be 0: the reference parser keeps no gpa for a {what} VP context (it reads it as 0)"
+
+
 @record(kw_only=True)
 class NativeVpContext(VpContextBase):
     """IgvmNativeVpContextX64 (232 bytes, stored zero-padded to 4096)."""
@@ -739,6 +751,11 @@ class NativeVpContext(VpContextBase):
     def __post_init__(self) -> None:
         if len(self.context) != NATIVE_CONTEXT.size:
             raise _err(f"native x64 VP context must be {NATIVE_CONTEXT.size} bytes, got {len(self.context)}")
+
+    def rule(self) -> str | None:
+        if self.gpa:
+            return _NO_GPA.format(gpa=self.gpa, what="native")
+        return None
 
     def blob(self) -> bytes:
         return bytes(self.context) + bytes(PAGE_SIZE_4K - NATIVE_CONTEXT.size)
@@ -780,6 +797,8 @@ class VbsVpContext(VpContextBase):
     registers: tuple[VbsRegister, ...] = field(default_factory=tuple)
 
     def rule(self) -> str | None:
+        if self.gpa:
+            return _NO_GPA.format(gpa=self.gpa, what="VBS")
         for i, r in enumerate(self.registers):
             message = VBS_REGISTER.by_name["vtl"].problem(self.vtl) \
                 or VBS_REGISTER.by_name["register_name"].problem(r.name) \
