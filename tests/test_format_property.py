@@ -157,7 +157,7 @@ def models(draw: st.DrawFn) -> IgvmFile:
         if draw(st.booleans()):
             align = 0x1000 << draw(st.integers(0, 9))
             inits.append(H.RelocatableRegion(
-                compatibility_mask=mask, vtl=vtl, flags=draw(u8), relocation_alignment=align,
+                compatibility_mask=mask, vtl=vtl, flags=draw(st.integers(0, 7)), relocation_alignment=align,
                 relocation_region_gpa=draw(st.integers(0, 1000)) * align,
                 relocation_region_size=draw(st.integers(1, 16)) * 0x1000,
                 minimum_relocation_gpa=0, maximum_relocation_gpa=draw(st.integers(0, 4000)) * align))
