@@ -88,7 +88,8 @@ def blob(rng: R, n: int) -> bytes:
 def _reloc(rng: R) -> dict[str, Any]:
     align = 0x1000 << rng.randrange(20)
     lim = (1 << 64) // align
-    return dict(compatibility_mask=u(rng, 32), vp_index=u(rng, 16), vtl=rng.randrange(3), flags=u(rng, 8),
+    # flags: bits 0-2 (the writer refuses the others, which the reference model has no place for)
+    return dict(compatibility_mask=u(rng, 32), vp_index=u(rng, 16), vtl=rng.randrange(3), flags=rng.randrange(8),
                 relocation_alignment=align, relocation_region_gpa=rng.randrange(lim) * align,
                 relocation_region_size=rng.randrange(1, 1 << 20) * 0x1000,
                 minimum_relocation_gpa=rng.randrange(lim) * align, maximum_relocation_gpa=rng.randrange(lim) * align)
@@ -128,7 +129,7 @@ GEN: dict[type[H.Header], Callable[[R], dict[str, Any]]] = {
                                data=blob(r, r.choice((0, 1, 27, 4096)))),
     H.ParameterInsert: lambda r: dict(gpa=page(r), compatibility_mask=u(r, 32), parameter_area_index=u(r, 32)),
     H.RequiredMemory: lambda r: dict(gpa=page(r), compatibility_mask=u(r, 32), number_of_bytes=page(r, 32),
-                                     flags=u(r, 32)),
+                                     flags=r.randrange(2)),  # (other bits: no place in the reference model)
     H.ErrorRange: lambda r: dict(gpa=page(r), compatibility_mask=u(r, 32), size_bytes=u(r, 32)),
     H.SnpIdBlock: lambda r: dict(compatibility_mask=u(r, 32), author_key_enabled=u(r, 8), reserved=blob(r, 3),
                                  ld=blob(r, 48), family_id=blob(r, 16), image_id=blob(r, 16), version=u(r, 32),
