@@ -114,6 +114,34 @@ def _setstate(self: object, state: tuple[Any, ...]) -> None:
         object.__setattr__(self, f.name, value)
 
 
+# The methods every record shares; what differs between classes is in class attributes:
+# __record_fields__, __record_compare__ (the compared fields' values as a tuple) and
+# __record_repr__ (the names the repr shows).
+
+def _getstate(self: object) -> tuple[Any, ...]:
+    return tuple(getattr(self, f.name) for f in type(self).__record_fields__)  # type: ignore[attr-defined]
+
+
+def _eq(self: object, other: object) -> object:  # bool, or NotImplemented for another class
+    if other.__class__ is self.__class__:
+        compared = type(self).__record_compare__  # type: ignore[attr-defined]
+        return compared(self) == compared(other)
+    return NotImplemented
+
+
+def _hash(self: object) -> int:
+    return hash(type(self).__record_compare__(self))  # type: ignore[attr-defined]
+
+
+def _repr(self: object) -> str:
+    inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in type(self).__record_repr__)  # type: ignore[attr-defined]
+    return f"{self.__class__.__qualname__}({inner})"
+
+
+_eq.__name__, _hash.__name__, _repr.__name__ = "__eq__", "__hash__", "__repr__"
+_getstate.__name__, _setstate.__name__ = "__getstate__", "__setstate__"
+
+
 class _DataclassFields:
     """A record's ``__dataclass_fields__`` for the ``dataclasses`` functions, made when first asked
     for (from a throwaway dataclass of the same fields) and then kept on the class."""
@@ -133,6 +161,9 @@ class _DataclassFields:
         found: dict[str, Any] = shadow.__dataclass_fields__
         type.__setattr__(owner, "__dataclass_fields__", found)
         return found
+
+
+_DATACLASS_FIELDS = _DataclassFields()
 
 
 def _collect(cls: type, kw_only: bool) -> tuple[tuple[Field, ...], list[str]]:
@@ -253,42 +284,28 @@ def _process(cls: type[_R], kw_only: bool, frozen: bool) -> type[_R]:
     ns["__slots__"] = tuple(name for name in own if name not in slotted)
     ns["__record_fields__"] = all_fields
     ns["__match_args__"] = tuple(f.name for f in all_fields if not f.kw_only)
-    ns["__dataclass_fields__"] = _DataclassFields()
+    ns["__dataclass_fields__"] = _DATACLASS_FIELDS
     ns["__replace__"] = replace  # copy.replace (Python >= 3.13)
-    compared = _getter([f.name for f in all_fields if f.compare])
-    shown = [f.name for f in all_fields if f.repr]
-
-    def __eq__(self: object, other: object) -> bool:
-        if other.__class__ is self.__class__:
-            return compared(self) == compared(other)
-        return NotImplemented
-
-    def __repr__(self: object) -> str:
-        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in shown)
-        return f"{self.__class__.__qualname__}({inner})"
-
+    ns["__record_compare__"] = _getter([f.name for f in all_fields if f.compare])
+    ns["__record_repr__"] = tuple(f.name for f in all_fields if f.repr)
     if "__eq__" not in cls.__dict__:
-        ns["__eq__"] = __eq__
+        ns["__eq__"] = _eq
         if frozen:
-            ns["__hash__"] = lambda self: hash(compared(self))
+            ns["__hash__"] = _hash
         elif cls.__dict__.get("__hash__", None) is None:
             ns["__hash__"] = None
     if "__repr__" not in cls.__dict__:
-        ns["__repr__"] = __repr__
+        ns["__repr__"] = _repr
     if frozen:
         ns["__setattr__"] = _frozen_setattr
         ns["__delattr__"] = _frozen_delattr
-        ns["__getstate__"] = lambda self: tuple(getattr(self, f.name) for f in all_fields)
+        ns["__getstate__"] = _getstate
         ns["__setstate__"] = _setstate
     metaclass: Any = type(cls)
     new: type[_R] = metaclass(cls.__name__, cls.__bases__, ns)
     new.__qualname__ = cls.__qualname__
     if "__init__" not in cls.__dict__:
         type.__setattr__(new, "__init__", _LazyInit(new, all_fields, frozen))
-    for name in ("__eq__", "__repr__"):
-        func = ns.get(name)
-        if func is __eq__ or func is __repr__:
-            func.__qualname__ = f"{cls.__qualname__}.{name}"
     return new
 
 
