@@ -4,7 +4,7 @@ driven by hypothesis.
 Usage::
 
     python benchmarks/fuzz_campaign.py [--seed S] [--executions N] [--hypothesis-examples M]
-                                       [--crashes DIR] [--json]
+                                       [--oracle-every K] [--crashes DIR] [--json]
 
 1. **Seeded mutations** (``fuzz_pipeline.campaign``): N inputs mutated from the reference vectors
    and a signed SNP file (byte mutations and model-field mutations); every accepted file goes
@@ -15,7 +15,10 @@ Usage::
    (``test_format_property.mutated``), each through the same pipeline.
 
 A crash is an exception that is not one of the project's one-line errors, an accepted file that
-does not serialize back to the same model, or a file just signed that does not verify; crashing
+does not serialize back to the same model, or a file just signed that does not verify; with
+``--oracle-every N``, also one mutated input in N on which the reference crate (``igvm-oracle``)
+gives another verdict than ours, or re-serializes the file we write from it differently (a
+panic of the crate on an input we reject is counted as ``crate_panics``, not as a crash); crashing
 inputs are written to ``--crashes`` (default: a ``fuzz-crashes`` directory beside this script's
 working directory, only created when there is one).  The data-less page bound is lowered to 4096
 pages (``IGVM_BUILDER_MAX_IMPLIED_PAGES``) so that mutated 4 GiB areas exercise the refusal
@@ -51,16 +54,27 @@ def main() -> int:
     ap.add_argument("--hypothesis-examples", type=int, default=2_000)
     ap.add_argument("--crashes", type=Path, default=Path("fuzz-crashes"))
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ap.add_argument("--oracle-every", type=int, default=0, metavar="N",
+                    help="also check one mutated input in N against the reference crate (igvm-oracle: same "
+                         "verdict, same re-serialization of the file we write); 0: never")
     args = ap.parse_args()
 
-    from fuzz_pipeline import PipelineFailure, campaign, run_pipeline
+    import tempfile
+
+    from fuzz_pipeline import OracleCheck, PipelineFailure, campaign, run_pipeline
 
     figures: dict[str, object] = {"seed": args.seed}
     t0 = time.monotonic()
-    seeded = campaign(args.seed, args.executions, sign_every=4, stop_on_failure=False)
+    with tempfile.TemporaryDirectory(prefix="fuzz-oracle-") as scratch:
+        oracle = OracleCheck(Path(scratch)) if args.oracle_every > 0 else None
+        seeded = campaign(args.seed, args.executions, sign_every=4, stop_on_failure=False, check=oracle,
+                          check_every=max(args.oracle_every, 1))
     figures["mutation"] = {"executions": seeded.executions, "parsed": seeded.parsed,
                            "pipeline_runs": seeded.pipelines, "crashes": len(seeded.failures),
                            "seconds": round(time.monotonic() - t0, 1)}
+    if oracle is not None:
+        figures["mutation"]["oracle_checked"] = oracle.checked  # type: ignore[index]
+        figures["mutation"]["crate_panics"] = oracle.crate_panics  # type: ignore[index]
     crashes = [f"{f.stage}: {str(f)[:200]} -> {_save(args.crashes, f.data)}" for f in seeded.failures]
 
     from hypothesis import HealthCheck, given, settings

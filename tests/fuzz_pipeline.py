@@ -244,10 +244,55 @@ class Campaign:
     failures: list[PipelineFailure] = dataclasses.field(default_factory=list)
 
 
+class OracleCheck:
+    """The differential check against the reference crate (``igvm-oracle`` in ../shared/tools):
+    for an input, the crate's verdict (parse) must be ours, and for an accepted one the crate
+    must re-serialize the file we write from it to the same bytes (so it reads it as we do).  A
+    panic inside the crate on an input we reject counts in :attr:`crate_panics`, not as a
+    failure (that is the crate's bug).  One subprocess per call: a few milliseconds."""
+
+    def __init__(self, directory: Path) -> None:
+        from oracles import IGVM_ORACLE
+
+        self.tool = str(IGVM_ORACLE)
+        self.path = directory / "oracle-input.igvm"
+        self.checked = 0
+        self.crate_panics = 0
+
+    def _run(self, command: str, data: bytes) -> tuple[int, str]:
+        import subprocess
+
+        self.path.write_bytes(data)
+        proc = subprocess.run([self.tool, command, str(self.path)], capture_output=True, text=True, timeout=120)
+        return proc.returncode, (proc.stdout.strip().splitlines() or [proc.stderr.strip()])[-1][:200]
+
+    def __call__(self, data: bytes) -> None:
+        self.checked += 1
+        try:
+            ours: IgvmFile | None = IgvmFile.from_bytes(data)
+        except IgvmError as exc:
+            ours, why = None, str(exc)
+        rc, said = self._run("parse", data)
+        if rc == 3 and ours is None:
+            self.crate_panics += 1
+            return
+        if (rc == 0) != (ours is not None):
+            raise PipelineFailure("oracle/parse", f"the crate {'accepts' if rc == 0 else 'rejects'} ({said}), we "
+                                  f"{'accept' if ours is not None else 'reject: ' + why}", data)
+        if ours is None:
+            return
+        rc, said = self._run("roundtrip", ours.to_bytes())
+        if rc != 0:
+            raise PipelineFailure("oracle/roundtrip", f"the crate re-serializes the file we write differently: "
+                                  f"{said}", data)
+
+
 def campaign(seed: int, executions: int, *, pipeline_every: int = 1, sign_every: int = 4,
-             stop_on_failure: bool = True) -> Campaign:
+             stop_on_failure: bool = True, check: Callable[[bytes], None] | None = None,
+             check_every: int = 1) -> Campaign:
     """``executions`` mutated inputs from ``seed`` (same seed, same inputs); every accepted one
-    runs the pipeline (signing on one in ``sign_every``)."""
+    runs the pipeline (signing on one in ``sign_every``); ``check`` (e.g. :class:`OracleCheck`)
+    sees one input in ``check_every``."""
     rng = random.Random(seed)
     seeds = seed_files()
     originals = [IgvmFile.from_bytes(s) for s in seeds]
@@ -262,6 +307,8 @@ def campaign(seed: int, executions: int, *, pipeline_every: int = 1, sign_every:
             accepted = run_pipeline(data, originals[k], sign=out.executions % sign_every == 0) \
                 if out.executions % pipeline_every == 0 else _guard("parse", data,
                                                                     lambda d=data: IgvmFile.from_bytes(d)) is not None
+            if check is not None and out.executions % check_every == 0:
+                check(data)
         except PipelineFailure as failure:
             out.failures.append(failure)
             if stop_on_failure:
