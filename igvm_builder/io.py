@@ -413,6 +413,74 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[str]:
     return removed
 
 
+class ScratchDirectory:
+    """A temporary working directory, ``<tmp>/<prefix><pid>-<random>`` (``tempfile.gettempdir()``),
+    removed with everything in it when the ``with`` block ends (as
+    ``tempfile.TemporaryDirectory``), and locked (``flock``) while it exists.  Before it is made,
+    the directories of that prefix that processes which no longer exist left behind (killed by
+    SIGKILL: ``repro``'s two scratch builds, a ``cmd:`` signer's message files) are removed
+    (:func:`remove_stale_directories`)."""
+
+    def __init__(self, prefix: str) -> None:
+        import tempfile
+
+        parent = tempfile.gettempdir()
+        remove_stale_directories(parent, prefix)
+        self.name = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
+        self._fd = os.open(self.name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        _hold(self._fd)
+
+    def cleanup(self) -> None:
+        import shutil
+
+        if self._fd >= 0:
+            shutil.rmtree(self.name, ignore_errors=True)
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> str:
+        return self.name
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.cleanup()
+
+
+def remove_stale_directories(parent: str | os.PathLike[str], prefix: str) -> list[str]:
+    """Remove the :class:`ScratchDirectory` directories ``<prefix><pid>-<random>`` in ``parent``
+    that belong to this user, whose process ``pid`` no longer exists and whose lock nobody holds;
+    return their names."""
+    import shutil
+
+    pattern = re.compile(re.escape(prefix) + r"([0-9]{1,10})-[0-9A-Za-z_]{1,32}")
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode) or (uid is not None and st.st_uid != uid):
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) and _unlocked(fd):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.name)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def _unlocked(fd: int) -> bool:
     """True if no process holds a lock on the file ``fd`` (or the file system has no locks)."""
     try:

@@ -41,7 +41,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -51,6 +50,7 @@ from igvm_builder.errors import IgvmError, ReproducibilityError, VerificationErr
 
 if TYPE_CHECKING:
     from igvm_builder.config import BuildConfig
+    from igvm_builder.io import ScratchDirectory
 
 __all__ = [
     "ReleaseCheck",
@@ -335,8 +335,10 @@ def _params(config_path: str | os.PathLike[str], platforms: Sequence[str] | str 
     return path, tuple(platforms) if platforms else None
 
 
-def _mkdirs() -> tuple[tempfile.TemporaryDirectory[str], str, str]:
-    holder = tempfile.TemporaryDirectory(prefix="igvm-repro-")
+def _mkdirs() -> tuple[ScratchDirectory, str, str]:
+    from igvm_builder.io import ScratchDirectory
+
+    holder = ScratchDirectory("igvm-repro-")  # what a killed run left goes first
     # Two trees at different depths and path lengths.
     a = os.path.join(holder.name, "a")
     b = os.path.join(holder.name, "build-b-with-a-much-longer-directory-name", "nested", "deeper")

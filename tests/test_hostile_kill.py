@@ -295,3 +295,68 @@ def test_unnamed_temporary_copied_when_it_cannot_be_linked(tmp_path: Path, monke
     out.commit()
     assert (tmp_path / "a").read_bytes() == data and (tmp_path / "a").stat().st_mode & 0o777 == 0o640
     assert _temporaries(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- scratch directories
+
+
+def test_remove_stale_directories_takes_only_a_dead_owners_unlocked_ones(tmp_path: Path) -> None:
+    from igvm_builder.io import remove_stale_directories
+
+    dead = _dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f"igvm-repro-{dead}-abc_123"
+        (stale / "a" / "out").mkdir(parents=True)
+        (stale / "a" / "out" / "a.igvm").write_bytes(b"x" * 4096)
+        (tmp_path / f"igvm-repro-{live.pid}-abc").mkdir()  # its process runs
+        locked = tmp_path / f"igvm-repro-{dead}-locked"
+        locked.mkdir()
+        (tmp_path / f"igvm-sign-{dead}-other").mkdir()  # another prefix
+        (tmp_path / f"igvm-repro-{dead}-file").write_bytes(b"not a directory")
+        (tmp_path / f"igvm-repro-{dead}-link").symlink_to(stale)
+        others = tmp_path / f"igvm-repro-{dead}-others"
+        others.mkdir()
+        os.chown(others, 4242, 4242)  # another user's (the tests run as root)
+        fd = os.open(locked, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            assert remove_stale_directories(tmp_path, "igvm-repro-") == [stale.name]
+        finally:
+            os.close(fd)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+            f"igvm-repro-{live.pid}-abc", locked.name, f"igvm-sign-{dead}-other", f"igvm-repro-{dead}-file",
+            f"igvm-repro-{dead}-link", others.name])
+        assert remove_stale_directories(tmp_path, "igvm-repro-") == [locked.name]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_repro_killed_by_sigkill_leaves_its_scratch_builds_to_the_next_run(tmp_path: Path) -> None:
+    """``repro`` builds twice in a scratch directory under TMPDIR; a SIGKILL of its process group
+    (as a CI cancellation sends) leaves it, the next repro removes it."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    cfg = _config(tmp_path, b"payload " * 4096)
+    env = _child_env("unnamed", 0)
+    env["TMPDIR"] = str(scratch)
+    argv = [sys.executable, "-m", "igvm_builder", "repro", str(cfg)]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(scratch.glob(f"igvm-repro-{proc.pid}-*/a/src")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    (left,) = scratch.glob("igvm-repro-*")
+    assert left.name.startswith(f"igvm-repro-{proc.pid}-")
+    done = subprocess.run(argv, env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert list(scratch.iterdir()) == []  # the killed run's scratch builds and its own

@@ -26,7 +26,6 @@ import base64
 import os
 import shlex
 import subprocess
-import tempfile
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -437,7 +436,9 @@ class CommandKey(KeySource):
 
     def _sign(self, message: bytes, digest: bytes) -> tuple[int, int]:
         digest_hex = digest.hex()
-        with tempfile.TemporaryDirectory(prefix="igvm-sign-") as tmp:
+        from igvm_builder.io import ScratchDirectory
+
+        with ScratchDirectory("igvm-sign-") as tmp:  # (a killed run's are removed first)
             digest_file = Path(tmp, "digest.bin")
             message_file = Path(tmp, "message.bin")
             digest_file.write_bytes(digest)
