@@ -207,7 +207,7 @@ def _build(cfg: BuildConfig, output: SeekableOutput | None) -> BuildResult:
 def _snp_vcpus(cfg: BuildConfig, f: IgvmFile) -> int | None:
     """The launch's vCPU count for the KVM loaders' SNP digest: ``snp.vcpus`` when the image starts
     a vCPU (an image of blobs only has no VP context, and nothing to count)."""
-    return cfg.snp.vcpus if any(isinstance(h, H.SnpVpContext) for h in f.directives) else None
+    return cfg.snp.vcpus if any(isinstance(h, H.SnpVpContext) for h in f.directives.items()) else None
 
 
 class _Writer:

@@ -135,7 +135,7 @@ def starts_a_vcpu(f: IgvmFile) -> bool:
     """Whether ``f`` has an SEV-SNP VP context (only then do the config's vCPUs apply)."""
     from igvm_builder.format import headers as H
 
-    return any(isinstance(h, H.SnpVpContext) for h in f.directives)
+    return any(isinstance(h, H.SnpVpContext) for h in f.directives.items())  # (runs of pages stay runs)
 
 
 def launch_vcpus(f: IgvmFile, plan: SignPlan) -> tuple[int | None, str | int | None]:
