@@ -19,7 +19,7 @@ from softhsm import TOKEN, SoftHsm, softhsm_token
 from igvm_builder.errors import IgvmFormatError, MeasurementError, SigningError
 from igvm_builder.format import IgvmFile
 from igvm_builder.format import headers as H
-from igvm_builder.format.blob import FileSlice
+from igvm_builder.format.blob import FileSlice, as_view
 from igvm_builder.format.defs import PageDataFlags, PageDataType, PlatformType
 from igvm_builder.measure import DEFAULT_LOADER, measure_file, measure_platform
 from igvm_builder.measure.profiles import PROFILES
@@ -38,6 +38,7 @@ from igvm_builder.sign.image import (
     find_id_blocks,
     import_igvm_signature,
     sign_igvm,
+    sign_igvm_layout,
     sign_image,
     verify_igvm,
 )
@@ -182,6 +183,54 @@ def test_sign_a_real_file_changes_nothing_but_the_id_block() -> None:
     assert "verifies" in report.summary() and "\n" not in report.summary()
     # Deterministic keys: signing again gives the same bytes.
     assert sign_igvm(f, id_key=id_key(), author_key=author_key(), guest_svn=3)[0].to_bytes() == data
+
+
+def _shared_block_file() -> IgvmFile:
+    """make_file() with an ID block of another tool shared by the SNP and native masks, and a
+    repeated page (laid out once): signing keeps the block for the native mask only."""
+    f = make_file()
+    block = H.SnpIdBlock.unpack_body(memoryview(bytes(H.SnpIdBlock.SIZE)))
+    block = dataclasses.replace(block, compatibility_mask=SNP_MASK | NATIVE_MASK, ld=bytes(range(48)))
+    extra = H.PageData(gpa=0x500000, compatibility_mask=SNP_MASK | NATIVE_MASK, data=_page(2))
+    g = IgvmFile(revision=2, platforms=f.platforms, initializations=f.initializations,
+                 directives=(*f.directives, extra, block))
+    return IgvmFile.from_bytes(g.to_bytes())
+
+
+@pytest.mark.parametrize(("source", "loader"), [
+    *((source, loader) for source in ("made", "signed", "shared_block", "bzimage") for loader in ("hyperv", "qemu")),
+    ("snp_v1", "hyperv"),  # (its VMSA is not at KVM's GPA: the KVM loaders refuse it)
+])
+def test_sign_igvm_layout_gives_the_serializers_bytes(source: str, loader: str, tmp_path: Path) -> None:
+    """sign_igvm_layout (each page hashed once, the ID block's bytes put in place of a
+    placeholder's) gives exactly what sign_igvm's file serializes to, and signs the digest
+    measure_platform computes from the pages themselves."""
+    if source == "bzimage":
+        from igvm_builder.assemble.pipeline import build_file
+        from igvm_builder.config import load_config
+
+        cfg = tmp_path / "linux.toml"
+        cfg.write_text(f"[image]\nplatforms = [\"snp\"]\n\n[kernel]\npath = '{SHARED}/inputs/vmlinuz-6.1.0-56-cloud-amd64'"
+                       "\ncmdline = \"console=ttyS0\"\n\n[memory]\nsize = \"1G\"\n")
+        (tmp_path / "linux.igvm").write_bytes(build_file(load_config(str(cfg)))[0].to_bytes())
+        f = IgvmFile.load(str(tmp_path / "linux.igvm"))
+    else:
+        f = {"made": make_file, "snp_v1": lambda: IgvmFile.load(SNP_V1), "shared_block": _shared_block_file,
+             "signed": lambda: reparse(sign_igvm(make_file(), id_key=id_key(), guest_svn=7)[0].to_bytes())}[source]()
+    out, signed, layout = sign_igvm_layout(f, id_key=id_key(), author_key=author_key(), loader=loader, guest_svn=5)
+    expected, expected_signed = sign_igvm(f, id_key=id_key(), author_key=author_key(), loader=loader, guest_svn=5)
+    data = layout.head + b"".join(as_view(b) for b in layout.blobs)
+    assert data == expected.to_bytes() == out.to_bytes()
+    assert signed.igvm_body == expected_signed.igvm_body
+    assert signed.fields.ld == measure_platform(f, PlatformType.SEV_SNP, loader=loader).digest
+    g = reparse(data)  # checksum, sizes and offsets hold
+    (block,) = find_id_blocks(g, SNP_MASK)
+    assert block.pack_body() == signed.igvm_body and g.directives[-1] == block
+    assert verify_igvm(g, loader=loader, id_key_digest=ID_DIGEST, author_key_digest=AUTHOR_DIGEST).guest_svn == 5
+    if source == "shared_block":  # the other tool's block stays, for the native mask only
+        (kept,) = find_id_blocks(g, NATIVE_MASK)
+        assert kept.compatibility_mask == NATIVE_MASK and kept.ld == bytes(range(48))
+        assert g.revision == 2
 
 
 def test_loader_selects_the_signed_digest() -> None:

@@ -17,10 +17,14 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, NoReturn
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from igvm_builder.commands._common import LOADERS, add_loader_option, print_json
 from igvm_builder.commands._vcpus import add_vcpu_options
+
+if TYPE_CHECKING:
+    from igvm_builder.format.file import Layout
 
 _MAX_SIGNATURE = 64 * 1024
 
@@ -223,11 +227,12 @@ def _load_public(spec: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from igvm_builder.format import IgvmFile
+    from igvm_builder.format.blob import as_view
     from igvm_builder.io import STDOUT, atomic_outputs, atomic_write
     from igvm_builder.measure.profiles import DEFAULT_LOADER
     from igvm_builder.sign import ExportedTbs, key_digest
     from igvm_builder.sign.image import export_igvm_tbs, import_igvm_signature
-    from igvm_builder.sign.stage import SignOutcome, launch_vcpus, plan_signing, sign_file
+    from igvm_builder.sign.stage import SignOutcome, launch_vcpus, plan_signing, sign_file_layout
 
     _check_usage(args)
     _check_paths(args)
@@ -243,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{args.output}: removed the SEV-SNP ID block" if removed else
                   f"{args.output}: {args.input} has no SEV-SNP ID block; written unchanged", file=report)
         return 0
+    layout: Layout | None = None  # the signed file's bytes, when laid out as it was signed
     if args.import_signature:
         from igvm_builder.errors import SigningError
         from igvm_builder.io import JSON_LIMIT, read_input
@@ -322,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
                     print(line, file=report)
             _warn(warning)
             return 0
-        out, outcome = sign_file(f, plan, output=args.output, allow_test_keys=args.allow_test_keys)
+        out, outcome, layout = sign_file_layout(f, plan, output=args.output, allow_test_keys=args.allow_test_keys)
 
     refs = None
     if args.reference_values:  # the signed image's reference values, from the build's (--reference)
@@ -336,7 +342,11 @@ def run(args: argparse.Namespace) -> int:
                                        base=base, vcpus=vcpus[0], vcpu_type=vcpus[1])
     with atomic_outputs(args.output, args.reference_values) as (out_fh, refs_fh):
         assert out_fh is not None
-        for chunk in out.iter_chunks():
+        if layout is None:
+            chunks: Iterable[bytes | memoryview] = out.iter_chunks()
+        else:  # laid out when signed
+            chunks = (layout.head, *(as_view(b) for b in layout.blobs))
+        for chunk in chunks:
             out_fh.write(chunk)
         if refs_fh is not None and refs is not None:
             refs_fh.write(refs.to_json().encode())

@@ -27,14 +27,16 @@ The two-step flow over whole files is :func:`export_igvm_tbs` /
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from igvm_builder.errors import IgvmError, SigningError, VerificationError
 from igvm_builder.format import headers as H
-from igvm_builder.format.defs import PLATFORM_NAMES, PLATFORM_SHORT, PageDataFlags, PlatformType
-from igvm_builder.format.file import IgvmFile
+from igvm_builder.format.defs import PLATFORM_NAMES, PLATFORM_SHORT, HeaderType, PageDataFlags, PlatformType
+from igvm_builder.format.file import IgvmFile, Layout
 from igvm_builder.format.pages import Directives, PageRun
 from igvm_builder.hexstr import parse_hex
 from igvm_builder.measure.engine import measure_platform
@@ -61,6 +63,7 @@ __all__ = [
     "import_igvm_signature",
     "parse_id16",
     "sign_igvm",
+    "sign_igvm_layout",
     "sign_image",
     "snp_target",
     "verify_igvm",
@@ -290,6 +293,69 @@ def sign_igvm(
         compatibility_mask=platform.compatibility_mask,
     )
     return _insert(f, signed, platform, policy), signed
+
+
+def sign_igvm_layout(
+    f: IgvmFile,
+    *,
+    id_key: KeySource,
+    author_key: KeySource | None = None,
+    loader: str | None = None,
+    family_id: bytes = bytes(16),
+    image_id: bytes = bytes(16),
+    guest_svn: int = 0,
+    vcpus: int | None = None,
+    vcpu_type: str | int | None = None,
+) -> tuple[IgvmFile, SignedIdBlock, Layout]:
+    """:func:`sign_igvm`, and the signed file's serialization (:meth:`IgvmFile.layout`), with
+    each page of file data hashed once.
+
+    The ID block directive has no file data, a fixed size, and is not measured: the file is
+    laid out once with a placeholder block in its place, the SHA-384 of each page that the
+    layout computes (to find identical pages) is what the launch digest chains, and once
+    signed, the block's bytes (the last variable header) take the placeholder's and the
+    checksum is recomputed.  The signed model is checked as :func:`sign_igvm` checks it, and the
+    headers are checked to hold the signed block.
+    """
+    platform, policy = snp_target(f, SigningError)
+    mask = platform.compatibility_mask
+    directives, _removed = _without_id_blocks(f, mask)
+    placeholder = H.SnpIdBlock.unpack_body(memoryview(mask.to_bytes(4, "little") + bytes(H.SnpIdBlock.SIZE - 4)))
+    template = IgvmFile(revision=f.revision, architecture=f.architecture, platforms=f.platforms,
+                        initializations=f.initializations, directives=Directives([*directives, placeholder]))
+    laid = template.layout(validate=False, page_digests=True)  # out (below) is validated
+    measured = measure_platform(template, _SNP, loader=_loader_name(loader), vcpus=vcpus, vcpu_type=vcpu_type,
+                                page_digests=laid.page_digests).digest
+    if measured is None:  # pragma: no cover - SNP always has a digest
+        raise SigningError("the SEV_SNP platform has no launch digest")
+    signed = sign_id_block(
+        measured,
+        policy=policy,
+        family_id=parse_id16(family_id, "family_id"),
+        image_id=parse_id16(image_id, "image_id"),
+        guest_svn=_guest_svn(guest_svn),
+        id_key=id_key,
+        author_key=author_key,
+        compatibility_mask=mask,
+    )
+    out = _insert(f, signed, platform, policy)
+    head = _with_block_bytes(laid.head, placeholder.pack_body(), signed.igvm_body)
+    return out, signed, Layout(head, laid.blobs, laid.page_digests)
+
+
+def _with_block_bytes(head: bytes, placeholder: bytes, body: bytes) -> bytes:
+    """The headers ``head`` (fixed and variable) whose last variable header, the SNP_ID_BLOCK
+    ``placeholder``, is ``body`` instead, with the checksum recomputed."""
+    tlv = struct.Struct("<II")
+    size = tlv.size + len(body)
+    if len(body) != len(placeholder) or len(body) % 8 or len(head) < size + 24 \
+            or head[-size:] != tlv.pack(int(HeaderType.SNP_ID_BLOCK), len(body)) + placeholder:
+        raise SigningError("the laid-out headers do not end with the ID block placeholder")  # pragma: no cover
+    out = bytearray(head)
+    out[-len(body):] = body
+    out[20:24] = bytes(4)  # the checksum (IGVM_FIXED_HEADER.checksum) is over the headers with it zero
+    out[20:24] = struct.pack("<I", zlib.crc32(out))
+    return bytes(out)
 
 
 def sign_image(

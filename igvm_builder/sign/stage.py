@@ -26,11 +26,11 @@ from igvm_builder.errors import SigningError
 
 if TYPE_CHECKING:
     from igvm_builder.config import BuildConfig
-    from igvm_builder.format.file import IgvmFile
+    from igvm_builder.format.file import IgvmFile, Layout
     from igvm_builder.reference import ReferenceValues
 
 __all__ = ["SignOutcome", "SignPlan", "check_test_keys", "launch_vcpus", "plan_signing", "resolve_key_spec",
-           "sign_file", "signed_reference_values", "starts_a_vcpu"]
+           "sign_file", "sign_file_layout", "signed_reference_values", "starts_a_vcpu"]
 
 _NON_FILE_SCHEMES = ("env", "pkcs11", "cmd")
 
@@ -217,9 +217,20 @@ def sign_file(
 
     The signature is verified after signing (by :func:`~igvm_builder.sign.sign_id_block`).
     """
+    out, outcome, _layout = sign_file_layout(f, plan, output=output, allow_test_keys=allow_test_keys,
+                                             how_to_allow=how_to_allow)
+    return out, outcome
+
+
+def sign_file_layout(
+    f: IgvmFile, plan: SignPlan, *, output: str, allow_test_keys: bool = False,
+    how_to_allow: str = "pass --allow-test-keys",
+) -> tuple[IgvmFile, SignOutcome, Layout]:
+    """:func:`sign_file`, and the signed file's bytes as :meth:`IgvmFile.layout` gives them
+    (what to write: :func:`~igvm_builder.sign.image.sign_igvm_layout` hashes each page once)."""
     from igvm_builder.format.defs import PlatformType
     from igvm_builder.sign.idblock import key_digest
-    from igvm_builder.sign.image import find_id_blocks, sign_igvm
+    from igvm_builder.sign.image import find_id_blocks, sign_igvm_layout
     from igvm_builder.sign.keys import key_source_from_spec
 
     id_key = key_source_from_spec(plan.id_key)
@@ -232,9 +243,9 @@ def sign_file(
     snp = f.platform(PlatformType.SEV_SNP)
     replaced = bool(snp and find_id_blocks(f, snp.compatibility_mask))
     vcpus, vcpu_type = launch_vcpus(f, plan)
-    out, signed = sign_igvm(f, id_key=id_key, author_key=author_key, loader=plan.loader,
-                            family_id=plan.family_id, image_id=plan.image_id, guest_svn=plan.guest_svn,
-                            vcpus=vcpus, vcpu_type=vcpu_type)
+    out, signed, layout = sign_igvm_layout(f, id_key=id_key, author_key=author_key, loader=plan.loader,
+                                           family_id=plan.family_id, image_id=plan.image_id,
+                                           guest_svn=plan.guest_svn, vcpus=vcpus, vcpu_type=vcpu_type)
     return out, SignOutcome(
         output=output,
         loader=plan.loader,
@@ -248,7 +259,7 @@ def sign_file(
         author_key_digest=signed.author_key_digest,
         replaced=replaced,
         test_key_warning=warning,
-    )
+    ), layout
 
 
 def _sha256_chunks(f: IgvmFile) -> tuple[str, int]:
