@@ -601,7 +601,11 @@ class _Parser:
                 "a file needs at least one byte of file data", offset=12)
         fixed = bytearray(buf[:fixed_size])
         fixed[20:24] = bytes(4)
-        crc = zlib.crc32(buf[voff : voff + vsize], zlib.crc32(fixed))
+        crc = zlib.crc32(fixed)
+        for off in range(voff, voff + vsize, _PARSE_CHUNK):  # (each chunk leaves the resident set once read)
+            n = min(_PARSE_CHUNK, voff + vsize - off)
+            crc = zlib.crc32(buf[off : off + n], crc)
+            self._release(off, n)
         if crc != checksum:
             raise self.fail(f"invalid checksum in fixed header: computed {crc:#010x}, header says "
                             f"{checksum:#010x}", offset=20)
