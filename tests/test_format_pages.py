@@ -366,3 +366,38 @@ def test_parser_chunks_do_not_split_runs(tmp_path, monkeypatch: pytest.MonkeyPat
     assert chunked.directives.items() == whole.directives.items()
     assert chunked == whole == f and chunked.warnings == whole.warnings
     assert len(whole.directives.items()) < 500 // 5 * 2 + 8  # runs, not pages
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_page_digests_against_a_list(seed: int) -> None:
+    """Random writes (runs, single digests, removals, reserved runs written in place) agree with
+    a plain list; a run's view is the digests it covers; segments never overlap."""
+    import random
+
+    from igvm_builder.format.pages import PageDigests
+
+    r = random.Random(seed)
+    n = r.randrange(1, 40)
+    d, ref = PageDigests(n), [None] * n
+    for _ in range(30):
+        op, i = r.random(), r.randrange(n)
+        if op < 0.4:
+            c, g = r.randrange(1, n - i + 1), hashlib.sha384(bytes([r.randrange(256)])).digest()
+            d.fill(i, c, g)
+            ref[i : i + c] = [g] * c
+        elif op < 0.7:
+            g = hashlib.sha384(bytes([r.randrange(256)])).digest()
+            d[i] = ref[i] = g
+        elif op < 0.85:
+            d[i] = ref[i] = None
+        else:
+            c = r.randrange(1, n - i + 1)
+            buf, at = d.reserve(i, c)
+            for j in range(c):
+                ref[i + j] = buf[at + 48 * j : at + 48 * (j + 1)] = hashlib.sha384(bytes([j])).digest()
+        assert list(d) == ref
+        for a in range(n):
+            view = d.run(a, min(4, n - a))
+            if view is not None:
+                assert [bytes(view[k : k + 48]) for k in range(0, len(view), 48)] == ref[a : a + min(4, n - a)]
+    assert all(a + len(b) // 48 <= c for a, b, c in zip(d._starts, d._bufs, d._starts[1:], strict=False))

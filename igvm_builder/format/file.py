@@ -393,10 +393,7 @@ class IgvmFile:
                     pack_into(out, at + 32 * i, page_type, 24, gpa + i * PAGE_SIZE_4K, mask, offset, flags, dtype, 0)
                 return
             start = run.start
-            dbuf = digests.buf if digests is not None else None
-            if digests is not None:
-                digests.known[dpos : dpos + count] = b"\x01" * count  # every page of a run of data has one
-            k = 48 * dpos
+            dbuf, k = digests.reserve(dpos, count) if digests is not None else (None, 0)  # every page has one
             done = 0
             while done < count:  # strides of 2048 pages: noted as one window, released once hashed
                 n = min(2048, count - done)
@@ -533,7 +530,7 @@ class Layout(NamedTuple):
     #: With ``layout(page_digests=True)``: for each directive (``IgvmFile.directives`` order) the
     #: SHA-384 of its page when it is a PAGE_DATA whose data is a 4 KiB :class:`FileSlice` (or a
     #: page of a run with data), else None (what ``measure_platform(page_digests=)`` takes): a
-    #: :class:`~igvm_builder.format.pages.PageDigests`, 49 bytes a directive.
+    #: :class:`~igvm_builder.format.pages.PageDigests`, 48 bytes a page with a digest.
     page_digests: PageDigests | None
 
 

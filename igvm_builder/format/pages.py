@@ -363,29 +363,79 @@ def _new_page(gpa: int, mask: int, flags: int, data_type: int, data: H.BlobLike)
 
 class PageDigests(Sequence[bytes | None]):
     """For each directive, the SHA-384 of its 4 KiB page, or None: what
-    ``IgvmFile.layout(page_digests=True)`` records for the SEV-SNP measurement, in one buffer
-    (48 bytes and a flag per directive) instead of an object per page."""
+    ``IgvmFile.layout(page_digests=True)`` records for the SEV-SNP measurement.
 
-    __slots__ = ("buf", "known")
+    Stored as segments (a first directive index and a buffer of 48 bytes per directive from it),
+    written in directive order: 48 bytes per page with a digest, nothing for the directives
+    without one (data-less and zero-filled runs, other headers), no object per page."""
 
-    buf: bytearray
-    known: bytearray
+    __slots__ = ("_bufs", "_n", "_starts")
+
+    _n: int
+    _starts: list[int]
+    _bufs: list[bytearray]
 
     def __init__(self, n: int) -> None:
-        self.buf = bytearray(48 * n)
-        self.known = bytearray(n)
+        self._n = n
+        self._starts = []
+        self._bufs = []
+
+    def _room(self, i: int, count: int) -> tuple[bytearray, int]:
+        """The buffer and byte offset where directives ``i``..``i + count - 1`` go, made if needed:
+        segments that overlap or touch the range are joined with it into one."""
+        if not 0 <= i <= i + count <= self._n:
+            raise IndexError(f"page digests {i}..{i + count} of {self._n}")
+        starts, bufs = self._starts, self._bufs
+        k = bisect.bisect_right(starts, i) - 1
+        if k >= 0 and i + count <= starts[k] + len(bufs[k]) // 48:  # inside a segment
+            return bufs[k], 48 * (i - starts[k])
+        hi = i + count
+        first = k if k >= 0 and starts[k] + len(bufs[k]) // 48 >= i else k + 1
+        last = first
+        while last < len(starts) and starts[last] <= hi:
+            last += 1
+        if last == first + 1 and starts[first] <= i and first == k:  # extends segment k (in order: usual)
+            end = starts[k] + len(bufs[k]) // 48
+            if hi > end:
+                bufs[k] += bytes(48 * (hi - end))
+            return bufs[k], 48 * (i - starts[k])
+        lo = min(i, starts[first]) if first < last else i
+        if first < last:
+            hi = max(hi, starts[last - 1] + len(bufs[last - 1]) // 48)
+        merged = bytearray(48 * (hi - lo))
+        for j in range(first, last):
+            at = 48 * (starts[j] - lo)
+            merged[at : at + len(bufs[j])] = bufs[j]
+        del starts[first:last], bufs[first:last]
+        starts.insert(first, lo)
+        bufs.insert(first, merged)
+        return merged, 48 * (i - lo)
 
     def put(self, i: int, digest: bytes) -> None:
-        self.buf[48 * i : 48 * i + 48] = digest
-        self.known[i] = 1
+        buf, at = self._room(i, 1)
+        buf[at : at + 48] = digest
 
     def fill(self, i: int, n: int, digest: bytes) -> None:
         """Directives ``i`` to ``i + n - 1`` have the page of ``digest``."""
-        self.buf[48 * i : 48 * (i + n)] = digest * n
-        self.known[i : i + n] = b"\x01" * n
+        buf, at = self._room(i, n)
+        buf[at : at + 48 * n] = digest * n
+
+    def reserve(self, i: int, n: int) -> tuple[bytearray, int]:
+        """The buffer and byte offset where the digests of directives ``i``..``i + n - 1`` are to
+        be written (they count as present from now on)."""
+        return self._room(i, n)
+
+    def run(self, i: int, n: int) -> memoryview | None:
+        """The digests of directives ``i``..``i + n - 1`` as one 48 * n-byte view, when all are
+        present in one segment (else None)."""
+        k = bisect.bisect_right(self._starts, i) - 1
+        if k < 0 or i + n > self._starts[k] + len(self._bufs[k]) // 48:
+            return None
+        at = 48 * (i - self._starts[k])
+        return memoryview(self._bufs[k])[at : at + 48 * n]
 
     def __len__(self) -> int:
-        return len(self.known)
+        return self._n
 
     @overload
     def __getitem__(self, i: int) -> bytes | None: ...
@@ -395,27 +445,39 @@ class PageDigests(Sequence[bytes | None]):
 
     def __getitem__(self, i: int | slice) -> bytes | list[bytes | None] | None:
         if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+            return [self[j] for j in range(*i.indices(self._n))]
         if i < 0:
-            i += len(self)
-        if not self.known[i]:  # (IndexError beyond the end)
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError("page digest index out of range")
+        k = bisect.bisect_right(self._starts, i) - 1
+        if k < 0 or i >= self._starts[k] + len(self._bufs[k]) // 48:
             return None
-        return bytes(self.buf[48 * i : 48 * i + 48])
+        at = 48 * (i - self._starts[k])
+        return bytes(self._bufs[k][at : at + 48])
 
     def __setitem__(self, i: int, digest: bytes | None) -> None:
         if i < 0:
-            i += len(self)
-        if digest is None:
-            self.known[i] = 0
-            self.buf[48 * i : 48 * i + 48] = bytes(48)
-        elif len(digest) != 48:
-            raise ValueError(f"a page digest is 48 bytes, not {len(digest)}")
-        else:
+            i += self._n
+        if digest is not None:
+            if len(digest) != 48:
+                raise ValueError(f"a page digest is 48 bytes, not {len(digest)}")
             self.put(i, digest)
+            return
+        if not 0 <= i < self._n:
+            raise IndexError("page digest index out of range")
+        k = bisect.bisect_right(self._starts, i) - 1
+        if k < 0 or i >= self._starts[k] + len(self._bufs[k]) // 48:
+            return
+        start, buf = self._starts[k], self._bufs[k]  # split the segment around i
+        head, tail = buf[: 48 * (i - start)], buf[48 * (i - start + 1) :]
+        del self._starts[k], self._bufs[k]
+        for at, part in ((i + 1, tail), (start, head)):
+            if part:
+                self._starts.insert(k, at)
+                self._bufs.insert(k, part)
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, PageDigests):
-            return self.known == other.known and self.buf == other.buf
         if not isinstance(other, Sequence) or isinstance(other, str | bytes | bytearray):
             return NotImplemented
         return len(self) == len(other) and all(map(_header_eq, self, other))
@@ -427,4 +489,5 @@ class PageDigests(Sequence[bytes | None]):
     __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __repr__(self) -> str:
-        return f"PageDigests({len(self)} directives, {self.known.count(1)} with a digest)"
+        have = sum(len(b) for b in self._bufs) // 48
+        return f"PageDigests({self._n} directives, {have} with a digest)"

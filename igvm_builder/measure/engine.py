@@ -596,8 +596,6 @@ def _measure_snp(f: IgvmFile, mask: int, areas: _Areas, profile: LoaderProfile,
     if digests is not None and len(digests) != len(f.directives):
         raise ValueError(f"{len(digests)} page digests for {len(f.directives)} directives")
     page_run = PageRun
-    # PageDigests: its buffer and flags, read without an object per page
-    compact = (memoryview(digests.buf), digests.known) if isinstance(digests, PageDigests) else None
     dpos = -1  # flat index of the directive h (of a run: its first page)
     for h in f.directives.items():
         dpos += 1
@@ -612,10 +610,9 @@ def _measure_snp(f: IgvmFile, mask: int, areas: _Areas, profile: LoaderProfile,
                 # the page fast path below, for each page of a run of file data
                 gpa, start = h.gpa, h.start
                 first = dpos - n + 1
-                if compact is not None:  # the serializer's digests, read in place
-                    buf, flags = compact
-                    known: Iterable[bytes | memoryview | None] = (
-                        buf[48 * k : 48 * k + 48] if flags[k] else None for k in range(first, dpos + 1))
+                view = digests.run(first, n) if isinstance(digests, PageDigests) else None
+                if view is not None:  # the serializer's digests of the run, read in place
+                    known: Iterable[bytes | memoryview | None] = (view[k : k + 48] for k in range(0, 48 * n, 48))
                 elif digests is not None:
                     known = (digests[k] for k in range(first, dpos + 1))
                 else:
