@@ -102,7 +102,7 @@ def _key_digest(igvm_public_key: bytes) -> str:
 
 
 def _id_block(f: IgvmFile, mask: int, digest: bytes | None) -> dict[str, Any]:
-    blocks = [h for h in f.directives if isinstance(h, H.SnpIdBlock) and _applies(h, mask)]
+    blocks = [h for h in f.directives.items() if isinstance(h, H.SnpIdBlock) and _applies(h, mask)]
     if not blocks:
         return {"present": False}
     b = blocks[-1]
@@ -132,7 +132,7 @@ def _platform_entry(f: IgvmFile, p: H.SupportedPlatform, m: Measurement, loader:
         "digest": m.hex,
     }
     if ptype == PlatformType.SEV_SNP:
-        vmsas = [h for h in f.directives if isinstance(h, H.SnpVpContext) and _applies(h, mask)]
+        vmsas = [h for h in f.directives.items() if isinstance(h, H.SnpVpContext) and _applies(h, mask)]
         idb = _id_block(f, mask, m.digest)
         entry |= {
             "loader": get_profile(loader).name,
