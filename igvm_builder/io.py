@@ -125,9 +125,9 @@ class AtomicFile:
                                   "FIFOs or '-'", source=self.path)
             elif os.path.islink(self.path):
                 self.target = os.path.realpath(self.path)  # replace what the link points to, keep the link
-        import tempfile  # here, not at the top: reading commands import this module too
-
         if self.direct:
+            import tempfile  # here, not at the top: reading commands import this module too
+
             # the data waits in an unnamed temporary file (gone with the process, however it ends)
             # and is copied to the device only once everything succeeded
             try:
@@ -140,6 +140,8 @@ class AtomicFile:
         directory = os.path.dirname(os.path.abspath(self.target))
         fd = _unnamed_temporary(directory)
         if fd < 0:  # no O_TMPFILE here: a named one, which names its owner
+            import tempfile  # (and shutil, bz2, lzma: not needed with O_TMPFILE, the usual case)
+
             try:
                 fd, self._tmp = tempfile.mkstemp(prefix=f".igvm-{os.getpid()}-", suffix=".tmp", dir=directory)
             except OSError as exc:

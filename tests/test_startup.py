@@ -143,3 +143,30 @@ def test_version_is_looked_up_only_when_asked() -> None:
     from igvm_builder import __version__
 
     assert out.stdout == f"igvm-builder {__version__}\n"
+
+
+def _has_o_tmpfile(directory: Path) -> bool:
+    import os
+
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o600)
+    except (AttributeError, OSError):
+        return False
+    os.close(fd)
+    return True
+
+
+def test_writing_an_output_imports_no_tempfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An output is an unnamed (O_TMPFILE) temporary file until published: ``sign`` (and every
+    command that writes a file) imports ``tempfile`` (and ``shutil``, ``bz2``, ``lzma`` with it:
+    2-3 ms) only for the named temporary file of a directory without O_TMPFILE."""
+    from igvm_builder.io import RECORD_OUTPUTS_ENV
+
+    monkeypatch.delenv(RECORD_OUTPUTS_ENV, raising=False)  # (the suite's copy of each output uses tempfile)
+    keys = REPO.parent / "shared" / "keys"
+    out = tmp_path / "signed.igvm"
+    new = _new_modules("run", "sign", str(SNP), "-o", str(out), "--id-key", str(keys / "test-only-id-p384.pem"),
+                       "--allow-test-keys", "-q")
+    assert out.stat().st_size > 0 and "igvm_builder.sign.image" in new
+    named = [m for m in ("tempfile", "shutil", "bz2", "lzma") if m in new]
+    assert named == ([] if _has_o_tmpfile(tmp_path) else ["tempfile", "shutil", "bz2", "lzma"]), named
