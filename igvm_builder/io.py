@@ -171,6 +171,24 @@ class AtomicFile:
             raise self._error(exc) from None
         return n
 
+    def start_writeback(self) -> None:
+        """Start writeback of everything written so far, without waiting for it (as every
+        :attr:`WRITEBACK` bytes): a caller that has written the bulk of a smaller file and
+        computes the rest (``sign``: the data section, then the headers once signed) overlaps
+        the disk's work with its own."""
+        fh = self._open()
+        if self._advise is None:
+            return
+        try:
+            fh.flush()
+            end = os.fstat(fh.fileno()).st_size
+        except OSError as exc:
+            raise self._error(exc) from None
+        if end > self._started:
+            with contextlib.suppress(OSError):
+                self._advise(fh.fileno(), self._started, end - self._started, os.POSIX_FADV_DONTNEED)
+            self._started = end
+
     def _error(self, exc: OSError) -> OutputError:
         return OutputError(f"cannot write: {exc.strerror or exc}", source=self.path)
 

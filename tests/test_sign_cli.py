@@ -135,6 +135,31 @@ def test_sign_adds_a_block_and_refuses_test_keys(tmp_path: Path, capsys: pytest.
     assert cli(capsys, "verify", out, "--loader", "qemu")[0] == 0
 
 
+def test_a_failure_after_the_data_was_written_leaves_no_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One-step sign writes OUT's data section while it measures and signs, and its headers last;
+    a failure after that (here: --reference values of another file, found once the signed file
+    is known) leaves the previous OUT as it was and no temporary file; then a good run writes
+    the bytes the library serializes."""
+    src = write_file(tmp_path / "in.igvm")
+    other = write_file(tmp_path / "other.igvm", policy=0x30001)
+    refs = tmp_path / "other.json"
+    assert cli(capsys, "measure", other, "--reference-values", refs)[0] == 0
+    out, out_refs = tmp_path / "out.igvm", tmp_path / "out.json"
+    out.write_bytes(b"previous")
+    rc, stdout, stderr = cli(capsys, "sign", src, "-o", out, *TEST_KEYS, "--reference", refs,
+                             "--reference-values", out_refs)
+    assert rc != 0 and stdout == "" and "describe a file with sha256" in stderr, stderr
+    assert out.read_bytes() == b"previous" and not out_refs.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.igvm", "other.igvm", "other.json", "out.igvm"]
+    assert cli(capsys, "sign", src, "-o", out, *TEST_KEYS, "-q")[0] == 0
+    from igvm_builder.sign.image import sign_igvm
+
+    expected, _ = sign_igvm(IgvmFile.load(src), id_key=PemFileKey(ID_PEM), author_key=PemFileKey(AUTHOR_PEM))
+    assert out.read_bytes() == expected.to_bytes()
+
+
 def test_remove_gives_back_the_unsigned_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """sign, then sign --remove: the bytes of the unsigned file again, the same launch digest for
     every loader; on a file without a block it is said, and the file written unchanged."""

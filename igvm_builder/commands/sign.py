@@ -17,14 +17,14 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from igvm_builder.commands._common import LOADERS, add_loader_option, print_json
 from igvm_builder.commands._vcpus import add_vcpu_options
 
 if TYPE_CHECKING:
-    from igvm_builder.format.file import Layout
+    from igvm_builder.format.file import IgvmFile
+    from igvm_builder.sign.stage import SignPlan
 
 _MAX_SIGNATURE = 64 * 1024
 
@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{args.output}: removed the SEV-SNP ID block" if removed else
                   f"{args.output}: {args.input} has no SEV-SNP ID block; written unchanged", file=report)
         return 0
-    layout: Layout | None = None  # the signed file's bytes, when laid out as it was signed
+    signing: tuple[IgvmFile, SignPlan] | None = None  # one step: what to sign (as OUT is written)
     if args.import_signature:
         from igvm_builder.errors import SigningError
         from igvm_builder.io import JSON_LIMIT, read_input
@@ -328,27 +328,36 @@ def run(args: argparse.Namespace) -> int:
                     print(line, file=report)
             _warn(warning)
             return 0
-        out, outcome, layout = sign_file_layout(f, plan, output=args.output, allow_test_keys=args.allow_test_keys)
+        signing = (f, plan)  # signed below, as its data section is written
 
-    refs = None
-    if args.reference_values:  # the signed image's reference values, from the build's (--reference)
-        from igvm_builder.errors import SigningError
-        from igvm_builder.io import sha256_input
-        from igvm_builder.reference import ReferenceValues
-        from igvm_builder.sign.stage import signed_reference_values
-
-        base = ReferenceValues.load(args.reference) if args.reference else None
-        refs = signed_reference_values(out, outcome, unsigned=sha256_input(args.input, "IGVM file", error=SigningError),
-                                       base=base, vcpus=vcpus[0], vcpu_type=vcpus[1])
     with atomic_outputs(args.output, args.reference_values) as (out_fh, refs_fh):
         assert out_fh is not None
-        if layout is None:
-            chunks: Iterable[bytes | memoryview] = out.iter_chunks()
-        else:  # laid out when signed
-            chunks = (layout.head, *(as_view(b) for b in layout.blobs))
-        for chunk in chunks:
-            out_fh.write(chunk)
-        if refs_fh is not None and refs is not None:
+        if signing is not None:
+            fh = out_fh
+
+            def put(offset: int, blobs: list[Any]) -> None:  # the data section, as it is laid out
+                fh.seek(offset)
+                for blob in blobs:
+                    fh.write(as_view(blob))
+                fh.start_writeback()  # the disk writes it while the file is measured and signed
+
+            out, outcome, layout = sign_file_layout(*signing, output=args.output,
+                                                    allow_test_keys=args.allow_test_keys, on_data=put)
+            out_fh.seek(0)
+            out_fh.write(layout.head)  # the headers, with the signed ID block
+        else:
+            for chunk in out.iter_chunks():
+                out_fh.write(chunk)
+        if args.reference_values:  # the signed image's reference values, from the build's (--reference)
+            from igvm_builder.errors import SigningError
+            from igvm_builder.io import sha256_input
+            from igvm_builder.reference import ReferenceValues
+            from igvm_builder.sign.stage import signed_reference_values
+
+            base = ReferenceValues.load(args.reference) if args.reference else None
+            refs = signed_reference_values(out, outcome, base=base, vcpus=vcpus[0], vcpu_type=vcpus[1],
+                                           unsigned=sha256_input(args.input, "IGVM file", error=SigningError))
+            assert refs_fh is not None
             refs_fh.write(refs.to_json().encode())
     if args.json:
         print_json(outcome.as_dict(), file=report)

@@ -306,6 +306,7 @@ def sign_igvm_layout(
     guest_svn: int = 0,
     vcpus: int | None = None,
     vcpu_type: str | int | None = None,
+    on_data: Callable[[int, list[H.BlobLike]], object] | None = None,
 ) -> tuple[IgvmFile, SignedIdBlock, Layout]:
     """:func:`sign_igvm`, and the signed file's serialization (:meth:`IgvmFile.layout`), with
     each page of file data hashed once.
@@ -315,7 +316,9 @@ def sign_igvm_layout(
     layout computes (to find identical pages) is what the launch digest chains, and once
     signed, the block's bytes (the last variable header) take the placeholder's and the
     checksum is recomputed.  The signed model is checked as :func:`sign_igvm` checks it, and the
-    headers are checked to hold the signed block.
+    headers are checked to hold the signed block.  ``on_data(file_offset, blobs)`` receives the
+    data section as it is laid out (:meth:`IgvmFile.layout`'s), before anything is signed: a
+    writer can store it meanwhile, and the headers (``Layout.head``) once this returns.
     """
     platform, policy = snp_target(f, SigningError)
     mask = platform.compatibility_mask
@@ -323,7 +326,7 @@ def sign_igvm_layout(
     placeholder = H.SnpIdBlock.unpack_body(memoryview(mask.to_bytes(4, "little") + bytes(H.SnpIdBlock.SIZE - 4)))
     template = IgvmFile(revision=f.revision, architecture=f.architecture, platforms=f.platforms,
                         initializations=f.initializations, directives=Directives([*directives, placeholder]))
-    laid = template.layout(validate=False, page_digests=True)  # out (below) is validated
+    laid = template.layout(validate=False, page_digests=True, on_data=on_data)  # out (below) is validated
     measured = measure_platform(template, _SNP, loader=_loader_name(loader), vcpus=vcpus, vcpu_type=vcpu_type,
                                 page_digests=laid.page_digests).digest
     if measured is None:  # pragma: no cover - SNP always has a digest

@@ -18,7 +18,7 @@ Only key digests are ever reported, never key material.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from igvm_builder.errors import SigningError
 if TYPE_CHECKING:
     from igvm_builder.config import BuildConfig
     from igvm_builder.format.file import IgvmFile, Layout
+    from igvm_builder.format.headers import BlobLike
     from igvm_builder.reference import ReferenceValues
 
 __all__ = ["SignOutcome", "SignPlan", "check_test_keys", "launch_vcpus", "plan_signing", "resolve_key_spec",
@@ -224,10 +225,11 @@ def sign_file(
 
 def sign_file_layout(
     f: IgvmFile, plan: SignPlan, *, output: str, allow_test_keys: bool = False,
-    how_to_allow: str = "pass --allow-test-keys",
+    how_to_allow: str = "pass --allow-test-keys", on_data: Callable[[int, list[BlobLike]], object] | None = None,
 ) -> tuple[IgvmFile, SignOutcome, Layout]:
     """:func:`sign_file`, and the signed file's bytes as :meth:`IgvmFile.layout` gives them
-    (what to write: :func:`~igvm_builder.sign.image.sign_igvm_layout` hashes each page once)."""
+    (what to write: :func:`~igvm_builder.sign.image.sign_igvm_layout` hashes each page once;
+    ``on_data`` receives the data section before the file is signed, as it does)."""
     from igvm_builder.format.defs import PlatformType
     from igvm_builder.sign.idblock import key_digest
     from igvm_builder.sign.image import find_id_blocks, sign_igvm_layout
@@ -245,7 +247,8 @@ def sign_file_layout(
     vcpus, vcpu_type = launch_vcpus(f, plan)
     out, signed, layout = sign_igvm_layout(f, id_key=id_key, author_key=author_key, loader=plan.loader,
                                            family_id=plan.family_id, image_id=plan.image_id,
-                                           guest_svn=plan.guest_svn, vcpus=vcpus, vcpu_type=vcpu_type)
+                                           guest_svn=plan.guest_svn, vcpus=vcpus, vcpu_type=vcpu_type,
+                                           on_data=on_data)
     return out, SignOutcome(
         output=output,
         loader=plan.loader,
