@@ -28,12 +28,12 @@ only ``cryptography`` calls go through :mod:`igvm_builder.sign._ecdsa`.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import ClassVar
 
 from igvm_builder.errors import IgvmFormatError, SigningError, VerificationError
 from igvm_builder.format.headers import SnpIdBlock as _FormatSnpIdBlock
 from igvm_builder.format.headers import key_digest as _format_key_digest
+from igvm_builder.recordclass import record
 from igvm_builder.sign import _ecdsa
 
 __all__ = [
@@ -130,7 +130,7 @@ def _truncated(what: str, size: int, buf: bytes | memoryview, offset: int) -> Ig
 # ID_BLOCK
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class IdBlock:
     """SNP ``ID_BLOCK`` (96 bytes), the message the ID key signs."""
 
@@ -178,7 +178,7 @@ class IdBlock:
 # Signature and public key structures
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SnpSignature:
     """ECDSA signature as SNP stores it: R and S little-endian, 72 bytes each.
 
@@ -241,7 +241,7 @@ class SnpSignature:
         return cls(bytes(buf[offset : offset + 72]), bytes(buf[offset + 72 : offset + 144]))
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SnpPublicKey:
     """SEV ``PUBLIC_KEY`` structure (0x404 bytes): ``u32 curve | qx[72] | qy[72] | zeros``."""
 
@@ -301,7 +301,7 @@ class SnpPublicKey:
         return IgvmSnpIdBlockPublicKey(curve=self.curve, reserved=reserved, qx=self.qx, qy=self.qy)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class IgvmSnpIdBlockPublicKey:
     """``IGVM_VHS_SNP_ID_BLOCK_PUBLIC_KEY`` (152 bytes): ``u32 curve | u32 reserved | qx[72] | qy[72]``."""
 
@@ -379,7 +379,7 @@ def sev_signature_to_igvm(buf: bytes) -> bytes:
 # ID_AUTH_INFO
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class IdAuthInfo:
     """SNP ``ID_AUTH_INFO`` (4096 bytes).
 
@@ -454,7 +454,7 @@ _KEY_FIELDS = ("id_key_signature", "id_public_key", "author_key_signature", "aut
 _IGVM_ID_BLOCK_SCALARS = tuple(f.name for f in _FormatSnpIdBlock.BODY.values if f.name not in _KEY_FIELDS)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class IgvmSnpIdBlock:
     """``IGVM_VHS_SNP_ID_BLOCK`` (696 bytes), the body of an IGVM 0x30B directive.
 
@@ -588,7 +588,7 @@ def parse_igvm_id_block_body(body: bytes | memoryview) -> IgvmSnpIdBlock:
 # Verification
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class IdBlockVerification:
     """What :func:`verify_id_block` established."""
 
@@ -733,7 +733,7 @@ def verify_igvm_id_block_body(
 # Signed result
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class SignedIdBlock:
     """A signed SNP ID block in every form a consumer needs.
 

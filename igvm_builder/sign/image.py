@@ -30,7 +30,6 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from igvm_builder.errors import IgvmError, SigningError, VerificationError
@@ -41,7 +40,7 @@ from igvm_builder.format.pages import Directives, PageRun
 from igvm_builder.hexstr import parse_hex
 from igvm_builder.measure.engine import measure_platform
 from igvm_builder.measure.profiles import PROFILES, get_profile
-from igvm_builder.recordclass import replace
+from igvm_builder.recordclass import record, replace
 from igvm_builder.sign import _ecdsa, sign_id_block
 from igvm_builder.sign.idblock import (
     TEST_ONLY_KEY_DIGESTS,
@@ -466,7 +465,7 @@ def import_igvm_signature(
 # Verification
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class VerifyFailure:
     """One failed check: ``kind`` (one of :data:`FAILURE_KINDS`) and a one-line message."""
 
@@ -495,7 +494,7 @@ class IdBlockVerificationError(VerificationError):
         return tuple(x.kind for x in self.failures)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class VerifyReport:
     """What :func:`verify_igvm` established about a signed file."""
 
@@ -537,7 +536,7 @@ class VerifyReport:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _Reference:
     digest: bytes | None
     digests: dict[str, bytes]

@@ -30,11 +30,11 @@ import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from igvm_builder.errors import SigningError
+from igvm_builder.recordclass import field, record
 from igvm_builder.sign import _ecdsa
 from igvm_builder.sign._ecdsa import decode_signature
 
@@ -478,7 +478,7 @@ _EC_PARAMS_NAMES = {
 }
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class Pkcs11Uri:
     """The parts of an RFC 7512 ``pkcs11:`` URI that :class:`Pkcs11Key` uses.
 

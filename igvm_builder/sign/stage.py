@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from igvm_builder.errors import SigningError
+from igvm_builder.recordclass import record
 
 if TYPE_CHECKING:
     from igvm_builder.config import BuildConfig
@@ -52,7 +52,7 @@ def resolve_key_spec(spec: str, base: str) -> str:
     return prefix + os.path.join(base, os.path.expanduser(path))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class SignPlan:
     """What will be signed and how; no key has been opened yet."""
 
@@ -167,7 +167,7 @@ def check_test_keys(digests: Mapping[str, bytes | None], *, allow: bool, how_to_
     return f"the public TEST-ONLY {which} key was used (tests only)"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class SignOutcome:
     """What was signed: every field a verifier pins (no key material)."""
 

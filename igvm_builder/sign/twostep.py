@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from igvm_builder.errors import IgvmFormatError, SigningError
+from igvm_builder.recordclass import record
 from igvm_builder.sign import _ecdsa
 from igvm_builder.sign.idblock import (
     ID_BLOCK_VERSION,
@@ -62,7 +62,7 @@ class KeyHolder(Protocol):
     def public_key(self) -> _ecdsa.PublicKey: ...
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class TbsMessage:
     """One message to sign: ``name`` (``id_block``/``id_key``), which ``key`` signs it, the bytes."""
 
@@ -85,7 +85,7 @@ class TbsMessage:
         }
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class ExportedTbs:
     """Everything needed to sign an ID block elsewhere and assemble the result afterwards."""
 
