@@ -75,6 +75,7 @@ def main() -> int:
     if oracle is not None:
         figures["mutation"]["oracle_checked"] = oracle.checked  # type: ignore[index]
         figures["mutation"]["crate_panics"] = oracle.crate_panics  # type: ignore[index]
+        figures["mutation"]["oracle_known_differences"] = dict(oracle.known)  # type: ignore[index]
     crashes = [f"{f.stage}: {str(f)[:200]} -> {_save(args.crashes, f.data)}" for f in seeded.failures]
 
     from hypothesis import HealthCheck, given, settings

@@ -258,6 +258,8 @@ class OracleCheck:
         self.path = directory / "oracle-input.igvm"
         self.checked = 0
         self.crate_panics = 0
+        #: known, deliberate differences seen (not failures), by kind
+        self.known: dict[str, int] = {}
 
     def _run(self, command: str, data: bytes) -> tuple[int, str]:
         import subprocess
@@ -276,12 +278,25 @@ class OracleCheck:
         if rc == 3 and ours is None:
             self.crate_panics += 1
             return
+        if rc == 0 and ours is None and "both use compatibility_mask" in why:
+            # deliberate: the crate accepts two platforms with one mask bit, then decodes VP contexts
+            # by the last one (shared/vectors/igvm/negative/duplicate_platform_mask); we refuse them
+            self.known["duplicate platform mask"] = self.known.get("duplicate platform mask", 0) + 1
+            return
         if (rc == 0) != (ours is not None):
             raise PipelineFailure("oracle/parse", f"the crate {'accepts' if rc == 0 else 'rejects'} ({said}), we "
                                   f"{'accept' if ours is not None else 'reject: ' + why}", data)
         if ours is None:
             return
-        rc, said = self._run("roundtrip", ours.to_bytes())
+        written = ours.to_bytes()
+        rc, said = self._run("roundtrip", written)
+        voff, vsize = struct.unpack_from("<II", written, 8)
+        if rc != 0 and voff + vsize == len(written) - 1 and said.endswith(
+                f"input {len(written)} bytes, serialized {len(written) - 1} bytes"):
+            # deliberate: a file without file data gets the one byte the crate's parser needs after
+            # the headers and its writer omits (format/file.py, IgvmFile.layout)
+            self.known["no file data"] = self.known.get("no file data", 0) + 1
+            return
         if rc != 0:
             raise PipelineFailure("oracle/roundtrip", f"the crate re-serializes the file we write differently: "
                                   f"{said}", data)

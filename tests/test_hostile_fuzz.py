@@ -242,3 +242,106 @@ def test_oracle_check_can_fail(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(IgvmFile, "from_bytes", refuse)
     with pytest.raises(PipelineFailure, match="oracle/parse: the crate accepts"):
         check(data)
+
+
+# --------------------------------------------------------------------------- the campaign's findings
+# benchmarks/fuzz_campaign.py --seed 20261203 --executions 250000 --oracle-every 5 found, besides
+# the crate's own panics on inputs we reject: (1) a RELOCATABLE_REGION whose gpa + size passes 2^64,
+# which the crate panics on ("assertion failed: !range.is_empty()") and we accepted; (2) VBS
+# register values with bytes their type does not use (bytes 8-15 of a 64-bit register, a table
+# register's pad), which the crate drops when it re-serializes.
+
+
+def _vbs_with_register_byte(offset: int, name: int = 0x20010) -> bytes:
+    """vbs_v1_reloc with one byte of register ``name``'s 16-byte value set (found without the library)."""
+    import struct
+
+    from fuzz_pipeline import VECTORS, _fix_crc
+
+    buf = bytearray((VECTORS / "vbs_v1_reloc.igvm").read_bytes())
+    record = bytes([2]) + struct.pack("<I", name) + bytes(11)  # vtl 2, name, reserved
+    at = bytes(buf).index(record) + len(record)
+    buf[at + offset] = 0x55
+    _fix_crc(buf)
+    return bytes(buf)
+
+
+def test_vbs_register_bytes_the_crate_drops(tmp_path) -> None:
+    from igvm_builder.errors import IgvmFormatError
+    from igvm_builder.format import IgvmFile
+    from igvm_builder.format import headers as H
+    from igvm_builder.recordclass import replace
+
+    for name, offset, kept in ((0x20010, 8, False), (0x70001, 2, False), (0x70001, 8, True)):  # RIP; GDTR pad, base
+        data = _vbs_with_register_byte(offset, name)
+        f = IgvmFile.from_bytes(data)
+        warned = any("has non-zero bytes its type does not use" in w for w in f.warnings)
+        assert warned is not kept, (name, offset, f.warnings)
+        (tmp_path / "in.igvm").write_bytes(data)
+        ours = tmp_path / "ours.igvm"
+        ours.write_bytes(f.to_bytes())
+        assert _oracle("roundtrip", ours).startswith("identical")
+        assert _oracle("dump", tmp_path / "in.igvm").splitlines()[3:] == _oracle("dump", ours).splitlines()[3:]
+    # the writer refuses a value with such bytes
+    f = IgvmFile.from_bytes(_vbs_with_register_byte(0))
+    ctx = next(h for h in f.directives if isinstance(h, H.VbsVpContext))
+    bad = replace(ctx, registers=(H.VbsRegister(name=0x20010, value=bytes(8) + b"\x01" + bytes(7)), *ctx.registers[1:]))
+    with pytest.raises(IgvmFormatError, match="non-zero bytes its type does not use"):
+        replace(f, directives=tuple(bad if h is ctx else h for h in f.directives)).to_bytes()
+
+
+def test_relocation_region_past_2_64_is_refused_as_the_crate_panics(tmp_path) -> None:
+    import subprocess
+
+    from fuzz_pipeline import VECTORS
+    from oracles import IGVM_ORACLE
+
+    from igvm_builder.errors import IgvmFormatError
+    from igvm_builder.format import IgvmFile
+    from igvm_builder.format import headers as H
+    from igvm_builder.recordclass import replace
+
+    base = (VECTORS / "vbs_v1_reloc.igvm").read_bytes()
+    for size, crate_rc in (((1 << 64) - 0x1000, 3), ((1 << 64) - 0x200000, 0)):  # past 2^64; ending at it
+        data, index = _patched(base, 0x102, 24, "<Q", size)  # relocation_region_size (region at 0x200000)
+        path = tmp_path / "reloc.igvm"
+        path.write_bytes(data)
+        rc = subprocess.run([str(IGVM_ORACLE), "parse", str(path)], capture_output=True, timeout=60).returncode
+        assert rc == crate_rc
+        if crate_rc == 3:  # the crate panics: we refuse, naming the header
+            with pytest.raises(IgvmFormatError, match=rf"header {index}: RELOCATABLE_REGION .* runs past 2\^64"):
+                IgvmFile.from_bytes(data)
+        else:
+            IgvmFile.from_bytes(data)
+    # a page-table relocation region the same (the writer shares the rule)
+    f = IgvmFile.from_bytes(base)
+    pt = H.PageTableRelocation(compatibility_mask=1, vp_index=0, vtl=2, gpa=0x40000000, size=(1 << 64) - 0x1000,
+                               used_size=0x1000)
+    with pytest.raises(IgvmFormatError, match=r"PAGE_TABLE_RELOCATION_REGION .* runs past 2\^64"):
+        replace(f, initializations=(*f.initializations, pt)).to_bytes()
+
+
+def test_oracle_check_counts_the_known_differences(tmp_path) -> None:
+    from fuzz_pipeline import VECTORS, OracleCheck, _fix_crc
+
+    from igvm_builder.format import IgvmFile
+    from igvm_builder.format import headers as H
+    from igvm_builder.format.defs import PlatformType
+
+    check = OracleCheck(tmp_path)
+    # a file without file data: we write the byte the crate's parser needs and its writer omits
+    check(IgvmFile(platforms=(H.SupportedPlatform(compatibility_mask=1, platform_type=PlatformType.SEV_SNP),),
+                   initializations=(H.GuestPolicy(policy=0x30000, compatibility_mask=1),)).to_bytes())
+    # two platforms with one mask bit: the crate accepts them, we refuse them
+    import struct
+
+    data = bytearray((VECTORS / "tdx_v1.igvm").read_bytes())
+    snp = IgvmFile(platforms=(H.SupportedPlatform(compatibility_mask=1, platform_type=PlatformType.NATIVE),
+                              H.SupportedPlatform(compatibility_mask=2, platform_type=PlatformType.SEV_SNP)),
+                   initializations=(H.GuestPolicy(policy=0x30000, compatibility_mask=2),),
+                   directives=(H.PageData(gpa=0x1000, compatibility_mask=3, data=b"\x01" * 4096),)).to_bytes()
+    data = bytearray(snp)
+    struct.pack_into("<I", data, 24 + 8 + 16 + 8, 1)  # the second platform header's mask
+    _fix_crc(data)
+    check(bytes(data))
+    assert check.known == {"no file data": 1, "duplicate platform mask": 1}

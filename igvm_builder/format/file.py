@@ -923,6 +923,11 @@ class _Parser:
                                 "context; the reference crate panics)")
             if any(mbz):
                 self.warnings.append(f"header {index}: VBS register {i} has non-zero reserved bytes")
+            kept = H.vbs_register_value(name, value, arch == Architecture.X64)
+            if kept != value:  # bytes the reference model has no place for: read as 0
+                self.warnings.append(f"header {index}: VBS register {i} ({name:#x}) has non-zero bytes its type "
+                                     "does not use; read as 0, as the reference parser reads them")
+                value = kept
             regs.append(H.VbsRegister(name=name, value=value))
         if vp_index != 0:
             raise self.fail(f"VBS VP_CONTEXT vp_index is {vp_index}; only the BSP (0) is allowed "
@@ -1132,6 +1137,9 @@ class _Rules:
                             raise fail("page table relocation header specified twice for compatibility mask "
                                        f"{bit:#x}", pos)
                         pt_bits.add(bit)
+                if start + size > 1 << 64:
+                    raise fail(f"{h.TYPE.name} at GPA {start:#x} with size {size:#x} runs past 2^64 (the reference "
+                               "crate panics)", pos)
                 for bit in _bits(h.compatibility_mask):
                     for ostart, osize in relocs.get(bit, ()):
                         if start < ostart + osize and ostart < start + size:
@@ -1208,6 +1216,9 @@ class _Rules:
                     raise self.fail(f"unsupported {arch.name} register {r.name:#x} in VBS VP context", pos)
                 if len(r.value) != 16:
                     raise self.fail("VBS register value must be 16 bytes", pos)
+                if H.vbs_register_value(r.name, r.value, arch == Architecture.X64) != bytes(r.value):
+                    raise self.fail(f"VBS register {r.name:#x} has non-zero bytes its type does not use (the "
+                                    "reference parser drops them)", pos)
             self.vbs_contexts.append((h.compatibility_mask, h.vp_index, h.vtl))
 
     def vp_contexts_exist(self) -> None:

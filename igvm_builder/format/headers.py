@@ -789,6 +789,24 @@ class VbsRegister:
     value: bytes
 
 
+#: x64 VBS registers whose 16-byte value is all meaningful (segment: u64 base, u32 limit, u16
+#: selector, u16 attributes) and the table registers (GDTR, IDTR: u16 pad[3], u16 limit, u64 base).
+VBS_SEGMENT_REGISTERS = frozenset([*range(0x60000, 0x60006), 0x60007])
+VBS_TABLE_REGISTERS = frozenset([0x70000, 0x70001])
+
+
+def vbs_register_value(name: int, value: bytes, x64: bool) -> bytes:
+    """``value`` as the reference crate holds it: it reads each register as its typed value and
+    writes (and hashes) that value re-encoded, so bytes the encoding has no place for (an
+    integer register's bytes 8..15, a table register's pad) become zeros."""
+    value = bytes(value)
+    if x64 and name in VBS_SEGMENT_REGISTERS:
+        return value
+    if x64 and name in VBS_TABLE_REGISTERS:
+        return bytes(6) + value[6:]
+    return value[:8] + bytes(8)
+
+
 @record(kw_only=True)
 class VbsVpContext(VpContextBase):
     """A VSM (VBS) VP context: ``u32 count`` + 32-byte register records, one VTL, BSP only."""

@@ -672,22 +672,10 @@ def _measure_snp(f: IgvmFile, mask: int, areas: _Areas, profile: LoaderProfile,
                        vcpus_source="file" if vcpus is None else "given", notes=_kvm_notes(acc))
 
 
-#: x64 VBS registers whose 16-byte value is all meaningful (segment: u64 base, u32 limit, u16
-#: selector, u16 attributes) and the table registers (GDTR, IDTR: u16 pad[3], u16 limit, u64 base).
-_VBS_SEGMENT_REGISTERS = frozenset([*range(0x60000, 0x60006), 0x60007])
-_VBS_TABLE_REGISTERS = frozenset([0x70000, 0x70001])
-
-
 def _vbs_value(r: H.VbsRegister, x64: bool) -> bytes:
     """The value a loader measures: the crate reads each register as its typed value and hashes
-    that value re-encoded, so bytes the encoding ignores (an integer register's bytes 8..15, a
-    table register's pad) are hashed as zeros whatever the file holds."""
-    value = bytes(r.value)
-    if x64 and r.name in _VBS_SEGMENT_REGISTERS:
-        return value
-    if x64 and r.name in _VBS_TABLE_REGISTERS:
-        return bytes(6) + value[6:]
-    return value[:8] + bytes(8)
+    that value re-encoded (:func:`igvm_builder.format.headers.vbs_register_value`)."""
+    return H.vbs_register_value(r.name, r.value, x64)
 
 
 def _measure_vbs(f: IgvmFile, mask: int, areas: _Areas) -> Measurement:
