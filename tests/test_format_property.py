@@ -86,8 +86,11 @@ def vp_context(draw: st.DrawFn, p: H.SupportedPlatform, arch: D.Architecture) ->
                               context=draw(st.binary(min_size=80, max_size=80)))
     if p.platform_type == PT.VSM_ISOLATION:
         allowed = sorted(X64_VBS_REGISTERS if arch == D.Architecture.X64 else AARCH64_VBS_REGISTERS)
-        regs = draw(st.lists(st.builds(H.VbsRegister, name=st.sampled_from(allowed),
-                                       value=st.binary(min_size=16, max_size=16)), min_size=1, max_size=6))
+        x64 = arch == D.Architecture.X64
+        # values as the register's type holds them (the writer refuses bytes it does not use)
+        regs = draw(st.lists(st.builds(lambda n, v: H.VbsRegister(name=n, value=H.vbs_register_value(n, v, x64)),
+                                       st.sampled_from(allowed), st.binary(min_size=16, max_size=16)),
+                             min_size=1, max_size=6))
         return H.VbsVpContext(compatibility_mask=mask, vp_index=0, vtl=draw(st.sampled_from([0, 2])),
                               registers=tuple(regs))
     return None  # TDX: no VP context

@@ -147,8 +147,9 @@ GEN: dict[type[H.Header], Callable[[R], dict[str, Any]]] = {
     H.NativeVpContext: lambda r: dict(gpa=0, compatibility_mask=1, vp_index=u(r, 16), context=blob(r, 232)),
     H.CcaVpContext: lambda r: dict(gpa=0, compatibility_mask=1, vp_index=u(r, 16), context=blob(r, 80)),
     H.VbsVpContext: lambda r: dict(gpa=0, compatibility_mask=1, vp_index=0, vtl=r.choice((0, 2)),
-                                   registers=tuple(H.VbsRegister(name=n, value=blob(r, 16)) for n in
-                                                   r.sample(sorted(_x64_regs()), r.randrange(1, 8)))),
+                                   registers=tuple(H.VbsRegister(name=n, value=H.vbs_register_value(n, blob(r, 16),
+                                                                                                    True))
+                                                   for n in r.sample(sorted(_x64_regs()), r.randrange(1, 8)))),
 }
 
 
