@@ -156,8 +156,8 @@ def test_page_digest_dedup_gives_the_canonical_bytes(reverse: bool) -> None:
     f = _dedup_file(reverse)
     plain_head, plain_blobs, _ = f.layout()
     head, blobs, _ = _dedup_file(reverse).layout(page_digests=True)
-    plain = plain_head + b"".join(bytes(b) for b in plain_blobs)
-    assert head + b"".join(bytes(b) for b in blobs) == plain
+    plain = bytes(plain_head) + b"".join(bytes(b) for b in plain_blobs)
+    assert bytes(head) + b"".join(bytes(b) for b in blobs) == plain
     parsed = IgvmFile.from_bytes(plain)
     assert parsed.to_bytes() == plain
     # 64 distinct input pages (two of them equal: one stored), the short page, the short window
@@ -384,4 +384,4 @@ def test_digest_dedup_matches_hash_dedup_on_random_files(f: IgvmFile, rnd: rando
     windowed = dataclasses.replace(f, directives=tuple(directives))
     plain_head, plain_blobs, _ = f.layout(validate=False)
     head, blobs, _ = windowed.layout(validate=False, page_digests=True)
-    assert head + b"".join(bytes(b) for b in blobs) == plain_head + b"".join(bytes(b) for b in plain_blobs)
+    assert bytes(head) + b"".join(bytes(b) for b in blobs) == bytes(plain_head) + b"".join(bytes(b) for b in plain_blobs)

@@ -36,7 +36,19 @@ def test_layout_is_the_file(tmp_path: Path) -> None:
     f = _snp_file(tmp_path)
     head, blobs, digests = f.layout()
     assert digests is None
-    assert head + b"".join(bytes(as_view(b)) for b in blobs) == f.to_bytes()
+    assert bytes(head) + b"".join(bytes(as_view(b)) for b in blobs) == f.to_bytes()
+
+
+def test_layout_head_is_read_only(tmp_path: Path) -> None:
+    """The headers come as a read-only view of the serializer's buffer (no copy): writing into
+    it fails, so a user cannot change the laid-out headers by accident."""
+    f = _snp_file(tmp_path)
+    head = f.layout().head
+    assert isinstance(head, memoryview) and head.readonly
+    before = bytes(head)
+    with pytest.raises(TypeError):
+        head[0] = 0
+    assert bytes(head) == before == f.to_bytes()[: len(head)]
 
 
 def test_page_digests_by_directive(tmp_path: Path) -> None:
@@ -53,7 +65,7 @@ def test_page_digests_by_directive(tmp_path: Path) -> None:
             assert digest is None
     assert with_digest == 8  # seven pages of data and the padded short one, stored as a full page
     # the same bytes either way
-    assert layout.head + b"".join(bytes(as_view(b)) for b in layout.blobs) == f.to_bytes()
+    assert bytes(layout.head) + b"".join(bytes(as_view(b)) for b in layout.blobs) == f.to_bytes()
     # and the same SEV-SNP digest as hashing every page in the measurement
     fresh = measure_platform(f, PT.SEV_SNP)
     assert measure_platform(f, PT.SEV_SNP, page_digests=layout.page_digests).digest == fresh.digest

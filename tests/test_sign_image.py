@@ -219,8 +219,9 @@ def test_sign_igvm_layout_gives_the_serializers_bytes(source: str, loader: str, 
              "signed": lambda: reparse(sign_igvm(make_file(), id_key=id_key(), guest_svn=7)[0].to_bytes())}[source]()
     out, signed, layout = sign_igvm_layout(f, id_key=id_key(), author_key=author_key(), loader=loader, guest_svn=5)
     expected, expected_signed = sign_igvm(f, id_key=id_key(), author_key=author_key(), loader=loader, guest_svn=5)
-    data = layout.head + b"".join(as_view(b) for b in layout.blobs)
+    data = b"".join((layout.head, *(as_view(b) for b in layout.blobs)))
     assert data == expected.to_bytes() == out.to_bytes()
+    assert layout.head.readonly  # the signed headers, as the layout's, cannot be changed by accident
     assert signed.igvm_body == expected_signed.igvm_body
     assert signed.fields.ld == measure_platform(f, PlatformType.SEV_SNP, loader=loader).digest
     g = reparse(data)  # checksum, sizes and offsets hold

@@ -226,7 +226,7 @@ class _Writer:
     def put(self, offset: int, blobs: list[H.BlobLike]) -> None:
         self.queue.put((offset, blobs))
 
-    def finish(self, head: bytes, chunks: Sequence[bytes | memoryview], sources: Sequence[_Mapped | None]) -> None:
+    def finish(self, head: bytes | memoryview, chunks: Sequence[bytes | memoryview], sources: Sequence[_Mapped | None]) -> None:
         self.queue.put((head, chunks, sources))
 
     def cancel(self) -> None:

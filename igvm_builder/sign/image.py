@@ -345,9 +345,10 @@ def sign_igvm_layout(
     return out, signed, Layout(head, laid.blobs, laid.page_digests)
 
 
-def _with_block_bytes(head: bytes, placeholder: bytes, body: bytes) -> bytes:
+def _with_block_bytes(head: bytes | memoryview, placeholder: bytes, body: bytes) -> memoryview:
     """The headers ``head`` (fixed and variable) whose last variable header, the SNP_ID_BLOCK
-    ``placeholder``, is ``body`` instead, with the checksum recomputed."""
+    ``placeholder``, is ``body`` instead, with the checksum recomputed: a new read-only view
+    (``head`` is not changed), as :attr:`Layout.head` is."""
     tlv = struct.Struct("<II")
     size = tlv.size + len(body)
     if len(body) != len(placeholder) or len(body) % 8 or len(head) < size + 24 \
@@ -357,7 +358,7 @@ def _with_block_bytes(head: bytes, placeholder: bytes, body: bytes) -> bytes:
     out[-len(body):] = body
     out[20:24] = bytes(4)  # the checksum (IGVM_FIXED_HEADER.checksum) is over the headers with it zero
     out[20:24] = struct.pack("<I", zlib.crc32(out))
-    return bytes(out)
+    return memoryview(out).toreadonly()
 
 
 def sign_image(
