@@ -41,7 +41,7 @@ from igvm_builder.format.defs import (
     Section,
     section_of,
 )
-from igvm_builder.format.pages import Directives, PageDigests, PageRun
+from igvm_builder.format.pages import Directives, PageDigests, PageOffsets, PageRun
 from igvm_builder.format.record import Record, u32
 from igvm_builder.recordclass import field, fields, record
 
@@ -250,10 +250,12 @@ class IgvmFile:
         merging = False  # blobs[-1] is a window made here, not yet streamed: a next page may extend it
         # Identical blobs.  4 KiB blobs (pages) by a 64-bit key of their contents (Python's hash
         # of their SHA-384 with page_digests, else of their bytes) -> file offset of the
-        # first page with that key; pages whose key an earlier, different page holds -> ``clash``.
-        # Other blobs by (length, content hash) -> indices into blobs.  A match is confirmed
-        # byte for byte.  Per distinct page that is one dict entry of two ints.
-        page_at: dict[int, int] = {}
+        # first page with that key (``table``); pages whose key an earlier, different page holds
+        # -> ``clash``.  Other blobs by (length, content hash) -> indices into blobs.  A match is
+        # confirmed byte for byte.  Per distinct page that is a dict entry of two ints (about
+        # 110 bytes) until the table moves it into its sorted arrays (12 bytes).
+        table = PageOffsets()
+        recent, hits = table.recent, table.hits  # (the same dicts for the whole layout)
         clash: dict[int, list[int]] = {}
         dedup: dict[tuple[int, int], list[int]] = {}
         out = bytearray(fixed_size)
@@ -313,20 +315,22 @@ class IgvmFile:
         def page_key(view: memoryview, digest: bytes | None) -> int:
             return digest_key(digest) if digest is not None else content_hash(view)
 
-        def find_page(view: memoryview, key: int) -> int | None:
-            """The file offset of a page identical to ``view`` laid out earlier, or None."""
-            offset = page_at.get(key)
-            if offset is None:
+        def find_page(view: memoryview, key: int, first: int | None) -> int | None:
+            """The file offset of a page identical to ``view`` laid out earlier, or None
+            (``first``: the table's offset for ``key``)."""
+            if first is None:
                 return None
-            if same_bytes(stored(offset, PAGE_SIZE_4K), view):
-                return offset
+            if same_bytes(stored(first, PAGE_SIZE_4K), view):
+                return first
             for offset in clash.get(key, ()):
                 if same_bytes(stored(offset, PAGE_SIZE_4K), view):
                     return offset
             return None
 
-        def remember_page(key: int, offset: int) -> None:
-            if page_at.setdefault(key, offset) != offset:
+        def remember_page(key: int, offset: int, first: int | None) -> None:
+            if first is None:
+                table.add(key, offset)
+            else:
                 clash.setdefault(key, []).append(offset)
 
         def place(blob: H.BlobLike, digest: bytes | None = None) -> int:
@@ -337,10 +341,11 @@ class IgvmFile:
                 if digest is None and digests is not None:
                     digest = sha384(view).digest()
                 key = page_key(view, digest)
-                offset = find_page(view, key)
+                first = table.get(key)
+                offset = find_page(view, key, first)
                 if offset is None:
                     offset = append(blob, size)
-                    remember_page(key, offset)
+                    remember_page(key, offset, first)
                 return offset
             key2 = (size, _content_hash(view))
             same = dedup.setdefault(key2, [])
@@ -350,19 +355,19 @@ class IgvmFile:
             same.append(len(blobs))
             return append(blob, size)
 
-        def place_window(buf: memoryview, start: int, digest: bytes | None) -> int:
-            """place() for the 4 KiB at ``start`` of ``buf`` (a page of a run or a FileSlice)."""
-            view = buf[start : start + PAGE_SIZE_4K]
-            key = digest_key(digest) if digest is not None else content_hash(view)
-            if key not in page_at:  # a page not seen before (most pages): no comparison
+        def place_window(buf: memoryview, start: int, key: int) -> int:
+            """place() for the 4 KiB at ``start`` of ``buf`` (a page of a run or a FileSlice),
+            whose dedup key is ``key``."""
+            first = table.get(key)
+            if first is None:  # a page not seen before (most pages): no comparison
                 offset = append_window(buf, start)
-                page_at[key] = offset
+                table.add(key, offset)
                 return offset
-            found = find_page(view, key)
+            found = find_page(buf[start : start + PAGE_SIZE_4K], key, first)
             if found is not None:
                 return found
             offset = append_window(buf, start)
-            remember_page(key, offset)
+            remember_page(key, offset, first)
             return offset
 
         def page_run_headers(run: PageRun, dpos: int) -> None:
@@ -397,28 +402,31 @@ class IgvmFile:
             done = 0
             while done < count:  # strides of 2048 pages: noted as one window, released once hashed
                 n = min(2048, count - done)
+                end = start + n * PAGE_SIZE_4K
                 note(file_slice(source, start, n * PAGE_SIZE_4K))
-                for _ in range(n):
-                    view = source[start : start + PAGE_SIZE_4K]
-                    page_digest: bytes | None = None
-                    if dbuf is not None:
-                        page_digest = this = sha384(view).digest()
+                keys: list[int] = []  # the stride's dedup keys, looked up in the table at once
+                if dbuf is not None:
+                    for at in range(start, end, PAGE_SIZE_4K):
+                        this = sha384(source[at : at + PAGE_SIZE_4K]).digest()
                         dbuf[k : k + 48] = this
                         k += 48
-                        key = digest_key(this)
-                    else:
-                        key = content_hash(view)
+                        keys.append(digest_key(this))
+                else:
+                    keys = [content_hash(source[at : at + PAGE_SIZE_4K]) for at in range(start, end, PAGE_SIZE_4K)]
+                table.settle()
+                table.prefetch(keys)
+                for key in keys:
                     tail = blobs[-1] if merging else None
-                    if key not in page_at and type(tail) is file_slice and tail._buf is source \
+                    if key not in recent and key not in hits and type(tail) is file_slice and tail._buf is source \
                             and tail.start + tail.length == start and cursor + PAGE_SIZE_4K <= 0xFFFF_FFFF:
                         # a new page right after the window being laid out (most pages): extend it
-                        offset = page_at[key] = cursor
+                        offset = recent[key] = cursor
                         tail.length += PAGE_SIZE_4K
                         cursor += PAGE_SIZE_4K
                         if on_data is not None and cursor - sent_offset >= stream_bytes:
                             stream()
                     else:
-                        offset = place_window(source, start, page_digest)
+                        offset = place_window(source, start, key)
                     out += pack(page_type, 24, gpa, mask, offset, flags, dtype, 0)
                     gpa += PAGE_SIZE_4K
                     start += PAGE_SIZE_4K
@@ -441,6 +449,7 @@ class IgvmFile:
         dpos = -1  # the flat index of the directive h (of a run: its first page)
         for h in items:
             dpos += 1
+            table.settle()
             if type(h) is page_run:
                 assert isinstance(h, PageRun)
                 page_run_headers(h, dpos)
@@ -455,9 +464,10 @@ class IgvmFile:
                     if digests is not None:
                         digest = sha384(data._buf[data.start : data.start + PAGE_SIZE_4K]).digest()
                         digests.put(dpos, digest)
-                        offset = place_window(data._buf, data.start, digest)
+                        offset = place_window(data._buf, data.start, digest_key(digest))
                     else:
-                        offset = place_window(data._buf, data.start, None)
+                        offset = place_window(data._buf, data.start,
+                                              content_hash(data._buf[data.start : data.start + PAGE_SIZE_4K]))
                 else:
                     blob = h.blob()
                     offset = place(blob) if blob is not None else 0
@@ -527,7 +537,7 @@ class Layout(NamedTuple):
 
     #: The fixed header and the variable headers: a read-only view (``bytes(head)`` for a
     #: copy) of the buffer the serializer built them in, handed over without a copy (for a
-    #: 4 GiB image of distinct pages that copy was 32 MiB, held twice at the peak).
+    #: 4 GiB image of distinct pages that copy was a second 32 MiB at the build's peak).
     head: memoryview
     #: The data section, in file order (each blob stored once).
     blobs: list[H.BlobLike]
