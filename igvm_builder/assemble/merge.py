@@ -9,10 +9,10 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
-from igvm_builder.assemble.plan import _new_page, _PageRun
+from igvm_builder.assemble.plan import _PageRun
 from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice, as_view
-from igvm_builder.format.pages import Directives, PageRun
+from igvm_builder.format.pages import Directives, PageRun, new_page_unchecked
 
 
 def _key(h: H.Header) -> tuple[Any, ...]:
@@ -38,7 +38,7 @@ def _key(h: H.Header) -> tuple[Any, ...]:
 
 def _with_mask(h: H.Header, mask: int) -> H.Header:
     if type(h) is H.PageData:  # the common case, one per page of the file
-        return _new_page(h.gpa, mask, h.flags, h.data_type, h.data)
+        return new_page_unchecked(h.gpa, mask, h.flags, h.data_type, h.data)
     if not h.HAS_MASK:
         return h
     from igvm_builder.recordclass import replace

@@ -15,8 +15,7 @@ from igvm_builder.format.defs import (
     PageDataType,
     PlatformType,
 )
-from igvm_builder.format.pages import PageRun
-from igvm_builder.recordclass import fields
+from igvm_builder.format.pages import PageRun, new_page_unchecked
 
 PAGE = 0x1000
 ZERO_PAGE = bytes(PAGE)
@@ -198,7 +197,7 @@ def page_headers(gpa: int, view: memoryview, mem_size: int | None = None, *, fla
     # data each, aligned GPAs) through the fast one
     out = [H.PageData(gpa=gpa, compatibility_mask=mask, flags=flags, data=FileSlice(view, start, PAGE))] if full else []
     normal = PageDataType.NORMAL
-    out += [_new_page(gpa + off, mask, flags, normal, FileSlice(view, start + off, PAGE))
+    out += [new_page_unchecked(gpa + off, mask, flags, normal, FileSlice(view, start + off, PAGE))
             for off in range(PAGE, full, PAGE)]
     page_data = H.PageData
     for off in range(full, total, PAGE):
@@ -207,31 +206,7 @@ def page_headers(gpa: int, view: memoryview, mem_size: int | None = None, *, fla
         else:
             data = ZERO_PAGE if zero_fill else b""
         if off > full and off >= n:  # a page like the one before: the fast constructor
-            out.append(_new_page(gpa + off, mask, flags, normal, data))
+            out.append(new_page_unchecked(gpa + off, mask, flags, normal, data))
         else:
             out.append(page_data(gpa=gpa + off, compatibility_mask=mask, flags=flags, data_type=normal, data=data))
     return out
-
-
-#: PAGE_DATA fields, in order; checked at import so that the fast copy below cannot miss one.
-_PAGE_FIELDS = ("gpa", "compatibility_mask", "flags", "data_type", "data")
-if tuple(f.name for f in fields(H.PageData)) != _PAGE_FIELDS:
-    raise ImportError("H.PageData fields changed: update _new_page and its setters in igvm_builder/assemble/plan.py")
-
-
-def _new_page(gpa: int, mask: int, flags: int, data_type: int, data: bytes | FileSlice) -> H.PageData:
-    """A PageData made without re-running its checks, for values known to pass them (a page
-    like one already validated: 4 KiB-aligned GPA, same flags and type, at most 4 KiB of data).
-    recordclass.replace or the constructor cost several times more, once per page of the file."""
-    page = _object_new(H.PageData)
-    _set_gpa(page, gpa)
-    _set_mask(page, mask)
-    _set_flags(page, flags)
-    _set_type(page, data_type)
-    _set_data(page, data)
-    return page
-
-
-_object_new = object.__new__
-# the slot descriptors' setters: what the generated __init__ of a frozen record uses
-_set_gpa, _set_mask, _set_flags, _set_type, _set_data = (getattr(H.PageData, f).__set__ for f in _PAGE_FIELDS)

@@ -434,18 +434,23 @@ class IgvmFile:
                 releaser.release(None)
             last_slice = None
 
-        for head in (*self.platforms, *self.initializations):
-            blob = head.blob()
+        def header(h: H.Header) -> None:
+            """Any header but PAGE_DATA: its blob placed, its TLV and body appended."""
+            nonlocal last_slice
+            blob = h.blob()
             offset = 0
             if blob is not None:
                 if isinstance(blob, FileSlice):
                     note(blob)
                     last_slice = blob
                 offset = place(blob)
-            body = head.pack_body(offset)
-            out += _TLV.pack(int(head.TYPE), len(body))
-            out += body
-            out += bytes(_pad8(len(body)) - len(body))
+            body = h.pack_body(offset)
+            out.extend(_TLV.pack(int(h.TYPE), len(body)))
+            out.extend(body)
+            out.extend(bytes(_pad8(len(body)) - len(body)))
+
+        for head in (*self.platforms, *self.initializations):
+            header(head)
         dpos = -1  # the flat index of the directive h (of a run: its first page)
         for h in items:
             dpos += 1
@@ -474,17 +479,7 @@ class IgvmFile:
                 out += page_tlv.pack(page_type, 24, h.gpa, h.compatibility_mask, offset, h.flags, h.data_type, 0)
                 continue
             assert isinstance(h, H.Header)
-            blob = h.blob()
-            offset = 0
-            if blob is not None:
-                if isinstance(blob, FileSlice):
-                    note(blob)
-                    last_slice = blob
-                offset = place(blob)
-            body = h.pack_body(offset)
-            out += _TLV.pack(int(h.TYPE), len(body))
-            out += body
-            out += bytes(_pad8(len(body)) - len(body))
+            header(h)
         releaser.release(last_slice)
         if cursor == data_start:
             # The reference parser needs at least one byte after the variable headers

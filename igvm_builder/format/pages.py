@@ -113,12 +113,12 @@ class PageRun:
         """Page ``i`` as a header (made on demand)."""
         if not 0 <= i < self.count:
             raise IndexError(f"page {i} of a run of {self.count}")
-        return _new_page(self.gpa + i * PAGE, self.compatibility_mask, self.flags, self.data_type, self.data_at(i))
+        return new_page_unchecked(self.gpa + i * PAGE, self.compatibility_mask, self.flags, self.data_type, self.data_at(i))
 
     def pages(self) -> Iterator[H.PageData]:
         """Every page as a header, made one at a time."""
         gpa, mask, flags, dtype = self.gpa, self.compatibility_mask, self.flags, self.data_type
-        new = _new_page
+        new = new_page_unchecked
         if self.source is None:
             fill = self.fill
             for i in range(self.count):
@@ -349,13 +349,15 @@ def as_directives(directives: Iterable[Item]) -> Directives:
 #: PAGE_DATA fields, in order; checked at import so that the fast constructor cannot miss one.
 _PAGE_FIELDS = ("gpa", "compatibility_mask", "flags", "data_type", "data")
 if tuple(f.name for f in fields(H.PageData)) != _PAGE_FIELDS:
-    raise ImportError("H.PageData fields changed: update _new_page in igvm_builder/format/pages.py")
+    raise ImportError("H.PageData fields changed: update new_page_unchecked in igvm_builder/format/pages.py")
 _object_new = object.__new__
 _set_gpa, _set_mask, _set_flags, _set_type, _set_data = (getattr(H.PageData, f).__set__ for f in _PAGE_FIELDS)
 
 
-def _new_page(gpa: int, mask: int, flags: int, data_type: int, data: H.BlobLike) -> H.PageData:
-    """A PageData of a run, made without re-running the checks its run's values passed."""
+def new_page_unchecked(gpa: int, mask: int, flags: int, data_type: int, data: H.BlobLike) -> H.PageData:
+    """A PageData made without re-running its checks, for values known to pass them (a page of a
+    run, or one like a page already validated): the constructor costs several times more, once
+    per page of a file."""
     page = _object_new(H.PageData)
     _set_gpa(page, gpa)
     _set_mask(page, mask)

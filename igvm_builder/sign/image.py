@@ -281,17 +281,25 @@ def sign_igvm(
         ld = _measure(f, _loader_name(loader), (vcpus, vcpu_type))
     elif not isinstance(ld, bytes | bytearray) or len(ld) != 48:
         raise SigningError("ld (the launch digest to sign) must be 48 bytes")
-    signed = sign_id_block(
-        bytes(ld),
+    signed = _sign_block(bytes(ld), policy, platform.compatibility_mask, id_key=id_key, author_key=author_key,
+                         family_id=family_id, image_id=image_id, guest_svn=guest_svn)
+    return _insert(f, signed, platform, policy), signed
+
+
+def _sign_block(ld: bytes, policy: int, mask: int, *, id_key: KeySource, author_key: KeySource | None,
+                family_id: bytes, image_id: bytes, guest_svn: int) -> SignedIdBlock:
+    """The signed ID block of launch digest ``ld`` for the SEV-SNP platform ``mask`` (the
+    arguments of :func:`sign_igvm`, checked here)."""
+    return sign_id_block(
+        ld,
         policy=policy,
         family_id=parse_id16(family_id, "family_id"),
         image_id=parse_id16(image_id, "image_id"),
         guest_svn=_guest_svn(guest_svn),
         id_key=id_key,
         author_key=author_key,
-        compatibility_mask=platform.compatibility_mask,
+        compatibility_mask=mask,
     )
-    return _insert(f, signed, platform, policy), signed
 
 
 def sign_igvm_layout(
@@ -330,16 +338,8 @@ def sign_igvm_layout(
                                 page_digests=laid.page_digests).digest
     if measured is None:  # pragma: no cover - SNP always has a digest
         raise SigningError("the SEV_SNP platform has no launch digest")
-    signed = sign_id_block(
-        measured,
-        policy=policy,
-        family_id=parse_id16(family_id, "family_id"),
-        image_id=parse_id16(image_id, "image_id"),
-        guest_svn=_guest_svn(guest_svn),
-        id_key=id_key,
-        author_key=author_key,
-        compatibility_mask=mask,
-    )
+    signed = _sign_block(measured, policy, mask, id_key=id_key, author_key=author_key, family_id=family_id,
+                         image_id=image_id, guest_svn=guest_svn)
     out = _insert(f, signed, platform, policy)
     head = _with_block_bytes(laid.head, placeholder.pack_body(), signed.igvm_body)
     return out, signed, Layout(head, laid.blobs, laid.page_digests)
