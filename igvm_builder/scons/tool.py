@@ -37,7 +37,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import SCons.Action
@@ -170,15 +170,18 @@ def _write_output(env: Any, node: Any, data: bytes, source: Any) -> None:
         raise _fail(env, exc, source) from None
 
 
-def _write_outputs(env: Any, nodes: Sequence[Any], data: Sequence[bytes], source: Any) -> None:
-    """Write several outputs together (all or none); a failure is the tool's one-line error."""
+def _write_outputs(env: Any, nodes: Sequence[Any], data: Sequence[Iterable[bytes | memoryview]],
+                   source: Any) -> None:
+    """Write several outputs, each given as its chunks, together (all or none); a failure is the
+    tool's one-line error."""
     from igvm_builder.io import atomic_outputs
 
     try:
         with atomic_outputs(*(n.get_abspath() for n in nodes)) as files:
-            for fh, content in zip(files, data, strict=True):
+            for fh, chunks in zip(files, data, strict=True):
                 assert fh is not None
-                fh.write(content)
+                for chunk in chunks:
+                    fh.write(chunk)
     except IgvmError as exc:
         raise _fail(env, exc, source) from None
 
@@ -426,8 +429,11 @@ def _truthy(env: Any, variable: str) -> bool:
 
 
 def _igvm_sign(target: list[Any], source: list[Any], env: Any) -> None:
+    from igvm_builder.errors import SigningError
     from igvm_builder.format import IgvmFile
-    from igvm_builder.sign.stage import plan_signing, sign_file
+    from igvm_builder.format.blob import as_view
+    from igvm_builder.io import sha256_input
+    from igvm_builder.sign.stage import plan_signing, sign_file_layout
 
     image = source[0]
     config_node = next((s for s in source[1:] if _is_config(env, s)), None)
@@ -452,10 +458,10 @@ def _igvm_sign(target: list[Any], source: list[Any], env: Any) -> None:
                 id_key_option="$IGVM_SIGNING_KEY",
                 **options,
             )
-            with open(image.get_abspath(), "rb") as fh:
-                data = fh.read()
-            unsigned = IgvmFile.from_bytes(data, source=str(image))
-            signed, outcome = sign_file(
+            # mapped, not read: the image is held once (its pages are the signed file's data)
+            unsigned = IgvmFile.load(image.get_abspath())
+            unsigned_sha256 = sha256_input(image.get_abspath(), "IGVM file", error=SigningError)
+            signed, outcome, layout = sign_file_layout(
                 unsigned, plan, output=str(target[0]),
                 allow_test_keys=_truthy(env, "IGVM_ALLOW_TEST_KEYS"),
                 how_to_allow="set IGVM_ALLOW_TEST_KEYS=1",
@@ -465,11 +471,12 @@ def _igvm_sign(target: list[Any], source: list[Any], env: Any) -> None:
 
             base = ReferenceValues.load(sidecar.get_abspath()) if sidecar is not None else None
             vcpus, vcpu_type = launch_vcpus(unsigned, plan)
-            refs = signed_reference_values(signed, outcome, unsigned=(hashlib.sha256(data).hexdigest(), len(data)),
+            refs = signed_reference_values(signed, outcome, unsigned=unsigned_sha256,
                                            base=base, vcpus=vcpus, vcpu_type=vcpu_type)
         except IgvmError as exc:
             raise _fail(env, exc, image) from None
-        _write_outputs(env, target[:2], (signed.to_bytes(), refs.to_json().encode()), image)
+        image_chunks = (layout.head, *(as_view(blob) for blob in layout.blobs))  # the signed file, streamed
+        _write_outputs(env, target[:2], (image_chunks, (refs.to_json().encode(),)), image)
     if SCons.Action.print_actions:  # the one-line result of the signing stage (as igvm-builder sign)
         sys.stdout.write(f"  signed  {outcome.line()}\n")
     if outcome.test_key_warning:
