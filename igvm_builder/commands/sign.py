@@ -346,8 +346,10 @@ def run(args: argparse.Namespace) -> int:
             out_fh.seek(0)
             out_fh.write(layout.head)  # the headers, with the signed ID block
         else:
-            for chunk in out.iter_chunks():
-                out_fh.write(chunk)
+            layout = out.layout()  # kept: the reference values below hash the same bytes
+            out_fh.write(layout.head)
+            for blob in layout.blobs:
+                out_fh.write(as_view(blob))
         if args.reference_values:  # the signed image's reference values, from the build's (--reference)
             from igvm_builder.errors import SigningError
             from igvm_builder.io import sha256_input
@@ -356,7 +358,8 @@ def run(args: argparse.Namespace) -> int:
 
             base = ReferenceValues.load(args.reference) if args.reference else None
             refs = signed_reference_values(out, outcome, base=base, vcpus=vcpus[0], vcpu_type=vcpus[1],
-                                           unsigned=sha256_input(args.input, "IGVM file", error=SigningError))
+                                           unsigned=sha256_input(args.input, "IGVM file", error=SigningError),
+                                           layout=layout)
             assert refs_fh is not None
             refs_fh.write(refs.to_json().encode())
     if args.json:

@@ -472,7 +472,7 @@ def _igvm_sign(target: list[Any], source: list[Any], env: Any) -> None:
             base = ReferenceValues.load(sidecar.get_abspath()) if sidecar is not None else None
             vcpus, vcpu_type = launch_vcpus(unsigned, plan)
             refs = signed_reference_values(signed, outcome, unsigned=unsigned_sha256,
-                                           base=base, vcpus=vcpus, vcpu_type=vcpu_type)
+                                           base=base, vcpus=vcpus, vcpu_type=vcpu_type, layout=layout)
         except IgvmError as exc:
             raise _fail(env, exc, image) from None
         image_chunks = (layout.head, *(as_view(blob) for blob in layout.blobs))  # the signed file, streamed

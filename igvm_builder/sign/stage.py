@@ -265,12 +265,17 @@ def sign_file_layout(
     ), layout
 
 
-def _sha256_chunks(f: IgvmFile) -> tuple[str, int]:
+def _sha256_chunks(f: IgvmFile, layout: Layout | None = None) -> tuple[str, int]:
+    """SHA-256 and size of ``f``'s bytes: of ``layout`` (``f``'s serialization, already made by
+    the caller) when given, else of a new one."""
     import hashlib
 
+    from igvm_builder.format.blob import as_view
+
+    chunks = f.iter_chunks() if layout is None else (layout.head, *(as_view(b) for b in layout.blobs))
     h = hashlib.sha256()
     size = 0
-    for chunk in f.iter_chunks():
+    for chunk in chunks:
         h.update(chunk)
         size += len(chunk)
     return h.hexdigest(), size
@@ -278,7 +283,7 @@ def _sha256_chunks(f: IgvmFile) -> tuple[str, int]:
 
 def signed_reference_values(
     signed: IgvmFile, outcome: SignOutcome, *, unsigned: tuple[str, int], base: ReferenceValues | None = None,
-    vcpus: int | None = None, vcpu_type: str | int | None = None,
+    vcpus: int | None = None, vcpu_type: str | int | None = None, layout: Layout | None = None,
 ) -> ReferenceValues:
     """The reference values of the signed image: its file and platform entries (with the ID
     block's fields and key digests), what was signed (:class:`~igvm_builder.reference.SignatureRef`,
@@ -298,7 +303,7 @@ def signed_reference_values(
                                f"not the image signed ({unsigned[0][:16]}...)")
     tdx = base.platforms.get("tdx") if base is not None else None
     two_pass = bool(tdx is not None and tdx.details.get("pass_order") == "two-pass")
-    sha256, size = _sha256_chunks(signed)
+    sha256, size = _sha256_chunks(signed, layout)
     doc = reference_values(signed, sha256, loader=outcome.loader, tdx_two_pass=two_pass, file_size=size,
                            vcpus=vcpus, vcpu_type=vcpu_type)
     measured = ReferenceValues.from_dict(doc)
