@@ -289,7 +289,12 @@ def refusals(page: bytes | bytearray | memoryview, vmm: str, *, vp_index: int = 
     value reaches KVM, so only it is checked against what KVM supports.
     """
     _vmm(vmm)
-    regs = parse_vmsa(page)
+    return _refusals(parse_vmsa(page), page, vmm, vp0_features)
+
+
+def _refusals(regs: Mapping[str, int], page: bytes | bytearray | memoryview, vmm: str,
+              vp0_features: int | None) -> list[Refusal]:
+    """:func:`refusals` of ``page``, whose fields ``regs`` are (``parse_vmsa(page)``)."""
     out: list[Refusal] = []
     if vmm == QEMU:
         # check_vmsa_supported: every field outside QEMU's list, and every reserved byte, of the
@@ -353,13 +358,15 @@ def measured_vmsa(page: bytes | bytearray | memoryview, vmm: str, *, vp_index: i
 
     Raises :class:`MeasurementError` naming the field when the VMM or KVM would refuse it.
     """
-    refused = refusals(page, vmm, vp_index=vp_index, vp0_features=vp0_features)
+    _vmm(vmm)
+    regs = parse_vmsa(page)  # once, for the checks and the transform
+    refused = _refusals(regs, page, vmm, vp0_features)
     if refused:
         more = f" (and {len(refused) - 1} more; `igvm-builder lint --loader {vmm}` lists them)" if len(refused) > 1 \
             else ""
         raise MeasurementError(f"loader '{vmm}' refuses the VMSA of vp {vp_index}{where}: field {refused[0].field}: "
                                f"{refused[0].message}{more}")
-    return build_vmsa(transform_fields(parse_vmsa(page), vmm, vp0_features=vp0_features))
+    return build_vmsa(transform_fields(regs, vmm, vp0_features=vp0_features))
 
 
 # --------------------------------------------------------------------------- reset-state APs

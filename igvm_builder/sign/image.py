@@ -40,6 +40,7 @@ from igvm_builder.format.pages import Directives, PageRun
 from igvm_builder.hexstr import parse_hex
 from igvm_builder.measure.engine import measure_platform
 from igvm_builder.measure.profiles import PROFILES, get_profile
+from igvm_builder.measure.result import Measurement
 from igvm_builder.recordclass import record, replace
 from igvm_builder.sign import _ecdsa, sign_id_block
 from igvm_builder.sign.idblock import (
@@ -63,6 +64,7 @@ __all__ = [
     "parse_id16",
     "sign_igvm",
     "sign_igvm_layout",
+    "sign_igvm_measured",
     "sign_image",
     "snp_target",
     "verify_igvm",
@@ -191,20 +193,26 @@ def _without_id_blocks(f: IgvmFile, mask: int) -> tuple[list[H.Header | PageRun]
     return directives, removed
 
 
-def _with_directives(f: IgvmFile, directives: list[H.Header | PageRun]) -> IgvmFile:
-    return IgvmFile(
+def _with_directives(f: IgvmFile, directives: list[H.Header | PageRun],
+                     warnings: tuple[str, ...] | None = None) -> IgvmFile:
+    """``f`` with ``directives``, validated; with ``warnings``, not validated again: the caller
+    validated a model whose rules these directives follow alike, and those were its warnings."""
+    out = IgvmFile(
         revision=f.revision,
         architecture=f.architecture,
         platforms=f.platforms,
         initializations=f.initializations,
         directives=Directives(directives),
-    ).validate()
+        warnings=warnings or (),
+    )
+    return out.validate() if warnings is None else out
 
 
-def _with_id_block(f: IgvmFile, block: H.SnpIdBlock) -> IgvmFile:
-    """``f`` with every SNP_ID_BLOCK for ``block``'s mask removed and ``block`` appended."""
+def _with_id_block(f: IgvmFile, block: H.SnpIdBlock, warnings: tuple[str, ...] | None = None) -> IgvmFile:
+    """``f`` with every SNP_ID_BLOCK for ``block``'s mask removed and ``block`` appended
+    (``warnings``: as :func:`_with_directives`)."""
     directives, _removed = _without_id_blocks(f, block.compatibility_mask)
-    return _with_directives(f, [*directives, block])
+    return _with_directives(f, [*directives, block], warnings)
 
 
 def remove_id_block(f: IgvmFile) -> tuple[IgvmFile, int]:
@@ -220,8 +228,13 @@ def remove_id_block(f: IgvmFile) -> tuple[IgvmFile, int]:
     return (_with_directives(f, directives) if removed else f), removed
 
 
-def _insert(f: IgvmFile, signed: SignedIdBlock, platform: H.SupportedPlatform, policy: int) -> IgvmFile:
-    """Insert ``signed`` into ``f`` and check the result the way a loader will use it."""
+def _insert(f: IgvmFile, signed: SignedIdBlock, platform: H.SupportedPlatform, policy: int,
+            warnings: tuple[str, ...] | None = None) -> IgvmFile:
+    """Insert ``signed`` into ``f`` and check the result the way a loader will use it.
+
+    ``warnings``: those of ``f`` with a placeholder ID block in the signed block's place, which
+    the caller validated (the result, the same headers but the block's contents, is not
+    validated again); None: the result is validated."""
     mask = platform.compatibility_mask
     if signed.compatibility_mask != mask:
         raise SigningError(
@@ -233,7 +246,7 @@ def _insert(f: IgvmFile, signed: SignedIdBlock, platform: H.SupportedPlatform, p
             f"the ID block was signed for policy {signed.fields.policy:#x}, but the file's GUEST_POLICY "
             f"is {policy:#x}"
         )
-    out = _with_id_block(f, H.SnpIdBlock.unpack_body(memoryview(signed.igvm_body)))
+    out = _with_id_block(f, H.SnpIdBlock.unpack_body(memoryview(signed.igvm_body)), warnings)
     blocks = find_id_blocks(out, mask)
     if len(blocks) != 1 or blocks[0].pack_body() != signed.igvm_body:  # pragma: no cover - invariant
         raise SigningError("the signed file does not hold exactly the one new ID block")
@@ -277,13 +290,26 @@ def sign_igvm(
     GUEST_POLICY for it, or when a key source fails.
     """
     platform, policy = snp_target(f, SigningError)
-    if ld is None:
-        ld = _measure(f, _loader_name(loader), (vcpus, vcpu_type))
-    elif not isinstance(ld, bytes | bytearray) or len(ld) != 48:
+    if ld is not None and (not isinstance(ld, bytes | bytearray) or len(ld) != 48):
         raise SigningError("ld (the launch digest to sign) must be 48 bytes")
+    _placeholder, template = _template(f, platform.compatibility_mask)
+    if ld is None:
+        ld = _measure(template, _loader_name(loader), (vcpus, vcpu_type))
     signed = _sign_block(bytes(ld), policy, platform.compatibility_mask, id_key=id_key, author_key=author_key,
                          family_id=family_id, image_id=image_id, guest_svn=guest_svn)
-    return _insert(f, signed, platform, policy), signed
+    return _insert(f, signed, platform, policy, template.warnings), signed
+
+
+def _template(f: IgvmFile, mask: int) -> tuple[H.SnpIdBlock, IgvmFile]:
+    """A placeholder ID block for the SEV-SNP platform ``mask`` and ``f`` with it in place of its
+    ID blocks for that mask, validated: what is measured and laid out before the block is signed.
+    A model that breaks a rule is an :class:`IgvmFormatError` naming the header here, before any
+    work (the signed file is that one with the signed block's bytes, so it is not validated again)."""
+    directives, _removed = _without_id_blocks(f, mask)
+    placeholder = H.SnpIdBlock.unpack_body(memoryview(mask.to_bytes(4, "little") + bytes(H.SnpIdBlock.SIZE - 4)))
+    template = IgvmFile(revision=f.revision, architecture=f.architecture, platforms=f.platforms,
+                        initializations=f.initializations, directives=Directives([*directives, placeholder]))
+    return placeholder, template.validate()
 
 
 def _sign_block(ld: bytes, policy: int, mask: int, *, id_key: KeySource, author_key: KeySource | None,
@@ -316,7 +342,8 @@ def sign_igvm_layout(
     on_data: Callable[[int, list[H.BlobLike]], object] | None = None,
 ) -> tuple[IgvmFile, SignedIdBlock, Layout]:
     """:func:`sign_igvm`, and the signed file's serialization (:meth:`IgvmFile.layout`), with
-    each page of file data hashed once.
+    each page of file data hashed once (:func:`sign_igvm_measured` also returns the SEV-SNP
+    measurement that was signed).
 
     The ID block directive has no file data, a fixed size, and is not measured: the file is
     laid out once with a placeholder block in its place, the SHA-384 of each page that the
@@ -326,23 +353,47 @@ def sign_igvm_layout(
     headers are checked to hold the signed block.  ``on_data(file_offset, blobs)`` receives the
     data section as it is laid out (:meth:`IgvmFile.layout`'s), before anything is signed: a
     writer can store it meanwhile, and the headers (``Layout.head``) once this returns.
+
+    ``f`` is validated (as the file with the placeholder) before anything is laid out or
+    measured: a model built by hand that breaks a rule is an :class:`IgvmFormatError` naming
+    the header, and ``on_data`` sees none of it.
     """
+    out, signed, layout, _measurement = sign_igvm_measured(
+        f, id_key=id_key, author_key=author_key, loader=loader, family_id=family_id, image_id=image_id,
+        guest_svn=guest_svn, vcpus=vcpus, vcpu_type=vcpu_type, on_data=on_data)
+    return out, signed, layout
+
+
+def sign_igvm_measured(
+    f: IgvmFile,
+    *,
+    id_key: KeySource,
+    author_key: KeySource | None = None,
+    loader: str | None = None,
+    family_id: bytes = bytes(16),
+    image_id: bytes = bytes(16),
+    guest_svn: int = 0,
+    vcpus: int | None = None,
+    vcpu_type: str | int | None = None,
+    on_data: Callable[[int, list[H.BlobLike]], object] | None = None,
+) -> tuple[IgvmFile, SignedIdBlock, Layout, Measurement]:
+    """:func:`sign_igvm_layout`, and the SEV-SNP :class:`Measurement` whose digest was signed
+    (``loader``, ``vcpus``, ``vcpu_type`` as given).  The ID block is not measured, so it is the
+    signed file's measurement too: the signed image's reference values take it instead of
+    hashing every page again (:func:`igvm_builder.sign.stage.signed_reference_values`)."""
     platform, policy = snp_target(f, SigningError)
     mask = platform.compatibility_mask
-    directives, _removed = _without_id_blocks(f, mask)
-    placeholder = H.SnpIdBlock.unpack_body(memoryview(mask.to_bytes(4, "little") + bytes(H.SnpIdBlock.SIZE - 4)))
-    template = IgvmFile(revision=f.revision, architecture=f.architecture, platforms=f.platforms,
-                        initializations=f.initializations, directives=Directives([*directives, placeholder]))
-    laid = template.layout(validate=False, page_digests=True, on_data=on_data)  # out (below) is validated
-    measured = measure_platform(template, _SNP, loader=_loader_name(loader), vcpus=vcpus, vcpu_type=vcpu_type,
-                                page_digests=laid.page_digests).digest
-    if measured is None:  # pragma: no cover - SNP always has a digest
+    placeholder, template = _template(f, mask)
+    laid = template.layout(validate=False, page_digests=True, on_data=on_data)  # (validated by _template)
+    measurement = measure_platform(template, _SNP, loader=_loader_name(loader), vcpus=vcpus, vcpu_type=vcpu_type,
+                                   page_digests=laid.page_digests)
+    if measurement.digest is None:  # pragma: no cover - SNP always has a digest
         raise SigningError("the SEV_SNP platform has no launch digest")
-    signed = _sign_block(measured, policy, mask, id_key=id_key, author_key=author_key, family_id=family_id,
-                         image_id=image_id, guest_svn=guest_svn)
-    out = _insert(f, signed, platform, policy)
+    signed = _sign_block(measurement.digest, policy, mask, id_key=id_key, author_key=author_key,
+                         family_id=family_id, image_id=image_id, guest_svn=guest_svn)
+    out = _insert(f, signed, platform, policy, template.warnings)
     head = _with_block_bytes(laid.head, placeholder.pack_body(), signed.igvm_body)
-    return out, signed, Layout(head, laid.blobs, laid.page_digests)
+    return out, signed, Layout(head, laid.blobs, laid.page_digests), measurement
 
 
 def _with_block_bytes(head: bytes | memoryview, placeholder: bytes, body: bytes) -> memoryview:

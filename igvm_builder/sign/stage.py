@@ -22,16 +22,17 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from igvm_builder.errors import SigningError
-from igvm_builder.recordclass import record
+from igvm_builder.recordclass import field, record
 
 if TYPE_CHECKING:
     from igvm_builder.config import BuildConfig
     from igvm_builder.format.file import IgvmFile, Layout
     from igvm_builder.format.headers import BlobLike
+    from igvm_builder.measure.result import Measurement
     from igvm_builder.reference import ReferenceValues
 
-__all__ = ["SignOutcome", "SignPlan", "check_test_keys", "launch_vcpus", "plan_signing", "resolve_key_spec",
-           "sign_file", "sign_file_layout", "signed_reference_values", "starts_a_vcpu"]
+__all__ = ["SignOutcome", "SignPlan", "SnpMeasured", "check_test_keys", "launch_vcpus", "plan_signing",
+           "resolve_key_spec", "sign_file", "sign_file_layout", "signed_reference_values", "starts_a_vcpu"]
 
 _NON_FILE_SCHEMES = ("env", "pkcs11", "cmd")
 
@@ -168,6 +169,23 @@ def check_test_keys(digests: Mapping[str, bytes | None], *, allow: bool, how_to_
 
 
 @record(kw_only=True)
+class SnpMeasured:
+    """An SEV-SNP measurement made while signing, and the launch it measured: the loader
+    profile, and the vCPU count and model as given to ``measure_platform`` (None: the file's
+    VP contexts, the default model)."""
+
+    loader: str
+    vcpus: int | None
+    vcpu_type: str | int | None
+    measurement: Measurement
+
+    def serves(self, loader: str, vcpus: int | None, vcpu_type: str | int | None, mask: int) -> bool:
+        """Whether this is the measurement of the SEV-SNP platform ``mask`` for that launch."""
+        return (self.loader, self.vcpus, self.vcpu_type) == (loader, vcpus, vcpu_type) \
+            and self.measurement.compatibility_mask == mask and self.measurement.loader == loader
+
+
+@record(kw_only=True)
 class SignOutcome:
     """What was signed: every field a verifier pins (no key material)."""
 
@@ -184,6 +202,9 @@ class SignOutcome:
     replaced: bool
     #: Set when a TEST-ONLY key was used (allowed): the warning to show.
     test_key_warning: str | None = None
+    #: The SEV-SNP measurement whose digest was signed and the launch it is for: what the signed
+    #: image's reference values take instead of measuring SEV-SNP again (not in :meth:`as_dict`).
+    measured: SnpMeasured | None = field(default=None, compare=False, repr=False)
 
     def line(self) -> str:
         """The one-line result: loader (and where it came from), launch digest prefix, key digests."""
@@ -232,7 +253,7 @@ def sign_file_layout(
     ``on_data`` receives the data section before the file is signed, as it does)."""
     from igvm_builder.format.defs import PlatformType
     from igvm_builder.sign.idblock import key_digest
-    from igvm_builder.sign.image import find_id_blocks, sign_igvm_layout
+    from igvm_builder.sign.image import find_id_blocks, sign_igvm_measured
     from igvm_builder.sign.keys import key_source_from_spec
 
     id_key = key_source_from_spec(plan.id_key)
@@ -245,10 +266,9 @@ def sign_file_layout(
     snp = f.platform(PlatformType.SEV_SNP)
     replaced = bool(snp and find_id_blocks(f, snp.compatibility_mask))
     vcpus, vcpu_type = launch_vcpus(f, plan)
-    out, signed, layout = sign_igvm_layout(f, id_key=id_key, author_key=author_key, loader=plan.loader,
-                                           family_id=plan.family_id, image_id=plan.image_id,
-                                           guest_svn=plan.guest_svn, vcpus=vcpus, vcpu_type=vcpu_type,
-                                           on_data=on_data)
+    out, signed, layout, measurement = sign_igvm_measured(
+        f, id_key=id_key, author_key=author_key, loader=plan.loader, family_id=plan.family_id,
+        image_id=plan.image_id, guest_svn=plan.guest_svn, vcpus=vcpus, vcpu_type=vcpu_type, on_data=on_data)
     return out, SignOutcome(
         output=output,
         loader=plan.loader,
@@ -262,23 +282,102 @@ def sign_file_layout(
         author_key_digest=signed.author_key_digest,
         replaced=replaced,
         test_key_warning=warning,
+        measured=SnpMeasured(loader=plan.loader, vcpus=vcpus, vcpu_type=vcpu_type, measurement=measurement),
     ), layout
+
+
+#: Bytes of a mapped image hashed by :func:`_sha256_chunks` before they leave the resident set.
+_SHA256_WINDOW = 8 << 20
 
 
 def _sha256_chunks(f: IgvmFile, layout: Layout | None = None) -> tuple[str, int]:
     """SHA-256 and size of ``f``'s bytes: of ``layout`` (``f``'s serialization, already made by
-    the caller) when given, else of a new one."""
+    the caller) when given, else of a new one.  The parts of a mapped file (blobs that are
+    windows of a read-only mmap, as a loaded image's pages are) leave the resident set once
+    hashed, every :data:`_SHA256_WINDOW` bytes (:func:`~igvm_builder.format.blob.dontneed`):
+    the image is never resident as a whole."""
     import hashlib
+    import mmap
 
-    from igvm_builder.format.blob import as_view
+    from igvm_builder.format.blob import FileSlice, as_view, dontneed
 
-    chunks = f.iter_chunks() if layout is None else (layout.head, *(as_view(b) for b in layout.blobs))
     h = hashlib.sha256()
     size = 0
-    for chunk in chunks:
-        h.update(chunk)
-        size += len(chunk)
+    if layout is None:
+        for chunk in f.iter_chunks():
+            h.update(chunk)
+            size += len(chunk)
+        return h.hexdigest(), size
+    h.update(layout.head)
+    size = len(layout.head)
+    window = _SHA256_WINDOW
+    src: mmap.mmap | None = None  # the mapping of the bytes hashed since the last release: [lo, hi)
+    lo = hi = 0
+    for blob in layout.blobs:
+        view = as_view(blob)
+        n = len(view)
+        size += n
+        source = view.obj if type(blob) is FileSlice else None
+        if not isinstance(source, mmap.mmap) or not view.readonly:  # (a private mapping keeps its pages)
+            h.update(view)
+            continue
+        assert isinstance(blob, FileSlice)
+        for off in range(0, n, window):
+            h.update(view[off : off + window])
+            start, end = blob.start + off, blob.start + min(n, off + window)
+            if source is not src:
+                if src is not None:
+                    dontneed(src, lo, hi - lo)
+                src, lo, hi = source, start, end
+            else:
+                lo, hi = min(lo, start), max(hi, end)
+            if hi - lo >= window:
+                dontneed(source, lo, hi - lo)
+                src = None
+    if src is not None:
+        dontneed(src, lo, hi - lo)
     return h.hexdigest(), size
+
+
+def _measurements(signed: IgvmFile, outcome: SignOutcome, *, tdx_two_pass: bool, vcpus: int | None,
+                  vcpu_type: str | int | None) -> list[Measurement]:
+    """Every platform's measurement of ``signed`` for its reference values: SEV-SNP's taken from
+    the signing (``outcome.measured``) when it is that launch's (loader, vCPUs, mask; the ID block
+    is not measured, so the file signed measures as the file the digest was taken of), the rest
+    measured here."""
+    from igvm_builder.format.defs import PlatformType
+    from igvm_builder.measure.engine import measure_file
+
+    snp = signed.platform(PlatformType.SEV_SNP)
+    kept = outcome.measured
+    reuse = kept is not None and snp is not None and kept.serves(outcome.loader, vcpus, vcpu_type,
+                                                                   snp.compatibility_mask)
+    if not reuse:
+        return list(measure_file(signed, loader=outcome.loader, tdx_two_pass=tdx_two_pass, vcpus=vcpus,
+                                 vcpu_type=vcpu_type))
+    assert kept is not None
+    rest = [p.platform_type for p in signed.platforms if p.platform_type != PlatformType.SEV_SNP]
+    measured = measure_file(signed, platforms=rest, loader=outcome.loader, tdx_two_pass=tdx_two_pass,
+                            vcpus=vcpus, vcpu_type=vcpu_type) if rest else ()
+    return [kept.measurement, *measured]
+def _hash_and_measure(signed: IgvmFile, outcome: SignOutcome, layout: Layout | None, *, tdx_two_pass: bool,
+                      vcpus: int | None, vcpu_type: str | int | None) -> tuple[str, int, list[Measurement]]:
+    """The signed file's SHA-256 and size, and its platforms' measurements (:func:`_measurements`):
+    the SHA-256 in a thread of its own while the platforms signing did not measure are measured
+    (hashlib lets both run at once)."""
+    from igvm_builder.format.defs import PlatformType
+
+    if all(p.platform_type == PlatformType.SEV_SNP for p in signed.platforms) and outcome.measured is not None:
+        sha256, size = _sha256_chunks(signed, layout)  # (likely nothing left to measure)
+        return sha256, size, _measurements(signed, outcome, tdx_two_pass=tdx_two_pass, vcpus=vcpus,
+                                           vcpu_type=vcpu_type)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="igvm-sha256") as pool:
+        job = pool.submit(_sha256_chunks, signed, layout)
+        measurements = _measurements(signed, outcome, tdx_two_pass=tdx_two_pass, vcpus=vcpus, vcpu_type=vcpu_type)
+        sha256, size = job.result()
+    return sha256, size, measurements
 
 
 def signed_reference_values(
@@ -303,9 +402,10 @@ def signed_reference_values(
                                f"not the image signed ({unsigned[0][:16]}...)")
     tdx = base.platforms.get("tdx") if base is not None else None
     two_pass = bool(tdx is not None and tdx.details.get("pass_order") == "two-pass")
-    sha256, size = _sha256_chunks(signed, layout)
+    sha256, size, measurements = _hash_and_measure(signed, outcome, layout, tdx_two_pass=two_pass, vcpus=vcpus,
+                                                   vcpu_type=vcpu_type)
     doc = reference_values(signed, sha256, loader=outcome.loader, tdx_two_pass=two_pass, file_size=size,
-                           vcpus=vcpus, vcpu_type=vcpu_type)
+                           vcpus=vcpus, vcpu_type=vcpu_type, measurements=measurements)
     measured = ReferenceValues.from_dict(doc)
     signature = SignatureRef(
         unsigned_file=FileRef(*unsigned), loader=outcome.loader, launch_digest=outcome.launch_digest.hex(),
