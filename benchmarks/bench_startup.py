@@ -17,6 +17,10 @@ CPU time is the steadier figure), then the median of the paired ratios (A/B) or 
 * ``check -q`` and ``measure`` of a small file (``vectors/igvm/snp_v1.igvm``) against
   ``python -c pass`` with the same interpreter: the start-up the CLI adds.  Target: <= 60 ms.
 * ``--version`` against ``python -c pass`` (for reference).
+* ``build`` of the bookworm OVMF config (the first launch above) into an IGVM file, against
+  ``sev-snp-measure`` computing the digest of the same launch (what the issue's table
+  compares; no target: the build also writes and measures the 2 MB file), and against
+  ``python -c pass`` (the time over bare Python).
 
 The package's bytecode is compiled first (``compileall``; what installing a wheel does): an
 environment with ``PYTHONDONTWRITEBYTECODE`` set would otherwise compile every module anew in
@@ -129,6 +133,10 @@ def bench(workdir: Path, runs: int) -> dict[str, object]:
             raise SystemExit(f"{name}: igvm-builder measure says {digest}, sev-snp-measure {r['b_out']}")
         r["igvm_bytes"] = igvm.stat().st_size
         results[f"measure {name} vs sev-snp-measure"] = r
+        if name == "ovmf":
+            build = [*ours, "build", str(workdir / f"{name}.toml"), "-o", str(workdir / "rebuilt.igvm"), "-q"]
+            results["build ovmf (config to IGVM) vs sev-snp-measure (digest only)"] = paired(build, ref, runs)
+            results["build ovmf (config to IGVM) vs python -c pass"] = paired(build, [*python, "-c", "pass"], runs)
     small = {
         "check -q (small file)": [*ours, "check", "-q", str(SMALL)],
         "measure (small file)": [*ours, "measure", str(SMALL)],
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         results = bench(Path(tmp), max(1, args.runs))
     ratios_ok = all(float(r["wall_ratio"]) <= RATIO_TARGET  # type: ignore[index]
-                    for k, r in results.items() if "sev-snp-measure" in k)
+                    for k, r in results.items() if k.startswith("measure") and "sev-snp-measure" in k)
     startup_ok = all(float(r["wall_diff_s"]) * 1000 <= STARTUP_TARGET_MS  # type: ignore[index]
                      for k, r in results.items() if k.startswith(("check", "measure (small")))
     results["cpus"] = os.cpu_count()
@@ -165,12 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         a, b = name.split(" vs ")
         line = (f"{name}:\n  {a}: {r['a_wall_s'] * 1000:.0f} ms | {r['a_cpu_s'] * 1000:.0f} ms;  "
                 f"{b}: {r['b_wall_s'] * 1000:.0f} ms | {r['b_cpu_s'] * 1000:.0f} ms;  ")
-        if "sev-snp-measure" in name:
+        if name.startswith("build") and "sev-snp-measure" in name:
+            line += f"ratio {r['wall_ratio']:.2f} | {r['cpu_ratio']:.2f} (no target)"
+        elif "sev-snp-measure" in name:
             line += (f"ratio {r['wall_ratio']:.2f} | {r['cpu_ratio']:.2f} (target <= {RATIO_TARGET}); "
                      f"digests agree; IGVM file {r['igvm_bytes']:,} bytes")
         else:
-            line += (f"start-up added {r['wall_diff_s'] * 1000:.0f} ms | {r['cpu_diff_s'] * 1000:.0f} ms"
-                     + (f" (target <= {STARTUP_TARGET_MS:.0f} ms)" if "version" not in name else ""))
+            line += (f"{'time' if name.startswith('build') else 'start-up'} added "
+                     f"{r['wall_diff_s'] * 1000:.0f} ms | {r['cpu_diff_s'] * 1000:.0f} ms"
+                     + (f" (target <= {STARTUP_TARGET_MS:.0f} ms)" if name.startswith(("check", "measure")) else ""))
         print(line)
     print("targets met" if results["targets_met"] else "TARGETS MISSED")
     return 0

@@ -31,8 +31,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from igvm_builder.recordclass import record
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -43,7 +44,7 @@ CCA_HASHES = ("sha256", "sha512", "sha384")
 CCA_ATTRIBUTES = {"debug": 1 << 0, "mec": 1 << 1}
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CcaSpec:
     """The validated ``[cca]`` table (``None`` for a default: it depends on the VMM)."""
 

@@ -61,13 +61,13 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from igvm_builder.cca_config import CCA_SCHEMA, CcaSpec, cca_spec
 from igvm_builder.errors import ConfigError
 from igvm_builder.format.defs import PLATFORM_NAMES
 from igvm_builder.hexstr import parse_hex
+from igvm_builder.recordclass import field, record
 
 BUILD_LOADERS = ("qemu", "hyperv", "cloud-hypervisor")
 #: The loader profile of every command when neither the config nor an option names one
@@ -77,14 +77,14 @@ KERNEL_FORMATS = ("auto", "elf", "bzimage", "uki")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BlobSpec:
     path: str
     gpa: int
     measured: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class KernelSpec:
     path: str
     format: str = "auto"
@@ -92,7 +92,7 @@ class KernelSpec:
     initrd: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SnpSpec:
     policy: int = 0x30000
     vcpus: int = 1
@@ -102,18 +102,18 @@ class SnpSpec:
     cr0: int = 0x10
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TdxSpec:
     policy: int = 0
     two_pass: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class VbsSpec:
     vtl: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SignSpec:
     id_key: str | None = None
     author_key: str | None = None
@@ -122,7 +122,7 @@ class SignSpec:
     guest_svn: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BuildConfig:
     """A validated configuration; paths are absolute (resolved against the config's directory)."""
 
@@ -171,7 +171,7 @@ class BuildConfig:
         return tuple(dict.fromkeys(files))
 
     def with_overrides(self, *, platforms: tuple[str, ...] | None = None, loader: str | None = None) -> BuildConfig:
-        from dataclasses import replace
+        from igvm_builder.recordclass import replace
 
         cfg = self
         if platforms is not None:

@@ -46,10 +46,10 @@ MISSING: Any = _Missing()
 class Field:
     """One field of a record: its name, annotation (as written) and options."""
 
-    __slots__ = ("compare", "default", "default_factory", "kw_only", "name", "repr", "type")
+    __slots__ = ("compare", "default", "default_factory", "init", "kw_only", "name", "repr", "type")
 
     def __init__(self, default: Any = MISSING, default_factory: Any = MISSING, compare: bool = True,
-                 repr: bool = True, kw_only: bool | None = None) -> None:
+                 repr: bool = True, kw_only: bool | None = None, init: bool = True) -> None:
         if default is not MISSING and default_factory is not MISSING:
             raise ValueError("cannot give both default and default_factory")
         self.name = ""
@@ -59,9 +59,10 @@ class Field:
         self.compare = compare
         self.repr = repr
         self.kw_only = kw_only
+        self.init = init
 
     def _copy(self) -> Field:
-        new = Field(self.default, self.default_factory, self.compare, self.repr, self.kw_only)
+        new = Field(self.default, self.default_factory, self.compare, self.repr, self.kw_only, self.init)
         new.name, new.type = self.name, self.type
         return new
 
@@ -72,21 +73,24 @@ class Field:
     def __repr__(self) -> str:
         return (f"Field(name={self.name!r}, type={self.type!r}, default={self.default!r}, "
                 f"default_factory={self.default_factory!r}, compare={self.compare}, repr={self.repr}, "
-                f"kw_only={self.kw_only})")
+                f"kw_only={self.kw_only}, init={self.init})")
 
 
 @overload
-def field(*, default: _T, compare: bool = True, repr: bool = True, kw_only: bool | None = None) -> _T: ...
+def field(*, default: _T, compare: bool = True, repr: bool = True, kw_only: bool | None = None,
+          init: bool = True) -> _T: ...
 @overload
 def field(*, default_factory: Callable[[], _T], compare: bool = True, repr: bool = True,
-          kw_only: bool | None = None) -> _T: ...
+          kw_only: bool | None = None, init: bool = True) -> _T: ...
 @overload
-def field(*, compare: bool = True, repr: bool = True, kw_only: bool | None = None) -> Any: ...
+def field(*, compare: bool = True, repr: bool = True, kw_only: bool | None = None, init: bool = True) -> Any: ...
 def field(*, default: Any = MISSING, default_factory: Any = MISSING, compare: bool = True, repr: bool = True,
-          kw_only: bool | None = None) -> Any:
+          kw_only: bool | None = None, init: bool = True) -> Any:
     """A field's options: ``compare=False`` leaves it out of ``==`` and ``hash``, ``repr=False`` out
-    of the repr, ``kw_only`` makes it keyword-only in a positional record (or not in a keyword-only one)."""
-    return Field(default, default_factory, compare, repr, kw_only)
+    of the repr, ``kw_only`` makes it keyword-only in a positional record (or not in a keyword-only one),
+    ``init=False`` out of ``__init__``'s parameters (``__init__`` sets it from its default or default
+    factory, or leaves it unset when it has neither) and of :func:`replace`'s changes."""
+    return Field(default, default_factory, compare, repr, kw_only, init)
 
 
 def _is_classvar(annotation: object) -> bool:
@@ -151,7 +155,7 @@ class _DataclassFields:
 
         spec = []
         for f in owner.__record_fields__:  # type: ignore[attr-defined]
-            options: dict[str, Any] = {"compare": f.compare, "repr": f.repr, "kw_only": f.kw_only}
+            options: dict[str, Any] = {"compare": f.compare, "repr": f.repr, "kw_only": f.kw_only, "init": f.init}
             if f.default is not MISSING:
                 options["default"] = f.default
             elif f.default_factory is not MISSING:
@@ -201,12 +205,19 @@ def _init_source(all_fields: tuple[Field, ...], post_init: bool, setters: list[C
             names[f"__record_factory{i}__"] = f.default_factory
             param = f"{f.name}=__record_missing__"
             value = f"__record_factory{i}__() if {f.name} is __record_missing__ else {f.name}"
+            if not f.init:
+                value = f"__record_factory{i}__()"
         elif f.default is not MISSING:
             names[f"__record_default{i}__"] = f.default
             param, value = f"{f.name}=__record_default{i}__", f.name
+            if not f.init:
+                value = f"__record_default{i}__"
+        elif not f.init:
+            continue  # not a parameter and no default: left unset, as a dataclass leaves it
         else:
             param, value = f.name, f.name
-        (keyword if f.kw_only else positional).append(param)
+        if f.init:
+            (keyword if f.kw_only else positional).append(param)
         if setters is None:
             body.append(f"{self}.{f.name} = {value}")
         else:
@@ -250,7 +261,7 @@ def _check_order(all_fields: tuple[Field, ...]) -> None:
     """Refuse, as a dataclass does, a positional field without a default after one with a default."""
     seen_default = None
     for f in all_fields:
-        if f.kw_only:
+        if f.kw_only or not f.init:
             continue
         if f.has_default:
             seen_default = f.name
@@ -283,7 +294,7 @@ def _process(cls: type[_R], kw_only: bool, frozen: bool) -> type[_R]:
     ns.pop("__weakref__", None)
     ns["__slots__"] = tuple(name for name in own if name not in slotted)
     ns["__record_fields__"] = all_fields
-    ns["__match_args__"] = tuple(f.name for f in all_fields if not f.kw_only)
+    ns["__match_args__"] = tuple(f.name for f in all_fields if f.init and not f.kw_only)
     ns["__dataclass_fields__"] = _DATACLASS_FIELDS
     ns["__replace__"] = replace  # copy.replace (Python >= 3.13)
     ns["__record_compare__"] = _getter([f.name for f in all_fields if f.compare])
@@ -343,8 +354,13 @@ def fields(obj: object) -> tuple[Field, ...]:
 
 def replace(obj: _R, /, **changes: Any) -> _R:
     """A copy of the record ``obj`` with ``changes``, made by its ``__init__`` (so
-    ``__post_init__`` checks it again)."""
+    ``__post_init__`` checks it again); an ``init=False`` field cannot be changed (``ValueError``,
+    as ``dataclasses.replace`` says) and the copy gets it from ``__init__``."""
     for f in fields(obj):
+        if not f.init:
+            if f.name in changes:
+                raise ValueError(f"field {f.name} is declared with init=False, it cannot be specified with replace()")
+            continue
         if f.name not in changes:
             changes[f.name] = getattr(obj, f.name)
     return obj.__class__(**changes)

@@ -20,11 +20,11 @@ import copy
 import json
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from igvm_builder.errors import VerificationError
+from igvm_builder.recordclass import field, record
 
 __all__ = ["SCHEMA_VERSION", "BuildInfo", "FileRef", "InputRef", "PlatformRef", "ReferenceValues", "SignatureRef"]
 
@@ -57,7 +57,7 @@ def _need(doc: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where
     return value
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class FileRef:
     """A file's SHA-256 (64 lowercase hex digits) and size in bytes."""
 
@@ -78,7 +78,7 @@ class FileRef:
         return cls(sha, -1 if size is None else size)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class InputRef:
     """One input of a build: its path as the config names it (relative) and its SHA-256."""
 
@@ -89,7 +89,7 @@ class InputRef:
         return {"path": self.path, "sha256": self.sha256}
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BuildInfo:
     """The build parameters: platforms, SEV-SNP loader, notes for the guest owner."""
 
@@ -101,7 +101,7 @@ class BuildInfo:
         return {"platforms": list(self.platforms), "loader": self.loader, "notes": list(self.notes)}
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PlatformRef:
     """One platform's reference values: typed accessors over the entry as published (which
     round-trips unchanged: each platform records different things, and hand-written
@@ -154,7 +154,7 @@ class PlatformRef:
         return cls(_freeze(doc))
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SignatureRef:
     """What the SEV-SNP ID block of a signed image signs, and the image before signing.
 
@@ -210,7 +210,7 @@ class SignatureRef:
         )
 
 
-@dataclass(frozen=True)
+@record
 class ReferenceValues(Mapping[str, Any]):
     """The reference values of one IGVM file (schema_version 1); see the module docstring."""
 
@@ -222,7 +222,7 @@ class ReferenceValues(Mapping[str, Any]):
     build: BuildInfo | None = None
     signature: SignatureRef | None = None
     schema_version: int = SCHEMA_VERSION
-    _doc: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+    _doc: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "platforms", MappingProxyType(dict(self.platforms)))

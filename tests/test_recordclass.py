@@ -196,3 +196,109 @@ def test_header_classes_are_records_with_their_layout_fields() -> None:
         layout = [f.name for f in cls.BODY.values] if hasattr(cls, "BODY") else []
         assert set(layout) <= set(names), cls
         assert cls.__dictoffset__ == 0, cls  # slotted: no instance dictionary
+
+
+def _init_false_pair() -> tuple[type[Any], type[Any]]:
+    """A class with ``init=False`` fields (from a factory, from a default, and with neither), as a
+    dataclass and as a record."""
+
+    def body(dc: bool) -> type[Any]:
+        fld: Any = dataclasses.field if dc else field
+
+        class Cached:
+            a: int
+            b: int = 2
+            cache: dict[str, int] = fld(default_factory=dict, init=False, compare=False, repr=False)
+            count: int = fld(default=0, init=False)
+            late: int = fld(init=False, repr=False, compare=False)  # no default after defaults: no parameter
+
+            def __post_init__(self) -> None:
+                self.cache["a"] = self.a  # the factory's value is there before __post_init__
+
+        if dc:
+            return dataclasses.dataclass(frozen=True, slots=True)(Cached)
+        return record(Cached)
+
+    return body(True), body(False)
+
+
+def test_init_false_fields_agree_with_dataclasses() -> None:
+    dc, rc = _init_false_pair()
+    assert [(p.name, p.kind, p.default) for p in inspect.signature(rc).parameters.values()] == \
+        [(p.name, p.kind, p.default) for p in inspect.signature(dc).parameters.values()]
+    assert rc.__match_args__ == dc.__match_args__ == ("a", "b")
+    assert rc.__slots__ == dc.__slots__
+    d, r = dc(1), rc(1)
+    assert repr(r) == repr(d).replace(dc.__qualname__, rc.__qualname__)
+    assert (r.cache, r.count) == (d.cache, d.count) == ({"a": 1}, 0)
+    assert r.cache is not rc(1).cache  # one dict per instance
+    for obj in (d, r):
+        with pytest.raises(AttributeError):
+            obj.late  # noqa: B018  (left unset by both)
+    assert r == rc(1) and r != rc(1, 3) and hash(r) == hash(rc(1))
+    for cls in (dc, rc):
+        with pytest.raises(TypeError):
+            cls(1, 2, {})  # not a parameter
+        with pytest.raises(TypeError):
+            cls(1, count=3)
+    with pytest.raises(ValueError, match="init=False"):
+        dataclasses.replace(d, count=1)
+    with pytest.raises(ValueError, match="init=False"):
+        replace(r, count=1)
+    moved = replace(r, b=5)
+    assert (moved.a, moved.b, moved.cache, moved.count) == (1, 5, {"a": 1}, 0)
+    assert [(f.name, f.init) for f in fields(rc)] == [(f.name, f.init) for f in dataclasses.fields(dc)]
+    assert [(f.name, f.init) for f in dataclasses.fields(r)] == [(f.name, f.init) for f in dataclasses.fields(d)]
+    assert dataclasses.replace(r, b=5) == moved
+
+
+def test_mutable_record_agrees_with_a_plain_dataclass() -> None:
+    """``frozen=False``: assignable fields, equality, and no hash (as ``@dataclass`` with eq)."""
+
+    @dataclasses.dataclass
+    class D:
+        start: int
+        what: str = ""
+
+    @record(frozen=False)
+    class R:
+        start: int
+        what: str = ""
+
+    d, r = D(1, "x"), R(1, "x")
+    d.start, r.start = 2, 2
+    assert (r.start, r.what) == (d.start, d.what) and r == R(2, "x") and r != R(2)
+    assert repr(r).endswith("R(start=2, what='x')") and repr(d).endswith("D(start=2, what='x')")
+    assert R.__hash__ is D.__hash__ is None
+    with pytest.raises(TypeError):
+        hash(r)
+
+
+def test_record_over_an_abstract_mapping() -> None:
+    """A record can be a :class:`collections.abc.Mapping` (whose bases are slotted), with an
+    ``init=False`` store filled by ``__post_init__`` (what ``reference.ReferenceValues`` is)."""
+    from collections.abc import Iterator, Mapping
+
+    @record
+    class Doc(Mapping[str, int]):
+        a: int
+        _doc: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+        def __post_init__(self) -> None:
+            self._doc["a"] = self.a
+
+        def __getitem__(self, key: str) -> int:
+            return self._doc[key]
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(self._doc)
+
+        def __len__(self) -> int:
+            return len(self._doc)
+
+    doc = Doc(3)
+    assert dict(doc) == {"a": 3} and doc == Doc(3) and doc != Doc(4) and isinstance(doc, Mapping)
+    assert repr(doc).endswith("Doc(a=3)") and Doc.__dictoffset__ == 0
+    assert hash(doc) == hash(Doc(3))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        doc.a = 1  # type: ignore[misc]

@@ -45,6 +45,7 @@ from igvm_builder.format.defs import (
 from igvm_builder.format.file import IgvmFile
 from igvm_builder.format.pages import Directives, PageRun
 from igvm_builder.platforms.cpu import CpuState, gdt_bytes, identity_page_tables, tdx_reset_trampoline
+from igvm_builder.recordclass import fields
 
 _SEE = "(docs/CONFIG.md, 'What a directly booted confidential guest still needs')"
 _ELF_NO_CC_BLOB = "; booted as an ELF (no boot_params), it finds no SEV CC blob (secrets and CPUID pages)"
@@ -701,7 +702,7 @@ def _check_kvm_fixed_point(vmsa: bytes, vp: int, features: int) -> None:
 
 
 def _state_dict(state: CpuState) -> dict[str, Any]:
-    return {k: getattr(state, k) for k in CpuState.__dataclass_fields__}
+    return {f.name: getattr(state, f.name) for f in fields(CpuState)}
 
 
 def _with_vbs_measurement(f: IgvmFile, mask: int) -> IgvmFile:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import mmap
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from igvm_builder.errors import InputError
 from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice, as_view, dontneed, sha256_released
+from igvm_builder.recordclass import record
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -46,7 +46,7 @@ def in_thread(name: str, fn: Callable[[], _T]) -> Future[_T]:
 WINDOW = 8 << 20
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _Mapped:
     """A chunk of the output that is ``buf[offset : offset + len(chunk)]`` of an mmap'd input."""
 

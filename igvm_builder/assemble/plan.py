@@ -6,7 +6,6 @@ Also the low-memory layout of kernel launches (GPAs shared by every platform).""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from igvm_builder.errors import LayoutError
 from igvm_builder.format import headers as H
@@ -16,6 +15,7 @@ from igvm_builder.format.defs import (
     PlatformType,
 )
 from igvm_builder.format.pages import PageRun, new_page_unchecked
+from igvm_builder.recordclass import record
 
 PAGE = 0x1000
 ZERO_PAGE = bytes(PAGE)
@@ -51,7 +51,7 @@ PVH_MAGIC = 0x336EC578
 # --------------------------------------------------------------------------- per-platform plan
 
 
-@dataclass
+@record(frozen=False)
 class _Region:
     start: int
     end: int

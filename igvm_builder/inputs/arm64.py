@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
 
 from igvm_builder.errors import InputError
+from igvm_builder.recordclass import record
 
 ARM64_MAGIC = 0x644D5241  # "ARM\x64" little-endian
 HEADER = struct.Struct("<IIQQQQQQII")
@@ -29,7 +29,7 @@ MAX_IMAGE = 1 << 30
 _PAGE_SIZES = {0: None, 1: 4096, 2: 16384, 3: 65536}
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Arm64Image:
     """A parsed arm64 Image; ``data`` is the Image itself (decompressed when ``gzip``)."""
 

@@ -8,10 +8,10 @@ parsers live in ``elf.py``, ``bzimage.py`` and ``uki.py``.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import Literal
 
 from igvm_builder.errors import InputError
+from igvm_builder.recordclass import record
 
 __all__ = ["KernelFormat", "PeSection", "detect_kernel_format", "pe_section_names", "pe_sections"]
 
@@ -26,7 +26,7 @@ _SECTION_HEADER = struct.Struct("<8sIIIIIIHHI")
 _PE_MAGICS = (0x10B, 0x20B)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PeSection:
     """One IMAGE_SECTION_HEADER: where a section's data is in the file, and how long it is."""
 
@@ -36,7 +36,7 @@ class PeSection:
     raw_offset: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PeTable:
     """A PE/COFF image's section table: the sections complete in the data, and what is wrong
     with the headers (``None`` if nothing)."""

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import ClassVar
 
 from igvm_builder.errors import InputError, LayoutError
+from igvm_builder.recordclass import field, record
 
 __all__ = [
     "BOOT_PARAMS_SIZE",
@@ -152,7 +152,7 @@ _HDR_FIELDS: tuple[tuple[str, int, str, int], ...] = (
 _HDR_END = 0x26C  # end of struct setup_header as of protocol 2.15
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class E820Entry:
     """``struct boot_e820_entry``: ``<QQI`` (addr, size, type), 20 bytes, packed."""
 
@@ -183,7 +183,7 @@ if E820Entry.STRUCT.size != E820Entry.SIZE:
     raise ImportError("E820Entry layout does not match struct boot_e820_entry (20 bytes)")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class BzImage:
     """A parsed bzImage.
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from igvm_builder.errors import InputError
+from igvm_builder.recordclass import record
 
 FDT_MAGIC = 0xD00DFEED
 #: arm64 booting.rst: the DTB must not exceed 2 MiB.
@@ -78,7 +78,7 @@ def generate_dtb(ram: Sequence[tuple[int, int]], vcpus: int, *, bootargs: str = 
     return data
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DtbInfo:
     """What the builder checks in a given DTB."""
 

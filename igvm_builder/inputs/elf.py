@@ -16,10 +16,10 @@ from __future__ import annotations
 import io
 import struct
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
 from typing import BinaryIO, cast
 
 from igvm_builder.errors import InputError
+from igvm_builder.recordclass import record
 
 __all__ = [
     "PF_R",
@@ -54,7 +54,7 @@ _MACHINES = {
 _NOTE_HEADER = struct.Struct("<3I")  # namesz, descsz, type (little-endian only, see load_elf)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class Segment:
     """One ``PT_LOAD`` program header with its file bytes.
 
@@ -94,7 +94,7 @@ class Segment:
         return self.gpa + self.mem_size
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class ElfImage:
     """A loadable ELF executable.
 
@@ -131,7 +131,7 @@ class ElfImage:
         return max(seg.end for seg in self.segments)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _RawElf:
     """What :func:`_read_elf` extracts: plain integers and strings, no pyelftools objects."""
 

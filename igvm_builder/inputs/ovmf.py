@@ -30,11 +30,11 @@ import hashlib
 import struct
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar
 
 from igvm_builder.errors import InputError
+from igvm_builder.recordclass import record
 
 __all__ = [
     "FOOTER_GUID_NAMES",
@@ -192,7 +192,7 @@ def _enum_or_int(enum: type[IntEnum], value: int) -> int:
         return value
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SevSection:
     """One ASEV section ``{u32 base, u32 size, u32 type}``.
 
@@ -213,7 +213,7 @@ class SevSection:
         return self.type.name if isinstance(self.type, SevSectionType) else f"UNKNOWN({self.type:#x})"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TdvfSection:
     """One TDVF section (32 bytes); ``data_offset`` refers to the unified image layout."""
 
@@ -239,7 +239,7 @@ class TdvfSection:
         return self.type.name if isinstance(self.type, TdvfSectionType) else f"UNKNOWN({self.type:#x})"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class IgvmMetaEntry:
     """One IGVM metadata entry ``{u32 start, u32 size, u32 type}``.
 
@@ -252,7 +252,7 @@ class IgvmMetaEntry:
     type: IgvmMetaType | int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class OvmfImage:
     """What :func:`parse_ovmf` found in an OVMF image (metadata only, not the image bytes).
 

@@ -17,10 +17,10 @@ systemd-stub boots by default) applies the first profile, if any.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 
 from igvm_builder.errors import InputError
 from igvm_builder.inputs.blob import pe_sections
+from igvm_builder.recordclass import field, record
 
 __all__ = ["UKI_SECTIONS", "Uki", "parse_uki"]
 
@@ -29,7 +29,7 @@ UKI_SECTIONS = (".linux", ".osrel", ".cmdline", ".initrd", ".ucode", ".splash", 
                 ".hwids", ".uname", ".sbat", ".pcrsig", ".pcrpkey", ".profile", ".efifw")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class UkiSection:
     """A PE section's location and payload length within the file."""
 
@@ -44,7 +44,7 @@ class UkiSection:
         return self.virtual_size or self.raw_size
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class Uki:
     """The payloads of a UKI (``None`` where the section is absent).
 

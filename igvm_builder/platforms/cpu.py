@@ -8,10 +8,10 @@ has no VP context: :func:`tdx_reset_trampoline` puts code at the reset vector in
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from igvm_builder.errors import LayoutError
 from igvm_builder.format.headers import NATIVE_CONTEXT, VbsRegister
+from igvm_builder.recordclass import record
 
 # Descriptor "access + flags" words (bits 40..55 of a GDT entry, limit 19:16 zero).
 CODE32_ATTR = 0xC09B
@@ -31,7 +31,7 @@ def gdt_bytes() -> bytes:
 GDT_LIMIT = 4 * 8 - 1
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class CpuState:
     rip: int
     rsp: int = 0
