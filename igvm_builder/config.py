@@ -56,7 +56,6 @@ Errors name the config file, the key and (where it can be found) the line.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import tomllib
@@ -430,6 +429,8 @@ def _guest_features(c: _Ctx, key: str, value: Any) -> int:
 
 
 def _unknown(ctx: _Ctx, key: str, known: tuple[str, ...] | list[str], what: str) -> ConfigError:
+    import difflib  # only on this error path
+
     leaf = key.split(".")[-1]
     close = difflib.get_close_matches(leaf, list(known), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(known)})"

@@ -17,7 +17,6 @@ like that document (``refs["platforms"]["snp"]["digest"]``, ``refs.get("build")`
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
@@ -249,6 +248,8 @@ class ReferenceValues(Mapping[str, Any]):
 
     def to_json(self) -> str:
         """The published document: indented, keys sorted, one trailing newline."""
+        import json  # only when the document is written (a build without --reference-values is not)
+
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod

@@ -616,3 +616,21 @@ def test_fuzz_garbage_and_truncation(garbage: bytes, pages: int) -> None:
     _exercise(garbage)
     _exercise(bytes(4096 * pages - len(garbage) % 4096 if pages else 0) + garbage)
     _exercise(_SID_TAIL[len(garbage) :])
+
+
+@given(st.binary(min_size=16, max_size=16))
+@settings(max_examples=300, deadline=None)
+def test_guid_conversions_agree_with_uuid(raw: bytes) -> None:
+    """The module's own EFI_GUID conversions (it does not import uuid) give what uuid gives:
+    on-disk bytes to the canonical string and back, for any 16 bytes."""
+    text = O._guid_str(raw)
+    assert text == str(uuid.UUID(bytes_le=raw))
+    assert O._guid_bytes(text) == raw == uuid.UUID(text).bytes_le
+
+
+def test_guid_constants_convert_as_uuid_does() -> None:
+    constants = {k: v for k, v in vars(O).items() if k.endswith("_GUID") and isinstance(v, str)}
+    assert len(constants) >= 12
+    for name, guid in constants.items():
+        assert O._guid_bytes(guid) == uuid.UUID(guid).bytes_le, name
+        assert O._guid_str(uuid.UUID(guid).bytes_le) == guid, name

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import uuid
 from collections.abc import Mapping
 from enum import IntEnum
 from typing import ClassVar
@@ -102,8 +101,22 @@ FOOTER_GUID_NAMES: Mapping[str, str] = {
 }
 
 
+def _efi_order(raw: bytes) -> bytes:
+    """An EFI_GUID's 16 bytes from (or to) the canonical big-endian order: its first three
+    fields (u32, u16, u16) are little-endian on disk, the last eight bytes as written."""
+    return raw[3::-1] + raw[5:3:-1] + raw[7:5:-1] + raw[8:]
+
+
 def _guid_bytes(guid: str) -> bytes:
-    return uuid.UUID(guid).bytes_le
+    """The on-disk (mixed-endian) bytes of a GUID in canonical form (``8-4-4-4-12`` hex digits).
+    (What ``uuid.UUID(guid).bytes_le`` gives, without importing uuid and platform at start-up.)"""
+    return _efi_order(bytes.fromhex(guid.replace("-", "")))
+
+
+def _guid_str(raw: bytes) -> str:
+    """The canonical lowercase form of a GUID's 16 on-disk bytes (``str(uuid.UUID(bytes_le=raw))``)."""
+    h = _efi_order(raw).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 _FOOTER_GUID_LE = _guid_bytes(OVMF_TABLE_FOOTER_GUID)
@@ -360,7 +373,7 @@ def _read_footer_table(view: memoryview, name: str) -> list[tuple[str, bytes]]:
                 f"OVMF footer table has {pos - table_start} stray bytes before its first entry",
                 offset=table_start,
             )
-        guid = str(uuid.UUID(bytes_le=bytes(view[pos - 16 : pos])))
+        guid = _guid_str(bytes(view[pos - 16 : pos]))
         (length,) = _U16.unpack_from(view, pos - _ENTRY_TRAILER)
         if length < _ENTRY_TRAILER or length > pos - table_start:
             raise _err(
