@@ -170,3 +170,81 @@ def test_writing_an_output_imports_no_tempfile(tmp_path: Path, monkeypatch: pyte
     assert out.stat().st_size > 0 and "igvm_builder.sign.image" in new
     named = [m for m in ("tempfile", "shutil", "bz2", "lzma") if m in new]
     assert named == ([] if _has_o_tmpfile(tmp_path) else ["tempfile", "shutil", "bz2", "lzma"]), named
+
+
+# --------------------------------------------------------------------------- build
+
+#: What ``build`` of a small SNP config needs of HEAVY: the TOML parser and the futures of the
+#: build's threads (pyelftools for an ELF kernel, below).
+BUILD_NEEDS = ("tomllib", "concurrent.futures")
+#: What ``build`` of a small x86 config without signing does without (besides HEAVY): the CCA
+#: realm model, builder, arm64 and DTB inputs, signing, the linter, and what the build path used
+#: to import at its top for a rare case (uuid and platform for GUIDs, difflib for an unknown-key
+#: hint, json for the reference-values document, not written here).
+NOT_FOR_BUILD = ("igvm_builder.measure.cca", "igvm_builder.assemble.cca", "igvm_builder.inputs.arm64",
+                 "igvm_builder.inputs.dtb", "igvm_builder.sign", "igvm_builder.lint", "igvm_builder.qemu_loader",
+                 "uuid", "platform", "difflib", "json")
+#: Classes on the build path still made by ``dataclasses`` (the rest are recordclass records);
+#: once none is left, the build must not import ``dataclasses`` (nor inspect, ast, dis, tokenize).
+BUILD_DATACLASSES = {"igvm_builder.assemble.pipeline.BuildResult"}
+#: Whole builds.  Measured (this probe: nothing imported before it but what ``-S -E`` starts
+#: with): OVMF 125, bzImage 126, ELF 183 (pyelftools and what it imports: 57).
+BUILD_BUDGET = {"ovmf": 130, "bzimage": 130, "elf": 188}
+
+#: Builds ``argv[2:]`` with nothing imported first (not even json), then prints the modules the
+#: build added and the dataclasses (not records) defined in the package's modules among them.
+_BUILD_PROBE = r"""
+import sys
+sys.path[:0] = sys.argv[1].split("\n")
+before = set(sys.modules)
+from igvm_builder.cli import main
+status = main(sys.argv[2:])
+new = sorted(set(sys.modules) - before)
+if status:
+    raise SystemExit(f"exit status {status}")
+made = sorted(f"{name}.{cls.__qualname__}" for name in new if name.startswith("igvm_builder")
+              for cls in vars(sys.modules[name]).values()
+              if isinstance(cls, type) and cls.__module__ == name and "__dataclass_params__" in vars(cls))
+import json
+print(json.dumps([new, made]))
+"""
+
+
+def _build_config(tmp_path: Path, case: str) -> Path:
+    shared = REPO.parent / "shared"
+    kernel = {"ovmf": f"[firmware]\npath = '{shared / 'firmware' / 'bookworm-OVMF.fd'}'\n",
+              "elf": f"[kernel]\npath = '{shared / 'inputs' / 'u-boot-qemu-x86_64.elf'}'\nformat = \"elf\"\n",
+              "bzimage": f"[kernel]\npath = '{shared / 'inputs' / 'vmlinuz-6.1.0-56-cloud-amd64'}'\n"
+                         "cmdline = \"console=ttyS0\"\n"}[case]
+    path = tmp_path / f"{case}.toml"
+    path.write_text(f"[image]\nplatforms = [\"snp\"]\nloader = \"qemu\"\n{kernel}[snp]\nvcpus = 1\n")
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BUILD_BUDGET))
+def test_small_build_imports_only_what_its_config_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        case: str) -> None:
+    """``build`` of a small SNP config (firmware, ELF kernel, bzImage): nothing heavy but what it
+    needs, none of NOT_FOR_BUILD, no dataclass but those listed, and a module count in budget."""
+    from igvm_builder.format.file import IgvmFile
+    from igvm_builder.io import RECORD_OUTPUTS_ENV
+
+    monkeypatch.delenv(RECORD_OUTPUTS_ENV, raising=False)  # (the suite's copy of each output uses tempfile)
+
+    out = tmp_path / "out.igvm"
+    paths = [str(REPO)] + [p for p in sys.path if p.endswith("site-packages")]
+    run = subprocess.run([sys.executable, "-S", "-E", "-c", _BUILD_PROBE, "\n".join(paths), "build",
+                          str(_build_config(tmp_path, case)), "-o", str(out), "-q"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    new, made = json.loads(run.stdout)
+    assert IgvmFile.load(out).platforms  # it did build an image
+    assert "igvm_builder.assemble.pipeline" in new and f"igvm_builder.inputs.{case}" in new
+    needs = BUILD_NEEDS + (("elftools",) if case == "elf" else ()) + (() if _has_o_tmpfile(tmp_path) else
+                                                                      ("tempfile",))
+    assert _heavy(new, tuple(h for h in HEAVY if h not in needs)) == [], _heavy(new)
+    assert _heavy(new, NOT_FOR_BUILD) == [], _heavy(new, NOT_FOR_BUILD)
+    assert set(made) <= BUILD_DATACLASSES, f"dataclasses on the build path (make them records): {made}"
+    if not made:
+        assert _heavy(new, NOT_FOR_CHECK_MEASURE[:5]) == [], _heavy(new, NOT_FOR_CHECK_MEASURE[:5])
+    assert len(new) <= BUILD_BUDGET[case], f"{len(new)} modules: {new}"
