@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -17,11 +18,13 @@ def igvm_builder_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "igvm_builder"]
 
 
-def run_child(argv: list[str]) -> dict[str, float]:
-    """Wall seconds, CPU seconds and peak RSS (MiB) of one run of ``argv`` (``wait4``)."""
+def run_child(argv: list[str], env: Mapping[str, str] | None = None) -> dict[str, float]:
+    """Wall seconds, CPU seconds and peak RSS (MiB) of one run of ``argv`` (``wait4``), in the
+    environment ``env`` (default: this one)."""
     t0 = time.perf_counter()
     with open(os.devnull, "wb") as null:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=null, stderr=subprocess.PIPE, cwd=REPO)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=null, stderr=subprocess.PIPE, cwd=REPO,
+                                env=env)
         assert proc.stderr is not None
         err = proc.stderr.read()
         _pid, status, usage = os.wait4(proc.pid, 0)

@@ -293,6 +293,35 @@ def test_the_command_hashes_each_page_once(ovmf: tuple[Path, Path, Path], tmp_pa
     assert counts["sign"] > 0 and counts["with refs"] == counts["sign"]
 
 
+def test_the_two_step_import_reuses_its_measurement_too(ovmf: tuple[Path, Path, Path], tmp_path: Path,
+                                                        sha384_count: _Sha384Count) -> None:
+    """``sign --import-signature --reference-values``: the reference values of the one-step
+    ``sign`` (deterministic signatures: the same file), and no 4 KiB SHA-384 more than the import."""
+    from igvm_builder.sign import ExportedTbs, PemFileKey
+
+    cfg, image, refs = ovmf
+    tbs_path, sig = tmp_path / "tbs.json", tmp_path / "id.sig"
+    rc, _, err = run("sign", image, "--export-tbs", tbs_path, "--config", cfg, "--id-key", ID_PEM, "--allow-test-keys",
+                     "-q")
+    assert rc == 0, err
+    r, s = PemFileKey(ID_PEM).sign(ExportedTbs.from_json(tbs_path.read_bytes()).id_block_message)
+    sig.write_text((r.to_bytes(48, "big") + s.to_bytes(48, "big")).hex())
+    imported = ("sign", image, "-o", tmp_path / "two.igvm", "--import-signature", tbs_path, "--id-signature", sig,
+                "--allow-test-keys", "-q")
+    with_refs = (*imported, "--reference", refs, "--reference-values", tmp_path / "two.json")
+    counts = {name: sha384_count(lambda argv=argv: run(*argv)) for name, argv in  # type: ignore[misc]
+              (("import", imported), ("with refs", with_refs))}
+    assert counts["import"] > 0 and counts["with refs"] == counts["import"]
+    rc, _, err = run("sign", image, "-o", tmp_path / "one.igvm", "--config", cfg, "--id-key", ID_PEM,
+                     "--allow-test-keys", "--reference", refs, "--reference-values", tmp_path / "one.json", "-q")
+    assert rc == 0, err
+    assert (tmp_path / "two.igvm").read_bytes() == (tmp_path / "one.igvm").read_bytes()
+    assert (tmp_path / "two.json").read_text() == (tmp_path / "one.json").read_text()
+    doc = json.loads((tmp_path / "two.json").read_text())
+    assert doc["platforms"]["snp"]["digest"] == SNP_CASE["expected_launch_digest"]
+    assert doc["platforms"]["tdx"]["digest"] == TDX_CASE["expected_mrtd_two_pass"]
+
+
 @pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="needs Linux /proc/self/pagemap")
 def test_the_signed_image_is_not_left_resident(tmp_path: Path) -> None:
     """The signed file's SHA-256 reads the whole mapped image: its pages leave the resident set as

@@ -231,8 +231,8 @@ def run(args: argparse.Namespace) -> int:
     from igvm_builder.io import STDOUT, atomic_outputs, atomic_write
     from igvm_builder.measure.profiles import DEFAULT_LOADER
     from igvm_builder.sign import ExportedTbs, key_digest
-    from igvm_builder.sign.image import export_igvm_tbs, import_igvm_signature
-    from igvm_builder.sign.stage import SignOutcome, launch_vcpus, plan_signing, sign_file_layout
+    from igvm_builder.sign.image import export_igvm_tbs, import_igvm_signature_measured
+    from igvm_builder.sign.stage import SignOutcome, SnpMeasured, launch_vcpus, plan_signing, sign_file_layout
 
     _check_usage(args)
     _check_paths(args)
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
         )
         f = IgvmFile.load(args.input)
         replaced = _has_id_block(f)
-        out, signed = import_igvm_signature(
+        out, signed, measurement = import_igvm_signature_measured(
             f, tbs, id_block_signature=id_sig, id_key_signature=author_sig, loader=loader, vcpus=vcpus[0],
             vcpu_type=vcpus[1]
         )
@@ -284,6 +284,7 @@ def run(args: argparse.Namespace) -> int:
             image_id=bytes(signed.fields.image_id), guest_svn=signed.fields.guest_svn,
             id_key_digest=signed.id_key_digest, author_key_digest=signed.author_key_digest, replaced=replaced,
             test_key_warning=warning,
+            measured=SnpMeasured(loader=loader, vcpus=vcpus[0], vcpu_type=vcpus[1], measurement=measurement),
         )
     else:
         config = None

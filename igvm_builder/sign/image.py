@@ -61,6 +61,7 @@ __all__ = [
     "export_igvm_tbs",
     "find_id_blocks",
     "import_igvm_signature",
+    "import_igvm_signature_measured",
     "parse_id16",
     "sign_igvm",
     "sign_igvm_layout",
@@ -488,6 +489,24 @@ def import_igvm_signature(
     ``loader`` must equal the document's LD, and its GUEST_POLICY and SNP mask the
     document's.  Every signature is verified (SigningError naming which one failed).
     """
+    out, signed, _measurement = import_igvm_signature_measured(
+        f, tbs, id_block_signature=id_block_signature, id_key_signature=id_key_signature, loader=loader,
+        vcpus=vcpus, vcpu_type=vcpu_type)
+    return out, signed
+
+
+def import_igvm_signature_measured(
+    f: IgvmFile,
+    tbs: ExportedTbs | bytes | str,
+    *,
+    id_block_signature: bytes | str | tuple[int, int],
+    id_key_signature: bytes | str | tuple[int, int] | None = None,
+    loader: str | None = None,
+    vcpus: int | None = None,
+    vcpu_type: str | int | None = None,
+) -> tuple[IgvmFile, SignedIdBlock, Measurement]:
+    """:func:`import_igvm_signature`, and the SEV-SNP :class:`Measurement` of ``f`` the document's
+    launch digest was checked against (the signed file's too, as :func:`sign_igvm_measured`'s)."""
     if not isinstance(tbs, ExportedTbs):
         tbs = ExportedTbs.from_json(tbs)
     platform, policy = snp_target(f, SigningError)
@@ -503,14 +522,18 @@ def import_igvm_signature(
             f"is {policy:#x}: not the file it was exported from"
         )
     name = _loader_name(loader)
-    measured = _measure(f, name, (vcpus, vcpu_type))
+    _placeholder, template = _template(f, mask)
+    measurement = measure_platform(template, _SNP, loader=name, vcpus=vcpus, vcpu_type=vcpu_type)
+    measured = measurement.digest
+    if measured is None:  # pragma: no cover - SNP always has a digest
+        raise SigningError("the SEV_SNP platform has no launch digest")
     if tbs.fields.ld != measured:
         raise SigningError(
             f"the to-be-signed document is for launch digest {tbs.fields.ld.hex()}, but the file measures "
             f"{measured.hex()} under loader {name}: not the file it was exported from (or another --loader)"
         )
     signed = import_signature(tbs, id_block_signature=id_block_signature, id_key_signature=id_key_signature)
-    return _insert(f, signed, platform, policy), signed
+    return _insert(f, signed, platform, policy, template.warnings), signed, measurement
 
 
 # --------------------------------------------------------------------------------------------
