@@ -190,6 +190,8 @@ BUILD_DATACLASSES = {"igvm_builder.assemble.pipeline.BuildResult"}
 #: Whole builds.  Measured (this probe: nothing imported before it but what ``-S -E`` starts
 #: with): OVMF 125, bzImage 126, ELF 126 (183 when the ELF reader imported pyelftools).
 BUILD_BUDGET = {"ovmf": 130, "bzimage": 130, "elf": 130}
+#: A CCA realm's build (its DTB checked with the fdt package).  Measured: 130.
+CCA_BUILD_BUDGET = 135
 
 #: Builds ``argv[2:]`` with nothing imported first (not even json), then prints the modules the
 #: build added and the dataclasses (not records) defined in the package's modules among them.
@@ -221,6 +223,15 @@ def _build_config(tmp_path: Path, case: str) -> Path:
     return path
 
 
+def _cca_config(tmp_path: Path) -> Path:
+    """An Arm CCA realm: the arm64 Image and DTB of a shared CCA vector, for QEMU."""
+    vector = REPO.parent / "shared" / "vectors" / "cca" / "qemu_k_1G_1cpu"
+    path = tmp_path / "cca.toml"
+    path.write_text(f"[image]\nplatforms = [\"cca\"]\n[kernel]\npath = '{vector / 'Image'}'\n[cca]\nvmm = \"qemu\"\n"
+                    f"ram_size = \"1G\"\nbreakpoints = 6\nwatchpoints = 6\ndtb = '{vector / 'guest.dtb'}'\n")
+    return path
+
+
 @pytest.mark.parametrize("case", sorted(BUILD_BUDGET))
 def test_small_build_imports_only_what_its_config_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         case: str) -> None:
@@ -240,6 +251,7 @@ def test_small_build_imports_only_what_its_config_needs(tmp_path: Path, monkeypa
     new, made = json.loads(run.stdout)
     assert IgvmFile.load(out).platforms  # it did build an image
     assert "igvm_builder.assemble.pipeline" in new and f"igvm_builder.inputs.{case}" in new
+    assert not [m for m in new if m.startswith("fdt")]  # (the CCA realm's device-tree package)
     needs = BUILD_NEEDS + (() if _has_o_tmpfile(tmp_path) else ("tempfile",))
     assert _heavy(new, tuple(h for h in HEAVY if h not in needs)) == [], _heavy(new)
     assert _heavy(new, NOT_FOR_BUILD) == [], _heavy(new, NOT_FOR_BUILD)
@@ -247,3 +259,24 @@ def test_small_build_imports_only_what_its_config_needs(tmp_path: Path, monkeypa
     if not made:
         assert _heavy(new, NOT_FOR_CHECK_MEASURE[:5]) == [], _heavy(new, NOT_FOR_CHECK_MEASURE[:5])
     assert len(new) <= BUILD_BUDGET[case], f"{len(new)} modules: {new}"
+
+
+def test_cca_build_defines_no_dataclass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``build`` of a CCA realm: the realm model and builder (records, not dataclasses), the
+    device-tree package, none of the x86 inputs, nothing heavy but what a build needs."""
+    from igvm_builder.io import RECORD_OUTPUTS_ENV
+
+    monkeypatch.delenv(RECORD_OUTPUTS_ENV, raising=False)
+    out = tmp_path / "cca.igvm"
+    paths = [str(REPO)] + [p for p in sys.path if p.endswith("site-packages")]
+    run = subprocess.run([sys.executable, "-S", "-E", "-c", _BUILD_PROBE, "\n".join(paths), "build",
+                          str(_cca_config(tmp_path)), "-o", str(out), "-q"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    new, made = json.loads(run.stdout)
+    assert {"igvm_builder.measure.cca", "igvm_builder.assemble.cca", "igvm_builder.inputs.arm64"} <= set(new)
+    assert not [m for m in new if m.startswith(("igvm_builder.inputs.ovmf", "igvm_builder.inputs.elf",
+                                                "igvm_builder.inputs.bzimage", "igvm_builder.sign"))], new
+    needs = BUILD_NEEDS + (() if _has_o_tmpfile(tmp_path) else ("tempfile",))
+    assert _heavy(new, tuple(h for h in HEAVY if h not in needs)) == [], _heavy(new)
+    assert set(made) <= BUILD_DATACLASSES, f"dataclasses on the CCA build path (make them records): {made}"
+    assert len(new) <= CCA_BUILD_BUDGET, f"{len(new)} modules: {new}"

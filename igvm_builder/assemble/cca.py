@@ -29,7 +29,6 @@ unmeasured, and the realm could not trust it (Part B §3).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from igvm_builder.assemble.mapped import _Inputs
 from igvm_builder.assemble.plan import page_headers
@@ -42,6 +41,7 @@ from igvm_builder.format.file import IgvmFile
 from igvm_builder.format.pages import Directives
 from igvm_builder.inputs.arm64 import Arm64Image, parse_arm64_image
 from igvm_builder.measure.cca import HASH_ALGORITHMS, REC_RUNNABLE, SHA384_NOTE, Realm, RealmParams
+from igvm_builder.recordclass import record
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 GRANULE = 4 * KIB
@@ -110,7 +110,7 @@ def _spec(cfg: BuildConfig) -> CcaSpec:
     return cfg.cca
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CcaLayout:
     """Where a VMM puts a realm's pieces."""
 

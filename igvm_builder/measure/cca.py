@@ -23,11 +23,9 @@ CCA support exists to check it against), and :func:`measure_cca` follows that de
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from igvm_builder.errors import MeasurementError
@@ -36,6 +34,7 @@ from igvm_builder.format.blob import FileSlice, PageReleaser, as_view
 from igvm_builder.format.defs import PAGE_SIZE_4K, PageDataFlags, PageDataType, PlatformType
 from igvm_builder.format.file import IgvmFile
 from igvm_builder.measure.result import Measurement
+from igvm_builder.recordclass import field, record, replace
 
 GRANULE = PAGE_SIZE_4K
 #: RmiHashAlgorithm / IGVM CcaHashAlgorithm by name, and the size of each digest.
@@ -60,7 +59,7 @@ SHA384_NOTE = ("SHA-384 realms (RmiHashAlgorithm 2) exist only in the RMM 2.0 AB
                "realm-measurements cannot check this RIM")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RealmParams:
     """The measured ``RmiRealmParams`` fields: what the host chooses at RMI_REALM_CREATE.
 
@@ -125,7 +124,7 @@ class RealmParams:
             raise MeasurementError(f"realm parameters: missing or invalid {exc}") from None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Realm:
     """What the RIM of an IGVM file needs from outside it: realm parameters (without the hash,
     which the file's CCA_POLICY names) and the guest RAM ranges ``(base, size)``."""
@@ -199,7 +198,7 @@ def ram_ripas_range(base: int, size: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------- the chain
 
 
-@dataclass
+@record(frozen=False)
 class RimChain:
     """The RIM as the RMM extends it.  ``trace`` (when asked for) records every step as the
     shared vectors' ``trace_*.jsonl`` do."""
@@ -334,7 +333,7 @@ def cca_context_fields(h: H.CcaVpContext) -> tuple[list[int], int, int]:
     return list(gprs), pc, flags
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RimResult:
     rim: bytes
     hash_algorithm: str
@@ -358,7 +357,7 @@ def measure_cca(f: IgvmFile, realm: Realm, *, mask: int | None = None, record: b
     alg = file_hash_algorithm(f, mask)
     params = realm.params
     if params.hash_algorithm != alg:
-        params = dataclasses.replace(params, hash_algorithm=alg)
+        params = replace(params, hash_algorithm=alg)
     notes: list[str] = []
     if alg == "sha384":
         notes.append(SHA384_NOTE)
