@@ -217,6 +217,23 @@ def test_ovmf_snp_tdx_through_the_command(ovmf: tuple[Path, Path, Path], tmp_pat
     assert _assert_same(r) == doc
 
 
+def test_a_platform_that_cannot_be_measured_is_the_same_error(tmp_path: Path) -> None:
+    """SEV-SNP signs, TDX cannot be measured (a parameter area over 4 GiB inserted for TDX only):
+    the reference values, which measure TDX only, fail as measuring the signed file does."""
+    f = make_file()
+    platforms = (*f.platforms, H.SupportedPlatform(compatibility_mask=0x4, platform_type=PlatformType.TDX))
+    huge = (H.ParameterArea(number_of_bytes=(1 << 32) + PAGE, parameter_area_index=1),
+            H.ParameterInsert(gpa=0x700000, compatibility_mask=0x4, parameter_area_index=1))
+    f = _load(tmp_path, IgvmFile(platforms=platforms, initializations=f.initializations,
+                                 directives=(*f.directives, *huge)))
+    out, outcome, layout = sign_file_layout(f, _plan("hyperv"), output="s.igvm", allow_test_keys=True)
+    with pytest.raises(MeasurementError) as expected:
+        measure_platform(out, PlatformType.TDX)
+    with pytest.raises(MeasurementError) as info:
+        signed_reference_values(out, outcome, unsigned=("0" * 64, 1), layout=layout)
+    assert str(info.value) == str(expected.value) and "not measured" in str(info.value)
+
+
 @pytest.mark.parametrize("change", ["loader", "vcpus", "vcpu_type"])
 def test_another_launch_than_the_signed_one_is_measured(change: str, tmp_path: Path) -> None:
     f = _load(tmp_path, make_file())

@@ -360,6 +360,8 @@ def _measurements(signed: IgvmFile, outcome: SignOutcome, *, tdx_two_pass: bool,
     measured = measure_file(signed, platforms=rest, loader=outcome.loader, tdx_two_pass=tdx_two_pass,
                             vcpus=vcpus, vcpu_type=vcpu_type) if rest else ()
     return [kept.measurement, *measured]
+
+
 def _hash_and_measure(signed: IgvmFile, outcome: SignOutcome, layout: Layout | None, *, tdx_two_pass: bool,
                       vcpus: int | None, vcpu_type: str | int | None) -> tuple[str, int, list[Measurement]]:
     """The signed file's SHA-256 and size, and its platforms' measurements (:func:`_measurements`):
