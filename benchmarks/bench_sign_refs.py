@@ -15,8 +15,8 @@ processes, each run one after the other:
 Wall time, CPU time (user + system) and peak RSS (``ru_maxrss`` from ``wait4``) are taken; the
 median of ``--runs`` runs is printed.  ``--tree DIR`` (repeatable) runs the ``igvm_builder``
 package found in DIR instead of this checkout's (``git archive <commit> igvm_builder | tar -x -C
-DIR``), so an older commit can be compared: the trees run interleaved, run by run.  The reference
-values of every tree are compared byte for byte.
+DIR``; its bytecode is compiled first), so an older commit can be compared: the trees run
+interleaved, run by run.  The reference values of every tree are compared byte for byte.
 
 Also, per tree, in a fresh interpreter: microseconds per ``kvm_vmsa.measured_vmsa`` call (qemu and
 cloud-hypervisor; best of 7 repeats of 2,000 calls, ``timeit``).
@@ -27,6 +27,7 @@ The TEST-ONLY key of ``../shared/keys`` signs; the output proves nothing.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import shutil
@@ -80,6 +81,8 @@ def bench(workdir: Path, size: int, runs: int, trees: list[Path]) -> dict[str, o
     argv, env = _command(REPO)
     subprocess.run([*argv, "build", str(cfg), "-o", str(image), "--reference-values", str(refs), "-q"], env=env,
                    check=True)
+    for tree in trees:  # every tree's bytecode compiled first (PYTHONDONTWRITEBYTECODE may be set)
+        compileall.compile_dir(tree / "igvm_builder", quiet=1)
     rows: dict[str, dict[str, list[dict[str, float]]]] = {str(t): {"sign": [], "sign+refs": []} for t in trees}
     outputs: dict[str, bytes] = {}
     for _ in range(runs):
