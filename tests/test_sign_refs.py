@@ -234,6 +234,37 @@ def test_a_platform_that_cannot_be_measured_is_the_same_error(tmp_path: Path) ->
     assert str(info.value) == str(expected.value) and "not measured" in str(info.value)
 
 
+def test_scons_igvmsign_sidecar(tmp_path: Path) -> None:
+    """SCons ``IGVM`` then ``IGVMSign`` of the OVMF SNP+TDX config (TDX two-pass, taken from the
+    build's sidecar): the signed image's sidecar has the vectors' digests, and what measuring the
+    signed file from its bytes gives."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "build.toml").write_text(OVMF_CONFIG)
+    (tmp_path / "SConstruct").write_text(
+        f"import sys\nsys.path.insert(0, {str(repo)!r})\nimport igvm_builder.scons\n"
+        f"env = Environment(tools=[igvm_builder.scons.generate], IGVM_SIGNING_KEY={str(ID_PEM)!r}, "
+        "IGVM_ALLOW_TEST_KEYS=True)\n"
+        "env.IGVMSign('dist/g.signed.igvm', env.IGVM('dist/g', 'build.toml'))\n")
+    proc = subprocess.run([sys.executable, "-m", "SCons", "-Q"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    signed, sidecar = tmp_path / "dist" / "g.signed.igvm", tmp_path / "dist" / "g.signed.igvm.ref.json"
+    doc = json.loads(sidecar.read_text())
+    data = signed.read_bytes()
+    assert doc["file"] == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    assert doc["platforms"]["snp"]["digest"] == SNP_CASE["expected_launch_digest"]
+    assert doc["platforms"]["tdx"]["digest"] == TDX_CASE["expected_mrtd_two_pass"]
+    measured = tmp_path / "measured.json"
+    rc, _, err = run("measure", signed, "--loader", "cloud-hypervisor", "--vcpus", 2, "--vcpu-type", "EPYC-Milan",
+                     "--tdx-two-pass", "--reference-values", measured)
+    assert rc == 0, err
+    again = json.loads(measured.read_text())
+    assert doc["platforms"] == again["platforms"] and doc["file"] == again["file"]
+
+
 @pytest.mark.parametrize("change", ["loader", "vcpus", "vcpu_type"])
 def test_another_launch_than_the_signed_one_is_measured(change: str, tmp_path: Path) -> None:
     f = _load(tmp_path, make_file())
