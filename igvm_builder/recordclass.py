@@ -2,7 +2,8 @@
 
 ``@record`` turns a class whose fields are annotated (``name: type [= default]``) into a record:
 ``__slots__`` for its fields, ``__init__`` (positional or keyword-only arguments, defaults,
-``field(default_factory=...)``, then ``__post_init__`` when the class has one), ``__eq__`` and
+``field(default_factory=...)``, ``field(init=False)`` fields set from their default or left unset,
+then ``__post_init__`` when the class has one), ``__eq__`` and
 ``__hash__`` over the compared fields, ``__repr__``, ``__match_args__`` and, frozen (the default),
 a ``__setattr__`` / ``__delattr__`` that refuse (``dataclasses.FrozenInstanceError``) with pickling
 and copying support.  It is what ``@dataclass(frozen=True, slots=True)`` makes, but costs a few
