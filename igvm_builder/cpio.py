@@ -22,9 +22,9 @@ import enum
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from igvm_builder.errors import InputError
+from igvm_builder.recordclass import record
 
 __all__ = [
     "CpioEntry",
@@ -61,7 +61,7 @@ _MODES = {
 }
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class CpioEntry:
     """One archive member.
 
@@ -136,7 +136,7 @@ def write_newc(entries: Iterable[CpioEntry]) -> bytes:
     return bytes(out)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TreeMember:
     """One member of a directory tree as found on disk (contents not read).
 

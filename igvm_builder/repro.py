@@ -42,11 +42,11 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from igvm_builder.diff import FileDiff, diff_files
 from igvm_builder.errors import IgvmError, ReproducibilityError, VerificationError
+from igvm_builder.recordclass import field, record
 
 if TYPE_CHECKING:
     from igvm_builder.config import BuildConfig
@@ -82,7 +82,7 @@ IN_PROCESS_PERTURBED: tuple[str, ...] = ("absolute paths", "input mtimes", "inpu
 # =========================================================================== results
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ReproReport:
     """Both builds agreed: what was built and what was varied."""
 
@@ -208,7 +208,7 @@ def _mismatch(config: str, d: FileDiff, refs_diff: Sequence[str], first: int | N
 # =========================================================================== staging
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class StagedTree:
     """A copy of a config and its inputs under ``root`` (see :func:`stage_tree`)."""
 
@@ -437,7 +437,7 @@ def check_config_reproducible_in_process(config_path: str | os.PathLike[str], *,
 # =========================================================================== release verification
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ReleaseCheck:
     """One comparison against the published reference values."""
 
@@ -450,7 +450,7 @@ class ReleaseCheck:
         return {"kind": self.kind, "name": self.name, "ok": self.ok, "message": self.message}
 
 
-@dataclass(frozen=True)
+@record
 class ReleaseReport:
     """The outcome of :func:`verify_release`; problems are ordered inputs first."""
 
