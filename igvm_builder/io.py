@@ -206,6 +206,13 @@ class AtomicFile:
             raise ValueError(f"{self.path}: output already committed or discarded")
         return self._fh
 
+    def flush(self) -> None:
+        """Hand what was written to the file (so that a reader of :meth:`fileno` sees it)."""
+        try:
+            self._open().flush()
+        except OSError as exc:
+            raise self._error(exc) from None
+
     # ---- finishing
 
     def sync(self) -> None:

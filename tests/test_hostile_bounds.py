@@ -273,11 +273,15 @@ def _bss_kernel(tmp: Path, name: str, bss: int) -> Path:
     return out
 
 
+#: A CLI build in a fresh process and its peak RSS: VmHWM, the high-water mark of this process's
+#: own memory (``ru_maxrss`` would not do: Linux carries it across exec, so a child of pytest
+#: reports pytest's peak when that is higher).
 _PEAK_RSS = """
-import resource, sys
+import sys
 from igvm_builder.cli import main
 code = main(["build", sys.argv[1], "-o", sys.argv[2], "-q"])
-print("peak", code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print("peak", code, hwm)
 """
 
 

@@ -130,7 +130,7 @@ class PageReleaser:
 
     Pages of a file loaded with :meth:`IgvmFile.load` are read through a read-only shared
     mmap; every page touched stays mapped (and counts in RSS) until unmapped.  Every
-    ``every`` data pages, the file range from the first page noted since the last release
+    ``every`` data pages, the file range from the lowest page noted since the last release
     to the furthest one is released (:func:`dontneed`).  That only drops page-table entries: a page read again
     (another platform's thread, a non-monotonic file layout) is faulted back in from the page
     cache with the same contents, so this never changes a result.  Only read-only mmaps
@@ -152,7 +152,7 @@ class PageReleaser:
     def note(self, data: FileSlice) -> None:
         if self.n >= self.every:
             self.release(None)
-        if self.first < 0:
+        if self.first < 0 or data.start < self.first:  # (pages compared with come in any order)
             self.first = data.start
         furthest = self.furthest
         if furthest is None or data.start > furthest.start:

@@ -41,7 +41,7 @@ from igvm_builder.format.defs import (
     Section,
     section_of,
 )
-from igvm_builder.format.pages import Directives, PageDigests, PageOffsets, PageRun
+from igvm_builder.format.pages import Directives, PageDigests, PageDigestStream, PageOffsets, PageRun
 from igvm_builder.format.record import Record, u32
 from igvm_builder.recordclass import field, fields, record
 
@@ -213,9 +213,10 @@ class IgvmFile:
         warnings = _validate(self)
         return _replace_warnings(self, warnings)
 
-    def layout(self, *, validate: bool = True, page_digests: bool = False,
-               on_data: Callable[[int, list[H.BlobLike]], object] | None = None) -> Layout:
-        """The canonical serialization: headers and the blobs of the data section (:class:`Layout`).
+    def layout(self, *, validate: bool = True, page_digests: bool | PageDigestStream = False,
+               on_data: Callable[[int, list[H.BlobLike]], object] | None = None,
+               on_head: Callable[[int, bytearray], object] | None = None) -> Layout:
+        r"""The canonical serialization: headers and the blobs of the data section (:class:`Layout`).
 
         Identical blobs are stored once.  They are found by a content hash: Python's ``hash``,
         or, with ``page_digests``, SHA-384 for every 4 KiB page of file data (a :class:`FileSlice`
@@ -227,17 +228,37 @@ class IgvmFile:
         ``on_data(file_offset, blobs)``, if given, receives the data section as it is laid
         out, in batches of :data:`STREAM_BLOBS` blobs (the last batch may be shorter): a
         writer can store the data while the headers, which precede it, are still being made.
+        ``on_head(file_offset, buffer)``, if given, likewise receives the variable headers as
+        they are made, in pieces of about :data:`HEAD_PIECE` bytes (the buffer is the caller's
+        from then on); :attr:`Layout.head` is then the fixed header alone.  With both, the
+        layout keeps nothing per page but its table of distinct pages (16 bytes a page).
+        ``page_digests`` may be a :class:`PageDigestStream` instead of True: the digests go to
+        a consumer (a measurement in another thread) as they are made, instead of being kept;
+        the caller :meth:`~PageDigestStream.finish`\ es (or abandons) it.
         ``validate=False`` skips :meth:`validate` (for a model that has just been validated).
         """
         if validate:
             _validate(self)
         items = self.directives.items()
-        digests = PageDigests(len(self.directives)) if page_digests else None
+        digests: PageDigests | PageDigestStream | None
+        if isinstance(page_digests, PageDigestStream):
+            if len(page_digests) != len(self.directives):
+                raise ValueError(f"a page digest stream of {len(page_digests)} for {len(self.directives)} directives")
+            digests = page_digests
+        else:
+            digests = PageDigests(len(self.directives)) if page_digests else None
+        publish = page_digests.publish if isinstance(page_digests, PageDigestStream) else None
         fixed_size = FIXED_HEADER_SIZE_V1 if self.revision == 1 else FIXED_HEADER_SIZE_V2
         page_run = PageRun
         var_size = sum(8 + _pad8(h.SIZE) for h in (*self.platforms, *self.initializations))
+        data_pages = len(self.platforms) + len(self.initializations)  # (at most: what the dedup table sizes for)
         for item in items:
-            var_size += item.count * 32 if isinstance(item, PageRun) else 8 + _pad8(item.SIZE)
+            if isinstance(item, PageRun):
+                var_size += item.count * 32
+                data_pages += item.count if item.source is not None else 1
+            else:
+                var_size += 8 + _pad8(item.SIZE)
+                data_pages += 1
         data_start = fixed_size + var_size
         if data_start > 0xFFFF_FFFF:  # (a data-less run of pages costs no data, but 32 bytes of header a page)
             raise IgvmFormatError(f"the headers take {var_size} bytes, more than the 4 GiB a file may hold "
@@ -250,17 +271,22 @@ class IgvmFile:
         merging = False  # blobs[-1] is a window made here, not yet streamed: a next page may extend it
         # Identical blobs.  4 KiB blobs (pages) by a 64-bit key of their contents (Python's hash
         # of their SHA-384 with page_digests, else of their bytes) -> file offset of the
-        # first page with that key (``table``); pages whose key an earlier, different page holds
-        # -> ``clash``.  Other blobs by (length, content hash) -> indices into blobs.  A match is
-        # confirmed byte for byte.  Per distinct page that is a dict entry of two ints (about
-        # 110 bytes) until the table moves it into its sorted arrays (12 bytes).
-        table = PageOffsets()
-        recent, hits = table.recent, table.hits  # (the same dicts for the whole layout)
+        # first page with that key (``table``, 16 bytes a page); pages that the table answers
+        # with an earlier, different page -> ``clash`` by key.  Other blobs by (length, content
+        # hash) -> indices into blobs.  A match is confirmed byte for byte.
+        table = PageOffsets(data_pages)
+        setdefault = table.setdefault
         clash: dict[int, list[int]] = {}
         dedup: dict[tuple[int, int], list[int]] = {}
-        out = bytearray(fixed_size)
+        # The headers are made in ``out``: after the fixed header's room, or, with on_head, from
+        # file offset ``head_at`` (what went before was handed over; its CRC is ``var_crc``).
+        out = bytearray(fixed_size if on_head is None else 0)
+        head_at, var_crc = fixed_size, 0
+        head_pages = HEAD_PIECE // 32  # data-less or repeated pages' headers made at a time
         releaser = PageReleaser(every=2048)  # keep RSS flat while hashing mmap'd page data
         note = releaser.note
+        compared_pages = PageReleaser(every=256)  # and while comparing with pages stored before
+        compared = compared_pages.note
         last_slice: FileSlice | None = None
         page_data, file_slice, page_tlv, sha384 = H.PageData, FileSlice, _PAGE_TLV, hashlib.sha384
         page_type = int(HeaderType.PAGE_DATA)
@@ -275,6 +301,15 @@ class IgvmFile:
                 on_data(sent_offset, blobs[sent:])
                 sent, sent_offset = len(blobs), cursor
                 merging = False
+
+        def flush_head() -> None:
+            """With on_head: hand the headers made so far over once there are HEAD_PIECE bytes."""
+            nonlocal out, head_at, var_crc
+            if on_head is not None and len(out) >= HEAD_PIECE:
+                piece, out = out, bytearray()
+                var_crc = zlib.crc32(piece, var_crc)
+                on_head(head_at, piece)
+                head_at += len(piece)
 
         def append(blob: H.BlobLike, size: int) -> int:
             nonlocal cursor, merging
@@ -308,9 +343,14 @@ class IgvmFile:
             return offset
 
         def stored(offset: int, size: int) -> memoryview:
-            """The bytes laid out at file ``offset``."""
+            """The bytes laid out at file ``offset`` (a page of a mapped input that is read here
+            leaves the resident set with the next batch of them: a large image whose duplicates
+            are pages stored anywhere before would otherwise keep them all resident)."""
             i = bisect.bisect_right(offsets, offset) - 1
-            return as_view(blobs[i])[offset - offsets[i] : offset - offsets[i] + size]
+            blob, at = blobs[i], offset - offsets[i]
+            if type(blob) is file_slice:
+                compared(file_slice(blob._buf, blob.start + at, size))
+            return as_view(blob)[at : at + size]
 
         def page_key(view: memoryview, digest: bytes | None) -> int:
             return digest_key(digest) if digest is not None else content_hash(view)
@@ -327,11 +367,9 @@ class IgvmFile:
                     return offset
             return None
 
-        def remember_page(key: int, offset: int, first: int | None) -> None:
-            if first is None:
-                table.add(key, offset)
-            else:
-                clash.setdefault(key, []).append(offset)
+        def remember_page(key: int, offset: int, first: int) -> None:
+            """A new page whose key the table answered with another page (``first``)."""
+            clash.setdefault(key, []).append(offset)
 
         def place(blob: H.BlobLike, digest: bytes | None = None) -> int:
             """File offset of ``blob``: an identical earlier blob's, or the next free one."""
@@ -341,7 +379,9 @@ class IgvmFile:
                 if digest is None and digests is not None:
                     digest = sha384(view).digest()
                 key = page_key(view, digest)
-                first = table.get(key)
+                first = setdefault(key, cursor)  # (a new key: the page goes at the cursor)
+                if first is None:
+                    return append(blob, size)
                 offset = find_page(view, key, first)
                 if offset is None:
                     offset = append(blob, size)
@@ -358,11 +398,9 @@ class IgvmFile:
         def place_window(buf: memoryview, start: int, key: int) -> int:
             """place() for the 4 KiB at ``start`` of ``buf`` (a page of a run or a FileSlice),
             whose dedup key is ``key``."""
-            first = table.get(key)
-            if first is None:  # a page not seen before (most pages): no comparison
-                offset = append_window(buf, start)
-                table.add(key, offset)
-                return offset
+            first = setdefault(key, cursor)
+            if first is None:  # a page not seen before (most pages): no comparison; it goes at the cursor
+                return append_window(buf, start)
             found = find_page(buf[start : start + PAGE_SIZE_4K], key, first)
             if found is not None:
                 return found
@@ -391,18 +429,26 @@ class IgvmFile:
                             offset = place(fill)
                     else:
                         offset = place(fill)
-                at = len(out)
-                out += bytes(32 * count)  # the headers, written in place (no object per page)
                 pack_into = page_tlv.pack_into
-                for i in range(count):
-                    pack_into(out, at + 32 * i, page_type, 24, gpa + i * PAGE_SIZE_4K, mask, offset, flags, dtype, 0)
+                for first in range(0, count, head_pages):  # the headers, written in place (no object per page)
+                    m = min(head_pages, count - first)
+                    at = len(out)
+                    out += bytes(32 * m)
+                    for i in range(first, first + m):
+                        pack_into(out, at, page_type, 24, gpa + i * PAGE_SIZE_4K, mask, offset, flags, dtype, 0)
+                        at += 32
+                    flush_head()
                 return
             start = run.start
-            dbuf, k = digests.reserve(dpos, count) if digests is not None else (None, 0)  # every page has one
+            # the digests of the run: reserved at once, or, for a stream, a stride at a time
+            dbuf, k = digests.reserve(dpos, count) if digests is not None and publish is None else (None, 0)
             done = 0
             while done < count:  # strides of 2048 pages: noted as one window, released once hashed
                 n = min(2048, count - done)
                 end = start + n * PAGE_SIZE_4K
+                if publish is not None:  # every page of the run has one
+                    assert digests is not None
+                    dbuf, k = digests.reserve(dpos + done, n)
                 note(file_slice(source, start, n * PAGE_SIZE_4K))
                 keys: list[int] = []  # the stride's dedup keys, looked up in the table at once
                 if dbuf is not None:
@@ -413,14 +459,12 @@ class IgvmFile:
                         keys.append(digest_key(this))
                 else:
                     keys = [content_hash(source[at : at + PAGE_SIZE_4K]) for at in range(start, end, PAGE_SIZE_4K)]
-                table.settle()
-                table.prefetch(keys)
                 for key in keys:
                     tail = blobs[-1] if merging else None
-                    if key not in recent and key not in hits and type(tail) is file_slice and tail._buf is source \
-                            and tail.start + tail.length == start and cursor + PAGE_SIZE_4K <= 0xFFFF_FFFF:
+                    if type(tail) is file_slice and tail._buf is source and tail.start + tail.length == start \
+                            and cursor + PAGE_SIZE_4K <= 0xFFFF_FFFF and setdefault(key, cursor) is None:
                         # a new page right after the window being laid out (most pages): extend it
-                        offset = recent[key] = cursor
+                        offset = cursor
                         tail.length += PAGE_SIZE_4K
                         cursor += PAGE_SIZE_4K
                         if on_data is not None and cursor - sent_offset >= stream_bytes:
@@ -432,6 +476,9 @@ class IgvmFile:
                     start += PAGE_SIZE_4K
                 done += n
                 releaser.release(None)
+                flush_head()
+                if publish is not None:
+                    publish(dpos + done)
             last_slice = None
 
         def header(h: H.Header) -> None:
@@ -452,9 +499,14 @@ class IgvmFile:
         for head in (*self.platforms, *self.initializations):
             header(head)
         dpos = -1  # the flat index of the directive h (of a run: its first page)
+        published = 0
         for h in items:
             dpos += 1
-            table.settle()
+            if on_head is not None and len(out) >= HEAD_PIECE:
+                flush_head()
+            if publish is not None and dpos - published >= 1024:
+                publish(dpos)
+                published = dpos
             if type(h) is page_run:
                 assert isinstance(h, PageRun)
                 page_run_headers(h, dpos)
@@ -481,6 +533,7 @@ class IgvmFile:
             assert isinstance(h, H.Header)
             header(h)
         releaser.release(last_slice)
+        compared_pages.release(None)
         if cursor == data_start:
             # The reference parser needs at least one byte after the variable headers
             # (IGVM_FORMAT.md §2 item 5); the crate's own writer forgets this.
@@ -488,11 +541,22 @@ class IgvmFile:
             cursor += 1
         if on_data is not None and len(blobs) > sent:
             on_data(sent_offset, blobs[sent:])
-        out[:fixed_size] = FixedHeader(
+        fixed = FixedHeader(
             IGVM_MAGIC_VALUE, self.revision, fixed_size, var_size, cursor, 0,
             *((int(self.architecture), PAGE_SIZE_4K) if self.revision == 2 else ())).pack()
-        crc = zlib.crc32(out)
-        out[20:24] = struct.pack("<I", crc)
+        if on_head is not None:
+            if out:
+                var_crc = zlib.crc32(out, var_crc)
+                on_head(head_at, out)
+                head_at += len(out)
+            assert head_at == data_start, (head_at, data_start)
+            # the checksum covers the fixed header, then the headers handed over
+            out = bytearray(fixed)
+            out[20:24] = struct.pack("<I", _crc32_combine(zlib.crc32(fixed), var_crc, var_size))
+        else:
+            assert len(out) == data_start, (len(out), data_start)
+            out[:fixed_size] = fixed
+            out[20:24] = struct.pack("<I", zlib.crc32(out))
         # A read-only view of the headers built here, not a bytes copy: the copy would hold a
         # second 32 bytes per page at the peak (see Layout.head).
         return Layout(memoryview(out).toreadonly(), blobs, digests)
@@ -526,11 +590,27 @@ _PARSE_CHUNK = 1 << 20
 #: Blobs per batch handed to ``layout``'s ``on_data`` (8 MiB of 4 KiB pages).
 STREAM_BLOBS = 2048
 
+#: Bytes of variable headers per piece handed to ``layout``'s ``on_head`` (32,768 pages).
+HEAD_PIECE = 1 << 20
+
+def _crc32_combine(crc_a: int, crc_b: int, length_b: int) -> int:
+    """The CRC-32 of ``a + b`` from ``crc32(a)``, ``crc32(b)`` and ``len(b)`` (Python's zlib has no
+    ``crc32_combine``).  A CRC-32 that starts from ``v`` instead of 0 differs from the one that
+    starts from 0 by a term that depends only on ``v`` and the length (the register's update is
+    linear over GF(2)); that term is found by running ``len(b)`` zero bytes from both starts."""
+    from_a, from_0 = crc_a, 0
+    block = memoryview(bytes(min(length_b, 1 << 20) or 1))
+    for at in range(0, length_b, len(block)):
+        zeros = block[: min(len(block), length_b - at)]
+        from_a, from_0 = zlib.crc32(zeros, from_a), zlib.crc32(zeros, from_0)
+    return from_a ^ from_0 ^ crc_b
+
 
 class Layout(NamedTuple):
     """What :meth:`IgvmFile.layout` returns: the file is ``head`` followed by ``blobs``."""
 
-    #: The fixed header and the variable headers: a read-only view (``bytes(head)`` for a
+    #: The fixed header and the variable headers (the fixed header alone when ``on_head`` took
+    #: the variable headers): a read-only view (``bytes(head)`` for a
     #: copy) of the buffer the serializer built them in, handed over without a copy (for a
     #: 4 GiB image of distinct pages that copy was a second 32 MiB at the build's peak).
     head: memoryview
@@ -539,8 +619,9 @@ class Layout(NamedTuple):
     #: With ``layout(page_digests=True)``: for each directive (``IgvmFile.directives`` order) the
     #: SHA-384 of its page when it is a PAGE_DATA whose data is a 4 KiB :class:`FileSlice` (or a
     #: page of a run with data), else None (what ``measure_platform(page_digests=)`` takes): a
-    #: :class:`~igvm_builder.format.pages.PageDigests`, 48 bytes a page with a digest.
-    page_digests: PageDigests | None
+    #: :class:`~igvm_builder.format.pages.PageDigests`, 48 bytes a page with a digest (or the
+    #: :class:`~igvm_builder.format.pages.PageDigestStream` given, which keeps none of them).
+    page_digests: PageDigests | PageDigestStream | None
 
 
 #: The dedup key of a page from its SHA-384: Python's (64-bit) hash of it.

@@ -27,15 +27,12 @@ import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, ClassVar, overload
 
-from igvm_builder.errors import IgvmFormatError
+from igvm_builder.errors import IgvmError, IgvmFormatError
 from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice, same_bytes
 from igvm_builder.format.defs import PAGE_SIZE_4K, HeaderType, PageDataType, Section
 from igvm_builder.recordclass import fields
 
-if TYPE_CHECKING:
-    import numpy as np
-    from numpy.typing import NDArray
 
 PAGE = PAGE_SIZE_4K
 
@@ -499,113 +496,250 @@ class PageDigests(Sequence[bytes | None]):
         return f"PageDigests({self._n} directives, {have} with a digest)"
 
 
+class PageDigestStream:
+    """Page digests handed from a layout to a measurement running beside it, as they are made.
+
+    ``IgvmFile.layout(page_digests=stream)`` writes the digests the way it writes a
+    :class:`PageDigests` (:meth:`put`, :meth:`fill`, :meth:`reserve`, in directive order) and
+    :meth:`publish`\\ es its progress; a consumer in another thread reads them once, in directive
+    order (``measure_platform(..., page_digests=stream)``: :meth:`__getitem__` and
+    :meth:`iter_run` wait for the layout to get there).  What the consumer has read is dropped,
+    and the layout waits when it is more than :attr:`limit` directives ahead, so the digests of
+    a 4 GiB image never sit in memory at once (:class:`PageDigests` keeps 48 bytes a page).
+
+    Either side ends it: the layout with :meth:`finish` (or :meth:`abandon` when it fails: the
+    consumer then stops with :class:`IgvmError`), the consumer with :meth:`detach` (the layout
+    then no longer waits for it)."""
+
+    #: Directives the layout may be ahead of the consumer before it waits for it.
+    LIMIT = 1 << 15
+
+    def __init__(self, n: int, *, limit: int | None = None) -> None:
+        import threading  # (only a build makes one: reading commands do not import threading)
+        from collections import deque
+
+        self._n = n
+        self.limit = self.LIMIT if limit is None else limit
+        #: [first directive, count, 48 * count digest bytes, or one 48-byte digest for all]
+        self._segs: deque[tuple[int, int, bytes | bytearray, bool]] = deque()
+        self._end = 0  # the directive after the last segment
+        self._published = 0  # directives before this are final
+        self._taken = 0  # the consumer has read every directive before this
+        self._cond = threading.Condition()
+        self._failed = False  # abandoned by the layout
+        self._detached = False  # left by the consumer
+
+    def __len__(self) -> int:
+        return self._n
+
+    # ---- the layout's side
+
+    def _append(self, i: int, n: int, data: bytes | bytearray, repeat: bool) -> None:
+        if i < self._end or i + n > self._n:
+            raise IndexError(f"page digests {i}..{i + n} after {self._end} of {self._n}: not in directive order")
+        self._end = i + n
+        if not self._detached:  # (else nobody reads them any more)
+            self._segs.append((i, n, data, repeat))
+
+    def put(self, i: int, digest: bytes) -> None:
+        self._append(i, 1, digest, True)
+
+    def fill(self, i: int, n: int, digest: bytes) -> None:
+        """Directives ``i`` to ``i + n - 1`` have the page of ``digest`` (stored once)."""
+        self._append(i, n, digest, True)
+
+    def reserve(self, i: int, n: int) -> tuple[bytearray, int]:
+        """A buffer (and the offset in it) for the digests of directives ``i``..``i + n - 1``, to be
+        written before they are published."""
+        buf = bytearray(48 * n)
+        self._append(i, n, buf, False)
+        return buf, 0
+
+    def publish(self, upto: int) -> None:
+        """Directives before ``upto`` are final; wait while the consumer is more than
+        :attr:`limit` directives behind."""
+        with self._cond:
+            if upto > self._published:
+                self._published = upto
+                self._cond.notify_all()
+            while not self._detached and self._published - self._taken > self.limit:
+                self._cond.wait()
+
+    def finish(self) -> None:
+        """Every directive is final (the layout is done)."""
+        with self._cond:
+            self._published = self._n
+            self._cond.notify_all()
+
+    def abandon(self) -> None:
+        """The layout failed: a waiting consumer stops with :class:`IgvmError`."""
+        with self._cond:
+            self._failed = True
+            self._cond.notify_all()
+
+    # ---- the consumer's side
+
+    def detach(self) -> None:
+        """The consumer reads no more (it finished or failed): the layout stops waiting for it."""
+        with self._cond:
+            self._detached = True
+            self._segs.clear()
+            self._cond.notify_all()
+
+    def _wait(self, i: int) -> int:
+        """Wait until directive ``i`` is final; note that everything before it was read; return
+        how far the layout has published."""
+        cond = self._cond
+        with cond:
+            self._taken = i
+            if self._published - i <= self.limit:
+                cond.notify_all()  # (the layout may be waiting for this)
+            while self._published <= i:
+                if self._failed:
+                    raise IgvmError("the layout that was to give these page digests failed")
+                cond.wait()
+            return self._published
+
+    def _first(self, i: int) -> tuple[int, int, bytes | bytearray, bool] | None:
+        """The first segment that ends after directive ``i`` (those before it are dropped)."""
+        segs = self._segs
+        while segs and segs[0][0] + segs[0][1] <= i:
+            segs.popleft()
+        return segs[0] if segs else None
+
+    def __getitem__(self, i: int) -> bytes | None:
+        """The digest of directive ``i`` (or None), once the layout has made it: directives are
+        read in order, each once (those before ``i`` are gone)."""
+        if not 0 <= i < self._n:
+            raise IndexError("page digest index out of range")
+        self._wait(i)
+        seg = self._first(i)
+        if seg is None or seg[0] > i:
+            return None
+        start, _, data, repeat = seg
+        return bytes(data) if repeat else bytes(data[48 * (i - start) : 48 * (i - start + 1)])
+
+    def iter_run(self, i: int, n: int) -> Iterator[bytes | memoryview | None]:
+        """The digests of directives ``i``..``i + n - 1`` (None for one without), in order, as
+        the layout makes them."""
+        pos, end = i, i + n
+        while pos < end:
+            stop = min(self._wait(pos), end)
+            while pos < stop:
+                seg = self._first(pos)
+                if seg is None or seg[0] > pos:  # no digest up to the next segment
+                    upto = stop if seg is None else min(stop, seg[0])
+                    yield from itertools.repeat(None, upto - pos)
+                    pos = upto
+                    continue
+                start, count, data, repeat = seg
+                upto = min(stop, start + count)
+                if repeat:
+                    yield from itertools.repeat(data, upto - pos)
+                else:
+                    view = memoryview(data)
+                    for k in range(48 * (pos - start), 48 * (upto - start), 48):
+                        yield view[k : k + 48]
+                pos = upto
+
+    def __repr__(self) -> str:
+        return f"PageDigestStream({self._n} directives, {self._published} published, {self._taken} read)"
+
+
 class PageOffsets:
     """The layout's table of distinct pages: a 64-bit key of a page's contents -> the file
     offset of the first page laid out with that key (what ``IgvmFile.layout`` confirms byte
     for byte before it reuses a page).
 
     A dict costs about 110 bytes an entry (two int objects and the slot), 96 MiB for the
-    917,504 distinct pages of a 4 GiB guest.  Here the newest entries are a dict
-    (:attr:`recent`) and, from :attr:`SPILL` entries on, move into sorted numpy arrays (keys
-    ``int64``, offsets ``uint32``: 12 bytes an entry) merged in levels of doubling size, so a
-    lookup searches the dict and a few arrays.  :meth:`prefetch` looks a stride of keys up in
-    the arrays at once and keeps what it finds, so the per-page test a layout makes (``key in
-    recent or key in hits``) stays two dict lookups.  numpy is imported at the first spill
-    only (small layouts never need it).
+    917,504 distinct pages of a 4 GiB guest.  Here an entry is one 8-byte slot of an open
+    addressing table (linear probing) in an anonymous mapping, touched only where entries are
+    written: the key's high bits choose the slot, its low 32 bits (its tag) are stored beside
+    the 32-bit offset.  Sized for the ``capacity`` the layout expects (its pages with data) at
+    most two thirds full, it costs 12 to 24 bytes a page (a power of two of slots).
 
-    Each key is added once (:meth:`add` of a key already present is the caller's error: the
-    layout records further pages with a known key as clashes); offsets are below 2**32 (IGVM
-    file offsets are 32-bit)."""
+    Two keys answer for each other only when they share their tag and their probe paths meet
+    (about one key in 2**32 * slots / entries): the layout compares the bytes at the offset it
+    is given, and keeps a page whose key :meth:`setdefault` answered with another page's
+    offset as a clash of that key (in a dict of its own), so every later page with that key
+    gets the same answer and then looks among the clashes.  Which pages clash depends on the
+    keys (Python's hash, seeded per process); where each page is stored does not.
 
-    __slots__ = ("_levels", "hits", "recent")
+    A table that fills beyond three quarters gets a new one twice its size for the entries
+    that follow (the old one cannot be re-spread: a slot keeps only the tag); lookups go
+    through the tables oldest first, so every answer stays what it was.
 
-    #: Entries the dict holds before they move into the arrays.
-    SPILL: ClassVar[int] = 1 << 14
+    Offsets are above 0 and below 2**32 (IGVM file offsets are 32-bit; data follows the fixed
+    header)."""
 
-    recent: dict[int, int]
-    hits: dict[int, int]
-    _levels: list[tuple[NDArray[np.int64], NDArray[np.uint32]]]
+    __slots__ = ("_count", "_levels", "_limit")
 
-    def __init__(self) -> None:
-        self.recent = {}
-        self.hits = {}  # keys found in the arrays by prefetch() (still valid after a spill)
+    #: Slots of the smallest table.
+    MIN_SLOTS: ClassVar[int] = 1 << 10
+
+    #: (slots, mask, mapping) of each table, the oldest first; entries go into the last.
+    _levels: list[tuple[memoryview, int, object]]
+
+    def __init__(self, capacity: int = 0) -> None:
+        size = self.MIN_SLOTS
+        while 2 * size < 3 * capacity:  # at most two thirds full
+            size *= 2
+        self._count = 0
         self._levels = []
+        self._add_level(size)
+
+    def _add_level(self, size: int) -> None:
+        import mmap
+
+        table = mmap.mmap(-1, 8 * size, flags=mmap.MAP_PRIVATE)  # zero pages: resident only once written
+        self._levels.append((memoryview(table).cast("Q"), size - 1, table))
+        self._limit = self._count + size * 3 // 4
+
+    @property
+    def nbytes(self) -> int:
+        """The size of the tables (resident where entries were written)."""
+        return sum(8 * (mask + 1) for _, mask, _ in self._levels)
 
     def __len__(self) -> int:
-        return len(self.recent) + sum(len(k) for k, _ in self._levels)
+        return self._count
 
     def __contains__(self, key: int) -> bool:
         return self.get(key) is not None
 
     def get(self, key: int) -> int | None:
-        """The offset recorded for ``key``, or None."""
-        offset = self.recent.get(key)
-        if offset is None and self._levels:
-            offset = self.hits.get(key)
-            if offset is None:
-                for keys, offsets in self._levels:
-                    i = int(keys.searchsorted(key))
-                    if i < len(keys) and int(keys[i]) == key:
-                        return int(offsets[i])
-        return offset
+        """The offset recorded for ``key`` (or a key that answers for it, see above), or None."""
+        tag = key & 0xFFFF_FFFF
+        for slots, mask, _ in self._levels:
+            slot = (key >> 32) & mask
+            entry = slots[slot]
+            while entry:
+                if entry >> 32 == tag:
+                    return int(entry & 0xFFFF_FFFF)
+                slot = (slot + 1) & mask
+                entry = slots[slot]
+        return None
+
+    def setdefault(self, key: int, offset: int) -> int | None:
+        """:meth:`get`; where that is None, record ``offset`` for ``key`` (and return None)."""
+        tag = key & 0xFFFF_FFFF
+        levels = self._levels
+        for slots, mask, _ in levels:
+            slot = (key >> 32) & mask
+            entry = slots[slot]
+            while entry:
+                if entry >> 32 == tag:
+                    return int(entry & 0xFFFF_FFFF)
+                slot = (slot + 1) & mask
+                entry = slots[slot]
+        if not 0 < offset <= 0xFFFF_FFFF:
+            raise ValueError(f"page offset {offset:#x} is not a file offset after the fixed header")
+        slots[slot] = tag << 32 | offset  # (the last table's free slot on the path)
+        self._count += 1
+        if self._count > self._limit:
+            self._add_level(2 * (mask + 1))
+        return None
 
     def add(self, key: int, offset: int) -> None:
-        """Record ``offset`` for ``key``, which has none yet."""
-        self.recent[key] = offset
-
-    def prefetch(self, keys: Sequence[int]) -> None:
-        """Look ``keys`` up in the arrays at once: after this, for each of them, ``get`` and the
-        test ``key in recent or key in hits`` need no search."""
-        if not self._levels or not keys:
-            return
-        import numpy as np
-
-        query = np.array(keys, dtype=np.int64)
-        found = self.hits
-        if len(found) > 4 * self.SPILL:
-            found.clear()
-        for level_keys, level_offsets in self._levels:
-            at = level_keys.searchsorted(query)
-            np.minimum(at, len(level_keys) - 1, out=at)
-            for j in np.flatnonzero(level_keys[at] == query).tolist():
-                found[keys[j]] = int(level_offsets[at[j]])
-
-    def settle(self) -> None:
-        """Move the dict's entries into the arrays once it holds :attr:`SPILL` of them (call it
-        between lookups, never between a :meth:`prefetch` and the tests it serves)."""
-        if len(self.recent) >= self.SPILL:
-            self._spill()
-
-    def _spill(self) -> None:
-        import numpy as np
-
-        n = len(self.recent)
-        keys = np.fromiter(self.recent.keys(), dtype=np.int64, count=n)
-        offsets = np.fromiter(self.recent.values(), dtype=np.uint32, count=n)
-        self.recent.clear()  # (the same dict: a caller may hold it)
-        order = keys.argsort(kind="stable")
-        keys, offsets = keys[order], offsets[order]
-        del order
-        levels = self._levels
-        while levels and len(levels[-1][0]) <= len(keys):  # levels of doubling size, the smallest last
-            older_keys, older_offsets = levels.pop()
-            keys, offsets = _merge_sorted(older_keys, older_offsets, keys, offsets)
-        levels.append((keys, offsets))
-
-
-def _merge_sorted(a: NDArray[np.int64], a_values: NDArray[np.uint32], b: NDArray[np.int64],
-                  b_values: NDArray[np.uint32]) -> tuple[NDArray[np.int64], NDArray[np.uint32]]:
-    """Two sorted key arrays (no key in both) and their values as one sorted pair."""
-    import numpy as np
-
-    at_b = a.searchsorted(b)
-    at_b += np.arange(len(b), dtype=at_b.dtype)  # where each of b goes in the merged array
-    keys = np.empty(len(a) + len(b), dtype=np.int64)
-    values = np.empty(len(a) + len(b), dtype=np.uint32)
-    from_a = np.ones(len(keys), dtype=bool)
-    from_a[at_b] = False
-    keys[at_b] = b
-    values[at_b] = b_values
-    keys[from_a] = a
-    values[from_a] = a_values
-    return keys, values
+        """Record ``offset`` for ``key``, for which :meth:`get` gives None."""
+        if self.setdefault(key, offset) is not None:
+            raise ValueError(f"key {key:#x} has an offset already")

@@ -30,7 +30,7 @@ from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice, PageReleaser, as_view
 from igvm_builder.format.defs import PAGE_SIZE_4K, Architecture, PageDataFlags, PageDataType, PlatformType
 from igvm_builder.format.file import IgvmFile
-from igvm_builder.format.pages import PageDigests, PageRun
+from igvm_builder.format.pages import PageDigests, PageDigestStream, PageRun
 from igvm_builder.measure.profiles import KVM_VMSA_GPA, LoaderProfile, get_profile
 from igvm_builder.measure.result import Measurement
 
@@ -560,7 +560,7 @@ def _area_pages(f: IgvmFile) -> _Areas:
 
 
 def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, two_pass: bool,
-         digests: Sequence[bytes | None] | None = None, vcpus: int | None = None,
+         digests: Sequence[bytes | None] | PageDigestStream | None = None, vcpus: int | None = None,
          vcpu_type: str | int | None = None) -> Measurement:
     areas = _area_pages(f)
     _check_implied_pages(f, ptype, mask, areas, profile)
@@ -576,7 +576,7 @@ def _run(f: IgvmFile, ptype: PlatformType, mask: int, profile: LoaderProfile, tw
 
 
 def _measure_snp(f: IgvmFile, mask: int, areas: _Areas, profile: LoaderProfile,
-                 digests: Sequence[bytes | None] | None, vcpus: int | None, vcpu_type: str | int | None
+                 digests: Sequence[bytes | None] | PageDigestStream | None, vcpus: int | None, vcpu_type: str | int | None
                  ) -> Measurement:
     """The SEV-SNP launch digest of ``mask`` under ``profile``; ``digests``: page digests the
     serializer computed (``IgvmFile.layout(page_digests=True)``), by directive."""
@@ -613,6 +613,8 @@ def _measure_snp(f: IgvmFile, mask: int, areas: _Areas, profile: LoaderProfile,
                 view = digests.run(first, n) if isinstance(digests, PageDigests) else None
                 if view is not None:  # the serializer's digests of the run, read in place
                     known: Iterable[bytes | memoryview | None] = (view[k : k + 48] for k in range(0, 48 * n, 48))
+                elif isinstance(digests, PageDigestStream):  # as the layout beside us makes them
+                    known = digests.iter_run(first, n)
                 elif digests is not None:
                     known = (digests[k] for k in range(first, dpos + 1))
                 else:
@@ -837,18 +839,31 @@ def _measure_tdx(f: IgvmFile, mask: int, areas: _Areas, two_pass: bool, *, vecto
 
 
 def measure_platform(f: IgvmFile, platform: PlatformType, *, loader: str | None = None,
-                     tdx_two_pass: bool = False, page_digests: Sequence[bytes | None] | None = None,
+                     tdx_two_pass: bool = False, page_digests: Sequence[bytes | None] | PageDigestStream | None = None,
                      vcpus: int | None = None, vcpu_type: str | int | None = None,
                      cca_realm: Any = None) -> Measurement:
     """Measure one platform of ``f``; :class:`MeasurementError` if the file lacks it.
 
     ``page_digests`` (for each directive, the SHA-384 of its 4 KiB page or None:
-    ``IgvmFile.layout(page_digests=True).page_digests``) spares SEV-SNP hashing those pages again.  ``vcpus`` (the VMM's
+    ``IgvmFile.layout(page_digests=True).page_digests``) spares SEV-SNP hashing those pages again; a
+    :class:`~igvm_builder.format.pages.PageDigestStream` the layout fills in another thread is read
+    as it is filled (and detached when this returns or fails).  ``vcpus`` (the VMM's
     ``-smp``; default: the file's VP contexts) and ``vcpu_type`` (the ``-cpu`` model of the
     reset-state VMSAs; default EPYC-v4) matter for SEV-SNP on the KVM loaders only.
     ``cca_realm`` (a :class:`igvm_builder.measure.cca.Realm`: realm parameters and RAM ranges,
     which a CCA file does not carry) is what the CCA RIM needs; without it CCA has no digest.
     """
+    if isinstance(page_digests, PageDigestStream):
+        try:
+            return _measure_platform(f, platform, loader, tdx_two_pass, page_digests, vcpus, vcpu_type, cca_realm)
+        finally:
+            page_digests.detach()  # read to the end, or failed: the layout must not wait for this thread
+    return _measure_platform(f, platform, loader, tdx_two_pass, page_digests, vcpus, vcpu_type, cca_realm)
+
+
+def _measure_platform(f: IgvmFile, platform: PlatformType, loader: str | None, tdx_two_pass: bool,
+                      page_digests: Sequence[bytes | None] | PageDigestStream | None, vcpus: int | None,
+                      vcpu_type: str | int | None, cca_realm: Any) -> Measurement:
     _check_vcpus(vcpus, vcpu_type)
     p = f.platform(platform)
     if p is None:
