@@ -187,7 +187,7 @@ NOT_FOR_BUILD = ("igvm_builder.measure.cca", "igvm_builder.assemble.cca", "igvm_
 #: Classes on the build path still made by ``dataclasses`` (the rest are recordclass records);
 #: once none is left, the build must not import ``dataclasses`` (nor inspect, ast, dis; tokenize
 #: comes with logging, which the threads' concurrent.futures import).
-BUILD_DATACLASSES = {"igvm_builder.assemble.pipeline.BuildResult"}
+BUILD_DATACLASSES: set[str] = set()
 _DATACLASSES_IMPORTS = ("dataclasses", "inspect", "ast", "dis")
 #: Whole builds.  Measured (this probe: nothing imported before it but what ``-S -E`` starts
 #: with): OVMF 125, bzImage 126, ELF 126 (183 when the ELF reader imported pyelftools).

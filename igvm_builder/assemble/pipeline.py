@@ -9,7 +9,6 @@ import hashlib
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from igvm_builder.assemble.launch import _Builder
@@ -21,13 +20,14 @@ from igvm_builder.format.defs import (
 )
 from igvm_builder.format.file import IgvmFile
 from igvm_builder.format.pages import PageDigestStream
+from igvm_builder.recordclass import field, record
 from igvm_builder.reference import ReferenceValues
 
 if TYPE_CHECKING:
     from igvm_builder.io import SeekableOutput
 
 
-@dataclass(frozen=True)
+@record
 class BuildResult:
     """The built file, its canonical bytes (as chunks) and its reference values."""
 

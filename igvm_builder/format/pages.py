@@ -25,14 +25,13 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, ClassVar, overload
+from typing import ClassVar, overload
 
 from igvm_builder.errors import IgvmError, IgvmFormatError
 from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice, same_bytes
 from igvm_builder.format.defs import PAGE_SIZE_4K, HeaderType, PageDataType, Section
 from igvm_builder.recordclass import fields
-
 
 PAGE = PAGE_SIZE_4K
 
