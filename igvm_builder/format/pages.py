@@ -690,9 +690,11 @@ class PageOffsets:
     def _add_level(self, size: int) -> None:
         import mmap
 
+        size = max(size, 2)
         table = mmap.mmap(-1, 8 * size, flags=mmap.MAP_PRIVATE)  # zero pages: resident only once written
         self._levels.append((memoryview(table).cast("Q"), size - 1, table))
-        self._limit = self._count + size * 3 // 4
+        # never full (a probe path must end at a free slot): three quarters, at most size - 1
+        self._limit = self._count + min(size * 3 // 4, size - 1)
 
     @property
     def nbytes(self) -> int:
@@ -734,7 +736,7 @@ class PageOffsets:
             raise ValueError(f"page offset {offset:#x} is not a file offset after the fixed header")
         slots[slot] = tag << 32 | offset  # (the last table's free slot on the path)
         self._count += 1
-        if self._count > self._limit:
+        if self._count >= self._limit:
             self._add_level(2 * (mask + 1))
         return None
 
