@@ -289,7 +289,7 @@ def test_bss_of_a_gib_is_one_run_and_memory_stays_flat(tmp_path: Path) -> None:
     """An ELF kernel with 1 GiB of BSS: the model holds its pages as one run (not 262,144 headers:
     a 1 GiB BSS cost 86 MB to build before), the SEV-SNP digest is the one of the per-page model
     the run stands for, and the whole build (CLI, a fresh process) peaks within a few MiB of a
-    16 MiB BSS build: what remains is the 32-byte header of each page in the file."""
+    16 MiB BSS build: the 32-byte header of each page goes to the file as it is made."""
     from igvm_builder.format.pages import PageRun
 
     small, big = _bss_kernel(tmp_path, "small", 16 << 20), _bss_kernel(tmp_path, "big", 1 << 30)
@@ -317,6 +317,7 @@ def test_bss_of_a_gib_is_one_run_and_memory_stays_flat(tmp_path: Path) -> None:
         peaks[name] = int(peak_kib)
     pages = (1 << 30) // 4096 - (16 << 20) // 4096
     assert (tmp_path / "big.igvm").stat().st_size - (tmp_path / "small.igvm").stat().st_size == 32 * pages
-    # 32 bytes of header per page (8 MiB), kept twice at the peak, and a margin
+    # the 8 MiB of headers go to the output as they are made (measured: +3.6 MiB; they were kept,
+    # and the bound was 40 MiB, when ru_maxrss, which a child inherits across exec, was read)
     print("peak RSS (KiB):", peaks)
-    assert (peaks["big"] - peaks["small"]) * 1024 < 40 << 20, peaks
+    assert (peaks["big"] - peaks["small"]) * 1024 < 8 << 20, peaks
