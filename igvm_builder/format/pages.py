@@ -707,37 +707,35 @@ class PageOffsets:
     def __contains__(self, key: int) -> bool:
         return self.get(key) is not None
 
-    def get(self, key: int) -> int | None:
-        """The offset recorded for ``key`` (or a key that answers for it, see above), or None."""
+    def _probe(self, key: int) -> tuple[int | None, memoryview, int]:
+        """The offset recorded for ``key`` (or None), the newest table and its free slot on
+        ``key``'s path there (where ``key`` goes if it is new)."""
         tag = key & 0xFFFF_FFFF
-        for slots, mask, _ in self._levels:
+        for slots, mask, _ in self._levels:  # the oldest first: an answer never changes
             slot = (key >> 32) & mask
             entry = slots[slot]
             while entry:
                 if entry >> 32 == tag:
-                    return int(entry & 0xFFFF_FFFF)
+                    return int(entry & 0xFFFF_FFFF), slots, slot
                 slot = (slot + 1) & mask
                 entry = slots[slot]
-        return None
+        return None, slots, slot
+
+    def get(self, key: int) -> int | None:
+        """The offset recorded for ``key`` (or a key that answers for it, see above), or None."""
+        return self._probe(key)[0]
 
     def setdefault(self, key: int, offset: int) -> int | None:
         """:meth:`get`; where that is None, record ``offset`` for ``key`` (and return None)."""
-        tag = key & 0xFFFF_FFFF
-        levels = self._levels
-        for slots, mask, _ in levels:
-            slot = (key >> 32) & mask
-            entry = slots[slot]
-            while entry:
-                if entry >> 32 == tag:
-                    return int(entry & 0xFFFF_FFFF)
-                slot = (slot + 1) & mask
-                entry = slots[slot]
+        found, slots, slot = self._probe(key)
+        if found is not None:
+            return found
         if not 0 < offset <= 0xFFFF_FFFF:
             raise ValueError(f"page offset {offset:#x} is not a file offset after the fixed header")
-        slots[slot] = tag << 32 | offset  # (the last table's free slot on the path)
+        slots[slot] = (key & 0xFFFF_FFFF) << 32 | offset
         self._count += 1
         if self._count >= self._limit:
-            self._add_level(2 * (mask + 1))
+            self._add_level(2 * len(slots))
         return None
 
     def add(self, key: int, offset: int) -> None:
