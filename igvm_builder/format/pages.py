@@ -691,7 +691,9 @@ class PageOffsets:
         import mmap
 
         size = max(size, 2)
-        table = mmap.mmap(-1, 8 * size, flags=mmap.MAP_PRIVATE)  # zero pages: resident only once written
+        private = getattr(mmap, "MAP_PRIVATE", None)  # (not on Windows, whose anonymous maps are private)
+        # zero pages: resident only once written
+        table = mmap.mmap(-1, 8 * size) if private is None else mmap.mmap(-1, 8 * size, flags=private)
         self._levels.append((memoryview(table).cast("Q"), size - 1, table))
         # never full (a probe path must end at a free slot): three quarters, at most size - 1
         self._limit = self._count + min(size * 3 // 4, size - 1)
