@@ -174,27 +174,27 @@ def test_writing_an_output_imports_no_tempfile(tmp_path: Path, monkeypatch: pyte
 
 # --------------------------------------------------------------------------- build
 
-#: What ``build`` of a small SNP config needs of HEAVY: the TOML parser and the futures of the
-#: build's threads (not pyelftools for an ELF kernel: inputs/elf.py reads the headers itself).
-BUILD_NEEDS = ("tomllib", "concurrent.futures")
+#: What ``build`` of a small SNP config needs of HEAVY: the TOML parser (not pyelftools for an ELF
+#: kernel: inputs/elf.py reads the headers itself; not concurrent.futures, with logging,
+#: traceback and tokenize, for the build's threads: assemble/mapped.Task).
+BUILD_NEEDS = ("tomllib",)
 #: What ``build`` of a small x86 config without signing does without (besides HEAVY): the CCA
 #: realm model, builder, arm64 and DTB inputs, signing, the linter, and what the build path used
 #: to import at its top for a rare case (uuid and platform for GUIDs, difflib for an unknown-key
 #: hint, json for the reference-values document, not written here).
 NOT_FOR_BUILD = ("igvm_builder.measure.cca", "igvm_builder.assemble.cca", "igvm_builder.inputs.arm64",
                  "igvm_builder.inputs.dtb", "igvm_builder.sign", "igvm_builder.lint", "igvm_builder.qemu_loader",
-                 "uuid", "platform", "difflib", "json")
+                 "uuid", "platform", "difflib", "json", "logging", "traceback", "tokenize")
 #: Classes on the build path still made by ``dataclasses`` (the rest are recordclass records);
-#: once none is left, the build must not import ``dataclasses`` (nor inspect, ast, dis; tokenize
-#: comes with logging, which the threads' concurrent.futures import).
+#: once none is left, the build must not import ``dataclasses`` (nor inspect, ast, dis).
 BUILD_DATACLASSES: set[str] = set()
 _DATACLASSES_IMPORTS = ("dataclasses", "inspect", "ast", "dis")
 #: Whole builds.  Measured (this probe: nothing imported before it but what ``-S -E`` starts
-#: with): OVMF 117, bzImage 118, ELF 118 (125-126 while BuildResult was a dataclass; 183 when
-#: the ELF reader imported pyelftools).
-BUILD_BUDGET = {"ovmf": 122, "bzimage": 122, "elf": 122}
-#: A CCA realm's build (its DTB checked with the fdt package).  Measured: 122 (130 before).
-CCA_BUILD_BUDGET = 126
+#: with): OVMF 107, bzImage 108, ELF 108 (117-118 with concurrent.futures, 125-126 while
+#: BuildResult was a dataclass; 183 when the ELF reader imported pyelftools).
+BUILD_BUDGET = {"ovmf": 112, "bzimage": 112, "elf": 112}
+#: A CCA realm's build (its DTB checked with the fdt package).  Measured: 112 (130 before).
+CCA_BUILD_BUDGET = 116
 
 #: Builds ``argv[2:]`` with nothing imported first (not even json), then prints the modules the
 #: build added and the dataclasses (not records) defined in the package's modules among them.

@@ -6,38 +6,56 @@ from __future__ import annotations
 import mmap
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import Generic, TypeVar
 
 from igvm_builder.errors import InputError
 from igvm_builder.format import headers as H
 from igvm_builder.format.blob import FileSlice, as_view, dontneed, sha256_released
 from igvm_builder.recordclass import record
 
-if TYPE_CHECKING:
-    from concurrent.futures import Future
-
 _T = TypeVar("_T")
 
 
-def in_thread(name: str, fn: Callable[[], _T]) -> Future[_T]:
-    """``fn()`` in a daemon thread named ``name``; the Future gives its value or raises its error.
+class Task(Generic[_T]):
+    """``fn()`` running in a daemon thread named ``name``: :meth:`result` waits for it and gives
+    its value or raises its error.
 
     (A daemon thread, not an executor's: an interrupted build must not wait at exit for a
-    thread hashing a large input; the build cancels and joins its threads itself.)
+    thread hashing a large input; the build cancels and joins its threads itself.  And not
+    ``concurrent.futures``, whose import brings logging, traceback and tokenize: 5 ms of a small
+    build's start-up.)
     """
-    from concurrent.futures import Future  # (imports logging: not at start-up)
 
-    future: Future[_T] = Future()
+    __slots__ = ("_done", "_error", "_value")
 
-    def run() -> None:
-        if future.set_running_or_notify_cancel():
+    def __init__(self, name: str, fn: Callable[[], _T]) -> None:
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+
+        def run() -> None:
             try:
-                future.set_result(fn())
+                self._value = fn()
             except BaseException as exc:  # re-raised by result() in the caller's thread
-                future.set_exception(exc)
+                self._error = exc
+            finally:
+                self._done.set()
 
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
+        threading.Thread(target=run, name=name, daemon=True).start()
+
+    def wait(self) -> None:
+        """Wait until ``fn`` has returned or failed."""
+        self._done.wait()
+
+    def result(self) -> _T:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def in_thread(name: str, fn: Callable[[], _T]) -> Task[_T]:
+    """``fn()`` in a daemon thread named ``name`` (:class:`Task`)."""
+    return Task(name, fn)
 
 
 # --------------------------------------------------------------------------- resident-set control

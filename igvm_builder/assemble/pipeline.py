@@ -262,10 +262,9 @@ def _build(cfg: BuildConfig, output: SeekableOutput | None) -> BuildResult:
             stream.abandon()
         writer.cancel()
         inputs.cancel()
-        from concurrent import futures
-
-        running: list[futures.Future[Any]] = [t for t in (measure_others, measure_snp, writer.task) if t is not None]
-        futures.wait(running)  # leave no thread working on a failed build
+        for task in (measure_others, measure_snp, writer.task):
+            if task is not None:
+                task.wait()  # leave no thread working on a failed build
         raise
     other_results = measure_others.result() if measure_others is not None else ()
     sha256, headers = writer.task.result()
