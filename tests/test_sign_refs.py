@@ -202,12 +202,7 @@ def test_ovmf_snp_tdx_through_the_command(ovmf: tuple[Path, Path, Path], tmp_pat
     assert doc["platforms"]["tdx"]["pass_order"] == "two-pass"
     assert doc["signature"]["launch_digest"] == SNP_CASE["expected_launch_digest"]
     # `measure --reference-values` of the signed file measures every platform from its bytes
-    measured = tmp_path / "measured.json"
-    rc, _, err = run("measure", signed, "--loader", "cloud-hypervisor", "--vcpus", 2, "--vcpu-type", "EPYC-Milan",
-                     "--tdx-two-pass", "--reference-values", measured)
-    assert rc == 0, err
-    again = json.loads(measured.read_text())
-    assert doc["platforms"] == again["platforms"] and doc["file"] == again["file"]
+    _measure_agrees(signed, doc, tmp_path)
     # and the library's full measurement, byte for byte
     from igvm_builder.config import load_config
 
@@ -257,12 +252,7 @@ def test_scons_igvmsign_sidecar(tmp_path: Path) -> None:
     assert doc["file"] == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     assert doc["platforms"]["snp"]["digest"] == SNP_CASE["expected_launch_digest"]
     assert doc["platforms"]["tdx"]["digest"] == TDX_CASE["expected_mrtd_two_pass"]
-    measured = tmp_path / "measured.json"
-    rc, _, err = run("measure", signed, "--loader", "cloud-hypervisor", "--vcpus", 2, "--vcpu-type", "EPYC-Milan",
-                     "--tdx-two-pass", "--reference-values", measured)
-    assert rc == 0, err
-    again = json.loads(measured.read_text())
-    assert doc["platforms"] == again["platforms"] and doc["file"] == again["file"]
+    _measure_agrees(signed, doc, tmp_path)
 
 
 @pytest.mark.parametrize("change", ["loader", "vcpus", "vcpu_type"])
@@ -459,3 +449,14 @@ def test_measured_vmsa_parses_the_page_once(monkeypatch: pytest.MonkeyPatch) -> 
         assert len(calls) - before == 1
     with pytest.raises(MeasurementError, match="field dr7"):  # KVM launches with dr7 0 or 0x400 only
         K.measured_vmsa(build_vmsa(fields | {"dr7": 0x1234}), "qemu")
+
+
+def _measure_agrees(signed: Path, doc: dict[str, Any], tmp_path: Path) -> None:
+    """`measure --reference-values` of the signed OVMF file (its launch: cloud-hypervisor, 2
+    EPYC-Milan vCPUs, TDX two-pass) measures every platform from its bytes: the same values."""
+    measured = tmp_path / "measured.json"
+    rc, _, err = run("measure", signed, "--loader", "cloud-hypervisor", "--vcpus", 2, "--vcpu-type", "EPYC-Milan",
+                     "--tdx-two-pass", "--reference-values", measured)
+    assert rc == 0, err
+    again = json.loads(measured.read_text())
+    assert doc["platforms"] == again["platforms"] and doc["file"] == again["file"]
