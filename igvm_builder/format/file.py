@@ -302,10 +302,11 @@ class IgvmFile:
                 sent, sent_offset = len(blobs), cursor
                 merging = False
 
-        def flush_head() -> None:
-            """With on_head: hand the headers made so far over once there are HEAD_PIECE bytes."""
+        def flush_head(last: bool = False) -> None:
+            """With on_head: hand the headers made so far over once there are HEAD_PIECE bytes
+            (``last``: whatever is left)."""
             nonlocal out, head_at, var_crc
-            if on_head is not None and len(out) >= HEAD_PIECE:
+            if on_head is not None and (len(out) >= HEAD_PIECE or (last and out)):
                 piece, out = out, bytearray()
                 var_crc = zlib.crc32(piece, var_crc)
                 on_head(head_at, piece)
@@ -367,8 +368,8 @@ class IgvmFile:
                     return offset
             return None
 
-        def remember_page(key: int, offset: int, first: int) -> None:
-            """A new page whose key the table answered with another page (``first``)."""
+        def remember_page(key: int, offset: int) -> None:
+            """A new page whose key the table answered with another page."""
             clash.setdefault(key, []).append(offset)
 
         def place(blob: H.BlobLike, digest: bytes | None = None) -> int:
@@ -385,7 +386,7 @@ class IgvmFile:
                 offset = find_page(view, key, first)
                 if offset is None:
                     offset = append(blob, size)
-                    remember_page(key, offset, first)
+                    remember_page(key, offset)
                 return offset
             key2 = (size, _content_hash(view))
             same = dedup.setdefault(key2, [])
@@ -405,7 +406,7 @@ class IgvmFile:
             if found is not None:
                 return found
             offset = append_window(buf, start)
-            remember_page(key, offset, first)
+            remember_page(key, offset)
             return offset
 
         def page_run_headers(run: PageRun, dpos: int) -> None:
@@ -545,10 +546,7 @@ class IgvmFile:
             IGVM_MAGIC_VALUE, self.revision, fixed_size, var_size, cursor, 0,
             *((int(self.architecture), PAGE_SIZE_4K) if self.revision == 2 else ())).pack()
         if on_head is not None:
-            if out:
-                var_crc = zlib.crc32(out, var_crc)
-                on_head(head_at, out)
-                head_at += len(out)
+            flush_head(last=True)
             assert head_at == data_start, (head_at, data_start)
             # the checksum covers the fixed header, then the headers handed over
             out = bytearray(fixed)
