@@ -198,3 +198,69 @@ def test_pages_compared_with_do_not_stay_resident(tmp_path: Path) -> None:
         print(f"resident after the layout: {len(left) * PAGE >> 10} KiB")
         assert len(left) * PAGE <= 4 * MIB, len(left)
         del f, laid  # (their views of the mapping)
+
+
+class _SlowFile(io.BytesIO):
+    """An output slower than the layout (each write waits), which may fail after ``fail_after``
+    writes."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        super().__init__()
+        self.writes = 0
+        self.fail_after = fail_after
+
+    def write(self, data: object) -> int:  # type: ignore[override]
+        import time
+
+        self.writes += 1
+        if self.fail_after is not None and self.writes > self.fail_after:
+            raise OSError(28, "No space left on device")
+        time.sleep(0.002)
+        return super().write(data)  # type: ignore[arg-type]
+
+
+def test_a_slow_output_holds_the_layout_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Header pieces wait for a slow output instead of piling up: never more than PENDING_HEADS
+    handed over and not yet written; the file is the same."""
+    from igvm_builder.config import load_config
+
+    monkeypatch.setattr(file_mod, "HEAD_PIECE", 4096)
+    monkeypatch.setattr(pipeline._Writer, "PENDING_HEADS", 2)
+    seen: list[int] = []
+    put_head = pipeline._Writer.put_head
+
+    def spy(self: pipeline._Writer, offset: int, piece: bytearray) -> None:
+        put_head(self, offset, piece)
+        seen.append(self.pending)
+
+    monkeypatch.setattr(pipeline._Writer, "put_head", spy)
+    cfg = load_config(_blob_config(tmp_path, 64))  # 8 strides of pages: 8 pieces and the last
+    out = _SlowFile()
+    build(cfg, output=out)
+    assert len(seen) >= 8 and max(seen) <= 2, seen
+    assert out.getvalue() == build(cfg).data
+
+
+def test_a_failing_output_does_not_hold_the_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The output fails (disk full) while the layout still has header pieces to hand over: the
+    build ends with that error instead of waiting for a writer that is gone."""
+    import threading
+
+    from igvm_builder.config import load_config
+
+    monkeypatch.setattr(file_mod, "HEAD_PIECE", 4096)
+    monkeypatch.setattr(pipeline._Writer, "PENDING_HEADS", 1)
+    cfg = load_config(_blob_config(tmp_path, 64))
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            build(cfg, output=_SlowFile(fail_after=3))
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "the build waits for a writer that failed"
+    assert len(errors) == 1 and isinstance(errors[0], OSError) and errors[0].errno == 28, errors

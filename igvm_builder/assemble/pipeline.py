@@ -308,6 +308,10 @@ class _Writer:
     beyond, when ``output`` is a file it can read back, they are read back instead.  The task's
     result: the SHA-256 and the headers (the pieces kept, or a :class:`_WrittenHeaders`)."""
 
+    #: Pieces of headers (1 MiB each) the layout may hand over before the writer has written
+    #: them; beyond, it waits (a disk slower than the layout would otherwise pile them up).
+    PENDING_HEADS = 4
+
     def __init__(self, output: SeekableOutput | None) -> None:
         import queue
 
@@ -315,12 +319,19 @@ class _Writer:
         self.reread = _rereadable(output) if output is not None else None
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.stop = False
-        self.task = in_thread("igvm-build-write", self._run)
+        self.pending = 0  # header pieces handed over, not yet written
+        self.done = False  # the writer thread has ended (however): nobody waits for it
+        self.written = threading.Condition()
+        self.task = in_thread("igvm-build-write", self._work)
 
     def put(self, offset: int, blobs: list[H.BlobLike]) -> None:
         self.queue.put(("data", offset, blobs))
 
     def put_head(self, offset: int, piece: bytearray) -> None:
+        with self.written:
+            while self.pending >= self.PENDING_HEADS and not self.done:
+                self.written.wait()
+            self.pending += 1
         self.queue.put(("head", offset, piece))
 
     def finish(self, head: bytes | memoryview, chunks: Sequence[bytes | memoryview], sources: Sequence[_Mapped | None]) -> None:
@@ -329,6 +340,14 @@ class _Writer:
     def cancel(self) -> None:
         self.stop = True
         self.queue.put(None)
+
+    def _work(self) -> tuple[str, list[memoryview] | _WrittenHeaders]:
+        try:
+            return self._run()
+        finally:
+            with self.written:
+                self.done = True
+                self.written.notify_all()
 
     def _run(self) -> tuple[str, list[memoryview] | _WrittenHeaders]:
         out = self.output
@@ -345,6 +364,9 @@ class _Writer:
                 assert out is not None
                 out.seek(offset)
                 out.write(piece)
+                with self.written:
+                    self.pending -= 1
+                    self.written.notify_all()
                 head_start = offset if not head_end else head_start
                 head_end = offset + len(piece)
                 if not dropped:
