@@ -44,7 +44,7 @@ class BuildResult:
 
     @property
     def data(self) -> bytes:
-        return b"".join(self.chunks()) if self._headers is not None else b"".join(self._chunks)
+        return b"".join(self.chunks())
 
     def chunks(self) -> Iterator[bytes | memoryview]:
         """The file's bytes in order: the headers, then runs of input bytes (zero-copy views).
@@ -55,8 +55,6 @@ class BuildResult:
         were not kept: they are read back from the file written (which stays readable through
         this result however the output was closed, renamed or removed).
         """
-        if self._headers is None:
-            return _windows(self._chunks, self._sources)
         return _file_chunks(self._chunks, self._sources, self._headers)
 
 
@@ -271,8 +269,10 @@ def _build(cfg: BuildConfig, output: SeekableOutput | None) -> BuildResult:
     input_hashes = inputs.sha256()
     by_type = {m.platform: m for m in (*snp_result, *other_results)}
     measurements = tuple(by_type[t] for t in ptypes)
-    written = headers if isinstance(headers, _WrittenHeaders) else None
-    if not isinstance(headers, _WrittenHeaders):  # the headers the writer kept (if any), after the fixed header
+    written: _WrittenHeaders | None = None
+    if isinstance(headers, _WrittenHeaders):
+        written = headers
+    else:  # the headers the writer kept (if any), after the fixed header
         chunks, sources = _with_headers(chunks, sources, headers)
     size = sum(len(c) for c in chunks) + (written.length if written is not None else 0)
     refs = reference_values_for(cfg, f, sha256, size, input_hashes, notes, measurements=measurements)
@@ -367,7 +367,8 @@ class _Writer:
                 with self.written:
                     self.pending -= 1
                     self.written.notify_all()
-                head_start = offset if not head_end else head_start
+                if not head_end:  # the first piece
+                    head_start = offset
                 head_end = offset + len(piece)
                 if not dropped:
                     kept.append(memoryview(piece))
